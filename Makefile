@@ -1,0 +1,44 @@
+# Two commands are all the set-up: `make demo` and `make test`.
+# Each creates .venv when missing, installs torch==2.13.0 first (a CPU build is on
+# the index here), then the package with the extras it needs, then runs.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/python -m pip install -q --disable-pip-version-check
+OUT     ?= out/demo
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: demo test lint typecheck bench-step bench bench-quick clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.torch: | $(BIN)/python
+	$(PIP) torch==2.13.0
+	touch $@
+
+$(VENV)/.demo: $(VENV)/.torch pyproject.toml
+	$(PIP) -e ".[diffusers,metrics,plot]"
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.torch pyproject.toml
+	$(PIP) -e ".[dev,video]"
+	touch $@
+
+demo: $(VENV)/.demo
+	HF_HUB_OFFLINE=1 $(BIN)/ertacache demo --out $(OUT)
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check src tests scripts
+
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy
+
+test: lint typecheck
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+bench-step: $(VENV)/.demo
+	HF_HUB_OFFLINE=1 $(BIN)/ertacache step-cost
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .mypy_cache .ruff_cache

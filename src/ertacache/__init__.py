@@ -1,0 +1,25 @@
+"""ERTACache: error-rectified, timestep-adjusted caching for diffusion transformers (arXiv 2508.21091).
+
+The core (sampler, cache, calibration, policy) is pure torch. Quick start::
+
+    import ertacache
+    policy = ertacache.calibrate(model, cond, seeds, latent_shape=(1, 16, 16),
+                                 num_inference_steps=30, target_speedup=2.0)
+    policy.save("policy.json")
+    out = ertacache.sample(model, noise, cond, policy=ertacache.Policy.load("policy.json"))
+"""
+
+__version__ = "0.1.0"
+
+from .calibration import calibrate, check_target_speedup  # noqa: E402
+from .config import CalibrationConfig  # noqa: E402
+from .errors import ErtaCacheError, PolicyMismatchError  # noqa: E402
+from .fingerprint import model_fingerprint  # noqa: E402
+from .grids import time_grid  # noqa: E402
+from .policy import Policy  # noqa: E402
+from .sampler import SampleResult, SampleStats, sample, seeded_noise  # noqa: E402
+
+__all__ = [
+    "CalibrationConfig", "ErtaCacheError", "Policy", "PolicyMismatchError", "SampleResult", "SampleStats",
+    "__version__", "calibrate", "check_target_speedup", "model_fingerprint", "sample", "seeded_noise", "time_grid",
+]

@@ -1,0 +1,122 @@
+"""The calibration config: every reading of the paper NOTES.md lists is a field."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, get_args
+
+from .errors import ErtaCacheError
+
+ReuseMode = Literal["block_residual", "velocity", "latent_residual"]
+"""What the cache keeps (NOTES.md section 1).
+
+- ``block_residual``: ``r = h_out - h_in`` of the block stack; a cached step runs the
+  embedding and head only (needs a :class:`~ertacache.model.SplitVelocityModel`).
+- ``velocity``: ``v~_j = v_i``.
+- ``latent_residual``: ``r = v_i - x_i``, ``v~_j = x_j + r`` (Eq. 5-6 read literally).
+"""
+L1Denominator = Literal["gt", "current"]
+"""Eq. 12's denominator: ``||r_gt_i||_1`` (v1 of the paper) or ``||r_i||_1`` (v2)."""
+PhiDenominator = Literal["velocity_change", "velocity"]
+"""Eq. 13's denominator: ``||v_j - v_{j-1}||_1`` (v1) or ``||v_j||_1`` (v2)."""
+Rectification = Literal["linear", "sigmoid", "off"]
+"""Eq. 15-21: ``v^ = v~ - (a v~ + b)`` (linearised, default), ``v~ - sigmoid(K v~ + B)``, or none."""
+Granularity = Literal["step", "channel"]
+"""One ``(a, b)`` per cached step and branch, or one per channel as well."""
+Candidates = Literal["threshold", "threshold_and_uniform"]
+"""Which cached-step sets compete for a target speedup (NOTES.md section 2.5)."""
+
+DEFAULT_THRESHOLDS: tuple[float, ...] = (
+    0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5,
+)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Options of offline calibration (Algorithm 2 and Eq. 12-21).
+
+    Attributes:
+        reuse: what the cache keeps; see :data:`ReuseMode`.
+        l1_denominator: Eq. 12's denominator; see :data:`L1Denominator`.
+        timestep_adjustment: estimate the adjusted grid (Eq. 13-14).
+        phi_denominator: Eq. 13's denominator; see :data:`PhiDenominator`.
+        rectification: see :data:`Rectification`.
+        granularity: see :data:`Granularity`.
+        candidates: see :data:`Candidates`.
+        thresholds: the lambda sweep, each > 0.
+        holdout_fraction: part of the calibration set (taken from its end) that
+            judges candidates and switches off rectification fits that do not help;
+            in [0, 0.9]. 0 judges on the fitting samples themselves.
+        max_candidates: how many threshold candidates (those with the most
+            computed steps within the budget) are fully evaluated.
+        component_check: judge each candidate with and without timestep
+            adjustment and rectification on the held-out samples, and keep the
+            variant with the least error (a component that does not help is switched
+            off, and the policy says so). False keeps every component the config asks for.
+
+    Raises:
+        ErtaCacheError: a field outside its allowed values.
+    """
+
+    reuse: ReuseMode = "block_residual"
+    l1_denominator: L1Denominator = "gt"
+    timestep_adjustment: bool = True
+    phi_denominator: PhiDenominator = "velocity_change"
+    rectification: Rectification = "linear"
+    granularity: Granularity = "step"
+    candidates: Candidates = "threshold_and_uniform"
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    holdout_fraction: float = 0.25
+    max_candidates: int = 3
+    component_check: bool = True
+
+    def __post_init__(self) -> None:
+        for name, kind in (
+            ("reuse", ReuseMode),
+            ("l1_denominator", L1Denominator),
+            ("phi_denominator", PhiDenominator),
+            ("rectification", Rectification),
+            ("granularity", Granularity),
+            ("candidates", Candidates),
+        ):
+            allowed = get_args(kind)
+            if getattr(self, name) not in allowed:
+                raise ErtaCacheError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if not self.thresholds:
+            raise ErtaCacheError("thresholds must hold at least one lambda > 0, got an empty sweep")
+        object.__setattr__(self, "thresholds", tuple(check_threshold(lam) for lam in self.thresholds))
+        if not (0.0 <= self.holdout_fraction <= 0.9):
+            raise ErtaCacheError(f"holdout_fraction must be in [0, 0.9], got {self.holdout_fraction}")
+        if self.max_candidates < 1:
+            raise ErtaCacheError(f"max_candidates must be >= 1, got {self.max_candidates}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["thresholds"] = list(self.thresholds)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CalibrationConfig:
+        """Build from :meth:`to_dict` output; unknown keys are an error."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ErtaCacheError(f"unknown calibration config keys {sorted(unknown)}; known: {sorted(known)}")
+        kwargs = dict(data)
+        if "thresholds" in kwargs:
+            kwargs["thresholds"] = tuple(kwargs["thresholds"])
+        return cls(**kwargs)
+
+
+def check_threshold(lam: object) -> float:
+    """Validate a policy-search threshold lambda (Eq. 12): a finite number > 0.
+
+    Raises:
+        ErtaCacheError: lambda <= 0, NaN, infinite or not a number.
+    """
+    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam) or lam <= 0:
+        raise ErtaCacheError(
+            f"threshold lambda must be a finite number > 0 (typical 0.05-1.0), got {lam!r}"
+        )
+    return float(lam)

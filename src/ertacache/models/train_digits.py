@@ -1,0 +1,144 @@
+"""Train the bundled digits model (rectified flow, classifier-free guidance).
+
+The committed weights come from exactly::
+
+    python -m ertacache.models.train_digits --steps 3000 --seed 0 \\
+        --out src/ertacache/weights/digits_flux.safetensors
+
+Loss: flow matching (Eq. 3), ``|| v_theta(x_t, t, c) - (noise - x_0) ||^2`` with
+``x_t = (1 - t) x_0 + t * noise`` and t drawn logit-normal (as SD3 and FLUX do).
+Labels are replaced by the null class with probability ``--label-dropout`` so that
+the model also learns the unconditional branch. The exported weights are an EMA.
+
+Training resumes from ``OUT.ckpt.safetensors`` (written atomically every
+``--save-every`` steps) when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..io import atomic_write, atomic_write_text
+from .digits import NULL_CLASS, TRANSFORMER_CONFIG, DigitsFlux, digits_images
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(flat, str(tmp)))
+
+
+def train(args: argparse.Namespace) -> None:
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
+    x_data, y_data = digits_images()
+    model = DigitsFlux(TRANSFORMER_CONFIG)
+    ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(args.seed)
+    out = Path(args.out)
+    ckpt = out.with_name(out.stem + ".ckpt.safetensors")
+    start = 0
+    if ckpt.is_file():
+        state = load_file(str(ckpt))
+        model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+        ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
+        opt_state = {k[4:]: v for k, v in state.items() if k.startswith("opt.")}
+        start = int(state["step"].item())
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["rng"])
+        _load_opt(opt, opt_state)
+        print(f"resumed from {ckpt} at step {start}")
+    t_start = time.time()
+    for step in range(start, args.steps):
+        lr = args.lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(0, x_data.shape[0], (args.batch_size,), generator=gen)
+        x0, labels = x_data[idx], y_data[idx].clone()
+        labels[torch.rand(args.batch_size, generator=gen) < args.label_dropout] = NULL_CLASS
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.sigmoid(torch.randn(args.batch_size, generator=gen))
+        x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        loss = (model(x_t, t, labels) - (noise - x0)).square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                ema[k].mul_(decay).add_(v, alpha=1 - decay)
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"step {step:5d} loss {loss.item():.4f} lr {lr:.2e} {time.time() - t_start:.0f}s", flush=True)
+        if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+            _checkpoint(model, ema, opt, step + 1, gen, ckpt)
+    _save(ema, out)
+    meta = {
+        "transformer_config": TRANSFORMER_CONFIG,
+        "command": "python -m ertacache.models.train_digits "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+        + f" --out {args.out}",
+        "seed": args.seed,
+        "steps": args.steps,
+        "data": "sklearn.datasets.load_digits, bilinear 8x8 -> 16x16, scaled to [-1, 1]",
+        "final_loss": loss.item(),
+        "seconds": round(time.time() - t_start, 1),
+        "torch": torch.__version__,
+    }
+    atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    ckpt.unlink(missing_ok=True)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+def _checkpoint(model, ema, opt, step, gen, path: Path) -> None:  # type: ignore[no-untyped-def]
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    state.update({f"ema.{k}": v for k, v in ema.items()})
+    state.update({f"opt.{k}": v for k, v in _flatten_opt(opt).items()})
+    state["step"] = torch.tensor(step)
+    state["gen"] = gen.get_state()
+    state["rng"] = torch.get_rng_state()
+    _save(state, path)
+
+
+def _flatten_opt(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    flat = {}
+    for pid, st in opt.state_dict()["state"].items():
+        for name, val in st.items():
+            flat[f"{pid}.{name}"] = torch.as_tensor(val)
+    return flat
+
+
+def _load_opt(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, val in flat.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = val
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ema", type=float, default=0.999)
+    p.add_argument("--label-dropout", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--save-every", type=int, default=250)
+    p.add_argument("--out", default="src/ertacache/weights/digits_flux.safetensors")
+    train(p.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+import math
+
+import pytest
+import torch
+from conftest import ConstantField, TimeField
+
+from ertacache import CalibrationConfig, Policy, calibrate, sample, seeded_noise
+from ertacache.calibration import CalibSet, adjust_grid, log_ground_truth, shrink_step, threshold_search
+from ertacache.errors import ErtaCacheError
+from ertacache.grids import time_grid
+
+
+def calib_set(model, n=2, reuse="velocity", shape=(1, 2, 2)):
+    return CalibSet(model, seeded_noise(range(n), shape), None, None, 1.0, reuse)
+
+
+def test_shrink_step_keeps_the_end_and_proportions():
+    g = shrink_step([1.0, 0.75, 0.5, 0.25, 0.0], 1, 0.0)
+    assert g == pytest.approx([1.0, 0.75, 0.75, 0.375, 0.0])
+    g = shrink_step(time_grid(6, 3.0), 2, 0.5)
+    assert g[-1] == 0.0 and g[:3] == time_grid(6, 3.0)[:3]
+    assert g[3] == pytest.approx(time_grid(6, 3.0)[2] + 0.5 * (time_grid(6, 3.0)[3] - time_grid(6, 3.0)[2]))
+
+
+def test_phi_closed_form_v2():
+    # v = t: at cached step 1 (velocity reuse) v~ = v(t=1) = 1, v = 0.75: phi = 1 - 0.25 / 0.75 = 2/3
+    cs = calib_set(TimeField(1.0))
+    g, phis = adjust_grid(cs, time_grid(4), (1,), "velocity")
+    assert phis[1] == pytest.approx(2 / 3)
+    t2 = 0.75 - 0.25 * 2 / 3
+    assert g == pytest.approx([1.0, 0.75, t2, t2 / 2, 0.0])
+
+
+def test_phi_closed_form_v1_velocity_reuse_is_zero():
+    # v1 divides by ||v_j - v_{j-1}||, which equals the numerator under plain velocity reuse
+    cs = calib_set(TimeField(1.0))
+    g, phis = adjust_grid(cs, time_grid(4), (1,), "velocity_change")
+    assert phis[1] == 0.0
+    assert g == pytest.approx([1.0, 0.75, 0.75, 0.375, 0.0])
+
+
+def test_phi_is_one_when_cache_is_exact():
+    cs = calib_set(ConstantField(0.3))
+    g, phis = adjust_grid(cs, time_grid(6), (1, 2, 4), "velocity")
+    assert phis == {1: 1.0, 2: 1.0, 4: 1.0}
+    assert g == pytest.approx(time_grid(6))
+
+
+def test_threshold_search_caches_everything_on_constant_field():
+    cs = calib_set(ConstantField(0.5), reuse="latent_residual")
+    grid = time_grid(8)
+    gt = log_ground_truth(cs, grid)
+    res = threshold_search(cs, grid, gt, 0.01)
+    # latent residual r = v - x changes with x, velocity does not
+    assert res.cached_steps == ()
+    cs = calib_set(ConstantField(0.5), reuse="velocity")
+    res = threshold_search(cs, grid, log_ground_truth(cs, grid), 0.01)
+    assert res.cached_steps == (1, 2, 3, 4, 5, 6)
+
+
+def test_threshold_search_closed_form_l1_rel():
+    # v = t with velocity reuse: l1_rel at step i = |t_c - t_i| / |t_i| where c is the last computed step
+    cs = calib_set(TimeField(1.0))
+    grid = time_grid(5)  # 1, .8, .6, .4, .2, 0
+    gt = log_ground_truth(cs, grid)
+    res = threshold_search(cs, grid, gt, 0.3)
+    # step 1: |1-.8|/.8 = .25 < .3 cached; step 2: |1-.6|/.6 = .67 computed; step 3: |.6-.4|/.4 = .5 computed
+    assert res.cached_steps == (1,)
+    assert res.l1_rel[1] == pytest.approx(0.25)
+    assert res.l1_rel[2] == pytest.approx(0.4 / 0.6)
+
+
+def _calibrate(model, **kw):
+    cond = torch.tensor([1, 2, 3, 4, 5, 6])
+    args = dict(latent_shape=(2, 4, 4), num_inference_steps=10, guidance_scale=2.0,
+                null_cond=torch.full((6,), 10), target_speedup=2.0)
+    args.update(kw)
+    return calibrate(model, cond, [0, 1, 2, 3, 4, 5], **args)
+
+
+def test_calibration_is_deterministic_and_meets_target(tiny):
+    a = _calibrate(tiny)
+    b = _calibrate(tiny)
+    assert a.nfe <= 5 and a.cached_steps == b.cached_steps and a.adjusted_grid == b.adjusted_grid
+    for name in a.branches:
+        assert torch.equal(a.rect_a[name], b.rect_a[name])
+    assert a.provenance["seeds"] == [0, 1, 2, 3, 4, 5] and a.provenance["calibration_size"] == 6
+    cands = a.provenance["candidates"]
+    best = min(min(c["errors"].values()) for c in cands)
+    chosen = next(c for c in cands if c["cached_steps"] == list(a.cached_steps))
+    assert chosen["errors"][chosen["variant"]] == best == min(chosen["errors"].values())
+    assert set(chosen["errors"]) == {"plain", "adjusted", "rectified", "full"}
+
+
+def test_component_check_off_keeps_every_component(tiny):
+    p = _calibrate(tiny, config=CalibrationConfig(component_check=False))
+    assert p.adjusted_grid is not None and p.rect_form == "linear"
+    assert p.provenance["variant"] == "full"
+    q = _calibrate(tiny, config=CalibrationConfig(timestep_adjustment=False, rectification="off"))
+    assert q.adjusted_grid is None and q.rect_form == "off"
+
+
+def test_calibrated_policy_beats_uniform_on_held_out_seeds(tiny):
+    policy = _calibrate(tiny, num_inference_steps=12)
+    noise = seeded_noise([100, 101, 102, 103], (2, 4, 4))
+    cond, null = torch.tensor([1, 3, 5, 7]), torch.full((4,), 10)
+    kw = dict(guidance_scale=2.0, null_cond=null)
+    ref = sample(tiny, noise, cond, num_inference_steps=12, **kw).x
+    uni = Policy.uniform(12, policy.nfe, reuse=policy.reuse, branches=policy.branches, guidance_scale=2.0)
+    err_uni = (sample(tiny, noise, cond, policy=uni, **kw).x - ref).square().mean()
+    err_pol = (sample(tiny, noise, cond, policy=policy, **kw).x - ref).square().mean()
+    assert err_pol < err_uni
+
+
+def test_threshold_mode_uses_that_lambda(tiny):
+    p = _calibrate(tiny, target_speedup=None, threshold=0.3, config=CalibrationConfig(rectification="off"))
+    assert p.provenance["threshold"] == 0.3 and p.provenance["selected"] == "threshold"
+    assert p.rect_form == "off"
+
+
+@pytest.mark.parametrize("lam", [0.0, -0.1, math.nan, math.inf, "0.2"])
+def test_bad_threshold(tiny, lam):
+    with pytest.raises(ErtaCacheError, match="threshold lambda"):
+        _calibrate(tiny, target_speedup=None, threshold=lam)
+    with pytest.raises(ErtaCacheError, match="threshold lambda"):
+        CalibrationConfig(thresholds=(0.1, lam))
+
+
+@pytest.mark.parametrize("s", [0.5, 11, 6.0, math.nan])
+def test_bad_target_speedup(tiny, s):
+    with pytest.raises(ErtaCacheError, match="target_speedup"):
+        _calibrate(tiny, target_speedup=s)
+
+
+def test_target_and_threshold_are_exclusive(tiny):
+    with pytest.raises(ErtaCacheError, match="exactly one"):
+        _calibrate(tiny, threshold=0.2)
+    with pytest.raises(ErtaCacheError, match="exactly one"):
+        _calibrate(tiny, target_speedup=None)
+
+
+def test_empty_calibration_set(tiny):
+    with pytest.raises(ErtaCacheError, match="calibration set is empty"):
+        calibrate(tiny, None, [], latent_shape=(2, 4, 4), num_inference_steps=10, target_speedup=2.0)
+    with pytest.raises(ErtaCacheError, match="one seed per condition"):
+        calibrate(tiny, torch.tensor([1, 2]), [0], latent_shape=(2, 4, 4), num_inference_steps=10,
+                  target_speedup=2.0)
+
+
+def test_nan_model_output_names_the_step():
+    class NaNAt:
+        def __call__(self, x, t, cond):
+            v = torch.zeros_like(x)
+            if float(t[0]) < 0.55:
+                v[0, 0, 0, 0] = float("nan")
+            return v
+
+    with pytest.raises(ErtaCacheError, match=r"NaN/inf values at step 5 \(t = 0.5000\) during ground-truth"):
+        calibrate(NaNAt(), None, [0, 1], latent_shape=(1, 2, 2), num_inference_steps=10, target_speedup=2.0,
+                  config=CalibrationConfig(reuse="velocity"))
+
+
+def test_bad_config_values():
+    with pytest.raises(ErtaCacheError, match="reuse must be one of"):
+        CalibrationConfig(reuse="hidden")  # type: ignore[arg-type]
+    with pytest.raises(ErtaCacheError, match="empty sweep"):
+        CalibrationConfig(thresholds=())
