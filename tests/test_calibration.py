@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
-from conftest import ConstantField, TimeField
 
-from ertacache import CalibrationConfig, Policy, calibrate, sample, seeded_noise
+from conftest import ConstantField, TimeField
+from ertacache import CalibrationConfig, Policy, calibrate, calibrate_many, sample, seeded_noise
 from ertacache.calibration import CalibSet, adjust_grid, log_ground_truth, shrink_step, threshold_search
 from ertacache.errors import ErtaCacheError
 from ertacache.grids import time_grid
@@ -165,3 +165,13 @@ def test_bad_config_values():
         CalibrationConfig(reuse="hidden")  # type: ignore[arg-type]
     with pytest.raises(ErtaCacheError, match="empty sweep"):
         CalibrationConfig(thresholds=())
+
+
+def test_calibrate_many_equals_separate_calls(tiny):
+    many = calibrate_many(tiny, torch.tensor([1, 2, 3, 4, 5, 6]), range(6), target_speedups=[1.5, 2.5],
+                          latent_shape=(2, 4, 4), num_inference_steps=10, guidance_scale=2.0,
+                          null_cond=torch.full((6,), 10))
+    for policy, target in zip(many, [1.5, 2.5]):
+        alone = _calibrate(tiny, target_speedup=target)
+        assert policy.cached_steps == alone.cached_steps and policy.adjusted_grid == alone.adjusted_grid
+        assert policy.nfe <= 10 / target

@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
-from conftest import ConstantField, LinearField, TimeField
 
 import ertacache
+from conftest import ConstantField, LinearField, TimeField
 from ertacache import Policy, sample, seeded_noise, time_grid
 from ertacache.errors import ErtaCacheError
 

@@ -11,7 +11,7 @@ The core (sampler, cache, calibration, policy) is pure torch. Quick start::
 
 __version__ = "0.1.0"
 
-from .calibration import calibrate, check_target_speedup  # noqa: E402
+from .calibration import calibrate, calibrate_many, check_target_speedup  # noqa: E402
 from .config import CalibrationConfig  # noqa: E402
 from .errors import ErtaCacheError, PolicyMismatchError  # noqa: E402
 from .fingerprint import model_fingerprint  # noqa: E402
@@ -21,5 +21,6 @@ from .sampler import SampleResult, SampleStats, sample, seeded_noise  # noqa: E4
 
 __all__ = [
     "CalibrationConfig", "ErtaCacheError", "Policy", "PolicyMismatchError", "SampleResult", "SampleStats",
-    "__version__", "calibrate", "check_target_speedup", "model_fingerprint", "sample", "seeded_noise", "time_grid",
+    "__version__", "calibrate", "calibrate_many", "check_target_speedup", "model_fingerprint", "sample",
+    "seeded_noise", "time_grid",
 ]

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Write ``path`` by calling ``write(tmp)`` on a temporary file beside it, then renaming.
 
     The temporary file lives in the same folder so ``os.replace`` is atomic; it is

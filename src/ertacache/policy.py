@@ -184,7 +184,8 @@ class Policy:
             diffs.append(f"guidance branches: policy {self.branches}, got {tuple(branches)}")
         if latent_shape is not None and self.latent_shape is not None and tuple(latent_shape) != self.latent_shape:
             diffs.append(f"latent shape: policy {self.latent_shape}, got {tuple(latent_shape)}")
-        if model_fingerprint is not None and self.model_fingerprint is not None and model_fingerprint != self.model_fingerprint:
+        fingerprints = (model_fingerprint, self.model_fingerprint)
+        if None not in fingerprints and fingerprints[0] != fingerprints[1]:
             diffs.append(f"model fingerprint: policy {self.model_fingerprint}, got {model_fingerprint}")
         if diffs:
             raise PolicyMismatchError(

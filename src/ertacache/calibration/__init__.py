@@ -28,7 +28,8 @@ from .fit import fit_rectification
 from .search import GroundTruth, SearchResult, log_ground_truth, sweep, threshold_search
 
 __all__ = [
-    "VARIANTS", "CalibSet", "Candidate", "GroundTruth", "SearchResult", "adjust_grid", "calibrate", "check_target_speedup",
+    "VARIANTS", "CalibSet", "Candidate", "GroundTruth", "SearchResult", "adjust_grid", "calibrate", "calibrate_many",
+    "check_target_speedup",
     "fit_rectification", "log_ground_truth", "shrink_step", "sweep", "threshold_search",
 ]
 
@@ -120,80 +121,121 @@ def calibrate(
             ``target_speedup``/``threshold``, an invalid value of either, or NaN
             in the model's output (naming the step).
     """
-    config = config or CalibrationConfig()
-    seeds = [int(s) for s in seeds]
-    check_calibration_inputs(cond, seeds, null_cond)
+    _check_goal(target_speedup, threshold, num_inference_steps)
+    session = _Session(model, cond, seeds, latent_shape, num_inference_steps, shift, guidance_scale, null_cond,
+                       config or CalibrationConfig(), model_fingerprint, dtype, device, progress)
+    return session.policy(target_speedup, threshold)
+
+
+def _check_goal(target_speedup: float | None, threshold: float | None, num_inference_steps: int) -> None:
     if (target_speedup is None) == (threshold is None):
         raise ErtaCacheError("give exactly one of target_speedup (e.g. 2.0) or threshold (lambda, e.g. 0.2)")
-    T = num_inference_steps
-    grid = time_grid(T, shift)
-    max_nfe = T
     if target_speedup is not None:
-        max_nfe = math.floor(T / check_target_speedup(target_speedup, T) + 1e-9)
+        check_target_speedup(target_speedup, num_inference_steps)
     if threshold is not None:
-        threshold = check_threshold(threshold)
-    names = branches_for(guidance_scale, null_cond)
-    full = CalibSet(
-        model, seeded_noise(seeds, latent_shape, dtype, device),
-        None if cond is None else cond.to(device),
-        None if len(names) == 1 or null_cond is None else null_cond.to(device),
-        guidance_scale, config.reuse,
-    )
-    n_hold = round(full.size * config.holdout_fraction) if full.size >= 2 else 0
-    n_fit = full.size - n_hold
-    fit_set = full.rows(slice(0, n_fit))
-    hold_set = full.rows(slice(n_fit, full.size)) if n_hold else fit_set
-    log = _logger(progress)
-    with torch.no_grad():
-        log(f"ground truth on {n_fit} fitting and {n_hold} held-out samples")
-        gt_fit = log_ground_truth(fit_set, grid)
-        gt_hold = log_ground_truth(hold_set, grid) if n_hold else gt_fit
-        candidates = _candidates(fit_set, grid, gt_fit, config, threshold, max_nfe, log)
-        base = dict(num_inference_steps=T, grid=tuple(grid), reuse=config.reuse, branches=names, shift=shift,
-                    guidance_scale=guidance_scale, latent_shape=tuple(latent_shape),
-                    model_fingerprint=model_fingerprint, config=config)
+        check_threshold(threshold)
+
+
+def calibrate_many(model: Any, cond: Tensor | None, seeds: Sequence[int], *, target_speedups: Sequence[float],
+                   latent_shape: Sequence[int], num_inference_steps: int, shift: float = 1.0,
+                   guidance_scale: float = 1.0, null_cond: Tensor | None = None,
+                   config: CalibrationConfig | None = None, model_fingerprint: str | None = None,
+                   dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                   progress: bool = False) -> list[Policy]:
+    """:func:`calibrate` for several target speedups, sharing ground truth and the lambda sweep.
+
+    Returns one policy per target, in order. The sweep is shared, so lambdas bisected
+    for one target are candidates for the next too: a policy can differ from what
+    :func:`calibrate` picks for its target alone only by having seen more candidates.
+    """
+    for s in target_speedups:
+        _check_goal(s, None, num_inference_steps)
+    session = _Session(model, cond, seeds, latent_shape, num_inference_steps, shift, guidance_scale, null_cond,
+                       config or CalibrationConfig(), model_fingerprint, dtype, device, progress)
+    return [session.policy(s, None) for s in target_speedups]
+
+
+class _Session:
+    """One calibration set on one model: its split, ground truth and threshold sweep, shared by targets."""
+
+    def __init__(self, model: Any, cond: Tensor | None, seeds: Sequence[int], latent_shape: Sequence[int],
+                 num_inference_steps: int, shift: float, guidance_scale: float, null_cond: Tensor | None,
+                 config: CalibrationConfig, model_fingerprint: str | None, dtype: torch.dtype,
+                 device: str | torch.device, progress: bool) -> None:
+        self.seeds = [int(s) for s in seeds]
+        check_calibration_inputs(cond, self.seeds, null_cond)
+        self.config, self.T = config, num_inference_steps
+        self.grid = time_grid(num_inference_steps, shift)
+        names = branches_for(guidance_scale, null_cond)
+        self.full = CalibSet(
+            model, seeded_noise(self.seeds, latent_shape, dtype, device),
+            None if cond is None else cond.to(device),
+            None if len(names) == 1 or null_cond is None else null_cond.to(device),
+            guidance_scale, config.reuse,
+        )
+        self.n_hold = round(self.full.size * config.holdout_fraction) if self.full.size >= 2 else 0
+        self.n_fit = self.full.size - self.n_hold
+        self.fit_set = self.full.rows(slice(0, self.n_fit))
+        self.hold_set = self.full.rows(slice(self.n_fit, self.full.size)) if self.n_hold else self.fit_set
+        self.log = _logger(progress)
+        self.base = dict(num_inference_steps=num_inference_steps, grid=tuple(self.grid), reuse=config.reuse,
+                         branches=names, shift=shift, guidance_scale=guidance_scale,
+                         latent_shape=tuple(latent_shape), model_fingerprint=model_fingerprint, config=config)
+        self.log(f"ground truth on {self.n_fit} fitting and {self.n_hold} held-out samples")
+        with torch.no_grad():
+            self.gt_fit = log_ground_truth(self.fit_set, self.grid)
+            self.gt_hold = log_ground_truth(self.hold_set, self.grid) if self.n_hold else self.gt_fit
+        self.searched: list[SearchResult] = []
+
+    @torch.no_grad()
+    def policy(self, target_speedup: float | None, threshold: float | None) -> Policy:
+        _check_goal(target_speedup, threshold, self.T)
+        T = self.T
+        max_nfe = T if target_speedup is None else math.floor(T / target_speedup + 1e-9)
+        candidates = self._candidates(threshold, max_nfe)
         best: tuple[float, Policy, Candidate] | None = None
         for cand in candidates:
-            log(f"evaluating {cand.source} candidate, NFE {T - len(cand.cached_steps)}")
-            variants = _variants(full, fit_set, n_fit, grid, cand, config, base)
-            cand.errors = {name: _error(hold_set, gt_hold, policy) for name, policy in variants.items()}
-            cand.variant = min(cand.errors, key=cand.errors.__getitem__) if config.component_check else list(variants)[-1]
+            self.log(f"evaluating {cand.source} candidate, NFE {T - len(cand.cached_steps)}")
+            variants = _variants(self.full, self.fit_set, self.n_fit, self.grid, cand, self.config, self.base)
+            cand.errors = {name: _error(self.hold_set, self.gt_hold, p) for name, p in variants.items()}
+            most_complete = list(variants)[-1]
+            cand.variant = (min(cand.errors, key=cand.errors.__getitem__) if self.config.component_check
+                            else most_complete)
             if best is None or cand.errors[cand.variant] < best[0]:
                 best = (cand.errors[cand.variant], variants[cand.variant], cand)
-    if best is None:  # pragma: no cover - _candidates never returns an empty list
-        raise ErtaCacheError("calibration produced no candidate policy")
-    chosen = best[2]
-    info = provenance(
-        calibration_size=full.size, holdout_size=n_hold, seeds=seeds, target_speedup=target_speedup,
-        threshold=chosen.threshold, selected=chosen.source, variant=chosen.variant,
-        candidates=[c.as_dict(T) for c in candidates],
-    )
-    return replace(best[1], provenance=info)
+        if best is None:  # pragma: no cover - _candidates never returns an empty list
+            raise ErtaCacheError("calibration produced no candidate policy")
+        chosen = best[2]
+        info = provenance(
+            calibration_size=self.full.size, holdout_size=self.n_hold, seeds=self.seeds,
+            target_speedup=target_speedup, threshold=chosen.threshold, selected=chosen.source,
+            variant=chosen.variant, candidates=[c.as_dict(T) for c in candidates],
+        )
+        return replace(best[1], provenance=info)
 
-
-def _candidates(cs: CalibSet, grid: list[float], gt: GroundTruth, config: CalibrationConfig,
-                threshold: float | None, max_nfe: int, log: Any) -> list[Candidate]:
-    T = len(grid) - 1
-    if threshold is not None:
-        log(f"policy search at lambda={threshold:g}")
-        res = threshold_search(cs, grid, gt, threshold, config.l1_denominator)
-        return [Candidate("threshold", threshold, res.cached_steps)]
-    if max_nfe >= T:
-        return [Candidate("all_compute", None, ())]
-    log(f"policy search over {len(config.thresholds)} thresholds (target NFE <= {max_nfe})")
-    results = sweep(cs, grid, gt, config.thresholds, config.l1_denominator, max_nfe=max_nfe)
-    seen: dict[tuple[int, ...], Candidate] = {}
-    fitting = [r for r in results if T - len(r.cached_steps) <= max_nfe]
-    fitting.sort(key=lambda r: (len(r.cached_steps), r.threshold))
-    for r in fitting:
-        if r.cached_steps not in seen and len(seen) < config.max_candidates:
-            seen[r.cached_steps] = Candidate("threshold", r.threshold, r.cached_steps)
-    out = list(seen.values())
-    if config.candidates == "threshold_and_uniform" or not out:
-        uni = uniform_cached_steps(T, max_nfe)
-        if uni not in seen:
-            out.append(Candidate("uniform", None, uni))
-    return out
+    def _candidates(self, threshold: float | None, max_nfe: int) -> list[Candidate]:
+        T, config = self.T, self.config
+        if threshold is not None:
+            self.log(f"policy search at lambda={threshold:g}")
+            res = threshold_search(self.fit_set, self.grid, self.gt_fit, threshold, config.l1_denominator)
+            return [Candidate("threshold", threshold, res.cached_steps)]
+        if max_nfe >= T:
+            return [Candidate("all_compute", None, ())]
+        self.log(f"policy search over {len(config.thresholds)} thresholds (target NFE <= {max_nfe})")
+        self.searched = sweep(self.fit_set, self.grid, self.gt_fit, config.thresholds, config.l1_denominator,
+                              max_nfe=max_nfe, known=self.searched)
+        seen: dict[tuple[int, ...], Candidate] = {}
+        fitting = sorted((r for r in self.searched if T - len(r.cached_steps) <= max_nfe),
+                         key=lambda r: (len(r.cached_steps), r.threshold))
+        for r in fitting:
+            if r.cached_steps not in seen and len(seen) < config.max_candidates:
+                seen[r.cached_steps] = Candidate("threshold", r.threshold, r.cached_steps)
+        out = list(seen.values())
+        if config.candidates == "threshold_and_uniform" or not out:
+            uni = uniform_cached_steps(T, max_nfe)
+            if uni not in seen:
+                out.append(Candidate("uniform", None, uni))
+        return out
 
 
 def _variants(full: CalibSet, fit_set: CalibSet, n_fit: int, grid: list[float], cand: Candidate,

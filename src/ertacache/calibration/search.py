@@ -88,15 +88,18 @@ def threshold_search(
 
 def sweep(
     cs: CalibSet, grid: list[float], gt: GroundTruth, thresholds: tuple[float, ...], denominator: L1Denominator,
-    max_nfe: int | None = None, refine: int = 6,
+    max_nfe: int | None = None, refine: int = 6, known: list[SearchResult] | None = None,
 ) -> list[SearchResult]:
     """Run :func:`threshold_search` for each lambda (the curve lambda -> |S|).
 
     With ``max_nfe``, when no lambda of the sweep gives exactly ``max_nfe`` computed
     steps, the bracket around it is bisected (geometrically, ``refine`` times).
+    Results in ``known`` (from the same set and grid) are reused, not recomputed.
     """
     T = len(grid) - 1
-    results = [threshold_search(cs, grid, gt, lam, denominator) for lam in sorted(thresholds)]
+    results = list(known or [])
+    done = {res.threshold for res in results}
+    results += [threshold_search(cs, grid, gt, lam, denominator) for lam in sorted(thresholds) if lam not in done]
     if max_nfe is None:
         return results
     for _ in range(refine):

@@ -89,7 +89,7 @@ class DigitsFlux(nn.Module):
         from diffusers import FluxTransformer2DModel
 
         config = dict(TRANSFORMER_CONFIG if transformer_config is None else transformer_config)
-        self.transformer = FluxTransformer2DModel(**config)
+        self.transformer: Any = FluxTransformer2DModel(**config)
         joint = config["joint_attention_dim"]
         self.text_tokens = nn.Embedding(NUM_CLASSES + 1, TEXT_TOKENS * joint)
         self.pooled = nn.Embedding(NUM_CLASSES + 1, config["pooled_projection_dim"])
@@ -112,8 +112,9 @@ class DigitsFlux(nn.Module):
 
     def rotary(self) -> tuple[Tensor, Tensor]:
         if self._rotary is None or self._rotary[0].device != self.img_ids.device:
-            ids = torch.cat([self.txt_ids, self.img_ids], dim=0)
-            self._rotary = self.transformer.pos_embed(ids)
+            ids = torch.cat([torch.as_tensor(self.txt_ids), torch.as_tensor(self.img_ids)], dim=0)
+            cos, sin = self.transformer.pos_embed(ids)
+            self._rotary = (cos, sin)
         return self._rotary
 
     def embed(self, x: Tensor, t: Tensor, cond: Tensor | None) -> tuple[Tensor, _Ctx]:
@@ -143,6 +144,18 @@ class DigitsFlux(nn.Module):
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         h, ctx = self.embed(x, t, cond)
         return self.head(self.blocks(h, ctx), ctx)
+
+    def transformer_forward(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        """The same velocity through ``FluxTransformer2DModel.forward`` itself.
+
+        Hooks that diffusers registers on the transformer or its blocks (its cache
+        methods) see exactly the call a ``FluxPipeline`` makes.
+        """
+        labels = cond if cond is not None else torch.full((x.shape[0],), NULL_CLASS, device=x.device)
+        tokens, pooled = self.prompt_embeds(labels)
+        out = self.transformer(hidden_states=pack(x), encoder_hidden_states=tokens, pooled_projections=pooled,
+                               timestep=t, img_ids=self.img_ids, txt_ids=self.txt_ids, return_dict=False)[0]
+        return unpack(out)
 
 
 def digits_images(size: int = IMAGE_SIZE) -> tuple[Tensor, Tensor]:

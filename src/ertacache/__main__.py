@@ -1,0 +1,5 @@
+"""``python -m ertacache``."""
+
+from .cli import main
+
+raise SystemExit(main())

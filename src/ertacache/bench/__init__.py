@@ -1,0 +1,158 @@
+"""``ertacache bench``: ERTACache against every peer method on the same model, seeds and conditions.
+
+Protocol: every method samples the same held-out seeds and classes (never used in
+any calibration); the uncached output is the reference. Methods are interleaved and
+each is timed ``repeats`` times (median). Metrics: NFE, seconds, speedup (same run),
+peak memory, PSNR, SSIM, and LPIPS where its weights exist locally.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import metrics
+from ..fingerprint import model_fingerprint
+from ..io import atomic_write_text
+from ..sampler import seeded_noise
+from . import methods as m
+from .report import write_report
+
+__all__ = ["BenchSettings", "run_bench"]
+BenchSettings = m.BenchSettings
+
+
+class PeakMemory:
+    """Peak extra memory during a block: CUDA's allocator peak, or resident-set growth on the CPU (Linux)."""
+
+    def __init__(self) -> None:
+        self.mb: float | None = None
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _rss() -> int | None:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return None
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+            return self
+        self._base = self._rss() or 0
+        self._peak = self._base
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.wait(0.002):
+            self._peak = max(self._peak, self._rss() or 0)
+
+    def __exit__(self, *exc: Any) -> None:
+        if torch.cuda.is_available():
+            self.mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+            return
+        self._stop.set()
+        self._thread.join()
+        self._peak = max(self._peak, self._rss() or 0)
+        self.mb = (self._peak - self._base) / 2**20 if self._base else None
+
+
+def build_methods(ctx: m.Context, log: Any) -> list[m.Method]:
+    out: list[m.Method] = []
+    stages = [("uncached", m.uncached), ("uniform", m.uniform), ("ERTACache", m.ertacache),
+              ("ablation", m.ablation), ("TeaCache", m.teacache), ("diffusers peers", m.diffusers_peers)]
+    if ctx.settings.options:
+        stages.append(("options", m.options))
+    for label, build in stages:
+        start = time.perf_counter()
+        out += build(ctx)
+        log(f"prepared {label} ({time.perf_counter() - start:.1f} s)")
+    return out
+
+
+def measure(methods: list[m.Method], noise: Tensor, labels: Tensor, repeats: int, log: Any) -> list[dict[str, Any]]:
+    """Run every method ``repeats`` times, interleaved; score against the ``none`` method's output."""
+    outputs: dict[int, Tensor] = {}
+    times: dict[int, list[float]] = {i: [] for i in range(len(methods))}
+    nfe: dict[int, int] = {}
+    memory: dict[int, float | None] = {}
+    with torch.no_grad():
+        methods[0].run(noise, labels)  # warm-up: first-call allocations are nobody's cost
+        for r in range(repeats):
+            for i, method in enumerate(methods):
+                with PeakMemory() as mem:
+                    start = time.perf_counter()
+                    x, n = method.run(noise, labels)
+                    times[i].append(time.perf_counter() - start)
+                outputs[i], nfe[i] = x, n
+                memory[i] = mem.mb if memory.get(i) is None else max(memory[i] or 0.0, mem.mb or 0.0)
+            log(f"repeat {r + 1}/{repeats} done")
+    ref = outputs[0]
+    base = statistics.median(times[0])
+    rows = []
+    for i, method in enumerate(methods):
+        seconds = statistics.median(times[i])
+        p = metrics.psnr(outputs[i], ref)
+        rows.append({
+            "method": method.name, "setting": method.setting, "group": method.group,
+            "nfe": nfe[i],
+            "seconds": round(seconds, 4), "speedup": round(base / seconds, 3),
+            "psnr": None if math.isinf(p) else round(p, 3), "ssim": round(metrics.ssim(outputs[i], ref), 5),
+            "lpips": metrics.lpips(outputs[i], ref),
+            "peak_mem_mb": None if memory[i] is None else round(memory[i] or 0.0, 1),
+            "_output": outputs[i],
+        })
+    return rows
+
+
+def run_bench(docs_dir: str | Path, settings: m.BenchSettings, json_path: str | Path | None = None,
+              command: str = "ertacache bench", progress: bool = True) -> list[dict[str, Any]]:
+    """Run the benchmark on the bundled model; write the table, plot and grid under ``docs_dir``."""
+    from ..models.digits import load_digits_model
+
+    def log(msg: str) -> None:
+        if progress:
+            print(f"[bench] {msg}", flush=True)
+
+    start = time.perf_counter()
+    model = load_digits_model()
+    ctx = m.Context(model, settings, model_fingerprint(model))
+    methods = build_methods(ctx, log)
+    labels = torch.arange(10).repeat(settings.heldout_per_class)
+    seeds = [10_000 + i for i in range(labels.numel())]
+    noise = seeded_noise(seeds, (1, 16, 16))
+    log(f"{len(methods)} method settings on {labels.numel()} held-out samples, {settings.repeats} repeats")
+    rows = measure(methods, noise, labels, settings.repeats, log)
+    elapsed = time.perf_counter() - start
+    header = {
+        "command": command,
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads, {'CUDA' if torch.cuda.is_available() else 'CPU'}",
+        "model": "bundled digits FluxTransformer2DModel (ertacache.models.digits)",
+        "protocol": f"T={settings.num_inference_steps}, guidance {settings.guidance_scale}, shift {settings.shift}; "
+                    f"calibration: {ctx.cal_labels.numel()} samples (seeds 0..); held out: {labels.numel()} "
+                    f"samples (seeds 10000..), {settings.repeats} interleaved repeats, median",
+        "seconds_total": round(elapsed, 1),
+        "lpips": "available" if rows[0]["lpips"] is not None else "unavailable (no local LPIPS weights)",
+    }
+    write_report(Path(docs_dir), rows, header)
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(clean, indent=2) + "\n")
+    log(f"done in {elapsed:.0f} s; wrote {docs_dir}")
+    return clean

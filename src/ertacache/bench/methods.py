@@ -1,0 +1,197 @@
+"""The methods of ``ertacache bench`` on the bundled model, each at several settings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..calibration import calibrate, calibrate_many
+from ..config import CalibrationConfig
+from ..policy import Policy
+from ..sampler import sample, seeded_noise
+
+Runner = Callable[[Tensor, Tensor], tuple[Tensor, int]]
+"""``(noise (B, 1, 16, 16), labels (B,)) -> (x at t = 0, NFE per sample and branch)``."""
+
+
+@dataclass
+class Method:
+    """One method at one setting: ``name`` groups a curve, ``setting`` labels the point."""
+
+    name: str
+    setting: str
+    run: Runner
+    group: str = "speed"  # "speed": on the speed/quality curves; "ablation" / "option": ablation tables
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """Sampler, data and sweep settings of the benchmark."""
+
+    num_inference_steps: int = 30
+    guidance_scale: float = 3.0
+    shift: float = 1.0
+    calibration_per_class: int = 2
+    heldout_per_class: int = 4
+    repeats: int = 3
+    target_speedups: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0)
+    options: bool = True
+    quick: bool = False
+
+    @classmethod
+    def quick_settings(cls) -> BenchSettings:
+        return cls(calibration_per_class=1, heldout_per_class=2, repeats=1, target_speedups=(1.5, 2.0, 3.0),
+                   options=False, quick=True)
+
+
+class Context:
+    """The bundled model, its calibration set and the sampler settings every method shares."""
+
+    def __init__(self, model: Any, settings: BenchSettings, fingerprint: str | None) -> None:
+        from ..models.digits import NULL_CLASS
+
+        self.model, self.settings, self.fingerprint = model, settings, fingerprint
+        self.cal_labels = torch.arange(10).repeat(settings.calibration_per_class)
+        self.cal_seeds = list(range(self.cal_labels.numel()))
+        self.null = NULL_CLASS
+
+    def kwargs(self, labels: Tensor) -> dict[str, Any]:
+        s = self.settings
+        return dict(num_inference_steps=s.num_inference_steps, shift=s.shift, guidance_scale=s.guidance_scale,
+                    null_cond=torch.full_like(labels, self.null))
+
+    def cal_kwargs(self) -> dict[str, Any]:
+        s = self.settings
+        return dict(latent_shape=(1, 16, 16), num_inference_steps=s.num_inference_steps, shift=s.shift,
+                    guidance_scale=s.guidance_scale, null_cond=torch.full_like(self.cal_labels, self.null),
+                    model_fingerprint=self.fingerprint)
+
+    def policy_runner(self, policy: Policy | None, model: Any = None) -> Runner:
+        def run(noise: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+            out = sample(model or self.model, noise, labels, policy=policy, **self.kwargs(labels))
+            return out.x, out.stats.nfe["cond"]
+
+        return run
+
+
+def uncached(ctx: Context) -> list[Method]:
+    return [Method("none", "uncached", ctx.policy_runner(None))]
+
+
+def uniform(ctx: Context) -> list[Method]:
+    T = ctx.settings.num_inference_steps
+    out = []
+    for s in ctx.settings.target_speedups:
+        nfe = int(T // s)
+        policy = Policy.uniform(T, nfe, shift=ctx.settings.shift, reuse="block_residual",
+                                branches=("cond", "uncond"), guidance_scale=ctx.settings.guidance_scale)
+        out.append(Method("uniform", f"nfe={nfe}", ctx.policy_runner(policy)))
+    return out
+
+
+def ertacache(ctx: Context) -> list[Method]:
+    """ERTACache with the library defaults, one policy per target speedup (shared calibration)."""
+    policies = calibrate_many(ctx.model, ctx.cal_labels, ctx.cal_seeds, target_speedups=ctx.settings.target_speedups,
+                              **ctx.cal_kwargs())
+    return [Method("ertacache", f"target={s}x ({p.provenance['selected']}, {p.provenance['variant']})",
+                   ctx.policy_runner(p)) for s, p in zip(ctx.settings.target_speedups, policies)]
+
+
+def ablation(ctx: Context) -> list[Method]:
+    """The paper's Table 3 at 2x: uniform, offline policy, + timestep adjustment, + rectification."""
+    full = calibrate(ctx.model, ctx.cal_labels, ctx.cal_seeds, target_speedup=2.0,
+                     config=CalibrationConfig(component_check=False), **ctx.cal_kwargs())
+    T = ctx.settings.num_inference_steps
+    uni = Policy.uniform(T, full.nfe, shift=full.shift, reuse=full.reuse, branches=full.branches,
+                         guidance_scale=full.guidance_scale)
+    steps = [("uniform cache", uni), ("offline policy", full.ablate(timestep_adjustment=False, rectification=False)),
+             ("+ timestep adjustment", full.ablate(rectification=False)), ("+ rectification", full)]
+    return [Method("ablation", name, ctx.policy_runner(p), group="ablation") for name, p in steps]
+
+
+OPTIONS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "reuse=velocity": {"reuse": "velocity"},
+    "reuse=latent_residual": {"reuse": "latent_residual"},
+    "l1_denominator=current (v2)": {"l1_denominator": "current"},
+    "phi_denominator=velocity (v2)": {"phi_denominator": "velocity"},
+    "rectification=sigmoid": {"rectification": "sigmoid"},
+    "granularity=channel": {"granularity": "channel"},
+    "candidates=threshold (paper)": {"candidates": "threshold"},
+    "component_check=off": {"component_check": False},
+}
+
+
+def options(ctx: Context) -> list[Method]:
+    """Each option NOTES.md lists, at 2x, against the default."""
+    out = []
+    for label, change in OPTIONS.items():
+        config = replace(CalibrationConfig(), **change)
+        p = calibrate(ctx.model, ctx.cal_labels, ctx.cal_seeds, target_speedup=2.0, config=config, **ctx.cal_kwargs())
+        out.append(Method("option", f"{label} [{p.provenance['selected']}, {p.provenance['variant']}]",
+                          ctx.policy_runner(p), group="option"))
+    return out
+
+
+def teacache(ctx: Context) -> list[Method]:
+    """Our TeaCache, its polynomial fitted on the calibration conditions."""
+    from ..grids import time_grid
+    from ..peers.teacache import TeaCacheModel, fit_coefficients, flux_modulated_input
+
+    s = ctx.settings
+    modulated = flux_modulated_input(ctx.model.transformer)
+    coeffs = fit_coefficients(ctx.model, modulated, seeded_noise(ctx.cal_seeds, (1, 16, 16)), ctx.cal_labels,
+                              s.num_inference_steps, s.guidance_scale, torch.full_like(ctx.cal_labels, ctx.null),
+                              s.shift)
+    grid = time_grid(s.num_inference_steps, s.shift)
+    thresholds = (0.1, 0.3, 0.6) if s.quick else (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.9)
+    out = []
+    for th in thresholds:
+        tc = TeaCacheModel(ctx.model, modulated, th, coeffs, grid[0], grid[-2])
+
+        def run(noise: Tensor, labels: Tensor, tc: TeaCacheModel = tc) -> tuple[Tensor, int]:
+            tc.reset()
+            x = sample(tc, noise, labels, reuse="block_residual", **ctx.kwargs(labels)).x
+            return x, tc.nfe
+
+        out.append(Method("teacache", f"thresh={th}", run))
+    return out
+
+
+def diffusers_peers(ctx: Context) -> list[Method]:
+    """diffusers' FirstBlockCache, TaylorSeer, MagCache, PAB and FasterCache, each over a sweep."""
+    from ..peers.diffusers_hooks import TransformerVelocity, magcache_ratios, peer_config, run_with_cache
+
+    s = ctx.settings
+    velocity = TransformerVelocity(ctx.model)
+    ratios = magcache_ratios(velocity, seeded_noise(ctx.cal_seeds, (1, 16, 16)), ctx.cal_labels,
+                             torch.full_like(ctx.cal_labels, ctx.null), s.num_inference_steps, s.guidance_scale,
+                             s.shift)
+    sweeps: dict[str, list[dict[str, Any]]] = {
+        "first_block_cache": [{"threshold": th} for th in ((0.05, 0.2) if s.quick else (0.02, 0.05, 0.1, 0.2, 0.4))],
+        "taylorseer": [{"cache_interval": k, "disable_cache_before_step": 2, "max_order": 1}
+                       for k in ((2, 3) if s.quick else (2, 3, 4, 5))],
+        "magcache": [{"threshold": th, "mag_ratios": ratios, "max_skip_steps": 3}
+                     for th in ((0.06, 0.24) if s.quick else (0.03, 0.06, 0.12, 0.24, 0.5))],
+        "pab": [{"spatial_attention_block_skip_range": k, "spatial_attention_timestep_skip_range": (0, 1000)}
+                for k in ((2,) if s.quick else (2, 3, 4))],
+        "fastercache": [{"spatial_attention_block_skip_range": k} for k in ((2,) if s.quick else (2, 3))],
+    }
+    out = []
+    for name, settings in sweeps.items():
+        for setting in settings:
+            label = ", ".join(f"{key}={val}" for key, val in setting.items() if key != "mag_ratios")
+
+            def run(noise: Tensor, labels: Tensor, name: str = name, setting: dict[str, Any] = setting
+                    ) -> tuple[Tensor, int]:
+                config = peer_config(name, setting, velocity, s.num_inference_steps)
+                x, calls = run_with_cache(velocity, config, lambda vel: sample(vel, noise, labels,
+                                                                                **ctx.kwargs(labels)).x)
+                return x, calls
+
+            out.append(Method(name, label, run))
+    return out

@@ -1,0 +1,100 @@
+"""The benchmark's outputs: a markdown table, PSNR-vs-speedup curves and an image grid near 2x."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..io import atomic_write, atomic_write_text
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "ref" if v is None else format(v, spec)
+
+
+def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
+    lines = ["# ertacache bench", ""]
+    lines += [f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}" for k, v in header.items()]
+    for group, title in (("speed", "Speed and fidelity (held-out seeds)"),
+                         ("ablation", "Component ablation at 2x (the paper's Table 3)"),
+                         ("option", "Options of NOTES.md at 2x")):
+        part = [r for r in rows if r["group"] == group or (group != "speed" and r["method"] == "none")]
+        if len(part) <= 1 and group != "speed":
+            continue
+        lines += ["", f"## {title}", "", "| method | setting | NFE | seconds | speedup | PSNR (dB) | SSIM | LPIPS "
+                  "| peak mem (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in part:
+            lpips = "n/a" if r["lpips"] is None else f"{r['lpips']:.4f}"
+            mem = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
+            lines.append(f"| {r['method']} | {r['setting']} | {r['nfe']} | {r['seconds']:.3f} | {r['speedup']:.2f}x | "
+                         f"{_fmt(r['psnr'], '.2f')} | {r['ssim']:.4f} | {lpips} | {mem} |")
+    return "\n".join(lines) + "\n"
+
+
+def nearest_2x(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method of the speed curves, the setting whose speedup is nearest 2x (the reference first)."""
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["group"] != "speed" or r["method"] == "none":
+            continue
+        if r["method"] not in best or abs(r["speedup"] - 2) < abs(best[r["method"]]["speedup"] - 2):
+            best[r["method"]] = r
+    return [rows[0], *best.values()]
+
+
+def plot(rows: list[dict[str, Any]], path: Path, header: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows if r["group"] == "speed") if m != "none"]
+    for name in methods:
+        pts = sorted((r["speedup"], r["psnr"]) for r in rows if r["method"] == name and r["psnr"] is not None)
+        if pts:
+            style = dict(linewidth=2.5, color="black") if name == "ertacache" else dict(linewidth=1.2)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, **style)  # type: ignore[arg-type]
+    ax.axvspan(1.5, 3.0, color="0.93", zorder=0)
+    ax.set_xlabel("wall-clock speedup over uncached (same run)")
+    ax.set_ylabel("PSNR against uncached (dB)")
+    ax.set_title("held-out seeds, bundled digits model", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.text(0.01, 0.005, f"{header['command']} | {header['machine']}", fontsize=6)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def image_grid(rows: list[dict[str, Any]], path: Path, header: dict[str, Any], columns: int = 10) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = nearest_2x(rows)
+    fig, axes = plt.subplots(len(chosen), columns, figsize=(columns * 0.85, len(chosen) * 0.95 + 0.4))
+    for i, r in enumerate(chosen):
+        for c in range(columns):
+            ax = axes[i][c]
+            ax.imshow(((r["_output"][c, 0].clamp(-1, 1) + 1) / 2).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        label = "uncached" if r["method"] == "none" else f"{r['method']}\n{r['speedup']:.2f}x"
+        axes[i][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.text(0.01, 0.005, f"{header['command']} | {header['machine']}", fontsize=6)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def write_report(docs_dir: Path, rows: list[dict[str, Any]], header: dict[str, Any]) -> None:
+    """Write ``results.md``, ``results.json``, ``psnr_vs_speedup.png`` and ``grid_2x.png`` under ``docs_dir``."""
+    docs_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(docs_dir / "results.md", markdown(rows, header))
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    atomic_write_text(docs_dir / "results.json", json.dumps({"header": header, "rows": clean}, indent=2) + "\n")
+    plot(rows, docs_dir / "psnr_vs_speedup.png", header)
+    image_grid(rows, docs_dir / "grid_2x.png", header)

@@ -1,0 +1,164 @@
+"""The ``ertacache`` command line: parse, call the library, print. ``main(argv) -> int``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import ErtaCacheError
+
+DIGITS_LATENT = (1, 16, 16)
+
+
+def _add_sampler_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-inference-steps", type=int, default=30, help="T (default 30)")
+    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
+    p.add_argument("--shift", type=float, default=1.0, help="time shift of the grid (default 1)")
+    p.add_argument("--model", default=None, help="digits weights (.safetensors); default: the bundled model")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ertacache", description="ERTACache: calibrated caching for diffusion "
+                                     "transformers (arXiv 2508.21091). Runs on the bundled digits model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="calibrate, then compare uncached, uniform and ERTACache on held-out seeds")
+    p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--repeats", type=int, default=3, help="timing repeats per method (median)")
+
+    p = sub.add_parser("calibrate", help="calibrate a policy and write it (JSON + safetensors)")
+    _add_sampler_args(p)
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target-speedup", type=float, help="wanted T / NFE, e.g. 2")
+    goal.add_argument("--threshold", type=float, help="lambda of Algorithm 2, e.g. 0.2")
+    p.add_argument("--out", required=True, help="policy path, e.g. policy.json")
+    p.add_argument("--calibration-per-class", type=int, default=2, help="calibration samples per digit class")
+    p.add_argument("--seed", type=int, default=0, help="first calibration seed")
+    p.add_argument("--reuse", choices=["block_residual", "velocity", "latent_residual"], default="block_residual")
+    p.add_argument("--rectification", choices=["linear", "sigmoid", "off"], default="linear")
+    p.add_argument("--granularity", choices=["step", "channel"], default="step")
+    p.add_argument("--no-timestep-adjustment", action="store_true")
+    p.add_argument("--keep-all-components", action="store_true",
+                   help="keep adjustment and rectification even where held-out error says they do not help")
+
+    p = sub.add_parser("generate", help="sample digits, with a policy or uncached")
+    _add_sampler_args(p)
+    p.add_argument("--policy", default=None, help="policy.json; omit for the uncached sampler")
+    p.add_argument("--digit", type=int, action="append", help="class 0-9 (repeatable; default 0..9)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="out/generate.png")
+
+    p = sub.add_parser("inspect", help="print a policy")
+    p.add_argument("policy")
+
+    p = sub.add_parser("bench", help="ERTACache against every peer method on the bundled model")
+    p.add_argument("--quick", action="store_true", help="fewer settings and samples (under 5 minutes on 2 cores)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--docs", default=None, help="folder for table, plot and grid (default docs/benchmarks[/quick])")
+    p.add_argument("--repeats", type=int, default=None, help="timing repeats per method (median)")
+    p.add_argument("--pipeline", default=None, help="a diffusers pipeline (not yet supported: see README)")
+
+    p = sub.add_parser("step-cost", help="benchmark: a cached step's cost as a fraction of a computed step's")
+    p.add_argument("--batch-size", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=20)
+    return parser
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate
+    from .config import CalibrationConfig
+    from .demo import labels_and_seeds
+    from .fingerprint import model_fingerprint
+    from .models.digits import NULL_CLASS, load_digits_model
+
+    model = load_digits_model(args.model)
+    labels, seeds = labels_and_seeds(args.calibration_per_class, args.seed)
+    config = CalibrationConfig(reuse=args.reuse, rectification=args.rectification, granularity=args.granularity,
+                               timestep_adjustment=not args.no_timestep_adjustment,
+                               component_check=not args.keep_all_components)
+    policy = calibrate(model, labels, seeds, latent_shape=DIGITS_LATENT, num_inference_steps=args.num_inference_steps,
+                       shift=args.shift, guidance_scale=args.guidance_scale,
+                       null_cond=torch.full_like(labels, NULL_CLASS), target_speedup=args.target_speedup,
+                       threshold=args.threshold, config=config, model_fingerprint=model_fingerprint(model),
+                       progress=True)
+    path = policy.save(args.out)
+    print(policy.summary())
+    print(f"wrote {path} and {path.with_suffix('.safetensors')}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .demo import save_grid
+    from .fingerprint import model_fingerprint
+    from .models.digits import NULL_CLASS, load_digits_model
+    from .policy import Policy
+    from .sampler import sample, seeded_noise
+
+    model = load_digits_model(args.model)
+    policy = Policy.load(args.policy) if args.policy else None
+    digits = args.digit or list(range(10))
+    if any(not 0 <= d <= 9 for d in digits):
+        raise ErtaCacheError(f"--digit takes classes 0-9, got {digits}")
+    labels = torch.tensor(digits)
+    noise = seeded_noise([args.seed + i for i in range(len(digits))], DIGITS_LATENT)
+    out = sample(model, noise, labels, num_inference_steps=args.num_inference_steps, shift=args.shift,
+                 guidance_scale=args.guidance_scale, null_cond=torch.full_like(labels, NULL_CLASS), policy=policy,
+                 model_fingerprint=model_fingerprint(model), progress=True)
+    save_grid({"cached" if policy else "uncached": out.x}, Path(args.out), columns=len(digits))
+    s = out.stats
+    print(f"NFE {s.nfe}, computed steps {s.computed_steps}, cached steps {s.cached_steps}, {s.seconds:.2f} s")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from dataclasses import replace
+
+    from .bench import BenchSettings, run_bench
+
+    if args.pipeline is not None:
+        raise ErtaCacheError("bench --pipeline needs the diffusers integration, which is not built yet; "
+                             "run the benchmark on the bundled model (omit --pipeline)")
+    settings = BenchSettings.quick_settings() if args.quick else BenchSettings()
+    if args.repeats is not None:
+        settings = replace(settings, repeats=args.repeats)
+    docs = args.docs or ("docs/benchmarks/quick" if args.quick else "docs/benchmarks")
+    command = "ertacache " + " ".join(argv if argv is not None else sys.argv[1:])
+    run_bench(docs, settings, json_path=args.json, command=command)
+    print(Path(docs, "results.md").read_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from .demo import DemoSettings, run_demo
+
+            run_demo(args.out, DemoSettings(repeats=args.repeats), model_path=args.model)
+        elif args.command == "calibrate":
+            return _calibrate(args)
+        elif args.command == "generate":
+            return _generate(args)
+        elif args.command == "inspect":
+            from .policy import Policy
+
+            print(Policy.load(args.policy).summary())
+        elif args.command == "bench":
+            return _bench(args, argv)
+        elif args.command == "step-cost":
+            from .stepcost import main as step_cost
+
+            step_cost(args.batch_size, args.repeats)
+    except ErtaCacheError as exc:
+        print(f"ertacache: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

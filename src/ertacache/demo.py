@@ -1,0 +1,184 @@
+"""``ertacache demo``: the whole method on the bundled digits model, offline, on a CPU.
+
+1. Calibrate a policy for a target speedup on calibration classes and seeds.
+2. On held-out seeds, sample uncached (``none``) and with uniform caching at the
+   same NFE, the offline policy alone, + timestep adjustment, and + rectification
+   (full ERTACache, ``ertacache``): the paper's Table 3 ablation.
+3. Time the methods interleaved (median of repeats), score PSNR/SSIM against the
+   uncached output of the same seed and class, and write ``results.json``,
+   ``grid.png`` and ``policy.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import __version__, metrics
+from .calibration import calibrate
+from .config import CalibrationConfig
+from .fingerprint import model_fingerprint
+from .io import atomic_write_text
+from .policy import Policy
+from .sampler import sample, seeded_noise
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """The demo's sampler and data settings (defaults are what ``make demo`` runs)."""
+
+    num_inference_steps: int = 30
+    guidance_scale: float = 3.0
+    shift: float = 1.0
+    target_speedup: float = 2.0
+    calibration_per_class: int = 2
+    heldout_per_class: int = 4
+    repeats: int = 3
+    calibration_seed_base: int = 0
+    heldout_seed_base: int = 10_000
+
+
+def labels_and_seeds(per_class: int, seed_base: int) -> tuple[Tensor, list[int]]:
+    """Classes 0..9 repeated ``per_class`` times, with seeds ``seed_base, seed_base + 1, ...``."""
+    labels = torch.arange(10).repeat(per_class)
+    return labels, [seed_base + i for i in range(labels.numel())]
+
+
+def methods_for(policy: Policy) -> dict[str, Policy | None]:
+    """The ablation ladder: uncached, uniform at the same NFE, offline policy, + adjustment, + rectification."""
+    uniform = Policy.uniform(policy.num_inference_steps, policy.nfe, shift=policy.shift, reuse=policy.reuse,
+                             branches=policy.branches, guidance_scale=policy.guidance_scale,
+                             latent_shape=policy.latent_shape, model_fingerprint=policy.model_fingerprint)
+    return {
+        "none": None,
+        "uniform": uniform,
+        "offline_policy": policy.ablate(timestep_adjustment=False, rectification=False),
+        "timestep_adjustment": policy.ablate(rectification=False),
+        "ertacache": policy,
+    }
+
+
+def run_methods(model: Any, methods: dict[str, Policy | None], noise: Tensor, labels: Tensor,
+                settings: DemoSettings, fingerprint: str | None) -> tuple[dict[str, Tensor], dict[str, list[float]],
+                                                                            dict[str, int]]:
+    """Sample every method ``settings.repeats`` times, interleaved; return outputs, times and NFE."""
+    null = torch.full_like(labels, 10)
+    outputs: dict[str, Tensor] = {}
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    nfe: dict[str, int] = {}
+    for _ in range(settings.repeats):
+        for name, policy in methods.items():
+            start = time.perf_counter()
+            out = sample(model, noise, labels, num_inference_steps=settings.num_inference_steps,
+                         shift=settings.shift, guidance_scale=settings.guidance_scale, null_cond=null,
+                         policy=policy, model_fingerprint=fingerprint)
+            times[name].append(time.perf_counter() - start)
+            outputs[name], nfe[name] = out.x, out.stats.nfe["cond"]
+    return outputs, times, nfe
+
+
+def score(outputs: dict[str, Tensor], times: dict[str, list[float]], nfe: dict[str, int]) -> list[dict[str, Any]]:
+    """One row per method: NFE, median seconds, speedup against ``none``, PSNR and SSIM against ``none``."""
+    ref = outputs["none"]
+    base = statistics.median(times["none"])
+    rows = []
+    for name, x in outputs.items():
+        seconds = statistics.median(times[name])
+        p = metrics.psnr(x, ref)
+        rows.append({
+            "method": name,
+            "nfe": nfe[name],
+            "seconds": round(seconds, 4),
+            "speedup": round(base / seconds, 3),
+            "psnr": None if math.isinf(p) else round(p, 3),
+            "ssim": round(metrics.ssim(x, ref), 5),
+        })
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of the rows."""
+    head = "| method | NFE | seconds | speedup | PSNR (dB) | SSIM |\n|---|---|---|---|---|---|"
+    lines = [head]
+    for r in rows:
+        psnr = "ref" if r["psnr"] is None else f"{r['psnr']:.2f}"
+        lines.append(f"| {r['method']} | {r['nfe']} | {r['seconds']:.3f} | {r['speedup']:.2f}x | {psnr} "
+                     f"| {r['ssim']:.4f} |")
+    return "\n".join(lines)
+
+
+def save_grid(outputs: dict[str, Tensor], path: Path, columns: int = 10) -> None:
+    """Rows: methods (the reference ``none`` first); columns: the first held-out samples (one per class)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(outputs)
+    fig, axes = plt.subplots(len(names), columns, figsize=(columns * 0.9, len(names) * 1.0 + 0.3))
+    for r, name in enumerate(names):
+        for c in range(columns):
+            ax = axes[r][c]
+            ax.imshow(((outputs[name][c, 0].clamp(-1, 1) + 1) / 2).cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.tight_layout()
+    from .io import atomic_write
+
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+
+
+def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_path: str | None = None,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Run the demo and write ``results.json``, ``results.md``, ``grid.png`` and ``policy.json`` to ``out_dir``."""
+    from .models.digits import NULL_CLASS, load_digits_model
+
+    settings = settings or DemoSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    model = load_digits_model(model_path)
+    fingerprint = model_fingerprint(model)
+    cal_labels, cal_seeds = labels_and_seeds(settings.calibration_per_class, settings.calibration_seed_base)
+    # the ablation needs every component: component_check=False keeps adjustment and rectification on
+    policy = calibrate(
+        model, cal_labels, cal_seeds, latent_shape=(1, 16, 16), num_inference_steps=settings.num_inference_steps,
+        shift=settings.shift, guidance_scale=settings.guidance_scale, null_cond=torch.full_like(cal_labels, NULL_CLASS),
+        target_speedup=settings.target_speedup, config=CalibrationConfig(component_check=False),
+        model_fingerprint=fingerprint, progress=progress,
+    )
+    policy.save(out / "policy.json")
+    calibration_seconds = time.perf_counter() - start
+    labels, seeds = labels_and_seeds(settings.heldout_per_class, settings.heldout_seed_base)
+    noise = seeded_noise(seeds, (1, 16, 16))
+    outputs, times, nfe = run_methods(model, methods_for(policy), noise, labels, settings, fingerprint)
+    rows = score(outputs, times, nfe)
+    save_grid(outputs, out / "grid.png")
+    atomic_write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
+    meta = {
+        "settings": settings.__dict__, "calibration_seconds": round(calibration_seconds, 1),
+        "policy": policy.summary(), "candidates": policy.provenance["candidates"],
+        "machine": f"{platform.machine()} {platform.processor() or ''} torch threads={torch.get_num_threads()}",
+        "ertacache": __version__, "torch": torch.__version__,
+    }
+    atomic_write_text(out / "run.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out / "results.md", table(rows) + "\n")
+    if progress:
+        print(policy.summary())
+        print(f"calibration: {calibration_seconds:.1f} s on {len(cal_seeds)} samples; "
+              f"held out: {len(seeds)} samples, {settings.repeats} interleaved repeats")
+        print(table(rows))
+        print(f"wrote {out / 'results.json'}, {out / 'grid.png'}, {out / 'policy.json'}")
+    return rows

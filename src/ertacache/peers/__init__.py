@@ -1,0 +1,1 @@
+"""Peer caching methods, implemented here or applied through diffusers for the side-by-side benchmark."""

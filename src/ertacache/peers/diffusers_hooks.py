@@ -1,0 +1,116 @@
+"""diffusers' built-in cache methods on the bundled model, through their public API.
+
+FirstBlockCache, TaylorSeerCache, MagCache, PyramidAttentionBroadcast and FasterCache
+are enabled with ``transformer.enable_cache(config)`` on the unchanged
+``FluxTransformer2DModel``; the velocity calls ``transformer.forward`` inside
+``cache_context`` exactly as a pipeline does. Both guidance branches go through one
+forward, ordered ``[uncond, cond]`` as diffusers' batched-CFG pipelines order them.
+
+NFE here counts forwards of the last block's attention (its query projection), per
+sample and branch: the block stack's work that a method did not skip.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..sampler import sample
+
+
+class TransformerVelocity:
+    """``v(x, t, cond)`` through ``FluxTransformer2DModel.forward`` of a :class:`~ertacache.models.digits.DigitsFlux`.
+
+    ``timestep`` holds the current diffusers timestep (``1000 t``) for the
+    ``current_timestep_callback`` of PAB and FasterCache.
+    """
+
+    def __init__(self, digits: Any) -> None:
+        self.digits = digits
+        self.transformer = digits.transformer
+        self.timestep = 1000.0
+        self.attention_calls = 0
+        last = self.transformer.single_transformer_blocks[-1].attn.to_q
+        last.register_forward_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.attention_calls += 1
+
+    def __call__(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        self.timestep = float(t[0]) * 1000
+        n = x.shape[0] // 2
+        # diffusers' batched CFG puts the unconditional half first; ertacache's sampler puts cond first
+        swap = cond is not None and n > 0 and x.shape[0] == 2 * n
+        if swap:
+            x, t, cond = _halves_swapped(x), _halves_swapped(t), _halves_swapped(cond)  # type: ignore[arg-type]
+        with self.transformer.cache_context("cond_uncond"):
+            v = self.digits.transformer_forward(x, t, cond)
+        return _halves_swapped(v) if swap else v
+
+
+def _halves_swapped(x: Tensor) -> Tensor:
+    a, b = x.chunk(2)
+    return torch.cat([b, a])
+
+
+def peer_config(name: str, setting: dict[str, Any], velocity: TransformerVelocity, num_inference_steps: int) -> Any:
+    """The diffusers config of a peer method at one setting."""
+    from diffusers.hooks import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
+
+    def timestep() -> int:
+        return int(velocity.timestep)
+
+    if name == "first_block_cache":
+        return FirstBlockCacheConfig(**setting)
+    if name == "taylorseer":
+        return TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32, **setting)
+    if name == "magcache":
+        return MagCacheConfig(num_inference_steps=num_inference_steps, **setting)
+    if name == "pab":
+        return PyramidAttentionBroadcastConfig(current_timestep_callback=timestep, **setting)
+    if name == "fastercache":
+        return FasterCacheConfig(current_timestep_callback=timestep, attention_weight_callback=lambda _: 0.5,
+                                 tensor_format="BCHW", is_guidance_distilled=False, **setting)
+    raise ValueError(f"unknown peer {name!r}")
+
+
+def run_with_cache(velocity: TransformerVelocity, config: Any, run: Callable[[Any], Tensor]) -> tuple[Tensor, int]:
+    """Enable ``config``, run ``run(velocity)``, disable; return the output and the attention-call count."""
+    tf = velocity.transformer
+    tf.enable_cache(config)
+    try:
+        tf._reset_stateful_cache()
+        velocity.attention_calls = 0
+        x = run(velocity)
+        return x, velocity.attention_calls
+    finally:
+        tf.disable_cache()
+
+
+def magcache_ratios(velocity: TransformerVelocity, noise: Tensor, cond: Tensor, null_cond: Tensor,
+                    num_inference_steps: int, guidance_scale: float, shift: float) -> list[float]:
+    """MagCache's own calibration mode on calibration conditions; the ratios it prints are parsed back."""
+    from diffusers.hooks import MagCacheConfig
+
+    buf = io.StringIO()
+    config = MagCacheConfig(calibrate=True, num_inference_steps=num_inference_steps)
+    with contextlib.redirect_stdout(buf):
+        run_with_cache(velocity, config, lambda v: sample(
+            v, noise, cond, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            null_cond=null_cond, shift=shift).x)
+    lists = [line for line in buf.getvalue().splitlines() if line.strip().startswith("[")]
+    if not lists:
+        raise RuntimeError(f"MagCache calibration printed no ratios: {buf.getvalue()[:500]!r}")
+    return [float(r) for r in ast.literal_eval(lists[-1].strip())]

@@ -1,0 +1,62 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ertacache import Policy
+from ertacache.cli import main
+
+
+@pytest.fixture(scope="module")
+def policy_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "policy.json"
+    code = main(["calibrate", "--num-inference-steps", "10", "--target-speedup", "2", "--calibration-per-class", "1",
+                 "--out", str(path)])
+    assert code == 0
+    return path
+
+
+def test_calibrate_writes_a_loadable_policy(policy_path):
+    policy = Policy.load(policy_path)
+    assert policy.num_inference_steps == 10 and policy.nfe <= 5
+    assert policy.model_fingerprint is not None and policy.latent_shape == (1, 16, 16)
+
+
+def test_inspect(policy_path, capsys):
+    assert main(["inspect", str(policy_path)]) == 0
+    assert "NFE=" in capsys.readouterr().out
+
+
+def test_generate_with_policy(policy_path, tmp_path, capsys):
+    out = tmp_path / "g.png"
+    assert main(["generate", "--num-inference-steps", "10", "--policy", str(policy_path), "--digit", "3",
+                 "--digit", "5", "--out", str(out)]) == 0
+    assert out.is_file() and out.read_bytes()[:4] == b"\x89PNG"
+    assert "NFE {'cond': " in capsys.readouterr().out
+
+
+def test_generate_with_other_step_count_is_refused(policy_path, tmp_path, capsys):
+    code = main(["generate", "--num-inference-steps", "20", "--policy", str(policy_path),
+                 "--out", str(tmp_path / "g.png")])
+    assert code == 2
+    assert "num_inference_steps: policy 10, got 20" in capsys.readouterr().err
+
+
+def test_corrupted_policy_is_a_clear_cli_error(policy_path, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(policy_path.read_text()[:50])
+    assert main(["inspect", str(bad)]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_calibrate_rejects_bad_threshold(tmp_path, capsys):
+    assert main(["calibrate", "--threshold", "-1", "--out", str(tmp_path / "p.json")]) == 2
+    assert "threshold lambda" in capsys.readouterr().err
+
+
+def test_python_dash_m_works(policy_path):
+    done = subprocess.run([sys.executable, "-m", "ertacache", "inspect", str(policy_path)], capture_output=True,
+                          text=True, check=True)
+    assert "cached steps" in done.stdout
+    assert json.loads(policy_path.read_text())["format"] == "ertacache.policy"

@@ -1,0 +1,65 @@
+import json
+
+import pytest
+import torch
+
+from ertacache import sample, seeded_noise, time_grid
+from ertacache.bench import measure
+from ertacache.bench.methods import Method
+from ertacache.bench.report import nearest_2x, write_report
+from ertacache.peers.teacache import TeaCacheModel, fit_coefficients, rel_l1
+
+
+def modulated(h, ctx):
+    return h * (1 + ctx[:, None, None, :])
+
+
+def test_teacache_threshold_zero_is_uncached(tiny):
+    grid = time_grid(10)
+    tc = TeaCacheModel(tiny, modulated, 0.0, [1.0, 0.0], grid[0], grid[-2])
+    noise = seeded_noise([0, 1], (2, 4, 4))
+    cond = torch.tensor([1, 2])
+    ref = sample(tiny, noise, cond, num_inference_steps=10).x
+    out = sample(tc, noise, cond, num_inference_steps=10).x
+    assert torch.equal(out, ref) and tc.nfe == 10
+
+
+def test_teacache_skips_by_accumulated_change(tiny):
+    grid = time_grid(12)
+    tc = TeaCacheModel(tiny, modulated, 1e9, [1.0, 0.0], grid[0], grid[-2])
+    tiny.block_calls = 0
+    sample(tc, seeded_noise([0], (2, 4, 4)), torch.tensor([3]), num_inference_steps=12)
+    assert tc.nfe == 2 == tiny.block_calls  # only the first and last steps compute
+
+
+def test_teacache_polynomial_fit_is_on_calibration_conditions(tiny):
+    coeffs = fit_coefficients(tiny, modulated, seeded_noise([0, 1, 2], (2, 4, 4)), torch.tensor([1, 2, 3]), 10,
+                              degree=2)
+    assert len(coeffs) == 3 and all(c == c for c in coeffs)
+    assert rel_l1(torch.ones(3), torch.ones(3)) == 0.0
+
+
+def test_measure_and_report(tiny, tmp_path):
+    noise = seeded_noise(range(10), (2, 4, 4))
+    labels = torch.arange(10)
+
+    def runner(steps):
+        def run(n, c):
+            return sample(tiny, n, c, num_inference_steps=steps).x, steps
+        return run
+
+    methods = [Method("none", "uncached", runner(12)), Method("uniform", "coarse", runner(6)),
+               Method("ertacache", "fake", runner(4)), Method("ablation", "x", runner(12), group="ablation")]
+    rows = measure(methods, noise, labels, repeats=2, log=lambda _: None)
+    assert [r["nfe"] for r in rows] == [12, 6, 4, 12]
+    assert rows[0]["psnr"] is None and rows[0]["ssim"] == pytest.approx(1.0)
+    assert rows[3]["psnr"] is None  # identical output to the reference
+    assert rows[1]["psnr"] > 0 and all(r["speedup"] > 0 for r in rows)
+    header = {"command": "test", "machine": "here"}
+    write_report(tmp_path, rows, header)
+    for name in ("results.md", "results.json", "psnr_vs_speedup.png", "grid_2x.png"):
+        assert (tmp_path / name).is_file()
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert {"method", "setting", "nfe", "seconds", "speedup", "psnr", "ssim", "lpips", "peak_mem_mb"} <= set(
+        doc["rows"][0])
+    assert [r["method"] for r in nearest_2x(rows)] == ["none", "uniform", "ertacache"]
