@@ -38,7 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="policy path, e.g. policy.json")
     p.add_argument("--calibration-per-class", type=int, default=2, help="calibration samples per digit class")
     p.add_argument("--seed", type=int, default=0, help="first calibration seed")
-    p.add_argument("--reuse", choices=["block_residual", "velocity", "latent_residual"], default="block_residual")
+    p.add_argument("--reuse", choices=["block_residual", "velocity", "latent_residual"], default="velocity")
     p.add_argument("--rectification", choices=["linear", "sigmoid", "off"], default="linear")
     p.add_argument("--granularity", choices=["step", "channel"], default="step")
     p.add_argument("--no-timestep-adjustment", action="store_true")

@@ -36,6 +36,9 @@ DEFAULT_THRESHOLDS: tuple[float, ...] = (
 class CalibrationConfig:
     """Options of offline calibration (Algorithm 2 and Eq. 12-21).
 
+    Defaults are what the library's own benchmark measured best on the bundled model
+    (README, "Options"); each reading of the paper stays available here.
+
     Attributes:
         reuse: what the cache keeps; see :data:`ReuseMode`.
         l1_denominator: Eq. 12's denominator; see :data:`L1Denominator`.
@@ -59,7 +62,7 @@ class CalibrationConfig:
         ErtaCacheError: a field outside its allowed values.
     """
 
-    reuse: ReuseMode = "block_residual"
+    reuse: ReuseMode = "velocity"
     l1_denominator: L1Denominator = "gt"
     timestep_adjustment: bool = True
     phi_denominator: PhiDenominator = "velocity_change"

@@ -75,7 +75,8 @@ def image_grid(rows: list[dict[str, Any]], path: Path, header: dict[str, Any], c
     import matplotlib.pyplot as plt
 
     chosen = nearest_2x(rows)
-    fig, axes = plt.subplots(len(chosen), columns, figsize=(columns * 0.85, len(chosen) * 0.95 + 0.4))
+    fig, axes = plt.subplots(len(chosen), columns, figsize=(columns * 0.85, len(chosen) * 0.95 + 0.4),
+                             squeeze=False)
     for i, r in enumerate(chosen):
         for c in range(columns):
             ax = axes[i][c]

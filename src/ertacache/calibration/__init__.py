@@ -29,6 +29,7 @@ from .search import GroundTruth, SearchResult, log_ground_truth, sweep, threshol
 
 __all__ = [
     "VARIANTS", "CalibSet", "Candidate", "GroundTruth", "SearchResult", "adjust_grid", "calibrate", "calibrate_many",
+    "calibrate_with_variants",
     "check_target_speedup",
     "fit_rectification", "log_ground_truth", "shrink_step", "sweep", "threshold_search",
 ]
@@ -127,6 +128,25 @@ def calibrate(
     return session.policy(target_speedup, threshold)
 
 
+def calibrate_with_variants(model: Any, cond: Tensor | None, seeds: Sequence[int], **kwargs: Any
+                            ) -> tuple[Policy, dict[str, Policy]]:
+    """:func:`calibrate`, also returning the chosen cached set's component variants.
+
+    The variants (keys of :data:`VARIANTS` that the config allows) are the paper's
+    ablation ladder for that set: ``plain`` (offline policy alone), ``adjusted``
+    (+ timestep adjustment), ``full`` (+ rectification on the adjusted grid), and
+    ``rectified`` (rectification alone); the returned policy is one of them.
+    """
+    target_speedup, threshold = kwargs.pop("target_speedup", None), kwargs.pop("threshold", None)
+    _check_goal(target_speedup, threshold, kwargs["num_inference_steps"])
+    config = kwargs.pop("config", None) or CalibrationConfig()
+    if config.component_check is False:
+        raise ErtaCacheError("calibrate_with_variants compares the variants itself; leave component_check on")
+    session = _Session(model, cond, seeds, config=config, **kwargs)
+    policy = session.policy(target_speedup, threshold)
+    return policy, session.variants
+
+
 def _check_goal(target_speedup: float | None, threshold: float | None, num_inference_steps: int) -> None:
     if (target_speedup is None) == (threshold is None):
         raise ErtaCacheError("give exactly one of target_speedup (e.g. 2.0) or threshold (lambda, e.g. 0.2)")
@@ -159,9 +179,11 @@ class _Session:
     """One calibration set on one model: its split, ground truth and threshold sweep, shared by targets."""
 
     def __init__(self, model: Any, cond: Tensor | None, seeds: Sequence[int], latent_shape: Sequence[int],
-                 num_inference_steps: int, shift: float, guidance_scale: float, null_cond: Tensor | None,
-                 config: CalibrationConfig, model_fingerprint: str | None, dtype: torch.dtype,
-                 device: str | torch.device, progress: bool) -> None:
+                 num_inference_steps: int, shift: float = 1.0, guidance_scale: float = 1.0,
+                 null_cond: Tensor | None = None, config: CalibrationConfig | None = None,
+                 model_fingerprint: str | None = None, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu", progress: bool = False) -> None:
+        config = config or CalibrationConfig()
         self.seeds = [int(s) for s in seeds]
         check_calibration_inputs(cond, self.seeds, null_cond)
         self.config, self.T = config, num_inference_steps
@@ -186,6 +208,7 @@ class _Session:
             self.gt_fit = log_ground_truth(self.fit_set, self.grid)
             self.gt_hold = log_ground_truth(self.hold_set, self.grid) if self.n_hold else self.gt_fit
         self.searched: list[SearchResult] = []
+        self.variants: dict[str, Policy] = {}
 
     @torch.no_grad()
     def policy(self, target_speedup: float | None, threshold: float | None) -> Policy:
@@ -203,6 +226,7 @@ class _Session:
                             else most_complete)
             if best is None or cand.errors[cand.variant] < best[0]:
                 best = (cand.errors[cand.variant], variants[cand.variant], cand)
+                self.variants = variants
         if best is None:  # pragma: no cover - _candidates never returns an empty list
             raise ErtaCacheError("calibration produced no candidate policy")
         chosen = best[2]
