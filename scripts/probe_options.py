@@ -28,9 +28,9 @@ labels, seeds = labels_and_seeds(args.per_class, 0)
 for raw in args.config or ["{}"]:
     cfg = CalibrationConfig(**json.loads(raw))
     pol = ertacache.calibrate(model, labels, seeds, latent_shape=(1, 16, 16), num_inference_steps=args.steps,
-                              guidance_scale=args.guidance, shift=args.shift, null_cond=torch.full_like(labels, NULL_CLASS),
-                              target_speedup=args.target, config=cfg)
+                              guidance_scale=args.guidance, shift=args.shift,
+                              null_cond=torch.full_like(labels, NULL_CLASS), target_speedup=args.target, config=cfg)
     for c in pol.provenance["candidates"]:
         errs = " ".join(f"{k}={v * 1e6:8.1f}" for k, v in c["errors"].items())
-        print(f"T={args.steps} g={args.guidance} shift={args.shift} {raw:40s} {c['source']:9s} nfe={c['nfe']:2d} {errs}",
-              flush=True)
+        print(f"T={args.steps} g={args.guidance} shift={args.shift} {raw:40s} {c['source']:9s} "
+              f"nfe={c['nfe']:2d} {errs}", flush=True)
