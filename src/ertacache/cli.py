@@ -28,7 +28,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="calibrate, then compare uncached, uniform and ERTACache on held-out seeds")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--model", default=None)
-    p.add_argument("--repeats", type=int, default=3, help="timing repeats per method (median)")
+    p.add_argument("--repeats", type=int, default=5, help="timing repeats per method (median)")
 
     p = sub.add_parser("calibrate", help="calibrate a policy and write it (JSON + safetensors)")
     _add_sampler_args(p)

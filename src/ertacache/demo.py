@@ -41,7 +41,7 @@ class DemoSettings:
     target_speedup: float = 2.0
     calibration_per_class: int = 2
     heldout_per_class: int = 4
-    repeats: int = 3
+    repeats: int = 5
     calibration_seed_base: int = 0
     heldout_seed_base: int = 10_000
 
