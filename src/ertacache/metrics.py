@@ -1,4 +1,4 @@
-"""Fidelity against the uncached output: PSNR and SSIM (torchmetrics), LPIPS where its weights exist.
+"""Fidelity against the uncached output: PSNR and SSIM (torchmetrics); LPIPS and CLIP where weights exist.
 
 Images are ``(B, C, H, W)`` in [-1, 1] (the model's range); each metric is computed
 per sample and averaged. Videos ``(B, C, F, H, W)`` are scored frame by frame.
@@ -6,6 +6,7 @@ per sample and averaged. Videos ``(B, C, F, H, W)`` are scored frame by frame.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -69,3 +70,40 @@ def lpips(x: Tensor, ref: Tensor) -> float | None:
     if a.shape[1] == 1:
         a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)
     return float(metric(a, b))
+
+
+CLIP_MODEL = "openai/clip-vit-base-patch32"
+
+
+@functools.lru_cache(maxsize=2)
+def _clip(model_name: str) -> Any:
+    try:
+        from transformers import CLIPModel
+
+        return CLIPModel.from_pretrained(model_name, local_files_only=True).eval()
+    except Exception:  # no transformers, or weights not cached locally
+        return None
+
+
+def clip_similarity(x: Tensor, ref: Tensor, model_name: str = CLIP_MODEL) -> float | None:
+    """Mean cosine similarity of CLIP image embeddings, when the CLIP weights are in the local cache, else None.
+
+    Loaded with ``local_files_only=True``: nothing is downloaded.
+    """
+    model = _clip(model_name)
+    if model is None:
+        return None
+    a, b = _to_unit(x), _to_unit(ref)
+    if a.shape[1] == 1:
+        a, b = a.repeat(1, 3, 1, 1), b.repeat(1, 3, 1, 1)
+    size = model.config.vision_config.image_size
+    mean = torch.tensor([0.4815, 0.4578, 0.4082]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2686, 0.2613, 0.2758]).view(1, 3, 1, 1)
+
+    def embed(img: Tensor) -> Tensor:
+        img = torch.nn.functional.interpolate(img, size=(size, size), mode="bicubic", align_corners=False)
+        with torch.no_grad():
+            e = model.get_image_features(pixel_values=(img - mean) / std)
+        return torch.nn.functional.normalize(e, dim=-1)
+
+    return float((embed(a) * embed(b)).sum(-1).mean())

@@ -74,8 +74,8 @@ class PeakMemory:
 
 def build_methods(ctx: m.Context, log: Any) -> list[m.Method]:
     out: list[m.Method] = []
-    stages = [("uncached", m.uncached), ("uniform", m.uniform), ("ERTACache", m.ertacache),
-              ("ablation", m.ablation), ("TeaCache", m.teacache), ("diffusers peers", m.diffusers_peers)]
+    stages = [("uncached", m.uncached), ("uniform", m.uniform), ("ERTACache and its ablation", m.ertacache),
+              ("TeaCache", m.teacache), ("diffusers peers", m.diffusers_peers)]
     if ctx.settings.options:
         stages.append(("options", m.options))
     for label, build in stages:
@@ -91,14 +91,22 @@ def measure(methods: list[m.Method], noise: Tensor, labels: Tensor, repeats: int
     times: dict[int, list[float]] = {i: [] for i in range(len(methods))}
     nfe: dict[int, int] = {}
     memory: dict[int, float | None] = {}
+    failed: dict[int, str] = {}
     with torch.no_grad():
         methods[0].run(noise, labels)  # warm-up: first-call allocations are nobody's cost
         for r in range(repeats):
             for i, method in enumerate(methods):
-                with PeakMemory() as mem:
-                    start = time.perf_counter()
-                    x, n = method.run(noise, labels)
-                    times[i].append(time.perf_counter() - start)
+                if i in failed:
+                    continue
+                try:
+                    with PeakMemory() as mem:
+                        start = time.perf_counter()
+                        x, n = method.run(noise, labels)
+                        times[i].append(time.perf_counter() - start)
+                except Exception as exc:  # a peer that cannot run on this model is reported, not fatal
+                    failed[i] = f"{type(exc).__name__}: {exc}"[:300]
+                    log(f"{method.name} ({method.setting}) failed: {failed[i]}")
+                    continue
                 outputs[i], nfe[i] = x, n
                 memory[i] = mem.mb if memory.get(i) is None else max(memory[i] or 0.0, mem.mb or 0.0)
             log(f"repeat {r + 1}/{repeats} done")
@@ -106,6 +114,13 @@ def measure(methods: list[m.Method], noise: Tensor, labels: Tensor, repeats: int
     base = statistics.median(times[0])
     rows = []
     for i, method in enumerate(methods):
+        if i in failed:
+            failed_row: dict[str, Any] = {"method": method.name, "setting": method.setting, "group": "failed",
+                                          "error": failed[i],
+                                          "nfe": None, "seconds": None, "speedup": None, "psnr": None,
+                                          "ssim": None, "lpips": None, "clip": None, "peak_mem_mb": None}
+            rows.append(failed_row)
+            continue
         seconds = statistics.median(times[i])
         p = metrics.psnr(outputs[i], ref)
         rows.append({
@@ -113,7 +128,7 @@ def measure(methods: list[m.Method], noise: Tensor, labels: Tensor, repeats: int
             "nfe": nfe[i],
             "seconds": round(seconds, 4), "speedup": round(base / seconds, 3),
             "psnr": None if math.isinf(p) else round(p, 3), "ssim": round(metrics.ssim(outputs[i], ref), 5),
-            "lpips": metrics.lpips(outputs[i], ref),
+            "lpips": metrics.lpips(outputs[i], ref), "clip": metrics.clip_similarity(outputs[i], ref),
             "peak_mem_mb": None if memory[i] is None else round(memory[i] or 0.0, 1),
             "_output": outputs[i],
         })
@@ -149,6 +164,8 @@ def run_bench(docs_dir: str | Path, settings: m.BenchSettings, json_path: str | 
                     f"samples (seeds 10000..), {settings.repeats} interleaved repeats, median",
         "seconds_total": round(elapsed, 1),
         "lpips": "available" if rows[0]["lpips"] is not None else "unavailable (no local LPIPS weights)",
+        "clip": "available" if rows[0]["clip"] is not None else
+                f"unavailable (no local {metrics.CLIP_MODEL} weights)",
     }
     write_report(Path(docs_dir), rows, header)
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]

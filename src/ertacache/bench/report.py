@@ -23,12 +23,17 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
         if len(part) <= 1 and group != "speed":
             continue
         lines += ["", f"## {title}", "", "| method | setting | NFE | seconds | speedup | PSNR (dB) | SSIM | LPIPS "
-                  "| peak mem (MB) |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| CLIP | peak mem (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in part:
             lpips = "n/a" if r["lpips"] is None else f"{r['lpips']:.4f}"
+            clip = "n/a" if r.get("clip") is None else f"{r['clip']:.4f}"
             mem = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
             lines.append(f"| {r['method']} | {r['setting']} | {r['nfe']} | {r['seconds']:.3f} | {r['speedup']:.2f}x | "
-                         f"{_fmt(r['psnr'], '.2f')} | {r['ssim']:.4f} | {lpips} | {mem} |")
+                         f"{_fmt(r['psnr'], '.2f')} | {r['ssim']:.4f} | {lpips} | {clip} | {mem} |")
+    failed = [r for r in rows if r["group"] == "failed"]
+    if failed:
+        lines += ["", "## Could not run on this model", ""]
+        lines += [f"- {r['method']} ({r['setting']}): {r['error']}" for r in failed]
     return "\n".join(lines) + "\n"
 
 

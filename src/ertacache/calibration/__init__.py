@@ -28,7 +28,8 @@ from .fit import fit_rectification
 from .search import GroundTruth, SearchResult, log_ground_truth, sweep, threshold_search
 
 __all__ = [
-    "VARIANTS", "CalibSet", "Candidate", "GroundTruth", "SearchResult", "adjust_grid", "calibrate", "calibrate_many",
+    "VARIANTS", "CalibSet", "CalibrationSession", "Candidate", "GroundTruth", "SearchResult", "adjust_grid",
+    "calibrate", "calibrate_many",
     "calibrate_with_variants",
     "check_target_speedup",
     "fit_rectification", "log_ground_truth", "shrink_step", "sweep", "threshold_search",
@@ -123,8 +124,8 @@ def calibrate(
             in the model's output (naming the step).
     """
     _check_goal(target_speedup, threshold, num_inference_steps)
-    session = _Session(model, cond, seeds, latent_shape, num_inference_steps, shift, guidance_scale, null_cond,
-                       config or CalibrationConfig(), model_fingerprint, dtype, device, progress)
+    session = CalibrationSession(model, cond, seeds, latent_shape, num_inference_steps, shift, guidance_scale,
+                                 null_cond, config or CalibrationConfig(), model_fingerprint, dtype, device, progress)
     return session.policy(target_speedup, threshold)
 
 
@@ -142,7 +143,7 @@ def calibrate_with_variants(model: Any, cond: Tensor | None, seeds: Sequence[int
     config = kwargs.pop("config", None) or CalibrationConfig()
     if config.component_check is False:
         raise ErtaCacheError("calibrate_with_variants compares the variants itself; leave component_check on")
-    session = _Session(model, cond, seeds, config=config, **kwargs)
+    session = CalibrationSession(model, cond, seeds, config=config, **kwargs)
     policy = session.policy(target_speedup, threshold)
     return policy, session.variants
 
@@ -170,13 +171,21 @@ def calibrate_many(model: Any, cond: Tensor | None, seeds: Sequence[int], *, tar
     """
     for s in target_speedups:
         _check_goal(s, None, num_inference_steps)
-    session = _Session(model, cond, seeds, latent_shape, num_inference_steps, shift, guidance_scale, null_cond,
-                       config or CalibrationConfig(), model_fingerprint, dtype, device, progress)
+    session = CalibrationSession(model, cond, seeds, latent_shape, num_inference_steps, shift, guidance_scale,
+                                 null_cond, config or CalibrationConfig(), model_fingerprint, dtype, device, progress)
     return [session.policy(s, None) for s in target_speedups]
 
 
-class _Session:
-    """One calibration set on one model: its split, ground truth and threshold sweep, shared by targets."""
+class CalibrationSession:
+    """One calibration set on one model: its fit/held-out split, ground truth and lambda sweep.
+
+    Build it once, then ask for policies at several targets; ground truth and every
+    threshold search already run are reused. Arguments are those of :func:`calibrate`.
+
+    Attributes:
+        variants: the component variants of the cached set chosen by the latest
+            :meth:`policy` call (see :func:`calibrate_with_variants`).
+    """
 
     def __init__(self, model: Any, cond: Tensor | None, seeds: Sequence[int], latent_shape: Sequence[int],
                  num_inference_steps: int, shift: float = 1.0, guidance_scale: float = 1.0,
@@ -211,7 +220,8 @@ class _Session:
         self.variants: dict[str, Policy] = {}
 
     @torch.no_grad()
-    def policy(self, target_speedup: float | None, threshold: float | None) -> Policy:
+    def policy(self, target_speedup: float | None = None, threshold: float | None = None) -> Policy:
+        """The policy for a target speedup or a threshold (exactly one); see :func:`calibrate`."""
         _check_goal(target_speedup, threshold, self.T)
         T = self.T
         max_nfe = T if target_speedup is None else math.floor(T / target_speedup + 1e-9)

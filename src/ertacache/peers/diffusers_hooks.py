@@ -6,6 +6,9 @@ are enabled with ``transformer.enable_cache(config)`` on the unchanged
 ``cache_context`` exactly as a pipeline does. Both guidance branches go through one
 forward, ordered ``[uncond, cond]`` as diffusers' batched-CFG pipelines order them.
 
+FasterCache runs without its CFG reuse: that part needs an image-shaped output,
+and FLUX packs its output into tokens.
+
 NFE here counts forwards of the last block's attention (its query projection), per
 sample and branch: the block stack's work that a method did not skip.
 """
@@ -81,8 +84,11 @@ def peer_config(name: str, setting: dict[str, Any], velocity: TransformerVelocit
     if name == "pab":
         return PyramidAttentionBroadcastConfig(current_timestep_callback=timestep, **setting)
     if name == "fastercache":
+        # FasterCache's CFG reuse splits the output into frequencies as an image (BCHW/BCFHW); FLUX's output is
+        # packed tokens (BSC), which diffusers does not support, so only its attention reuse runs here.
         return FasterCacheConfig(current_timestep_callback=timestep, attention_weight_callback=lambda _: 0.5,
-                                 tensor_format="BCHW", is_guidance_distilled=False, **setting)
+                                 tensor_format="BCHW", is_guidance_distilled=False,
+                                 unconditional_batch_timestep_skip_range=(-1, -1), **setting)
     raise ValueError(f"unknown peer {name!r}")
 
 
