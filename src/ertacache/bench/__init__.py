@@ -153,6 +153,10 @@ def run_bench(docs_dir: str | Path, settings: m.BenchSettings, json_path: str | 
     noise = seeded_noise(seeds, (1, 16, 16))
     log(f"{len(methods)} method settings on {labels.numel()} held-out samples, {settings.repeats} repeats")
     rows = measure(methods, noise, labels, settings.repeats, log)
+    from ..stepcost import step_costs
+
+    costs = step_costs(model, torch.cat([noise, noise]), torch.cat([labels, torch.full_like(labels, 10)]),
+                       repeats=5 if settings.quick else 20)
     elapsed = time.perf_counter() - start
     header = {
         "command": command,
@@ -167,7 +171,7 @@ def run_bench(docs_dir: str | Path, settings: m.BenchSettings, json_path: str | 
         "clip": "available" if rows[0]["clip"] is not None else
                 f"unavailable (no local {metrics.CLIP_MODEL} weights)",
     }
-    write_report(Path(docs_dir), rows, header)
+    write_report(Path(docs_dir), rows, header, costs)
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(clean, indent=2) + "\n")

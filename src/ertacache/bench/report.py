@@ -13,7 +13,7 @@ def _fmt(v: Any, spec: str) -> str:
     return "ref" if v is None else format(v, spec)
 
 
-def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
+def markdown(rows: list[dict[str, Any]], header: dict[str, Any], costs: list[dict[str, Any]] | None = None) -> str:
     lines = ["# ertacache bench", ""]
     lines += [f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}" for k, v in header.items()]
     for group, title in (("speed", "Speed and fidelity (held-out seeds)"),
@@ -30,6 +30,13 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any]) -> str:
             mem = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
             lines.append(f"| {r['method']} | {r['setting']} | {r['nfe']} | {r['seconds']:.3f} | {r['speedup']:.2f}x | "
                          f"{_fmt(r['psnr'], '.2f')} | {r['ssim']:.4f} | {lpips} | {clip} | {mem} |")
+    if costs:
+        lines += ["", "## Cost of a cached step (same batch, median)", "",
+                  "| reuse | computed step (ms) | cached step (ms) | cached / computed | rectification / computed |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {c['reuse']} | {c['computed_ms']:.2f} | {c['cached_rectified_ms']:.3f} | "
+                  f"{100 * c['cached_rectified_fraction']:.2f}% | "
+                  f"{100 * c['rectification_overhead_of_computed']:.3f}% |" for c in costs]
     failed = [r for r in rows if r["group"] == "failed"]
     if failed:
         lines += ["", "## Could not run on this model", ""]
@@ -96,11 +103,13 @@ def image_grid(rows: list[dict[str, Any]], path: Path, header: dict[str, Any], c
     plt.close(fig)
 
 
-def write_report(docs_dir: Path, rows: list[dict[str, Any]], header: dict[str, Any]) -> None:
+def write_report(docs_dir: Path, rows: list[dict[str, Any]], header: dict[str, Any],
+                 costs: list[dict[str, Any]] | None = None) -> None:
     """Write ``results.md``, ``results.json``, ``psnr_vs_speedup.png`` and ``grid_2x.png`` under ``docs_dir``."""
     docs_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(docs_dir / "results.md", markdown(rows, header))
+    atomic_write_text(docs_dir / "results.md", markdown(rows, header, costs))
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-    atomic_write_text(docs_dir / "results.json", json.dumps({"header": header, "rows": clean}, indent=2) + "\n")
+    doc = {"header": header, "rows": clean, "step_costs": costs or []}
+    atomic_write_text(docs_dir / "results.json", json.dumps(doc, indent=2) + "\n")
     plot(rows, docs_dir / "psnr_vs_speedup.png", header)
     image_grid(rows, docs_dir / "grid_2x.png", header)
