@@ -19,8 +19,17 @@ from .grids import time_grid  # noqa: E402
 from .policy import Policy  # noqa: E402
 from .sampler import SampleResult, SampleStats, sample, seeded_noise  # noqa: E402
 
+
+def apply_ertacache(pipe, policy, **kwargs):  # type: ignore[no-untyped-def]
+    """Cache a diffusers pipeline by a policy; see :func:`ertacache.integrations.diffusers.apply_ertacache`."""
+    from .integrations.diffusers import apply_ertacache as _apply
+
+    return _apply(pipe, policy, **kwargs)
+
+
 __all__ = [
     "CalibrationConfig", "ErtaCacheError", "Policy", "PolicyMismatchError", "SampleResult", "SampleStats",
+    "apply_ertacache",
     "__version__", "calibrate", "calibrate_many", "check_target_speedup", "model_fingerprint", "sample",
     "seeded_noise", "time_grid",
 ]

@@ -201,3 +201,20 @@ def load_digits_model(path: str | Path | None = None, device: str | torch.device
     except RuntimeError as exc:
         raise ErtaCacheError(f"weights at {weights} do not fit the digits architecture: {exc}") from exc
     return model.to(device).eval().requires_grad_(False)
+
+
+def digits_flux_pipeline(model: DigitsFlux) -> Any:
+    """The bundled model as a diffusers ``FluxPipeline``: its transformer, a flow-matching Euler
+    scheduler on the plain grid (shift 1), and a pass-through VAE (one level: ``vae_scale_factor = 1``,
+    unused with ``output_type="latent"``). Text encoders are None: pass ``prompt_embeds`` and
+    ``pooled_prompt_embeds`` from :meth:`DigitsFlux.prompt_embeds`, true CFG through
+    ``negative_*`` embeddings of the null class and ``true_cfg_scale``.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=1, block_out_channels=(4,),
+                        down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                        layers_per_block=1, norm_num_groups=1)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                        tokenizer_2=None, transformer=model.transformer)

@@ -1,0 +1,1 @@
+"""Integrations around the pure-torch core (diffusers pipelines)."""

@@ -1,0 +1,119 @@
+"""ERTACache on a diffusers FluxPipeline built around the bundled trained model."""
+
+import pytest
+import torch
+
+from ertacache import Policy, PolicyMismatchError, apply_ertacache, calibrate, model_fingerprint, sample, seeded_noise
+from ertacache.errors import ErtaCacheError
+from ertacache.models.digits import NULL_CLASS, digits_flux_pipeline, load_digits_model, pack, unpack
+
+T = 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_digits_model()
+
+
+@pytest.fixture(scope="module")
+def pipe(model, tmp_path_factory):
+    from diffusers import FluxPipeline
+
+    folder = tmp_path_factory.mktemp("flux")
+    digits_flux_pipeline(model).save_pretrained(folder)
+    loaded = FluxPipeline.from_pretrained(folder, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                          tokenizer_2=None)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+def run(pipe, model, labels, noise, steps=T, **kwargs):
+    tokens, pooled = model.prompt_embeds(labels)
+    null_tokens, null_pooled = model.prompt_embeds(torch.full_like(labels, NULL_CLASS))
+    out = pipe(prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null_tokens,
+               negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=3.0, latents=pack(noise),
+               num_inference_steps=steps, height=16, width=16, output_type="latent", **kwargs).images
+    return unpack(out)
+
+
+@pytest.fixture(scope="module")
+def policy(model):
+    labels = torch.arange(10)
+    return calibrate(model, labels, range(10), latent_shape=(1, 16, 16), num_inference_steps=T, guidance_scale=3.0,
+                     null_cond=torch.full_like(labels, NULL_CLASS), target_speedup=2.0,
+                     model_fingerprint=model_fingerprint(model.transformer))
+
+
+def pipe_policy(policy):
+    """The same policy, checked against the transformer's packed input shape."""
+    from dataclasses import replace
+
+    return replace(policy, latent_shape=(64, 4))
+
+
+def test_loaded_pipeline_matches_core_sampler(pipe, model):
+    labels, noise = torch.tensor([3, 8]), seeded_noise([5, 6], (1, 16, 16))
+    ref = sample(model, noise, labels, num_inference_steps=T, guidance_scale=3.0,
+                 null_cond=torch.full_like(labels, NULL_CLASS)).x
+    torch.testing.assert_close(run(pipe, model, labels, noise), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_all_compute_policy_is_exact_and_remove_restores(pipe, model):
+    labels, noise = torch.tensor([1, 2]), seeded_noise([7, 8], (1, 16, 16))
+    ref = run(pipe, model, labels, noise)
+    policy = Policy.all_compute(T, branches=("cond", "uncond"), guidance_scale=3.0)
+    with apply_ertacache(pipe, policy) as handle:
+        assert torch.equal(run(pipe, model, labels, noise), ref)
+        assert handle.forwards() == {"cond": T, "uncond": T}
+    assert torch.equal(run(pipe, model, labels, noise), ref)
+
+
+def test_caching_policy_counts_and_matches_core(pipe, model, policy):
+    labels, noise = torch.tensor([0, 4, 9]), seeded_noise([11, 12, 13], (1, 16, 16))
+    calls = []
+    hook = pipe.transformer.proj_out.register_forward_hook(lambda *a: calls.append(1))
+    ref = run(pipe, model, labels, noise)
+    try:
+        calls.clear()
+        with apply_ertacache(pipe, pipe_policy(policy)) as handle:
+            out = run(pipe, model, labels, noise, **handle.call_kwargs)
+            assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+        assert len(calls) == 2 * policy.nfe  # real transformer forwards: NFE per branch
+    finally:
+        hook.remove()
+    core = sample(model, noise, labels, guidance_scale=3.0, null_cond=torch.full_like(labels, NULL_CLASS),
+                  policy=policy).x
+    torch.testing.assert_close(out, core, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(out, ref)
+    assert torch.equal(run(pipe, model, labels, noise), ref)  # after remove()
+
+
+def test_policy_refuses_other_settings(pipe, model, policy):
+    labels, noise = torch.tensor([1]), seeded_noise([1], (1, 16, 16))
+    with apply_ertacache(pipe, pipe_policy(policy)):
+        with pytest.raises(PolicyMismatchError, match="not the next time of the policy's grid"):
+            run(pipe, model, labels, noise, steps=T + 4)
+    with apply_ertacache(pipe, policy):  # latent_shape (1, 16, 16) is not the transformer's packed input
+        with pytest.raises(PolicyMismatchError, match="latent shape"):
+            run(pipe, model, labels, noise)
+    from dataclasses import replace
+
+    one_branch = replace(pipe_policy(policy), branches=("uncond",), rect_form="off", rect_a={}, rect_b={},
+                         rect_enabled=None)
+    with apply_ertacache(pipe, one_branch):
+        with pytest.raises(PolicyMismatchError, match="guidance branch 'cond'"):
+            run(pipe, model, labels, noise)
+    other = load_digits_model()
+    with torch.no_grad():
+        other.transformer.proj_out.bias.add_(1e-3)
+    other_pipe = digits_flux_pipeline(other)
+    with pytest.raises(PolicyMismatchError, match="model fingerprint"):
+        apply_ertacache(other_pipe, policy)
+
+
+def test_unknown_pipeline_lists_supported():
+    class MyPipeline:
+        transformer = None
+
+    with pytest.raises(ErtaCacheError, match="supported: .*FluxPipeline"):
+        apply_ertacache(MyPipeline(), Policy.all_compute(4))
