@@ -117,3 +117,41 @@ def test_unknown_pipeline_lists_supported():
 
     with pytest.raises(ErtaCacheError, match="supported: .*FluxPipeline"):
         apply_ertacache(MyPipeline(), Policy.all_compute(4))
+
+
+def test_calibrate_on_the_pipeline(pipe, model):
+    from ertacache.config import CalibrationConfig
+    from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
+
+    labels = torch.arange(10)
+    tokens, pooled = model.prompt_embeds(labels)
+    null_tokens, null_pooled = model.prompt_embeds(torch.full_like(labels, NULL_CLASS))
+    policy = calibrate_pipeline(
+        pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(10),
+        config=CalibrationConfig(timestep_adjustment=False, thresholds=(0.05, 0.1, 0.2, 0.4)),
+        prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null_tokens,
+        negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=3.0, height=16, width=16)
+    assert policy.nfe <= T // 2 and policy.branches == ("cond", "uncond") and policy.latent_shape == (64, 4)
+    assert policy.grid == pytest.approx(tuple(i / T for i in range(T, -1, -1)), abs=1e-6)
+    assert policy.model_fingerprint == model_fingerprint(pipe.transformer)
+    chosen = next(c for c in policy.provenance["candidates"] if c["cached_steps"] == list(policy.cached_steps))
+    best = min(min(c["errors"].values()) for c in policy.provenance["candidates"])
+    assert chosen["errors"][chosen["variant"]] == best
+    labels, noise = torch.tensor([2, 5, 7]), seeded_noise([300, 301, 302], (1, 16, 16))
+    ref = run(pipe, model, labels, noise)
+    with apply_ertacache(pipe, policy) as handle:
+        out = run(pipe, model, labels, noise)
+        assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+    from ertacache.metrics import psnr
+
+    assert not torch.equal(out, ref) and psnr(out, ref) > 25
+
+
+def test_pipeline_calibration_refuses_unsupported_options(pipe):
+    from ertacache.config import CalibrationConfig
+    from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
+
+    with pytest.raises(ErtaCacheError, match="timestep adjustment is not supported on pipelines"):
+        calibrate_pipeline(pipe, ["a"], num_inference_steps=T, target_speedup=2.0, config=CalibrationConfig())
+    with pytest.raises(ErtaCacheError, match="exactly one"):
+        calibrate_pipeline(pipe, ["a"], num_inference_steps=T)

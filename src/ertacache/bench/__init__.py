@@ -1,8 +1,9 @@
 """``ertacache bench``: ERTACache against every peer method on the same model, seeds and conditions.
 
 Protocol: every method samples the same held-out seeds and classes (never used in
-any calibration); the uncached output is the reference. Methods are interleaved and
-each is timed ``repeats`` times (median). Metrics: NFE, seconds, speedup (same run),
+any calibration); the uncached output is the reference. Methods are interleaved (in
+alternating order from one round to the next) and each is timed ``repeats`` times
+(median). Metrics: NFE, seconds, speedup (same run),
 peak memory, PSNR, SSIM, and LPIPS where its weights exist locally.
 """
 
@@ -95,7 +96,9 @@ def measure(methods: list[m.Method], noise: Tensor, labels: Tensor, repeats: int
     with torch.no_grad():
         methods[0].run(noise, labels)  # warm-up: first-call allocations are nobody's cost
         for r in range(repeats):
-            for i, method in enumerate(methods):
+            # alternate the order so that no method always runs first (or last) in a round
+            order = list(enumerate(methods)) if r % 2 == 0 else list(enumerate(methods))[::-1]
+            for i, method in order:
                 if i in failed:
                     continue
                 try:
