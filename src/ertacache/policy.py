@@ -312,7 +312,7 @@ class Policy:
                "(cached step, branch) pairs" if self.rect_enabled is not None else ""),
             f"  model fingerprint: {self.model_fingerprint}",
         ]
-        for key in ("selected", "threshold", "calibration_size", "seeds", "library_version", "date"):
+        for key in ("selected", "variant", "threshold", "calibration_size", "seeds", "library_version", "date"):
             if key in self.provenance:
                 lines.append(f"  {key}: {self.provenance[key]}")
         return "\n".join(lines)
