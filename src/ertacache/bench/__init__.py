@@ -151,8 +151,9 @@ def run_bench(docs_dir: str | Path, settings: m.BenchSettings, json_path: str | 
     model = load_digits_model()
     ctx = m.Context(model, settings, model_fingerprint(model))
     methods = build_methods(ctx, log)
-    labels = torch.arange(10).repeat(settings.heldout_per_class)
-    seeds = [10_000 + i for i in range(labels.numel())]
+    from ..demo import labels_and_seeds
+
+    labels, seeds = labels_and_seeds(settings.heldout_per_class, 10_000)
     noise = seeded_noise(seeds, (1, 16, 16))
     log(f"{len(methods)} method settings on {labels.numel()} held-out samples, {settings.repeats} repeats")
     rows = measure(methods, noise, labels, settings.repeats, log)

@@ -52,11 +52,11 @@ class Context:
     """The bundled model, its calibration set and the sampler settings every method shares."""
 
     def __init__(self, model: Any, settings: BenchSettings, fingerprint: str | None) -> None:
+        from ..demo import labels_and_seeds
         from ..models.digits import NULL_CLASS
 
         self.model, self.settings, self.fingerprint = model, settings, fingerprint
-        self.cal_labels = torch.arange(10).repeat(settings.calibration_per_class)
-        self.cal_seeds = list(range(self.cal_labels.numel()))
+        self.cal_labels, self.cal_seeds = labels_and_seeds(settings.calibration_per_class, 0)
         self.null = NULL_CLASS
 
     def kwargs(self, labels: Tensor) -> dict[str, Any]:
