@@ -32,10 +32,9 @@ from ...cache import l1
 from ...calibration import Candidate, check_target_speedup
 from ...config import CalibrationConfig, check_threshold
 from ...errors import ErtaCacheError
-from ...fingerprint import model_fingerprint
 from ...policy import Policy, provenance, uniform_cached_steps
 from ...rectify import RectStats
-from .families import Family, family_for
+from .families import Family, family_for, pipeline_fingerprint, transformers_of
 from .hooks import _hidden_states, _like, _sample_of, _timestep_of, _wrap_output, apply_ertacache
 
 CALIB_HOOK = "ertacache_calibration"
@@ -211,7 +210,7 @@ def calibrate_pipeline(
     family = family_for(pipe)
     n_hold = round(n * config.holdout_fraction) if n >= 2 else 0
     rec = _Recorder(family, n, n - n_hold)
-    modules = [getattr(pipe, a) for a in family.transformers if getattr(pipe, a, None) is not None]
+    modules = transformers_of(pipe, family)
 
     def call(handle_kwargs: dict[str, Any] | None = None) -> Tensor:
         rec.reset()
@@ -238,7 +237,8 @@ def calibrate_pipeline(
         base = dict(num_inference_steps=T, grid=(*rec.times, 0.0), reuse=config.reuse, branches=tuple(rec.branches),
                     shift=float(getattr(pipe.scheduler.config, "shift", 1.0)),
                     guidance_scale=float(pipe_kwargs.get("true_cfg_scale", pipe_kwargs.get("guidance_scale", 1.0))),
-                    latent_shape=rec.latent_shape, model_fingerprint=model_fingerprint(modules[0]), config=config)
+                    latent_shape=rec.latent_shape, model_fingerprint=pipeline_fingerprint(pipe, family),
+                    config=config)
         candidates = _search(rec, call, config, threshold, max_nfe, T, log)
         rec.mode = "off"
     finally:

@@ -60,6 +60,21 @@ register_family(Family("sd3", ("StableDiffusion3Pipeline",)))
 register_family(Family("ltx", ("LTXPipeline",), grid_argument="timesteps"))
 
 
+def transformers_of(pipe: Any, family: Family) -> list[Any]:
+    """The pipeline's transformers that exist (Wan 2.1 has no ``transformer_2``)."""
+    return [getattr(pipe, a) for a in family.transformers if getattr(pipe, a, None) is not None]
+
+
+def pipeline_fingerprint(pipe: Any, family: Family) -> str:
+    """One fingerprint over all of a pipeline's transformers (Wan 2.2 has two)."""
+    import hashlib
+
+    from ...fingerprint import model_fingerprint
+
+    prints = [model_fingerprint(m) for m in transformers_of(pipe, family)]
+    return prints[0] if len(prints) == 1 else hashlib.sha256("|".join(prints).encode()).hexdigest()[:16]
+
+
 def family_for(pipe: Any) -> Family:
     """The family of a pipeline instance.
 

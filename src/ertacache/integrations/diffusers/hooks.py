@@ -19,7 +19,7 @@ from torch import Tensor
 from ... import rectify
 from ...errors import ErtaCacheError, PolicyMismatchError
 from ...policy import Policy
-from .families import Family, family_for
+from .families import Family, family_for, pipeline_fingerprint, transformers_of
 
 HOOK_NAME = "ertacache"
 
@@ -236,24 +236,21 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
     """
     from diffusers.hooks import HookRegistry
 
-    from ...fingerprint import model_fingerprint
-
     family = family_for(pipe)
     if policy.reuse == "block_residual":
         raise ErtaCacheError("block_residual reuse is not supported on pipelines yet; calibrate with reuse='velocity'")
     if policy.config.granularity != "step" and policy.rect_form != "off":
         raise ErtaCacheError("per-channel rectification is not supported on pipelines yet; use granularity='step'")
+    if check_fingerprint and policy.model_fingerprint is not None and transformers_of(pipe, family):
+        got = pipeline_fingerprint(pipe, family)
+        if got != policy.model_fingerprint:
+            raise PolicyMismatchError(f"model fingerprint: policy {policy.model_fingerprint}, got {got}; "
+                                      "calibrate a policy for this model")
     handle = ErtaCacheHandle(pipe, policy, family)
     for attr in family.transformers:
         module = getattr(pipe, attr, None)
         if module is None:
             continue
-        if check_fingerprint and policy.model_fingerprint is not None:
-            got = model_fingerprint(module)
-            if got != policy.model_fingerprint:
-                handle.remove()
-                raise PolicyMismatchError(f"model fingerprint: policy {policy.model_fingerprint}, got {got} "
-                                          f"({attr}); calibrate a policy for this model")
         registry = HookRegistry.check_if_exists_or_initialize(module)
         if registry.get_hook(HOOK_NAME) is not None:
             handle.remove()

@@ -1,0 +1,109 @@
+"""ERTACache on a tiny diffusers WanPipeline (true CFG: two branches; Wan 2.2: two transformers)."""
+
+import pytest
+import torch
+
+from ertacache import Policy, PolicyMismatchError, apply_ertacache
+from ertacache.config import CalibrationConfig
+from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
+
+T = 8
+
+
+def tiny_transformer(seed):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                                 out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+
+
+def tiny_pipe(tmp_path, two_transformers=False):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    extra = dict(transformer_2=tiny_transformer(1), boundary_ratio=0.5) if two_transformers else {}
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=tiny_transformer(0), vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **extra)
+    pipe.save_pretrained(tmp_path)
+    loaded = WanPipeline.from_pretrained(tmp_path, tokenizer=None, text_encoder=None)
+    loaded.set_progress_bar_config(disable=True)
+    return loaded
+
+
+EMB = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(0))
+NEG = torch.randn(4, 8, 16, generator=torch.Generator().manual_seed(1))
+KW = dict(height=16, width=16, num_frames=5, guidance_scale=4.0)
+
+
+def run(pipe, rows=slice(0, 2), steps=T):
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(EMB[rows].shape[0])]
+    return pipe(prompt_embeds=EMB[rows], negative_prompt_embeds=NEG[rows], num_inference_steps=steps,
+                output_type="latent", generator=gens, **KW).frames
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return tiny_pipe(tmp_path_factory.mktemp("wan"))
+
+
+@pytest.fixture(scope="module")
+def policy(pipe):
+    return calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(4),
+                              config=CalibrationConfig(timestep_adjustment=False, thresholds=(0.05, 0.2, 0.5)),
+                              prompt_embeds=EMB, negative_prompt_embeds=NEG, **KW)
+
+
+def test_calibrated_on_the_pipeline(policy):
+    assert policy.branches == ("cond", "uncond") and policy.nfe <= T // 2
+    assert policy.latent_shape == (4, 2, 2, 2) and policy.guidance_scale == 4.0
+    assert policy.grid[0] == pytest.approx(1.0) and policy.grid[-1] == 0.0
+
+
+def test_all_compute_exact_caching_counts_and_remove(pipe, policy):
+    ref = run(pipe)
+    every = Policy(T, (), policy.grid, branches=policy.branches, guidance_scale=4.0, latent_shape=policy.latent_shape)
+    with apply_ertacache(pipe, every) as handle:
+        assert torch.equal(run(pipe), ref)
+        assert handle.forwards() == {"cond": T, "uncond": T}
+    calls = []
+    hook = pipe.transformer.proj_out.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with apply_ertacache(pipe, policy) as handle:
+            out = run(pipe)
+            assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+            assert handle.steps()["cond"]["cached"] == list(policy.cached_steps)
+        assert len(calls) == 2 * policy.nfe
+    finally:
+        hook.remove()
+    assert not torch.equal(out, ref) and torch.isfinite(out).all()
+    assert torch.equal(run(pipe), ref)
+
+
+def test_refuses_other_step_count_and_resolution(pipe, policy):
+    with apply_ertacache(pipe, policy):
+        with pytest.raises(PolicyMismatchError, match="grid"):
+            run(pipe, steps=T + 2)
+        with pytest.raises(PolicyMismatchError, match="latent shape"):
+            pipe(prompt_embeds=EMB[:1], negative_prompt_embeds=NEG[:1], num_inference_steps=T, output_type="latent",
+                 height=32, width=16, num_frames=5, guidance_scale=4.0)
+
+
+def test_wan22_two_transformers_each_get_a_cache(tmp_path):
+    pipe = tiny_pipe(tmp_path, two_transformers=True)
+    ref = run(pipe, slice(0, 1))
+    policy = calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(2),
+                                config=CalibrationConfig(timestep_adjustment=False, thresholds=(0.2,)),
+                                prompt_embeds=EMB[:2], negative_prompt_embeds=NEG[:2], **KW)
+    every = Policy(T, (), policy.grid, branches=policy.branches, guidance_scale=4.0,
+                   model_fingerprint=policy.model_fingerprint)
+    with apply_ertacache(pipe, every) as handle:
+        assert len(handle.modules) == 2
+        assert torch.equal(run(pipe, slice(0, 1)), ref)
+        assert handle.forwards() == {"cond": T, "uncond": T}  # the steps split between the two transformers
+        per_transformer = [sorted(h.steps["cond"]["computed"]) for h in handle.hooks]
+        assert per_transformer[0] and per_transformer[1] and sorted(sum(per_transformer, [])) == list(range(T))
+    assert torch.equal(run(pipe, slice(0, 1)), ref)
