@@ -1,0 +1,124 @@
+"""ERTACache on tiny CogVideoX (DDIM family), LTX-Video and HunyuanVideo pipelines.
+
+Each pipeline is built from a small config with random weights, saved with
+``save_pretrained`` and loaded back with ``from_pretrained``; prompt embeddings are
+passed directly (no text encoders). Then: calibration on the pipeline itself, an
+all-compute policy reproduces the uncached output exactly, a caching policy runs NFE
+transformer forwards per branch, and ``remove()`` restores the uncached output.
+"""
+
+import pytest
+import torch
+
+from ertacache import Policy, apply_ertacache
+from ertacache.config import CalibrationConfig
+from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
+
+T = 8
+N = 4
+
+
+def _emb(seed, *shape):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def cogvideox():
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
+
+    tf = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+                                     time_embed_dim=2, text_embed_dim=16, num_layers=1, sample_width=2,
+                                     sample_height=2, sample_frames=9, patch_size=2, temporal_compression_ratio=4,
+                                     max_text_seq_length=8)
+    vae = AutoencoderKLCogVideoX(in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+                                 up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                 latent_channels=4, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    none = dict(tokenizer=None, text_encoder=None)
+    pipe = CogVideoXPipeline(vae=vae, transformer=tf, scheduler=CogVideoXDDIMScheduler(), **none)
+    emb = _emb(0, N, 8, 16)
+    kwargs = dict(prompt_embeds=emb, negative_prompt_embeds=emb * 0, height=16, width=16, num_frames=9,
+                  guidance_scale=6.0)
+    return CogVideoXPipeline, pipe, none, kwargs, ("cond_uncond",)
+
+
+def ltx():
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+    )
+
+    tf = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=2,
+                                    attention_head_dim=8, cross_attention_dim=16, num_layers=1, caption_channels=16)
+    vae = AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_layers_per_block=(1, 1, 1, 1, 1),
+                                spatio_temporal_scaling=(True, True, False, False),
+                                decoder_spatio_temporal_scaling=(True, True, False, False),
+                                decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4,
+                                upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1, patch_size_t=1,
+                                encoder_causal=True, decoder_causal=False)
+    none = dict(tokenizer=None, text_encoder=None)
+    pipe = LTXPipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
+    emb, mask = _emb(1, N, 8, 16), torch.ones(N, 8)
+    kwargs = dict(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=emb * 0,
+                  negative_prompt_attention_mask=mask, height=32, width=32, num_frames=9, guidance_scale=3.0)
+    return LTXPipeline, pipe, none, kwargs, ("cond_uncond",)
+
+
+def hunyuan_video():
+    from diffusers import (
+        AutoencoderKLHunyuanVideo,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideoPipeline,
+        HunyuanVideoTransformer3DModel,
+    )
+
+    tf = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10,
+                                        num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1,
+                                        patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+                                        pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))
+    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                    down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                    layers_per_block=1, act_fn="silu", norm_num_groups=4, scaling_factor=0.476986,
+                                    spatial_compression_ratio=8, temporal_compression_ratio=4,
+                                    mid_block_add_attention=True)
+    none = dict(tokenizer=None, text_encoder=None, tokenizer_2=None, text_encoder_2=None)
+    pipe = HunyuanVideoPipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), **none)
+    kwargs = dict(prompt_embeds=_emb(2, N, 8, 16), pooled_prompt_embeds=_emb(3, N, 8),
+                  prompt_attention_mask=torch.ones(N, 8), height=16, width=16, num_frames=5, guidance_scale=6.0)
+    return HunyuanVideoPipeline, pipe, none, kwargs, ("cond",)  # guidance-distilled: one branch
+
+
+def rows(kwargs, n):
+    return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+
+
+@pytest.mark.parametrize("build", [cogvideox, ltx, hunyuan_video], ids=lambda f: f.__name__)
+def test_family(build, tmp_path):
+    torch.manual_seed(0)
+    cls, pipe, none, kwargs, branches = build()
+    pipe.save_pretrained(tmp_path)
+    pipe = cls.from_pretrained(tmp_path, **none)
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(**extra):
+        out = pipe(num_inference_steps=T, output_type="latent", generator=[torch.Generator().manual_seed(9 + i)
+                   for i in range(2)], **rows(kwargs, 2), **extra)
+        return out.frames if hasattr(out, "frames") else out.images
+
+    policy = calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(N),
+                                config=CalibrationConfig(timestep_adjustment=False, thresholds=(0.1, 0.3)), **kwargs)
+    assert policy.branches == branches and policy.nfe <= T // 2
+    ref = run()
+    every = Policy(T, (), policy.grid, branches=branches, guidance_scale=policy.guidance_scale,
+                   latent_shape=policy.latent_shape, model_fingerprint=policy.model_fingerprint)
+    with apply_ertacache(pipe, every) as handle:
+        assert torch.equal(run(), ref)
+        assert handle.forwards() == {b: T for b in branches}
+    with apply_ertacache(pipe, policy) as handle:
+        out = run()
+        assert handle.forwards() == {b: policy.nfe for b in branches}
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)
+    assert torch.equal(run(), ref)
