@@ -24,7 +24,7 @@ def tiny_pipe(tmp_path, two_transformers=False):
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True])
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
     extra = dict(transformer_2=tiny_transformer(1), boundary_ratio=0.5) if two_transformers else {}
     pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=tiny_transformer(0), vae=vae,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **extra)

@@ -16,8 +16,14 @@ DIGITS_LATENT = (1, 16, 16)
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-inference-steps", type=int, default=30, help="T (default 30)")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    p.add_argument("--shift", type=float, default=1.0, help="time shift of the grid (default 1)")
+    p.add_argument("--shift", type=float, default=1.0, help="time shift of the grid (default 1; bundled model)")
     p.add_argument("--model", default=None, help="digits weights (.safetensors); default: the bundled model")
+    p.add_argument("--pipeline", default=None, help="a diffusers pipeline: hub id or local folder (from_pretrained)")
+    p.add_argument("--height", type=int, default=None, help="pipeline output height")
+    p.add_argument("--width", type=int, default=None, help="pipeline output width")
+    p.add_argument("--num-frames", type=int, default=None, help="pipeline video frames")
+    p.add_argument("--dtype", default="bfloat16", help="pipeline dtype: float32, float16, bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -36,6 +42,7 @@ def _build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--target-speedup", type=float, help="wanted T / NFE, e.g. 2")
     goal.add_argument("--threshold", type=float, help="lambda of Algorithm 2, e.g. 0.2")
     p.add_argument("--out", required=True, help="policy path, e.g. policy.json")
+    p.add_argument("--prompts", default=None, help="with --pipeline: a text file, one calibration prompt per line")
     p.add_argument("--calibration-per-class", type=int, default=2, help="calibration samples per digit class")
     p.add_argument("--seed", type=int, default=0, help="first calibration seed")
     p.add_argument("--reuse", choices=["block_residual", "velocity", "latent_residual"], default="velocity")
@@ -50,7 +57,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default=None, help="policy.json; omit for the uncached sampler")
     p.add_argument("--digit", type=int, action="append", help="class 0-9 (repeatable; default 0..9)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="out/generate.png")
+    p.add_argument("--out", default="out/generate.png", help="image: PNG; video (with --pipeline): MP4")
+    p.add_argument("--prompt", default=None, help="with --pipeline: the prompt")
+    p.add_argument("--fps", type=int, default=16, help="MP4 frame rate")
 
     p = sub.add_parser("inspect", help="print a policy")
     p.add_argument("policy")
@@ -69,6 +78,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
+    if args.pipeline is not None:
+        from .integrations.diffusers import cli as pipeline_cli
+
+        if not args.prompts:
+            raise ErtaCacheError("--pipeline needs --prompts FILE (one calibration prompt per line)")
+        return pipeline_cli.calibrate(args)
     from .calibration import calibrate
     from .config import CalibrationConfig
     from .demo import labels_and_seeds
@@ -92,6 +107,10 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if args.pipeline is not None:
+        from .integrations.diffusers import cli as pipeline_cli
+
+        return pipeline_cli.generate(args)
     from .demo import save_grid
     from .fingerprint import model_fingerprint
     from .models.digits import NULL_CLASS, load_digits_model

@@ -76,15 +76,16 @@ def pipeline_fingerprint(pipe: Any, family: Family) -> str:
 
 
 def family_for(pipe: Any) -> Family:
-    """The family of a pipeline instance.
+    """The family of a pipeline instance (its class or any base class is registered).
 
     Raises:
         ErtaCacheError: an unknown pipeline, listing the supported ones and how to register one.
     """
     name = type(pipe).__name__
-    for family in FAMILIES.values():
-        if name in family.pipelines:
-            return family
+    for cls in type(pipe).__mro__:
+        for family in FAMILIES.values():
+            if cls.__name__ in family.pipelines:
+                return family
     supported = sorted(p for f in FAMILIES.values() for p in f.pipelines)
     raise ErtaCacheError(
         f"no ertacache family for pipeline {name}; supported: {', '.join(supported)}. Register one with "
