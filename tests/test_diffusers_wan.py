@@ -83,8 +83,12 @@ def test_all_compute_exact_caching_counts_and_remove(pipe, policy):
     assert torch.equal(run(pipe), ref)
 
 
-def test_refuses_other_step_count_and_resolution(pipe, policy):
+def test_refuses_other_step_count_resolution_and_guidance(pipe, policy):
+    assert policy.provenance["pipeline_guidance_scale"] == 4.0
     with apply_ertacache(pipe, policy):
+        with pytest.raises(PolicyMismatchError, match="guidance_scale: policy 4.0, got 5.0"):
+            pipe(prompt_embeds=EMB[:1], negative_prompt_embeds=NEG[:1], num_inference_steps=T, output_type="latent",
+                 height=16, width=16, num_frames=5, guidance_scale=5.0)
         with pytest.raises(PolicyMismatchError, match="grid"):
             run(pipe, steps=T + 2)
         with pytest.raises(PolicyMismatchError, match="latent shape"):

@@ -232,6 +232,7 @@ def calibrate_pipeline(
     try:
         log(f"ground truth on {n - n_hold} fitting and {n_hold} held-out samples")
         gt_final = call()
+        observed_guidance = getattr(pipe, "_guidance_scale", None)
         if len(rec.times) != T:
             raise ErtaCacheError(f"the pipeline ran {len(rec.times)} steps, not num_inference_steps={T}")
         base = dict(num_inference_steps=T, grid=(*rec.times, 0.0), reuse=config.reuse, branches=tuple(rec.branches),
@@ -261,7 +262,8 @@ def calibrate_pipeline(
     assert best is not None
     info = provenance(calibration_size=n, holdout_size=n_hold, seeds=seeds, target_speedup=target_speedup,
                       threshold=best[2].threshold, selected=best[2].source, variant=best[2].variant,
-                      pipeline=type(pipe).__name__, candidates=[c.as_dict(T) for c in candidates])
+                      pipeline=type(pipe).__name__, candidates=[c.as_dict(T) for c in candidates],
+                      pipeline_guidance_scale=None if observed_guidance is None else float(observed_guidance))
     return replace(best[1], provenance=info)
 
 

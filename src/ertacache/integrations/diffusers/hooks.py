@@ -65,7 +65,7 @@ def _like(output: Any, sample: Tensor) -> Any:
     return type(output)(sample=sample)
 
 
-def _build_hook(policy: Policy, family: Family) -> Any:
+def _build_hook(policy: Policy, family: Family, pipe: Any) -> Any:
     from diffusers.hooks import ModelHook
     from diffusers.hooks.hooks import StateManager
 
@@ -97,6 +97,14 @@ def _build_hook(policy: Policy, family: Family) -> Any:
                 )
             return matches[0]
 
+        def _check_guidance(self) -> None:
+            expected = self.policy.provenance.get("pipeline_guidance_scale")
+            got = getattr(pipe, "_guidance_scale", None)
+            if expected is not None and got is not None and abs(float(got) - float(expected)) > 1e-6:
+                raise PolicyMismatchError(
+                    f"guidance_scale: policy {expected}, got {got}; recalibrate for this guidance setting"
+                )
+
         def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
             from diffusers.hooks.hooks import CacheContext
 
@@ -118,6 +126,7 @@ def _build_hook(policy: Policy, family: Family) -> Any:
             t = _timestep_of(args, kwargs) / self.family.timestep_scale
             step = self._step(t, state)
             if step == 0:
+                self._check_guidance()
                 state.reset()
                 self.steps[name] = {"computed": [], "cached": []}
             state.last_step = step
@@ -255,7 +264,7 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
         if registry.get_hook(HOOK_NAME) is not None:
             handle.remove()
             raise ErtaCacheError(f"{attr} already has ertacache applied; remove() the old handle first")
-        hook = _build_hook(policy, family)
+        hook = _build_hook(policy, family, pipe)
         registry.register_hook(hook, HOOK_NAME)
         handle.modules.append(module)
         handle.hooks.append(hook)
