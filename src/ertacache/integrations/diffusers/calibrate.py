@@ -259,7 +259,8 @@ def calibrate_pipeline(
         cand.variant = min(cand.errors, key=cand.errors.__getitem__)
         if best is None or cand.errors[cand.variant] < best[0]:
             best = (cand.errors[cand.variant], variants[cand.variant], cand)
-    assert best is not None
+    if best is None:  # pragma: no cover - _search never returns an empty list
+        raise ErtaCacheError("calibration produced no candidate policy")
     info = provenance(calibration_size=n, holdout_size=n_hold, seeds=seeds, target_speedup=target_speedup,
                       threshold=best[2].threshold, selected=best[2].source, variant=best[2].variant,
                       pipeline=type(pipe).__name__, candidates=[c.as_dict(T) for c in candidates],
