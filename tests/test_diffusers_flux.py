@@ -128,7 +128,7 @@ def test_calibrate_on_the_pipeline(pipe, model):
     null_tokens, null_pooled = model.prompt_embeds(torch.full_like(labels, NULL_CLASS))
     policy = calibrate_pipeline(
         pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(10),
-        config=CalibrationConfig(timestep_adjustment=False, thresholds=(0.05, 0.1, 0.2, 0.4)),
+        config=CalibrationConfig(thresholds=(0.05, 0.1, 0.2, 0.4)),
         prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null_tokens,
         negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=3.0, height=16, width=16)
     assert policy.nfe <= T // 2 and policy.branches == ("cond", "uncond") and policy.latent_shape == (64, 4)
@@ -137,6 +137,7 @@ def test_calibrate_on_the_pipeline(pipe, model):
     chosen = next(c for c in policy.provenance["candidates"] if c["cached_steps"] == list(policy.cached_steps))
     best = min(min(c["errors"].values()) for c in policy.provenance["candidates"])
     assert chosen["errors"][chosen["variant"]] == best
+    assert set(chosen["errors"]) == {"plain", "adjusted", "rectified", "full"}
     labels, noise = torch.tensor([2, 5, 7]), seeded_noise([300, 301, 302], (1, 16, 16))
     ref = run(pipe, model, labels, noise)
     with apply_ertacache(pipe, policy) as handle:
@@ -151,7 +152,30 @@ def test_pipeline_calibration_refuses_unsupported_options(pipe):
     from ertacache.config import CalibrationConfig
     from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 
-    with pytest.raises(ErtaCacheError, match="timestep adjustment is not supported on pipelines"):
-        calibrate_pipeline(pipe, ["a"], num_inference_steps=T, target_speedup=2.0, config=CalibrationConfig())
+    with pytest.raises(ErtaCacheError, match="block_residual reuse is not supported on pipelines"):
+        calibrate_pipeline(pipe, ["a"], num_inference_steps=T, target_speedup=2.0,
+                           config=CalibrationConfig(reuse="block_residual"))
     with pytest.raises(ErtaCacheError, match="exactly one"):
         calibrate_pipeline(pipe, ["a"], num_inference_steps=T)
+
+
+def test_adjusted_grid_goes_in_through_the_scheduler(pipe, model):
+    from ertacache.config import CalibrationConfig
+
+    labels = torch.arange(10)
+    policy = calibrate(model, labels, range(10), latent_shape=(1, 16, 16), num_inference_steps=T, guidance_scale=3.0,
+                       null_cond=torch.full_like(labels, NULL_CLASS), target_speedup=2.0,
+                       config=CalibrationConfig(component_check=False, phi_denominator="velocity"),
+                       model_fingerprint=model_fingerprint(model.transformer))
+    assert policy.adjusted_grid is not None and policy.adjusted_grid != policy.grid
+    labels, noise = torch.tensor([1, 6]), seeded_noise([21, 22], (1, 16, 16))
+    ref = run(pipe, model, labels, noise)
+    with apply_ertacache(pipe, pipe_policy(policy)) as handle:
+        out = run(pipe, model, labels, noise)
+        assert torch.allclose(pipe.scheduler.sigmas, torch.tensor(policy.adjusted_grid, dtype=torch.float32))
+        assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+    core = sample(model, noise, labels, guidance_scale=3.0, null_cond=torch.full_like(labels, NULL_CLASS),
+                  policy=policy).x
+    torch.testing.assert_close(out, core, rtol=1e-4, atol=1e-4)
+    assert "set_timesteps" not in pipe.scheduler.__dict__  # remove() restored the scheduler
+    assert torch.equal(run(pipe, model, labels, noise), ref)

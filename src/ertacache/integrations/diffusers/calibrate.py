@@ -9,12 +9,15 @@ loop is reimplemented. The passes are the core's (NOTES.md section 2 and 4):
 2. Algorithm 2's threshold search, one call per lambda: the model runs every step, a
    step whose ``l1_rel`` is below lambda returns the stale output (the first branch
    called at a step decides for all its branches);
-3. per candidate cached set: the rectification fit (Eq. 15-21) on the fitting rows
-   with the held-out check on the others, then held-out final-latent error of the
-   candidate with and without rectification; the least error wins.
+3. per candidate cached set: timestep adjustment (Eq. 13-14, one pass; the adjusted
+   grid goes in through the scheduler), the rectification fit (Eq. 15-21) on the
+   fitting rows with the held-out check on the others, then the held-out
+   final-latent error of each variant (plain, adjusted, rectified, full); the least
+   error wins.
 
-Not yet on pipelines: timestep adjustment (it changes the grid during a call) and
-``block_residual`` reuse; a config asking for them is refused.
+Not yet on pipelines: ``block_residual`` reuse and per-channel fits; a config asking
+for them is refused. DDIM-family schedulers (CogVideoX) take no custom grid, so
+their candidates have no adjusted variant (NOTES.md section 5).
 """
 
 from __future__ import annotations
@@ -29,13 +32,22 @@ from torch import Tensor
 
 from ... import rectify
 from ...cache import l1
-from ...calibration import Candidate, check_target_speedup
+from ...calibration import Candidate, check_target_speedup, shrink_step
 from ...config import CalibrationConfig, check_threshold
 from ...errors import ErtaCacheError
 from ...policy import Policy, provenance, uniform_cached_steps
 from ...rectify import RectStats
 from .families import Family, family_for, pipeline_fingerprint, transformers_of
-from .hooks import _hidden_states, _like, _sample_of, _timestep_of, _wrap_output, apply_ertacache
+from .hooks import (
+    _hidden_states,
+    _like,
+    _sample_of,
+    _timestep_of,
+    _wrap_output,
+    apply_ertacache,
+    restore_scheduler,
+    set_scheduler_grid,
+)
 
 CALIB_HOOK = "ertacache_calibration"
 
@@ -56,13 +68,15 @@ class _Recorder:
         self.rect: dict[str, dict[int, tuple[Tensor, Tensor, bool]]] = {}
         self.form = "linear"
         self.state: dict[str, dict[str, Any]] = {}
+        self.phi_terms: dict[int, list[float]] = {}
+        self.phi_denominator = "velocity_change"
 
     def rows(self, x: Tensor, fit: bool) -> Tensor:
         idx = torch.arange(x.shape[0]) % self.n
         return x[idx < self.n_fit] if fit else x[idx >= self.n_fit]
 
     def step_of(self, name: str, t: float) -> int:
-        st = self.state.setdefault(name, {"last": -1, "out": None})
+        st = self.state.setdefault(name, {"last": -1, "out": None, "prev": None})
         if name not in self.branches:
             if self.mode != "gt":
                 raise ErtaCacheError(f"calibration: branch {name!r} appeared after ground truth")
@@ -102,6 +116,15 @@ class _Recorder:
                 if use:
                     self.cached.add(step)
             if self.decision[step] and cached is not None:
+                return cached
+            st["out"] = out
+            return None
+        if self.mode == "adjust":
+            prev, st["prev"] = st["prev"], out
+            if step in self.cached and cached is not None and prev is not None:
+                terms = self.phi_terms.setdefault(step, [0.0, 0.0])
+                terms[0] += l1(self.rows(cached - out, True))
+                terms[1] += l1(self.rows(out - prev if self.phi_denominator == "velocity_change" else out, True))
                 return cached
             st["out"] = out
             return None
@@ -180,8 +203,7 @@ def calibrate_pipeline(
         num_inference_steps: T, as the policy will be used.
         target_speedup / threshold: exactly one, as in :func:`ertacache.calibrate`.
         seeds: one noise seed per sample (default ``0..N-1``), via ``generator=``.
-        config: ``reuse`` must be ``velocity`` or ``latent_residual``, and
-            ``timestep_adjustment`` False (not yet supported on pipelines).
+        config: ``reuse`` must be ``velocity`` or ``latent_residual``.
         pipe_kwargs: everything else the pipeline call needs (height, width,
             num_frames, guidance_scale, ...), the same as for inference.
 
@@ -193,10 +215,7 @@ def calibrate_pipeline(
     """
     from diffusers.hooks import HookRegistry
 
-    config = config or CalibrationConfig(timestep_adjustment=False)
-    if config.timestep_adjustment:
-        raise ErtaCacheError("timestep adjustment is not supported on pipelines yet: pass "
-                             "CalibrationConfig(timestep_adjustment=False)")
+    config = config or CalibrationConfig()
     if config.reuse == "block_residual":
         raise ErtaCacheError("block_residual reuse is not supported on pipelines yet: use reuse='velocity'")
     if (target_speedup is None) == (threshold is None):
@@ -249,8 +268,14 @@ def calibrate_pipeline(
     for cand in candidates:
         log(f"evaluating {cand.source} candidate, NFE {T - len(cand.cached_steps)}")
         variants = {"plain": Policy(cached_steps=cand.cached_steps, **base)}  # type: ignore[arg-type]
+        if config.timestep_adjustment and cand.cached_steps:
+            adjusted = _adjust(pipe, modules, family, rec, call, variants["plain"], config)
+            if adjusted is not None:
+                variants["adjusted"] = adjusted
         if config.rectification != "off" and cand.cached_steps:
             variants["rectified"] = _fit(pipe, modules, family, rec, call, variants["plain"], config)
+            if "adjusted" in variants:
+                variants["full"] = _fit(pipe, modules, family, rec, call, variants["adjusted"], config)
         for name, policy in variants.items():
             with apply_ertacache(pipe, policy, check_fingerprint=False):
                 final = call()
@@ -290,19 +315,55 @@ def _search(rec: _Recorder, call: Any, config: CalibrationConfig, threshold: flo
     return out
 
 
-def _fit(pipe: Any, modules: list[Any], family: Family, rec: _Recorder, call: Any, plain: Policy,
-         config: CalibrationConfig) -> Policy:
+def _pass(pipe: Any, modules: list[Any], family: Family, rec: _Recorder, call: Any, policy: Policy) -> None:
+    """One calibration call with the hook on, on the policy's grid (set through the scheduler)."""
     from diffusers.hooks import HookRegistry
 
-    rec.mode, rec.cached, rec.rect, rec.form = "rect", set(plain.cached_steps), {}, config.rectification
     for module in modules:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(
             _build_calibration_hook(rec, family), CALIB_HOOK)
+    if policy.adjusted_grid is not None:
+        set_scheduler_grid(pipe.scheduler, list(policy.adjusted_grid))
+        rec.times = list(policy.adjusted_grid[:-1])
     try:
         call()
     finally:
+        restore_scheduler(pipe.scheduler)
+        rec.times = list(policy.grid[:-1])
         for module in modules:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(CALIB_HOOK, recurse=False)
+
+
+def _adjust(pipe: Any, modules: list[Any], family: Family, rec: _Recorder, call: Any, plain: Policy,
+            config: CalibrationConfig) -> Policy | None:
+    """Eq. 13-14 on a pipeline: phi of every cached step in one pass along the cached trajectory.
+
+    Unlike the core (NOTES.md section 3), each phi is estimated on the unadjusted grid
+    and the shrinks are applied afterwards in step order: a pipeline's grid is fixed
+    for the whole call. Norms are summed over the branches (not taken of the guided
+    velocity, whose scale the hook does not see). None where the scheduler cannot
+    take a custom grid (a DDIM-family scheduler; NOTES.md section 5).
+    """
+    try:
+        set_scheduler_grid(pipe.scheduler, list(plain.grid))
+    except ErtaCacheError:
+        return None
+    restore_scheduler(pipe.scheduler)
+    rec.mode, rec.cached, rec.phi_terms = "adjust", set(plain.cached_steps), {}
+    rec.phi_denominator = config.phi_denominator
+    _pass(pipe, modules, family, rec, call, plain)
+    grid = list(plain.grid)
+    for step in sorted(rec.phi_terms):
+        num, den = rec.phi_terms[step]
+        phi = 1.0 if den == 0 else min(1.0, max(0.0, 1.0 - num / den))
+        grid = shrink_step(grid, step, phi)
+    return replace(plain, adjusted_grid=tuple(grid))
+
+
+def _fit(pipe: Any, modules: list[Any], family: Family, rec: _Recorder, call: Any, plain: Policy,
+         config: CalibrationConfig) -> Policy:
+    rec.mode, rec.cached, rec.rect, rec.form = "rect", set(plain.cached_steps), {}, config.rectification
+    _pass(pipe, modules, family, rec, call, plain)
     T = plain.num_inference_steps
     a = {b: torch.zeros(T, 1) for b in plain.branches}
     b_ = {b: torch.zeros(T, 1) for b in plain.branches}

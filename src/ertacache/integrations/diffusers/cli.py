@@ -40,7 +40,8 @@ def calibrate(args: argparse.Namespace) -> int:
     if not prompts:
         raise ErtaCacheError(f"{args.prompts} holds no prompts (one per line); the calibration set is empty")
     pipe = load_pipeline(args.pipeline, args.dtype, args.device)
-    config = CalibrationConfig(reuse=args.reuse, rectification=args.rectification, timestep_adjustment=False)
+    config = CalibrationConfig(reuse=args.reuse, rectification=args.rectification,
+                               timestep_adjustment=not args.no_timestep_adjustment)
     policy = calibrate_pipeline(pipe, prompts, num_inference_steps=args.num_inference_steps,
                                 target_speedup=args.target_speedup, threshold=args.threshold,
                                 seeds=range(args.seed, args.seed + len(prompts)), config=config, progress=True,

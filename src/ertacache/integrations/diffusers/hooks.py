@@ -10,6 +10,7 @@ grid, never by counting calls. Each ``cache_context`` branch has its own state.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +162,44 @@ def _wrap_output(kwargs: dict[str, Any]) -> Any:
     return (torch.empty(0),)
 
 
+def set_scheduler_grid(scheduler: Any, grid: list[float]) -> None:
+    """Make ``scheduler.set_timesteps`` end with the times ``grid`` (``T + 1`` values, 1 -> 0).
+
+    The scheduler's own ``set_timesteps`` still runs (it sets the step count and its
+    state); then its ``sigmas`` become ``grid`` and its ``timesteps`` ``1000 * grid[:-1]``.
+    This is the one way in that every family shares: FLUX's dynamic shifting would
+    re-shift ``sigmas=`` passed to the call, and Wan takes none. Flow-matching
+    schedulers only (``sigmas`` in [0, 1]).
+
+    Raises:
+        ErtaCacheError: a scheduler without flow-matching ``sigmas``.
+    """
+    if not hasattr(scheduler, "sigmas") or not hasattr(scheduler.config, "num_train_timesteps") or \
+            "FlowMatch" not in type(scheduler).__name__:
+        raise ErtaCacheError(f"timestep adjustment needs a flow-matching scheduler; {type(scheduler).__name__} is "
+                             "not one (NOTES.md section 5): use a policy without an adjusted grid")
+    original = scheduler.set_timesteps
+
+    @functools.wraps(original)  # pipelines inspect its signature for `sigmas` / `timesteps`
+    def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        device = scheduler.timesteps.device
+        sigmas = torch.tensor(grid, dtype=torch.float32)
+        scheduler.sigmas = sigmas
+        scheduler.timesteps = (sigmas[:-1] * scheduler.config.num_train_timesteps).to(device)
+        return out
+
+    set_timesteps.__ertacache_original__ = original  # type: ignore[attr-defined]
+    scheduler.set_timesteps = set_timesteps
+
+
+def restore_scheduler(scheduler: Any) -> None:
+    """Undo :func:`set_scheduler_grid`."""
+    patched = scheduler.__dict__.get("set_timesteps")
+    if patched is not None and hasattr(patched, "__ertacache_original__"):
+        del scheduler.set_timesteps
+
+
 @dataclass
 class ErtaCacheHandle:
     """What :func:`apply_ertacache` returns: ``.remove()``, a context manager, and the grid arguments.
@@ -176,18 +215,26 @@ class ErtaCacheHandle:
     family: Family
     modules: list[torch.nn.Module] = field(default_factory=list)
     hooks: list[Any] = field(default_factory=list)
+    _scheduler_patched: bool = False
 
     @property
     def call_kwargs(self) -> dict[str, Any]:
-        if self.policy.adjusted_grid is None:
-            return {}
-        grid = list(self.policy.adjusted_grid[:-1])
-        if self.family.grid_argument == "sigmas":
-            return {"sigmas": grid, "num_inference_steps": self.policy.num_inference_steps}
-        if self.family.grid_argument == "timesteps":
-            return {"timesteps": [g * self.family.timestep_scale for g in grid]}
-        raise ErtaCacheError(f"{type(self.pipe).__name__} takes no sigmas or timesteps; set the scheduler's "
-                             "timesteps to the policy's adjusted grid, or calibrate without timestep adjustment")
+        """Kept for callers that pass it on: the adjusted grid now goes in through the scheduler (see
+        :func:`set_scheduler_grid`), so this is always empty."""
+        return {}
+
+    def remove(self) -> None:
+        """Unregister the hooks (and the scheduler's grid): the pipeline runs exactly as before."""
+        from diffusers.hooks import HookRegistry
+
+        for module in self.modules:
+            registry = HookRegistry.check_if_exists_or_initialize(module)
+            if registry.get_hook(HOOK_NAME) is not None:
+                registry.remove_hook(HOOK_NAME, recurse=False)
+        self.modules, self.hooks = [], []
+        if self._scheduler_patched:
+            restore_scheduler(self.pipe.scheduler)
+            self._scheduler_patched = False
 
     def forwards(self) -> dict[str, int]:
         """Transformer forwards of the last pipeline call per branch, summed over transformers (NFE per branch)."""
@@ -206,16 +253,6 @@ class ErtaCacheHandle:
                 both["computed"] += steps["computed"]
                 both["cached"] += steps["cached"]
         return out
-
-    def remove(self) -> None:
-        """Unregister the hooks: the pipeline runs exactly as before."""
-        from diffusers.hooks import HookRegistry
-
-        for module in self.modules:
-            registry = HookRegistry.check_if_exists_or_initialize(module)
-            if registry.get_hook(HOOK_NAME) is not None:
-                registry.remove_hook(HOOK_NAME, recurse=False)
-        self.modules, self.hooks = [], []
 
     def __enter__(self) -> ErtaCacheHandle:
         return self
@@ -270,4 +307,11 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
         handle.hooks.append(hook)
     if not handle.modules:
         raise ErtaCacheError(f"{type(pipe).__name__} has none of the transformers {family.transformers}")
+    if policy.adjusted_grid is not None:
+        try:
+            set_scheduler_grid(pipe.scheduler, list(policy.adjusted_grid))
+        except ErtaCacheError:
+            handle.remove()
+            raise
+        handle._scheduler_patched = True
     return handle
