@@ -76,7 +76,7 @@ def test_caching_policy_counts_and_matches_core(pipe, model, policy):
     try:
         calls.clear()
         with apply_ertacache(pipe, pipe_policy(policy)) as handle:
-            out = run(pipe, model, labels, noise, **handle.call_kwargs)
+            out = run(pipe, model, labels, noise)
             assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
         assert len(calls) == 2 * policy.nfe  # real transformer forwards: NFE per branch
     finally:

@@ -64,9 +64,7 @@ def generate(args: argparse.Namespace) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     handle = apply_ertacache(pipe, policy) if policy is not None else None
     try:
-        extra = handle.call_kwargs if handle is not None else {}
-        out = pipe(prompt=args.prompt, num_inference_steps=args.num_inference_steps, generator=generator,
-                   **kwargs, **extra)
+        out = pipe(prompt=args.prompt, num_inference_steps=args.num_inference_steps, generator=generator, **kwargs)
         stats = handle.steps() if handle is not None else None
     finally:
         if handle is not None:

@@ -94,7 +94,7 @@ def _build_hook(policy: Policy, family: Family, pipe: Any) -> Any:
                     f"the pipeline called the transformer at t = {t:.5f}, which is not the next time of the policy's "
                     f"grid (calibrated for num_inference_steps={self.policy.num_inference_steps}, shift="
                     f"{self.policy.shift}; grid starts {[round(g, 4) for g in self.grid[:4]]}). Call the pipeline "
-                    "with the policy's num_inference_steps and the handle's call_kwargs, or recalibrate."
+                    "with the policy's num_inference_steps (and resolution), or recalibrate."
                 )
             return matches[0]
 
@@ -202,13 +202,9 @@ def restore_scheduler(scheduler: Any) -> None:
 
 @dataclass
 class ErtaCacheHandle:
-    """What :func:`apply_ertacache` returns: ``.remove()``, a context manager, and the grid arguments.
-
-    Attributes:
-        call_kwargs: keyword arguments to pass to the pipeline call so that it follows
-            the policy's grid (``{"sigmas": [...]}`` or ``{"timesteps": [...]}``; empty
-            when the policy has no adjusted grid).
-    """
+    """What :func:`apply_ertacache` returns: ``.remove()``, a context manager, and per-call stats
+    (:meth:`forwards`, :meth:`steps`). A policy's adjusted grid is set on the scheduler while the
+    handle is applied (:func:`set_scheduler_grid`)."""
 
     pipe: Any
     policy: Policy
@@ -216,12 +212,6 @@ class ErtaCacheHandle:
     modules: list[torch.nn.Module] = field(default_factory=list)
     hooks: list[Any] = field(default_factory=list)
     _scheduler_patched: bool = False
-
-    @property
-    def call_kwargs(self) -> dict[str, Any]:
-        """Kept for callers that pass it on: the adjusted grid now goes in through the scheduler (see
-        :func:`set_scheduler_grid`), so this is always empty."""
-        return {}
 
     def remove(self) -> None:
         """Unregister the hooks (and the scheduler's grid): the pipeline runs exactly as before."""
@@ -272,8 +262,7 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
 
     Returns:
         A handle; ``handle.remove()`` (or leaving its ``with`` block) restores the
-        pipeline exactly. Pass ``**handle.call_kwargs`` to the pipeline call when the
-        policy has an adjusted grid.
+        pipeline exactly (hooks and, for an adjusted grid, the scheduler).
 
     Raises:
         ErtaCacheError: unknown pipeline, a reuse mode or granularity the hooks do not
