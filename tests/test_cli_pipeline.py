@@ -1,74 +1,66 @@
-"""``ertacache calibrate|generate --pipeline``: the command line on a tiny Wan pipeline.
+"""``ertacache calibrate|generate --pipeline DIR``: the command line on a tiny Wan pipeline with a text encoder.
 
-The pipeline has no text encoder; a subclass turns each prompt into seeded embeddings
-(a stand-in for a text encoder), and the CLI's loader is pointed at it.
+The pipeline is complete: a word-level tokenizer trained in the test, a tiny UMT5
+text encoder, a tiny transformer and VAE. It is saved with ``save_pretrained`` and the
+CLI loads the folder with ``DiffusionPipeline.from_pretrained``, as it would a hub id.
 """
 
-import zlib
-
 import pytest
-import torch
 
 from ertacache import Policy
 from ertacache.cli import main
 
-
-def make_pipeline_class():
-    from diffusers import WanPipeline
-
-    class TextWanPipeline(WanPipeline):
-        def encode_prompt(self, prompt, negative_prompt=None, do_classifier_free_guidance=True,
-                          num_videos_per_prompt=1, prompt_embeds=None, negative_prompt_embeds=None,
-                          max_sequence_length=226, device=None, dtype=None):
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            embeds = torch.stack([torch.randn(8, 16, generator=torch.Generator().manual_seed(zlib.crc32(p.encode())))
-                                  for p in prompts])
-            return embeds, torch.zeros_like(embeds)
-
-    return TextWanPipeline
+PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a cat"]
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    from test_diffusers_wan import tiny_pipe
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel
 
+    from test_diffusers_wan import tiny_transformer
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(PROMPTS, trainers.WordLevelTrainer(special_tokens=["<pad>", "<unk>", "</s>"]))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    encoder = UMT5EncoderModel(UMT5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2,
+                                          relative_attention_num_buckets=8))
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=encoder, transformer=tiny_transformer(0), vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     path = tmp_path_factory.mktemp("wan_cli")
-    tiny_pipe(path)
+    pipe.save_pretrained(path)
     return path
 
 
-@pytest.fixture
-def cli_loader(folder, monkeypatch):
-    cls = make_pipeline_class()
-
-    def load(id_or_dir, dtype, device):
-        assert id_or_dir == str(folder) and dtype == "float32" and device == "cpu"
-        pipe = cls.from_pretrained(id_or_dir, tokenizer=None, text_encoder=None)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    monkeypatch.setattr("ertacache.integrations.diffusers.cli.load_pipeline", load)
+COMMON = ["--num-inference-steps", "8", "--height", "16", "--width", "16", "--num-frames", "5", "--guidance-scale",
+          "4", "--dtype", "float32", "--device", "cpu"]
 
 
-def test_calibrate_and_generate_with_pipeline(folder, cli_loader, tmp_path, capsys):
+def test_calibrate_and_generate_with_pipeline(folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cube\na blue sphere\n\na green cone\na cat\n")
-    common = ["--pipeline", str(folder), "--num-inference-steps", "8", "--height", "16", "--width", "16",
-              "--num-frames", "5", "--guidance-scale", "4", "--dtype", "float32", "--device", "cpu"]
+    prompts.write_text("\n".join(PROMPTS[:2]) + "\n\n" + "\n".join(PROMPTS[2:]) + "\n")
     policy_path = tmp_path / "wan.json"
-    assert main(["calibrate", *common, "--prompts", str(prompts), "--target-speedup", "2",
+    assert main(["calibrate", "--pipeline", str(folder), *COMMON, "--prompts", str(prompts), "--target-speedup", "2",
                  "--out", str(policy_path)]) == 0
     policy = Policy.load(policy_path)
     assert policy.nfe <= 4 and policy.branches == ("cond", "uncond")
-    assert policy.provenance["calibration_size"] == 4 and policy.provenance["pipeline"] == "TextWanPipeline"
-    assert main(["generate", *common, "--policy", str(policy_path), "--prompt", "a cat",
+    assert policy.provenance["calibration_size"] == 4 and policy.provenance["pipeline"] == "WanPipeline"
+    assert main(["generate", "--pipeline", str(folder), *COMMON, "--policy", str(policy_path), "--prompt", "a cat",
                  "--out", str(tmp_path / "video")]) == 0
     video = tmp_path / "video.mp4"
     assert video.is_file() and video.stat().st_size > 0
     assert "computed steps" in capsys.readouterr().out
+    assert main(["generate", "--pipeline", str(folder), *COMMON[:-4], "--dtype", "float32", "--device", "cpu",
+                 "--guidance-scale", "7", "--policy", str(policy_path), "--prompt", "a cat",
+                 "--out", str(tmp_path / "v2")]) == 2
+    assert "guidance_scale: policy 4.0, got 7.0" in capsys.readouterr().err
 
 
-def test_pipeline_cli_errors(folder, cli_loader, tmp_path, capsys):
+def test_pipeline_cli_errors(folder, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     assert main(["calibrate", "--pipeline", str(folder), "--prompts", str(empty), "--target-speedup", "2",
@@ -76,3 +68,8 @@ def test_pipeline_cli_errors(folder, cli_loader, tmp_path, capsys):
     assert "calibration set is empty" in capsys.readouterr().err
     assert main(["calibrate", "--pipeline", str(folder), "--target-speedup", "2", "--out", "p.json"]) == 2
     assert "--prompts" in capsys.readouterr().err
+    some = tmp_path / "some.txt"
+    some.write_text("a cat\n")
+    assert main(["calibrate", "--pipeline", str(folder), "--prompts", str(some), "--target-speedup", "2",
+                 "--dtype", "float64", "--out", "p.json"]) == 2
+    assert "--dtype must be one of" in capsys.readouterr().err

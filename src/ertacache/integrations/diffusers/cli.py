@@ -19,7 +19,7 @@ def load_pipeline(id_or_dir: str, dtype: str, device: str) -> Any:
 
     if dtype not in DTYPES:
         raise ErtaCacheError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    pipe = DiffusionPipeline.from_pretrained(id_or_dir, torch_dtype=DTYPES[dtype])
+    pipe = DiffusionPipeline.from_pretrained(id_or_dir, dtype=DTYPES[dtype])
     return pipe.to(device)
 
 
