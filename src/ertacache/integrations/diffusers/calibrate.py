@@ -259,6 +259,14 @@ def calibrate_pipeline(
                     guidance_scale=float(pipe_kwargs.get("true_cfg_scale", pipe_kwargs.get("guidance_scale", 1.0))),
                     latent_shape=rec.latent_shape, model_fingerprint=pipeline_fingerprint(pipe, family),
                     config=config)
+        adjustment_note = "on" if config.timestep_adjustment else "off (config)"
+        if config.timestep_adjustment:
+            try:
+                set_scheduler_grid(pipe.scheduler, [1.0, 0.0])
+                restore_scheduler(pipe.scheduler)
+            except ErtaCacheError as exc:
+                adjustment_note = f"off: {exc}"
+                log(f"timestep adjustment {adjustment_note}")
         candidates = _search(rec, call, config, threshold, max_nfe, T, log)
         rec.mode = "off"
     finally:
@@ -289,7 +297,8 @@ def calibrate_pipeline(
     info = provenance(calibration_size=n, holdout_size=n_hold, seeds=seeds, target_speedup=target_speedup,
                       threshold=best[2].threshold, selected=best[2].source, variant=best[2].variant,
                       pipeline=type(pipe).__name__, candidates=[c.as_dict(T) for c in candidates],
-                      pipeline_guidance_scale=None if observed_guidance is None else float(observed_guidance))
+                      pipeline_guidance_scale=None if observed_guidance is None else float(observed_guidance),
+                      timestep_adjustment=adjustment_note)
     return replace(best[1], provenance=info)
 
 
