@@ -73,3 +73,23 @@ def test_pipeline_cli_errors(folder, tmp_path, capsys):
     assert main(["calibrate", "--pipeline", str(folder), "--prompts", str(some), "--target-speedup", "2",
                  "--dtype", "float64", "--out", "p.json"]) == 2
     assert "--dtype must be one of" in capsys.readouterr().err
+
+
+def test_bench_on_a_pipeline(folder, tmp_path):
+    import json
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    docs = tmp_path / "docs"
+    assert main(["bench", "--pipeline", str(folder), "--prompts", str(prompts), "--quick", *COMMON,
+                 "--docs", str(docs), "--json", str(tmp_path / "rows.json")]) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    methods = {r["method"] for r in rows}
+    assert {"none", "uniform", "ertacache", "first_block_cache", "magcache"} <= methods
+    by = {(r["method"], r["setting"]): r for r in rows}
+    assert by[("none", "uncached")]["nfe"] == 8 and by[("none", "uncached")]["psnr"] is None
+    ertacache = [r for r in rows if r["method"] == "ertacache"]
+    assert all(r["nfe"] <= 8 / 1.5 for r in ertacache)
+    for name in ("results.md", "results.json", "psnr_vs_speedup.png", "grid_2x.png"):
+        assert (docs / name).is_file()
+    assert "TeaCache: not on pipelines" in (docs / "results.md").read_text()

@@ -69,7 +69,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--docs", default=None, help="folder for table, plot and grid (default docs/benchmarks[/quick])")
     p.add_argument("--repeats", type=int, default=None, help="timing repeats per method (median)")
-    p.add_argument("--pipeline", default=None, help="a diffusers pipeline (not yet supported: see README)")
+    p.add_argument("--pipeline", default=None, help="a diffusers pipeline: hub id or local folder")
+    p.add_argument("--prompts", default=None, help="with --pipeline: one prompt per line; the first half calibrates")
+    p.add_argument("--num-inference-steps", type=int, default=30)
+    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-frames", type=int, default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
     p = sub.add_parser("step-cost", help="benchmark: a cached step's cost as a fraction of a computed step's")
     p.add_argument("--batch-size", type=int, default=40)
@@ -139,14 +147,17 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     from .bench import BenchSettings, run_bench
 
+    command = "ertacache " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.pipeline is not None:
-        raise ErtaCacheError("bench --pipeline needs the diffusers integration, which is not built yet; "
-                             "run the benchmark on the bundled model (omit --pipeline)")
+        from .bench.pipeline import run_pipeline_bench
+
+        run_pipeline_bench(args, command)
+        print(Path(args.docs or "docs/benchmarks/pipeline", "results.md").read_text())
+        return 0
     settings = BenchSettings.quick_settings() if args.quick else BenchSettings()
     if args.repeats is not None:
         settings = replace(settings, repeats=args.repeats)
     docs = args.docs or ("docs/benchmarks/quick" if args.quick else "docs/benchmarks")
-    command = "ertacache " + " ".join(argv if argv is not None else sys.argv[1:])
     run_bench(docs, settings, json_path=args.json, command=command)
     print(Path(docs, "results.md").read_text())
     return 0

@@ -80,6 +80,14 @@ def plot(rows: list[dict[str, Any]], path: Path, header: dict[str, Any]) -> None
     plt.close(fig)
 
 
+def _picture(x: Any) -> Any:
+    """One sample as an ``imshow`` array: grey ``(H, W)`` or RGB ``(H, W, 3)``; a video shows its middle frame."""
+    if x.ndim == 4:  # (C, F, H, W)
+        x = x[:, x.shape[1] // 2]
+    x = ((x.clamp(-1, 1) + 1) / 2).float()
+    return x[0].numpy() if x.shape[0] == 1 else x[:3].permute(1, 2, 0).numpy()
+
+
 def image_grid(rows: list[dict[str, Any]], path: Path, header: dict[str, Any], columns: int = 10) -> None:
     import matplotlib
 
@@ -87,12 +95,13 @@ def image_grid(rows: list[dict[str, Any]], path: Path, header: dict[str, Any], c
     import matplotlib.pyplot as plt
 
     chosen = nearest_2x(rows)
+    columns = min(columns, int(chosen[0]["_output"].shape[0]))
     fig, axes = plt.subplots(len(chosen), columns, figsize=(columns * 0.85, len(chosen) * 0.95 + 0.4),
                              squeeze=False)
     for i, r in enumerate(chosen):
         for c in range(columns):
             ax = axes[i][c]
-            ax.imshow(((r["_output"][c, 0].clamp(-1, 1) + 1) / 2).numpy(), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(_picture(r["_output"][c]), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
         label = "uncached" if r["method"] == "none" else f"{r['method']}\n{r['speedup']:.2f}x"

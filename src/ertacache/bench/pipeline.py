@@ -1,0 +1,176 @@
+"""``ertacache bench --pipeline ID_OR_DIR --prompts FILE``: the benchmark on a diffusers pipeline.
+
+The first half of the prompts calibrates (ERTACache, MagCache's ratios); the second
+half, with seeds never used in calibration, is the held-out set. Methods: uncached,
+uniform caching, ERTACache at each target speedup, and diffusers' FirstBlockCache,
+TaylorSeerCache, MagCache, PyramidAttentionBroadcast and FasterCache through
+``transformer.enable_cache``. Our TeaCache needs a split model and is not run on
+pipelines. Fidelity is measured on the decoded outputs (``output_type="pt"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import io
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ErtaCacheError
+from ..policy import Policy
+from .methods import Method
+
+
+def _decoded(out: Any) -> Tensor:
+    """Pipeline output as ``(B, C, H, W)`` or ``(B, C, F, H, W)`` in [-1, 1]."""
+    x = out.frames if hasattr(out, "frames") else out.images
+    x = torch.as_tensor(x).float()
+    if x.ndim == 5:  # (B, F, C, H, W) -> (B, C, F, H, W)
+        x = x.permute(0, 2, 1, 3, 4)
+    return x * 2 - 1
+
+
+def _last_block_linear(transformer: Any) -> Any:
+    blocks = [m for m in transformer.modules() if type(m).__name__.endswith("Block")]
+    if not blocks:
+        raise ErtaCacheError(f"cannot find the blocks of {type(transformer).__name__}")
+    return next(m for m in blocks[-1].modules() if isinstance(m, torch.nn.Linear))
+
+
+def pipeline_methods(pipe: Any, args: argparse.Namespace, cal_prompts: list[str], held: list[str],
+                     targets: tuple[float, ...], quick: bool, log: Any) -> list[Method]:
+    from diffusers.hooks import (
+        FasterCacheConfig,
+        FirstBlockCacheConfig,
+        MagCacheConfig,
+        PyramidAttentionBroadcastConfig,
+        TaylorSeerCacheConfig,
+    )
+
+    from ..config import CalibrationConfig
+    from ..integrations.diffusers.calibrate import calibrate_pipeline
+    from ..integrations.diffusers.cli import call_kwargs
+    from ..integrations.diffusers.hooks import apply_ertacache
+
+    T, kw = args.num_inference_steps, call_kwargs(args)
+    counter = {"n": 0, "branches": 1}  # NFE is per branch; calibration tells how many branches a step calls
+    _last_block_linear(pipe.transformer).register_forward_hook(lambda *a: counter.__setitem__("n", counter["n"] + 1))
+
+    def call(prompts: list[str], seed_base: int) -> Any:
+        gens = [torch.Generator().manual_seed(seed_base + i) for i in range(len(prompts))]
+        return pipe(prompt=prompts, generator=gens, num_inference_steps=T, output_type="pt", **kw)
+
+    def plain() -> tuple[Tensor, int]:
+        counter["n"] = 0
+        x = _decoded(call(held, 10_000))
+        return x, counter["n"] // counter["branches"]
+
+    def with_policy(policy: Policy) -> Any:
+        def run(*_: Any) -> tuple[Tensor, int]:
+            with apply_ertacache(pipe, policy, check_fingerprint=False):
+                return plain()
+        return run
+
+    def with_cache(config: Any) -> Any:
+        def run(*_: Any) -> tuple[Tensor, int]:
+            pipe.transformer.enable_cache(config)
+            try:
+                return plain()
+            finally:
+                pipe.transformer.disable_cache()
+        return run
+
+    methods = [Method("none", "uncached", lambda *_: plain())]
+    config = CalibrationConfig(thresholds=(0.05, 0.1, 0.2, 0.4) if quick else CalibrationConfig().thresholds)
+    for s in targets:
+        start = time.perf_counter()
+        p = calibrate_pipeline(pipe, cal_prompts, num_inference_steps=T, target_speedup=s, config=config, **kw)
+        log(f"calibrated ERTACache for {s}x in {time.perf_counter() - start:.0f} s")
+        counter["branches"] = len(p.branches)
+        methods.append(Method("ertacache", f"target={s}x ({p.provenance['selected']}, {p.provenance['variant']})",
+                              with_policy(p)))
+        uni = Policy(T, Policy.uniform(T, p.nfe).cached_steps, p.grid, branches=p.branches,
+                     guidance_scale=p.guidance_scale)
+        methods.append(Method("uniform", f"nfe={p.nfe}", with_policy(uni)))
+    buf = io.StringIO()
+    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=T))
+    try:
+        with contextlib.redirect_stdout(buf):
+            call(cal_prompts, 0)  # MagCache's own calibration mode, on the calibration prompts
+    finally:
+        pipe.transformer.disable_cache()
+    lines = [line for line in buf.getvalue().splitlines() if line.strip().startswith("[")]
+    ratios = [float(r) for r in ast.literal_eval(lines[-1].strip())] if lines else None
+
+    def timestep() -> int:
+        return int(pipe.current_timestep) if pipe.current_timestep is not None else 0
+
+    peers: list[tuple[str, str, Any]] = []
+    for th in (0.1, 0.2) if quick else (0.05, 0.1, 0.2, 0.3):
+        peers.append(("first_block_cache", f"threshold={th}", FirstBlockCacheConfig(threshold=th)))
+    for k in (2, 3) if quick else (2, 3, 4):
+        peers.append(("taylorseer", f"cache_interval={k}", TaylorSeerCacheConfig(cache_interval=k,
+                                                                                disable_cache_before_step=2,
+                                                                                taylor_factors_dtype=torch.float32)))
+    if ratios is not None:
+        for th in (0.06, 0.24) if quick else (0.04, 0.06, 0.12, 0.24):
+            peers.append(("magcache", f"threshold={th}", MagCacheConfig(threshold=th, mag_ratios=ratios,
+                                                                        num_inference_steps=T)))
+    peers.append(("pab", "spatial skip 2", PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(0, 1000),
+        current_timestep_callback=timestep)))
+    peers.append(("fastercache", "spatial skip 2", FasterCacheConfig(
+        spatial_attention_block_skip_range=2, current_timestep_callback=timestep,
+        attention_weight_callback=lambda _: 0.5)))
+    methods += [Method(name, setting, with_cache(cfg)) for name, setting, cfg in peers]
+    return methods
+
+
+def run_pipeline_bench(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
+    """Run the benchmark on ``args.pipeline`` and write the report under ``args.docs``."""
+    import json
+
+    from ..integrations.diffusers.cli import load_pipeline
+    from ..io import atomic_write_text
+    from . import measure
+    from .report import write_report
+
+    if not args.prompts:
+        raise ErtaCacheError("bench --pipeline needs --prompts FILE (one per line; the first half calibrates)")
+    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+    if len(prompts) < 2:
+        raise ErtaCacheError(f"bench --pipeline needs at least 2 prompts (calibration, held out); got {len(prompts)}")
+    half = len(prompts) // 2
+    pipe = load_pipeline(args.pipeline, args.dtype, args.device)
+    pipe.set_progress_bar_config(disable=True)
+
+    def log(msg: str) -> None:
+        print(f"[bench] {msg}", flush=True)
+
+    start = time.perf_counter()
+    targets = (1.5, 2.0, 3.0) if args.quick else (1.5, 2.0, 2.5, 3.0)
+    methods = pipeline_methods(pipe, args, prompts[:half], prompts[half:], targets, args.quick, log)
+    repeats = args.repeats or (1 if args.quick else 3)
+    rows = measure(methods, torch.zeros(1), torch.zeros(1), repeats, log)
+    header = {
+        "command": command,
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                   f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
+        "model": f"{args.pipeline} ({type(pipe).__name__})",
+        "protocol": f"T={args.num_inference_steps}; calibration: {half} prompts; held out: {len(prompts) - half} "
+                    f"prompts (seeds 10000..), {repeats} interleaved repeats, median; TeaCache: not on pipelines",
+        "seconds_total": round(time.perf_counter() - start, 1),
+    }
+    docs = Path(args.docs or "docs/benchmarks/pipeline")
+    write_report(docs, rows, header)
+    clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+    if args.json:
+        atomic_write_text(args.json, json.dumps(clean, indent=2) + "\n")
+    return clean
