@@ -81,11 +81,12 @@ def plot(rows: list[dict[str, Any]], path: Path, header: dict[str, Any]) -> None
 
 
 def _picture(x: Any) -> Any:
-    """One sample as an ``imshow`` array: grey ``(H, W)`` or RGB ``(H, W, 3)``; a video shows its middle frame."""
+    """One sample as an ``imshow`` array: RGB ``(H, W, 3)`` from 3+ channels, else channel 0 in grey;
+    a video shows its middle frame."""
     if x.ndim == 4:  # (C, F, H, W)
         x = x[:, x.shape[1] // 2]
     x = ((x.clamp(-1, 1) + 1) / 2).float()
-    return x[0].numpy() if x.shape[0] == 1 else x[:3].permute(1, 2, 0).numpy()
+    return x[:3].permute(1, 2, 0).numpy() if x.shape[0] >= 3 else x[0].numpy()
 
 
 def image_grid(rows: list[dict[str, Any]], path: Path, header: dict[str, Any], columns: int = 10) -> None:
