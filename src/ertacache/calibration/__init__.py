@@ -31,7 +31,7 @@ __all__ = [
     "VARIANTS", "CalibSet", "CalibrationSession", "Candidate", "GroundTruth", "SearchResult", "adjust_grid",
     "calibrate", "calibrate_many",
     "calibrate_with_variants",
-    "check_target_speedup",
+    "check_target_speedup", "select_candidates",
     "fit_rectification", "log_ground_truth", "shrink_step", "sweep", "threshold_search",
 ]
 
@@ -258,18 +258,31 @@ class CalibrationSession:
         self.log(f"policy search over {len(config.thresholds)} thresholds (target NFE <= {max_nfe})")
         self.searched = sweep(self.fit_set, self.grid, self.gt_fit, config.thresholds, config.l1_denominator,
                               max_nfe=max_nfe, known=self.searched)
-        seen: dict[tuple[int, ...], Candidate] = {}
-        fitting = sorted((r for r in self.searched if T - len(r.cached_steps) <= max_nfe),
-                         key=lambda r: (len(r.cached_steps), r.threshold))
-        for r in fitting:
-            if r.cached_steps not in seen and len(seen) < config.max_candidates:
-                seen[r.cached_steps] = Candidate("threshold", r.threshold, r.cached_steps)
-        out = list(seen.values())
-        if config.candidates == "threshold_and_uniform" or not out:
-            uni = uniform_cached_steps(T, max_nfe)
-            if uni not in seen:
-                out.append(Candidate("uniform", None, uni))
-        return out
+        return select_candidates(self.searched, T, max_nfe, config)
+
+
+def select_candidates(results: Sequence[SearchResult], num_inference_steps: int, max_nfe: int,
+                      config: CalibrationConfig) -> list[Candidate]:
+    """The cached-step sets that compete for a target NFE (NOTES.md section 2.5).
+
+    From the threshold searches within the budget, the ``config.max_candidates``
+    distinct sets with the most computed steps (ties: the smaller lambda), plus the
+    evenly spaced set at ``max_nfe`` when ``config.candidates`` asks for it or no
+    threshold set fits.
+    """
+    T = num_inference_steps
+    seen: dict[tuple[int, ...], Candidate] = {}
+    fitting = sorted((r for r in results if T - len(r.cached_steps) <= max_nfe),
+                     key=lambda r: (len(r.cached_steps), r.threshold))
+    for r in fitting:
+        if r.cached_steps not in seen and len(seen) < config.max_candidates:
+            seen[r.cached_steps] = Candidate("threshold", r.threshold, r.cached_steps)
+    out = list(seen.values())
+    if config.candidates == "threshold_and_uniform" or not out:
+        uni = uniform_cached_steps(T, max_nfe)
+        if uni not in seen:
+            out.append(Candidate("uniform", None, uni))
+    return out
 
 
 def _variants(full: CalibSet, fit_set: CalibSet, n_fit: int, grid: list[float], cand: Candidate,

@@ -22,8 +22,9 @@ their candidates have no adjusted variant (NOTES.md section 5).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -32,10 +33,10 @@ from torch import Tensor
 
 from ... import rectify
 from ...cache import l1
-from ...calibration import Candidate, check_target_speedup, shrink_step
+from ...calibration import Candidate, SearchResult, check_target_speedup, select_candidates, shrink_step
 from ...config import CalibrationConfig, check_threshold
 from ...errors import ErtaCacheError
-from ...policy import Policy, provenance, uniform_cached_steps
+from ...policy import Policy, provenance
 from ...rectify import RectStats
 from .families import Family, family_for, pipeline_fingerprint, transformers_of
 from .hooks import (
@@ -213,7 +214,6 @@ def calibrate_pipeline(
     Raises:
         ErtaCacheError: bad goal values, an empty set, unsupported options, NaN output.
     """
-    from diffusers.hooks import HookRegistry
 
     config = config or CalibrationConfig()
     if config.reuse == "block_residual":
@@ -231,10 +231,10 @@ def calibrate_pipeline(
     rec = _Recorder(family, n, n - n_hold)
     modules = transformers_of(pipe, family)
 
-    def call(handle_kwargs: dict[str, Any] | None = None) -> Tensor:
+    def call() -> Tensor:
         rec.reset()
         gens = [torch.Generator().manual_seed(s) for s in seeds]
-        kwargs = dict(pipe_kwargs, **(handle_kwargs or {}))
+        kwargs = dict(pipe_kwargs)
         if prompts is not None:
             kwargs["prompt"] = list(prompts)
         out = pipe(generator=gens, num_inference_steps=T, output_type="latent", **kwargs)
@@ -245,10 +245,7 @@ def calibrate_pipeline(
         if progress:
             print(f"[calibrate_pipeline] {msg}", flush=True)
 
-    for module in modules:
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(
-            _build_calibration_hook(rec, family), CALIB_HOOK)
-    try:
+    with _calibration_hooks(modules, rec, family):
         log(f"ground truth on {n - n_hold} fitting and {n_hold} held-out samples")
         gt_final = call()
         observed_guidance = getattr(pipe, "_guidance_scale", None)
@@ -269,17 +266,12 @@ def calibrate_pipeline(
                 log(f"timestep adjustment {adjustment_note}")
         candidates = _search(rec, call, config, threshold, max_nfe, T, log)
         rec.mode = "off"
-    finally:
-        for module in modules:
-            HookRegistry.check_if_exists_or_initialize(module).remove_hook(CALIB_HOOK, recurse=False)
     best: tuple[float, Policy, Candidate] | None = None
     for cand in candidates:
         log(f"evaluating {cand.source} candidate, NFE {T - len(cand.cached_steps)}")
         variants = {"plain": Policy(cached_steps=cand.cached_steps, **base)}  # type: ignore[arg-type]
-        if config.timestep_adjustment and cand.cached_steps:
-            adjusted = _adjust(pipe, modules, family, rec, call, variants["plain"], config)
-            if adjusted is not None:
-                variants["adjusted"] = adjusted
+        if adjustment_note == "on" and cand.cached_steps:
+            variants["adjusted"] = _adjust(pipe, modules, family, rec, call, variants["plain"], config)
         if config.rectification != "off" and cand.cached_steps:
             variants["rectified"] = _fit(pipe, modules, family, rec, call, variants["plain"], config)
             if "adjusted" in variants:
@@ -304,60 +296,60 @@ def calibrate_pipeline(
 
 def _search(rec: _Recorder, call: Any, config: CalibrationConfig, threshold: float | None, max_nfe: int, T: int,
             log: Any) -> list[Candidate]:
+    """Algorithm 2 through the pipeline: one call per lambda; candidates as the core picks them."""
+    if threshold is None and max_nfe >= T:
+        return [Candidate("all_compute", None, ())]
     lambdas = [check_threshold(threshold)] if threshold is not None else sorted(config.thresholds)
-    found: dict[tuple[int, ...], Candidate] = {}
+    results = []
     rec.mode = "search"
     for lam in lambdas:
         rec.threshold, rec.cached = lam, set()
         call()
-        steps = tuple(sorted(rec.cached))
-        if threshold is not None or (T - len(steps) <= max_nfe and steps not in found):
-            found[steps] = Candidate("threshold", lam, steps)
+        results.append(SearchResult(lam, tuple(sorted(rec.cached)), ()))
     log(f"policy search over {len(lambdas)} thresholds")
-    out = sorted(found.values(), key=lambda c: len(c.cached_steps))[: config.max_candidates]
-    if threshold is None and max_nfe >= T:
-        return [Candidate("all_compute", None, ())]
-    if threshold is None and (config.candidates == "threshold_and_uniform" or not out):
-        uni = uniform_cached_steps(T, max_nfe)
-        if uni not in found:
-            out.append(Candidate("uniform", None, uni))
-    return out
+    if threshold is not None:
+        return [Candidate("threshold", threshold, results[0].cached_steps)]
+    return select_candidates(results, T, max_nfe, config)
 
 
-def _pass(pipe: Any, modules: list[Any], family: Family, rec: _Recorder, call: Any, policy: Policy) -> None:
-    """One calibration call with the hook on, on the policy's grid (set through the scheduler)."""
+@contextlib.contextmanager
+def _calibration_hooks(modules: list[Any], rec: _Recorder, family: Family) -> Iterator[None]:
+    """The calibration hook on every transformer for the duration of the block."""
     from diffusers.hooks import HookRegistry
 
     for module in modules:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(
             _build_calibration_hook(rec, family), CALIB_HOOK)
-    if policy.adjusted_grid is not None:
-        set_scheduler_grid(pipe.scheduler, list(policy.adjusted_grid))
-        rec.times = list(policy.adjusted_grid[:-1])
     try:
-        call()
+        yield
     finally:
-        restore_scheduler(pipe.scheduler)
-        rec.times = list(policy.grid[:-1])
         for module in modules:
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(CALIB_HOOK, recurse=False)
 
 
+def _pass(pipe: Any, modules: list[Any], family: Family, rec: _Recorder, call: Any, policy: Policy) -> None:
+    """One calibration call with the hook on, on the policy's grid (set through the scheduler)."""
+    with _calibration_hooks(modules, rec, family):
+        if policy.adjusted_grid is not None:
+            set_scheduler_grid(pipe.scheduler, list(policy.adjusted_grid))
+            rec.times = list(policy.adjusted_grid[:-1])
+        try:
+            call()
+        finally:
+            restore_scheduler(pipe.scheduler)
+            rec.times = list(policy.grid[:-1])
+
+
 def _adjust(pipe: Any, modules: list[Any], family: Family, rec: _Recorder, call: Any, plain: Policy,
-            config: CalibrationConfig) -> Policy | None:
+            config: CalibrationConfig) -> Policy:
     """Eq. 13-14 on a pipeline: phi of every cached step in one pass along the cached trajectory.
 
     Unlike the core (NOTES.md section 3), each phi is estimated on the unadjusted grid
     and the shrinks are applied afterwards in step order: a pipeline's grid is fixed
     for the whole call. Norms are summed over the branches (not taken of the guided
-    velocity, whose scale the hook does not see). None where the scheduler cannot
-    take a custom grid (a DDIM-family scheduler; NOTES.md section 5).
+    velocity, whose scale the hook does not see). Only for schedulers that take a
+    custom grid (:func:`calibrate_pipeline` checks; not DDIM, NOTES.md section 5).
     """
-    try:
-        set_scheduler_grid(pipe.scheduler, list(plain.grid))
-    except ErtaCacheError:
-        return None
-    restore_scheduler(pipe.scheduler)
     rec.mode, rec.cached, rec.phi_terms = "adjust", set(plain.cached_steps), {}
     rec.phi_denominator = config.phi_denominator
     _pass(pipe, modules, family, rec, call, plain)
