@@ -11,9 +11,6 @@ pipelines. Fidelity is measured on the decoded outputs (``output_type="pt"``).
 from __future__ import annotations
 
 import argparse
-import ast
-import contextlib
-import io
 import os
 import platform
 import time
@@ -58,6 +55,7 @@ def pipeline_methods(pipe: Any, args: argparse.Namespace, cal_prompts: list[str]
     from ..integrations.diffusers.calibrate import calibrate_pipeline
     from ..integrations.diffusers.cli import call_kwargs
     from ..integrations.diffusers.hooks import apply_ertacache
+    from ..peers.diffusers_hooks import calibrate_magcache
 
     T, kw = args.num_inference_steps, call_kwargs(args)
     counter = {"n": 0, "branches": 1}  # NFE is per branch; calibration tells how many branches a step calls
@@ -99,15 +97,12 @@ def pipeline_methods(pipe: Any, args: argparse.Namespace, cal_prompts: list[str]
         uni = Policy(T, Policy.uniform(T, p.nfe).cached_steps, p.grid, branches=p.branches,
                      guidance_scale=p.guidance_scale)
         methods.append(Method("uniform", f"nfe={p.nfe}", with_policy(uni)))
-    buf = io.StringIO()
-    pipe.transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=T))
-    try:
-        with contextlib.redirect_stdout(buf):
-            call(cal_prompts, 0)  # MagCache's own calibration mode, on the calibration prompts
-    finally:
-        pipe.transformer.disable_cache()
-    lines = [line for line in buf.getvalue().splitlines() if line.strip().startswith("[")]
-    ratios = [float(r) for r in ast.literal_eval(lines[-1].strip())] if lines else None
+    ratios: list[float] | None
+    try:  # MagCache's own calibration mode, on the calibration prompts
+        ratios = calibrate_magcache(pipe.transformer, T, lambda: call(cal_prompts, 0))
+    except RuntimeError as exc:
+        log(f"MagCache not run: {exc}")
+        ratios = None
 
     def timestep() -> int:
         return int(pipe.current_timestep) if pipe.current_timestep is not None else 0

@@ -105,18 +105,32 @@ def run_with_cache(velocity: TransformerVelocity, config: Any, run: Callable[[An
         tf.disable_cache()
 
 
-def magcache_ratios(velocity: TransformerVelocity, noise: Tensor, cond: Tensor, null_cond: Tensor,
-                    num_inference_steps: int, guidance_scale: float, shift: float) -> list[float]:
-    """MagCache's own calibration mode on calibration conditions; the ratios it prints are parsed back."""
+def calibrate_magcache(transformer: Any, num_inference_steps: int, run: Callable[[], object]) -> list[float]:
+    """MagCache's own calibration mode on ``transformer`` during ``run()`` (one sampling run on calibration
+    conditions); the ratios it prints for the user to paste back are parsed instead.
+
+    Raises:
+        RuntimeError: MagCache printed no ratios.
+    """
     from diffusers.hooks import MagCacheConfig
 
     buf = io.StringIO()
-    config = MagCacheConfig(calibrate=True, num_inference_steps=num_inference_steps)
-    with contextlib.redirect_stdout(buf):
-        run_with_cache(velocity, config, lambda v: sample(
-            v, noise, cond, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            null_cond=null_cond, shift=shift).x)
+    transformer.enable_cache(MagCacheConfig(calibrate=True, num_inference_steps=num_inference_steps))
+    try:
+        transformer._reset_stateful_cache()
+        with contextlib.redirect_stdout(buf):
+            run()
+    finally:
+        transformer.disable_cache()
     lists = [line for line in buf.getvalue().splitlines() if line.strip().startswith("[")]
     if not lists:
         raise RuntimeError(f"MagCache calibration printed no ratios: {buf.getvalue()[:500]!r}")
     return [float(r) for r in ast.literal_eval(lists[-1].strip())]
+
+
+def magcache_ratios(velocity: TransformerVelocity, noise: Tensor, cond: Tensor, null_cond: Tensor,
+                    num_inference_steps: int, guidance_scale: float, shift: float) -> list[float]:
+    """:func:`calibrate_magcache` on the bundled model's calibration conditions."""
+    return calibrate_magcache(velocity.transformer, num_inference_steps, lambda: sample(
+        velocity, noise, cond, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        null_cond=null_cond, shift=shift))
