@@ -5,13 +5,35 @@ import torch
 
 from conftest import ConstantField, TimeField
 from ertacache import CalibrationConfig, Policy, calibrate, calibrate_many, sample, seeded_noise
-from ertacache.calibration import CalibSet, adjust_grid, log_ground_truth, shrink_step, threshold_search
+from ertacache.calibration import AdjustTimesteps, CoreDriver, GroundTruth, ThresholdSearch
+from ertacache.core.grids import shrink_step, time_grid
 from ertacache.errors import ErtaCacheError
-from ertacache.grids import time_grid
 
 
 def calib_set(model, n=2, reuse="velocity", shape=(1, 2, 2)):
-    return CalibSet(model, seeded_noise(range(n), shape), None, None, 1.0, reuse)
+    return CoreDriver(model, None, range(n), shape, 1, 1.0, 1.0, None, reuse, None)
+
+
+def run(driver, pass_, grid):
+    return driver.run(pass_, slice(0, driver.size), driver.size, grid)
+
+
+def adjust_grid(driver, grid, cached, denominator):
+    p = AdjustTimesteps(cached, denominator)
+    run(driver, p, grid)
+    return p.grid, p.phis
+
+
+def log_ground_truth(driver, grid):
+    p = GroundTruth()
+    run(driver, p, grid)
+    return p.norms()
+
+
+def threshold_search(driver, grid, gt_norms, lam):
+    p = ThresholdSearch(lam, gt_norms)
+    run(driver, p, grid)
+    return tuple(p.cached_steps), p.l1_rel
 
 
 def test_shrink_step_keeps_the_end_and_proportions():
@@ -50,12 +72,12 @@ def test_threshold_search_caches_everything_on_constant_field():
     cs = calib_set(ConstantField(0.5), reuse="latent_residual")
     grid = time_grid(8)
     gt = log_ground_truth(cs, grid)
-    res = threshold_search(cs, grid, gt, 0.01)
+    cached, _ = threshold_search(cs, grid, gt, 0.01)
     # latent residual r = v - x changes with x, velocity does not
-    assert res.cached_steps == ()
+    assert cached == ()
     cs = calib_set(ConstantField(0.5), reuse="velocity")
-    res = threshold_search(cs, grid, log_ground_truth(cs, grid), 0.01)
-    assert res.cached_steps == (1, 2, 3, 4, 5, 6)
+    cached, _ = threshold_search(cs, grid, log_ground_truth(cs, grid), 0.01)
+    assert cached == (1, 2, 3, 4, 5, 6)
 
 
 def test_threshold_search_closed_form_l1_rel():
@@ -63,11 +85,11 @@ def test_threshold_search_closed_form_l1_rel():
     cs = calib_set(TimeField(1.0))
     grid = time_grid(5)  # 1, .8, .6, .4, .2, 0
     gt = log_ground_truth(cs, grid)
-    res = threshold_search(cs, grid, gt, 0.3)
+    cached, l1_rel = threshold_search(cs, grid, gt, 0.3)
     # step 1: |1-.8|/.8 = .25 < .3 cached; step 2: |1-.6|/.6 = .67 computed; step 3: |.6-.4|/.4 = .5 computed
-    assert res.cached_steps == (1,)
-    assert res.l1_rel[1] == pytest.approx(0.25)
-    assert res.l1_rel[2] == pytest.approx(0.4 / 0.6)
+    assert cached == (1,)
+    assert l1_rel[1] == pytest.approx(0.25)
+    assert l1_rel[2] == pytest.approx(0.4 / 0.6)
 
 
 def _calibrate(model, **kw):
@@ -155,7 +177,7 @@ def test_nan_model_output_names_the_step():
                 v[0, 0, 0, 0] = float("nan")
             return v
 
-    with pytest.raises(ErtaCacheError, match=r"NaN/inf values at step 5 \(t = 0.5000\) during ground-truth"):
+    with pytest.raises(ErtaCacheError, match=r"NaN/inf values at step 5 \(t = 0.5000\) during ground truth"):
         calibrate(NaNAt(), None, [0, 1], latent_shape=(1, 2, 2), num_inference_steps=10, target_speedup=2.0,
                   config=CalibrationConfig(reuse="velocity"))
 

@@ -148,15 +148,25 @@ def test_calibrate_on_the_pipeline(pipe, model):
     assert not torch.equal(out, ref) and psnr(out, ref) > 25
 
 
-def test_pipeline_calibration_refuses_unsupported_options(pipe):
+def test_pipeline_calibration_refuses_what_it_cannot_honour_before_any_model_call(pipe, monkeypatch):
     from ertacache.config import CalibrationConfig
+    from ertacache.integrations.diffusers import BLOCK_OUTPUTS
     from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 
-    with pytest.raises(ErtaCacheError, match="block_residual reuse is not supported on pipelines"):
-        calibrate_pipeline(pipe, ["a"], num_inference_steps=T, target_speedup=2.0,
-                           config=CalibrationConfig(reuse="block_residual"))
-    with pytest.raises(ErtaCacheError, match="exactly one"):
-        calibrate_pipeline(pipe, ["a"], num_inference_steps=T)
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        monkeypatch.delitem(BLOCK_OUTPUTS, "FluxSingleTransformerBlock")
+        with pytest.raises(ErtaCacheError, match="no output layout for block class FluxSingleTransformerBlock"):
+            calibrate_pipeline(pipe, ["a"], num_inference_steps=T, target_speedup=2.0,
+                               config=CalibrationConfig(reuse="block_residual"))
+        with pytest.raises(ErtaCacheError, match="exactly one"):
+            calibrate_pipeline(pipe, ["a"], num_inference_steps=T)
+        with pytest.raises(ErtaCacheError, match="prompts, or prompt_embeds"):
+            calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0)
+    finally:
+        hook.remove()
+    assert calls == []
 
 
 def test_adjusted_grid_goes_in_through_the_scheduler(pipe, model):

@@ -5,7 +5,7 @@ import torch
 
 from ertacache import CalibrationConfig, Policy, PolicyMismatchError
 from ertacache.errors import ErtaCacheError
-from ertacache.grids import time_grid
+from ertacache.core.grids import time_grid
 
 
 def rich_policy() -> Policy:

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ertacache.rectify import RectStats, apply
+from ertacache.core.rectify import RectStats, apply
 
 
 @settings(max_examples=25, deadline=None)

@@ -15,9 +15,9 @@ from .calibration import calibrate, calibrate_many, check_target_speedup  # noqa
 from .config import CalibrationConfig  # noqa: E402
 from .errors import ErtaCacheError, PolicyMismatchError  # noqa: E402
 from .fingerprint import model_fingerprint  # noqa: E402
-from .grids import time_grid  # noqa: E402
+from .core.grids import time_grid  # noqa: E402
 from .policy import Policy  # noqa: E402
-from .sampler import SampleResult, SampleStats, sample, seeded_noise  # noqa: E402
+from .core.euler import SampleResult, SampleStats, sample, seeded_noise  # noqa: E402
 
 
 def apply_ertacache(pipe, policy, **kwargs):  # type: ignore[no-untyped-def]
@@ -27,9 +27,17 @@ def apply_ertacache(pipe, policy, **kwargs):  # type: ignore[no-untyped-def]
     return _apply(pipe, policy, **kwargs)
 
 
+def calibrate_pipeline(pipe, prompts, **kwargs):  # type: ignore[no-untyped-def]
+    """Calibrate a policy through a diffusers pipeline's own call; see
+    :func:`ertacache.integrations.diffusers.calibrate_pipeline`."""
+    from .integrations.diffusers import calibrate_pipeline as _calibrate
+
+    return _calibrate(pipe, prompts, **kwargs)
+
+
 __all__ = [
     "CalibrationConfig", "ErtaCacheError", "Policy", "PolicyMismatchError", "SampleResult", "SampleStats",
-    "apply_ertacache",
+    "apply_ertacache", "calibrate_pipeline",
     "__version__", "calibrate", "calibrate_many", "check_target_speedup", "model_fingerprint", "sample",
     "seeded_noise", "time_grid",
 ]

@@ -123,7 +123,7 @@ def _generate(args: argparse.Namespace) -> int:
     from .fingerprint import model_fingerprint
     from .models.digits import NULL_CLASS, load_digits_model
     from .policy import Policy
-    from .sampler import sample, seeded_noise
+    from .core.euler import sample, seeded_noise
 
     model = load_digits_model(args.model)
     policy = Policy.load(args.policy) if args.policy else None

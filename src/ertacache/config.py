@@ -6,13 +6,14 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
+from .core.reuse import get_reuse
 from .errors import ErtaCacheError
 
 ReuseMode = Literal["block_residual", "velocity", "latent_residual"]
 """What the cache keeps (NOTES.md section 1).
 
 - ``block_residual``: ``r = h_out - h_in`` of the block stack; a cached step runs the
-  embedding and head only (needs a :class:`~ertacache.model.SplitVelocityModel`).
+  embedding and head only (needs a :class:`~ertacache.core.model.SplitVelocityModel`).
 - ``velocity``: ``v~_j = v_i``.
 - ``latent_residual``: ``r = v_i - x_i``, ``v~_j = x_j + r`` (Eq. 5-6 read literally).
 """
@@ -75,8 +76,8 @@ class CalibrationConfig:
     component_check: bool = True
 
     def __post_init__(self) -> None:
+        get_reuse(self.reuse)
         for name, kind in (
-            ("reuse", ReuseMode),
             ("l1_denominator", L1Denominator),
             ("phi_denominator", PhiDenominator),
             ("rectification", Rectification),

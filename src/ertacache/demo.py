@@ -28,7 +28,7 @@ from .calibration import calibrate_with_variants
 from .fingerprint import model_fingerprint
 from .io import atomic_write_text
 from .policy import Policy
-from .sampler import sample, seeded_noise
+from .core.euler import sample, seeded_noise
 
 
 @dataclass(frozen=True)

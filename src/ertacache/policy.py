@@ -22,7 +22,10 @@ from torch import Tensor
 from . import __version__
 from .config import CalibrationConfig, ReuseMode
 from .errors import ErtaCacheError, PolicyMismatchError
-from .grids import check_grid, time_grid
+from .core.engine import FollowPolicy
+from .core.grids import check_grid, time_grid
+from .core.rectify import ChannelLayout
+from .core.reuse import get_reuse
 from .io import atomic_write, atomic_write_text
 
 SCHEMA_VERSION = 1
@@ -90,6 +93,7 @@ class Policy:
                 f"always computed), got {list(self.cached_steps)}"
             )
         object.__setattr__(self, "cached_steps", cached)
+        get_reuse(self.reuse)
         object.__setattr__(self, "branches", tuple(self.branches))
         if self.latent_shape is not None:
             object.__setattr__(self, "latent_shape", tuple(int(s) for s in self.latent_shape))
@@ -131,6 +135,19 @@ class Policy:
             return None
         name = self.branches[branch]
         return self.rect_a[name][step], self.rect_b[name][step]
+
+    def follower(self, layout: ChannelLayout = ChannelLayout()) -> FollowPolicy:
+        """The inference pass that follows this policy (Algorithm 1), for any driver.
+
+        Args:
+            layout: where the model output's channels are (per-channel coefficients).
+        """
+        index = {name: k for k, name in enumerate(self.branches)}
+
+        def coeffs(branch: str, step: int) -> tuple[Tensor, Tensor] | None:
+            return self.rectification(index[branch], step) if branch in index else None
+
+        return FollowPolicy(self.compute_mask, coeffs, self.rect_form, layout)  # type: ignore[arg-type]
 
     # ----- constructors ---------------------------------------------------------
     @classmethod

@@ -16,8 +16,9 @@ from typing import Any
 
 import torch
 
-from . import cache, rectify
-from .config import ReuseMode
+from .core import rectify
+from .core.euler import compute, rebuild
+from .core.reuse import REUSE_MODES
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -36,23 +37,24 @@ def step_costs(model: Any, x: torch.Tensor, cond: torch.Tensor | None, repeats: 
     t = torch.full((x.shape[0],), 0.5)
     a, b = torch.tensor([0.01]), torch.tensor([0.001])
     rows = []
-    modes: tuple[ReuseMode, ...] = ("block_residual", "velocity", "latent_residual")
-    for mode in modes:
-        _, r = cache.compute(model, mode, x, t, cond)
+    for mode in REUSE_MODES.values():
+        v, h_res = compute(model, mode, x, t, cond)
+        r = mode.keep(v, x, h_res)
 
-        def computed_step(m: ReuseMode = mode) -> Any:
-            return cache.compute(model, m, x, t, cond)
+        def computed_step(m: Any = mode) -> Any:
+            v, h_res = compute(model, m, x, t, cond)
+            return m.keep(v, x, h_res)
 
-        def cached_step(m: ReuseMode = mode, r: torch.Tensor = r) -> Any:
-            return cache.reuse(model, m, r, x, t, cond)
+        def cached_step(m: Any = mode, r: torch.Tensor = r) -> Any:
+            return rebuild(model, m, r, x, t, cond)
 
-        def rectified_step(m: ReuseMode = mode, r: torch.Tensor = r) -> Any:
-            return rectify.apply(cache.reuse(model, m, r, x, t, cond), a, b, "linear")
+        def rectified_step(m: Any = mode, r: torch.Tensor = r) -> Any:
+            return rectify.apply(rebuild(model, m, r, x, t, cond), a, b, "linear")
 
         computed = _median_seconds(computed_step, repeats)
         plain = _median_seconds(cached_step, repeats)
         rect = _median_seconds(rectified_step, repeats)
-        rows.append({"reuse": mode, "computed_ms": computed * 1e3, "cached_ms": plain * 1e3,
+        rows.append({"reuse": mode.name, "computed_ms": computed * 1e3, "cached_ms": plain * 1e3,
                      "cached_rectified_ms": rect * 1e3, "cached_fraction": plain / computed,
                      "cached_rectified_fraction": rect / computed,
                      "rectification_overhead_of_computed": (rect - plain) / computed})

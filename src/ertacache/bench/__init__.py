@@ -25,7 +25,7 @@ from torch import Tensor
 from .. import metrics
 from ..fingerprint import model_fingerprint
 from ..io import atomic_write_text
-from ..sampler import seeded_noise
+from ..core.euler import seeded_noise
 from . import methods as m
 from .report import write_report
 

@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..calibration import CalibrationSession, calibrate
+from ..calibration import calibrate, core_session
 from ..config import CalibrationConfig
 from ..policy import Policy
-from ..sampler import sample, seeded_noise
+from ..core.euler import sample, seeded_noise
 
 Runner = Callable[[Tensor, Tensor], tuple[Tensor, int]]
 """``(noise (B, 1, 16, 16), labels (B,)) -> (x at t = 0, NFE per sample and branch)``."""
@@ -97,7 +97,7 @@ def ertacache(ctx: Context) -> list[Method]:
     """ERTACache with the library defaults, one policy per target speedup (one shared calibration session),
     and at 2x the paper's Table 3 ladder on the chosen cached set: uniform cache, offline policy,
     + timestep adjustment, + rectification (every component on)."""
-    session = CalibrationSession(ctx.model, ctx.cal_labels, ctx.cal_seeds, **ctx.cal_kwargs())
+    session = core_session(ctx.model, ctx.cal_labels, ctx.cal_seeds, **ctx.cal_kwargs())
     out, ladder = [], []
     for s in ctx.settings.target_speedups:
         p = session.policy(target_speedup=s)
@@ -140,7 +140,7 @@ def options(ctx: Context) -> list[Method]:
 
 def teacache(ctx: Context) -> list[Method]:
     """Our TeaCache, its polynomial fitted on the calibration conditions."""
-    from ..grids import time_grid
+    from ..core.grids import time_grid
     from ..peers.teacache import TeaCacheModel, fit_coefficients, flux_modulated_input
 
     s = ctx.settings

@@ -54,7 +54,7 @@ def pipeline_methods(pipe: Any, args: argparse.Namespace, cal_prompts: list[str]
     from ..config import CalibrationConfig
     from ..integrations.diffusers.calibrate import calibrate_pipeline
     from ..integrations.diffusers.cli import call_kwargs
-    from ..integrations.diffusers.hooks import apply_ertacache
+    from ..integrations.diffusers.apply import apply_ertacache
     from ..peers.diffusers_hooks import calibrate_magcache
 
     T, kw = args.num_inference_steps, call_kwargs(args)

@@ -27,6 +27,8 @@ from ..errors import ErtaCacheError
 NULL_CLASS = 10
 NUM_CLASSES = 10
 IMAGE_SIZE = 16
+LATENT_SHAPE = (1, IMAGE_SIZE, IMAGE_SIZE)
+"""One sample's state shape ``(C, H, W)`` in the core sampler."""
 WEIGHTS_NAME = "digits_flux.safetensors"
 CONFIG_NAME = "digits_flux.json"
 
@@ -77,8 +79,8 @@ class _Ctx:
 class DigitsFlux(nn.Module):
     """Class-conditional velocity model ``v(x, t, label)`` around a FluxTransformer2DModel.
 
-    Implements both :class:`ertacache.model.VelocityFn` (``__call__``) and
-    :class:`ertacache.model.SplitVelocityModel` (``embed``/``blocks``/``head``).
+    Implements both :class:`ertacache.core.model.VelocityFn` (``__call__``) and
+    :class:`ertacache.core.model.SplitVelocityModel` (``embed``/``blocks``/``head``).
 
     Args:
         transformer_config: keyword arguments of ``FluxTransformer2DModel``.

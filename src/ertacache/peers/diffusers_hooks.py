@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sampler import sample
+from ..core.euler import sample
 
 
 class TransformerVelocity:

@@ -8,7 +8,7 @@ block stack is skipped and its last residual ``h_out - h_in`` is added instead;
 otherwise the blocks run, the residual is refreshed and the accumulator resets. The
 first and last steps always compute.
 
-Here it wraps a :class:`~ertacache.model.SplitVelocityModel`, so it runs under the
+Here it wraps a :class:`~ertacache.core.model.SplitVelocityModel`, so it runs under the
 same Euler sampler as everything else; the decision is taken over the whole batch
 (both guidance branches), as TeaCache's ``mean()`` over the batch tensor does.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..sampler import sample
+from ..core.euler import sample
 
 ModulatedInput = Callable[[Tensor, Any], Tensor]
 

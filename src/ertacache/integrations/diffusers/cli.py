@@ -54,7 +54,7 @@ def calibrate(args: argparse.Namespace) -> int:
 
 def generate(args: argparse.Namespace) -> int:
     from ...policy import Policy
-    from .hooks import apply_ertacache
+    from .apply import apply_ertacache
 
     if not args.prompt:
         raise ErtaCacheError("--prompt TEXT is required with --pipeline")

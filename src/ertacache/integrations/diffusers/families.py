@@ -1,13 +1,15 @@
-"""Per-family facts as data: where the transformer is, what it is given, how branches are named.
+"""Per-family facts as data: where the transformers and their block stacks are, what they are given.
 
 Adding a family is one :func:`register_family` call; no model code is copied.
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from ...core.rectify import ChannelLayout
 from ...errors import ErtaCacheError
 
 
@@ -17,19 +19,16 @@ class Family:
 
     Attributes:
         name: short name, e.g. ``"flux"``.
-        pipelines: pipeline class names of the family.
+        pipelines: pipeline class names of the family (subclasses match too).
         transformers: pipeline attributes holding transformers; each gets its own
             cache (Wan 2.2 has ``transformer`` and ``transformer_2``).
         timestep_scale: the transformer's ``timestep`` argument is ``t * timestep_scale``
             (FLUX passes sigma itself: 1; the others pass ``1000 * sigma``).
         default_context: the branch name used when the pipeline sets no
             ``cache_context`` (SD3 batches both CFG branches in one call).
-        grid_argument: how an explicit grid goes in: the pipeline's ``sigmas=`` or
-            ``timesteps=`` argument, or ``"scheduler"`` when it has neither.
-        output: what the transformer predicts relative to the sampler's latent:
-            ``velocity`` (flow matching) or ``v_prediction`` (CogVideoX, DDIM family).
-        hidden_states_is_latent: the ``hidden_states`` argument is the sampler's
-            latent itself (needed by ``latent_residual`` reuse).
+        block_stacks: attributes of the transformer holding its block lists, in the
+            order they run; ``block_residual`` reuse caches ``h_out - h_in`` across them.
+        channels: where the output's channels are (per-channel rectification).
     """
 
     name: str
@@ -37,9 +36,8 @@ class Family:
     transformers: tuple[str, ...] = ("transformer",)
     timestep_scale: float = 1000.0
     default_context: str = "cond_uncond"
-    grid_argument: Literal["sigmas", "timesteps", "scheduler"] = "sigmas"
-    output: Literal["velocity", "v_prediction"] = "velocity"
-    hidden_states_is_latent: bool = True
+    block_stacks: tuple[str, ...] = ("transformer_blocks",)
+    channels: ChannelLayout = ChannelLayout()
 
 
 FAMILIES: dict[str, Family] = {}
@@ -51,13 +49,16 @@ def register_family(family: Family) -> Family:
     return family
 
 
-register_family(Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline"), timestep_scale=1.0))
+register_family(Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline"), timestep_scale=1.0,
+                       block_stacks=("transformer_blocks", "single_transformer_blocks"),
+                       channels=ChannelLayout(dim=-1, group=4)))  # packed 2x2 patches, channel-major
 register_family(Family("wan", ("WanPipeline", "WanImageToVideoPipeline"), ("transformer", "transformer_2"),
-                       grid_argument="scheduler", hidden_states_is_latent=False))
-register_family(Family("cogvideox", ("CogVideoXPipeline",), grid_argument="timesteps", output="v_prediction"))
-register_family(Family("hunyuan_video", ("HunyuanVideoPipeline",)))
+                       block_stacks=("blocks",)))
+register_family(Family("cogvideox", ("CogVideoXPipeline",), channels=ChannelLayout(dim=2)))  # (B, F, C, H, W)
+register_family(Family("hunyuan_video", ("HunyuanVideoPipeline",),
+                       block_stacks=("transformer_blocks", "single_transformer_blocks")))
 register_family(Family("sd3", ("StableDiffusion3Pipeline",)))
-register_family(Family("ltx", ("LTXPipeline",), grid_argument="timesteps"))
+register_family(Family("ltx", ("LTXPipeline",), channels=ChannelLayout(dim=-1)))  # packed tokens (B, L, C)
 
 
 def transformers_of(pipe: Any, family: Family) -> list[Any]:
@@ -67,8 +68,6 @@ def transformers_of(pipe: Any, family: Family) -> list[Any]:
 
 def pipeline_fingerprint(pipe: Any, family: Family) -> str:
     """One fingerprint over all of a pipeline's transformers (Wan 2.2 has two)."""
-    import hashlib
-
     from ...fingerprint import model_fingerprint
 
     prints = [model_fingerprint(m) for m in transformers_of(pipe, family)]
@@ -81,13 +80,12 @@ def family_for(pipe: Any) -> Family:
     Raises:
         ErtaCacheError: an unknown pipeline, listing the supported ones and how to register one.
     """
-    name = type(pipe).__name__
     for cls in type(pipe).__mro__:
         for family in FAMILIES.values():
             if cls.__name__ in family.pipelines:
                 return family
     supported = sorted(p for f in FAMILIES.values() for p in f.pipelines)
     raise ErtaCacheError(
-        f"no ertacache family for pipeline {name}; supported: {', '.join(supported)}. Register one with "
-        "ertacache.integrations.diffusers.register_family(Family(name, pipelines=(...), ...)) (README)."
+        f"no ertacache family for pipeline {type(pipe).__name__}; supported: {', '.join(supported)}. Register one "
+        "with ertacache.integrations.diffusers.register_family(Family(name, pipelines=(...), ...)) (README)."
     )

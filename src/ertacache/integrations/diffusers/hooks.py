@@ -1,306 +1,305 @@
-"""ERTACache inference on a diffusers pipeline through diffusers' own hook machinery.
+"""The diffusers driver: hooks that run the core's engine inside a pipeline's own ``__call__``.
 
-One stateful :class:`diffusers.hooks.ModelHook` per transformer replaces nothing:
-at a computed step it calls the transformer's original forward and keeps its output;
-at a cached step it returns the kept output (``velocity`` reuse) or ``x + r``
-(``latent_residual``), rectified (Eq. 15-21), without running the transformer. The
-step is found from the ``timestep`` the pipeline passes, matched against the policy's
-grid, never by counting calls. Each ``cache_context`` branch has its own state.
+:class:`StepHook` sits on each transformer (through diffusers' ``HookRegistry``). At
+each transformer call it finds the step from the ``timestep`` passed (matched in order
+against the grid, never by counting calls), runs the model when the engine's pass
+needs it, rebuilds ``v~`` from the unit's cache when asked, and reports the call to
+the :class:`~ertacache.core.engine.Engine` shared by all transformers of the pipeline
+(:class:`PipelineRun`). A unit is one ``cache_context`` branch of one transformer.
+
+A step is decided when its last unit has called. Units called before it already
+returned their (provisional) output; where the decision changes it (a calibration
+pass only), the engine writes the final output into that tensor in place, before the
+pipeline combines the branches and steps the scheduler. Timestep adjustment writes
+the new times into the scheduler in place (:func:`~.scheduler.write_grid`).
+
+:class:`BlockHook` sits on each block of the stack for ``block_residual`` reuse: it
+records ``h_in`` and ``h_out`` at a computed step, and at a cached step the first
+block returns ``h_in + r`` while the others pass their inputs through.
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import StateManager
 from torch import Tensor
 
-from ... import rectify
+from ...core.engine import Engine, UnitCall
+from ...core.reuse import Reuse
 from ...errors import ErtaCacheError, PolicyMismatchError
-from ...policy import Policy
-from .families import Family, family_for, pipeline_fingerprint, transformers_of
+from .adapters import (
+    BlockOutput,
+    encoder_states_of,
+    hidden_states_of,
+    latent_of,
+    output_like,
+    sample_of,
+    timestep_of,
+)
+from .families import Family
+from .scheduler import write_grid
 
-HOOK_NAME = "ertacache"
+STEP_HOOK = "ertacache"
+BLOCK_HOOK = "ertacache_block"
 
 
 @dataclass
-class _BranchState:
-    output: Tensor | None = None
+class BlockSwitch:
+    """Shared by a transformer's block hooks: ``off``, ``record`` (keep ``h_in``, ``h_out``) or ``inject`` (skip the stack)."""
+
+    mode: Literal["off", "record", "inject"] = "off"
+    h_in: Tensor | None = None
+    h_out: Tensor | None = None
     residual: Tensor | None = None
-    last_step: int = -1
-
-    def reset(self, *args: Any, **kwargs: Any) -> None:
-        self.output, self.residual, self.last_step = None, None, -1
 
 
-def _timestep_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
-    ts = kwargs.get("timestep")
-    if ts is None:
-        raise ErtaCacheError("the transformer was called without a `timestep` keyword; ertacache needs it to find "
-                             "the step")
-    return float(torch.as_tensor(ts).flatten()[0])
-
-
-def _hidden_states(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    x = kwargs.get("hidden_states", args[0] if args else None)
-    if not isinstance(x, Tensor):
-        raise ErtaCacheError("the transformer was called without `hidden_states`")
-    return x
-
-
-def _sample_of(output: Any) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, tuple):
-        return output[0]
-    return output.sample
-
-
-def _like(output: Any, sample: Tensor) -> Any:
-    if isinstance(output, Tensor):
-        return sample
-    if isinstance(output, tuple):
-        return (sample, *output[1:])
-    return type(output)(sample=sample)
-
-
-def _build_hook(policy: Policy, family: Family, pipe: Any) -> Any:
-    from diffusers.hooks import ModelHook
-    from diffusers.hooks.hooks import StateManager
-
-    class ErtaCacheHook(ModelHook):
-        _is_stateful = True
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.policy, self.family = policy, family
-            self.state_manager = StateManager(_BranchState)  # type: ignore[arg-type]
-            self.grid = list(policy.sampling_grid[:-1])
-            self.mask = policy.compute_mask
-            self.branch_index = {name: k for k, name in enumerate(policy.branches)}
-            # per branch, the last run's computed and cached steps (kept after the pipeline resets its hooks)
-            self.steps: dict[str, dict[str, list[int]]] = {}
-
-        def initialize_hook(self, module: torch.nn.Module) -> torch.nn.Module:
-            return module
-
-        def _step(self, t: float, state: _BranchState) -> int:
-            tol = 1e-4 * max(1.0, abs(t))
-            matches = [i for i, g in enumerate(self.grid) if abs(g - t) <= tol and i > state.last_step]
-            if not matches:
-                raise PolicyMismatchError(
-                    f"the pipeline called the transformer at t = {t:.5f}, which is not the next time of the policy's "
-                    f"grid (calibrated for num_inference_steps={self.policy.num_inference_steps}, shift="
-                    f"{self.policy.shift}; grid starts {[round(g, 4) for g in self.grid[:4]]}). Call the pipeline "
-                    "with the policy's num_inference_steps (and resolution), or recalibrate."
-                )
-            return matches[0]
-
-        def _check_guidance(self) -> None:
-            expected = self.policy.provenance.get("pipeline_guidance_scale")
-            got = getattr(pipe, "_guidance_scale", None)
-            if expected is not None and got is not None and abs(float(got) - float(expected)) > 1e-6:
-                raise PolicyMismatchError(
-                    f"guidance_scale: policy {expected}, got {got}; recalibrate for this guidance setting"
-                )
-
-        def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-            from diffusers.hooks.hooks import CacheContext
-
-            if self.state_manager._context is None:
-                self.state_manager.set_context(CacheContext(self.family.default_context))
-            name = self.state_manager.context.name
-            state: _BranchState = self.state_manager.get_state()
-            if name not in self.branch_index:
-                raise PolicyMismatchError(
-                    f"the pipeline runs guidance branch {name!r}, the policy was calibrated for branches "
-                    f"{self.policy.branches}: the guidance setting differs; recalibrate for it"
-                )
-            x = _hidden_states(args, kwargs)
-            if self.policy.latent_shape is not None and tuple(x.shape[1:]) != self.policy.latent_shape:
-                raise PolicyMismatchError(
-                    f"latent shape: policy {self.policy.latent_shape}, got {tuple(x.shape[1:])} (another resolution "
-                    "or frame count); recalibrate for it"
-                )
-            t = _timestep_of(args, kwargs) / self.family.timestep_scale
-            step = self._step(t, state)
-            if step == 0:
-                self._check_guidance()
-                state.reset()
-                self.steps[name] = {"computed": [], "cached": []}
-            state.last_step = step
-            if self.mask[step] or state.output is None:
-                self.steps.setdefault(name, {"computed": [], "cached": []})["computed"].append(step)
-                forward: Any = self.fn_ref.original_forward
-                out = forward(*args, **kwargs)
-                sample = _sample_of(out)
-                state.output = sample
-                state.residual = sample - x if self.policy.reuse == "latent_residual" else None
-                return out
-            self.steps[name]["cached"].append(step)
-            cached = state.output if state.residual is None else x + state.residual
-            coeffs = self.policy.rectification(self.branch_index[name], step)
-            if coeffs is not None:
-                cached = rectify.apply(cached, coeffs[0], coeffs[1], self.policy.rect_form)  # type: ignore[arg-type]
-            return _like(_wrap_output(kwargs), cached)
-
-        def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-            self.state_manager.reset()
-            return module
-
-    return ErtaCacheHook()
-
-
-def _wrap_output(kwargs: dict[str, Any]) -> Any:
-    """An empty output of the form the caller asked for (``return_dict``)."""
-    if kwargs.get("return_dict", True):
-        from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
-        return Transformer2DModelOutput(sample=torch.empty(0))
-    return (torch.empty(0),)
-
-
-def set_scheduler_grid(scheduler: Any, grid: list[float]) -> None:
-    """Make ``scheduler.set_timesteps`` end with the times ``grid`` (``T + 1`` values, 1 -> 0).
-
-    The scheduler's own ``set_timesteps`` still runs (it sets the step count and its
-    state); then its ``sigmas`` become ``grid`` and its ``timesteps`` ``1000 * grid[:-1]``.
-    This is the one way in that every family shares: FLUX's dynamic shifting would
-    re-shift ``sigmas=`` passed to the call, and Wan takes none. Flow-matching
-    schedulers only (``sigmas`` in [0, 1]).
-
-    Raises:
-        ErtaCacheError: a scheduler without flow-matching ``sigmas``.
-    """
-    if not hasattr(scheduler, "sigmas") or not hasattr(scheduler.config, "num_train_timesteps") or \
-            "FlowMatch" not in type(scheduler).__name__:
-        raise ErtaCacheError(f"timestep adjustment needs a flow-matching scheduler; {type(scheduler).__name__} is "
-                             "not one (NOTES.md section 5): use a policy without an adjusted grid")
-    original = scheduler.set_timesteps
-
-    @functools.wraps(original)  # pipelines inspect its signature for `sigmas` / `timesteps`
-    def set_timesteps(*args: Any, **kwargs: Any) -> Any:
-        out = original(*args, **kwargs)
-        device = scheduler.timesteps.device
-        sigmas = torch.tensor(grid, dtype=torch.float32)
-        scheduler.sigmas = sigmas
-        scheduler.timesteps = (sigmas[:-1] * scheduler.config.num_train_timesteps).to(device)
-        return out
-
-    set_timesteps.__ertacache_original__ = original  # type: ignore[attr-defined]
-    scheduler.set_timesteps = set_timesteps
-
-
-def restore_scheduler(scheduler: Any) -> None:
-    """Undo :func:`set_scheduler_grid`."""
-    patched = scheduler.__dict__.get("set_timesteps")
-    if patched is not None and hasattr(patched, "__ertacache_original__"):
-        del scheduler.set_timesteps
-
-
-@dataclass
-class ErtaCacheHandle:
-    """What :func:`apply_ertacache` returns: ``.remove()``, a context manager, and per-call stats
-    (:meth:`forwards`, :meth:`steps`). A policy's adjusted grid is set on the scheduler while the
-    handle is applied (:func:`set_scheduler_grid`)."""
-
-    pipe: Any
-    policy: Policy
-    family: Family
-    modules: list[torch.nn.Module] = field(default_factory=list)
-    hooks: list[Any] = field(default_factory=list)
-    _scheduler_patched: bool = False
-
-    def remove(self) -> None:
-        """Unregister the hooks (and the scheduler's grid): the pipeline runs exactly as before."""
-        from diffusers.hooks import HookRegistry
-
-        for module in self.modules:
-            registry = HookRegistry.check_if_exists_or_initialize(module)
-            if registry.get_hook(HOOK_NAME) is not None:
-                registry.remove_hook(HOOK_NAME, recurse=False)
-        self.modules, self.hooks = [], []
-        if self._scheduler_patched:
-            restore_scheduler(self.pipe.scheduler)
-            self._scheduler_patched = False
-
-    def forwards(self) -> dict[str, int]:
-        """Transformer forwards of the last pipeline call per branch, summed over transformers (NFE per branch)."""
-        out: dict[str, int] = {}
-        for hook in self.hooks:
-            for name, steps in hook.steps.items():
-                out[name] = out.get(name, 0) + len(steps["computed"])
-        return out
-
-    def steps(self) -> dict[str, dict[str, list[int]]]:
-        """The last call's computed and cached steps per branch, over all transformers."""
-        out: dict[str, dict[str, list[int]]] = {}
-        for hook in self.hooks:
-            for name, steps in hook.steps.items():
-                both = out.setdefault(name, {"computed": [], "cached": []})
-                both["computed"] += steps["computed"]
-                both["cached"] += steps["cached"]
-        return out
-
-    def __enter__(self) -> ErtaCacheHandle:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
-
-
-def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True) -> ErtaCacheHandle:
-    """Cache a diffusers pipeline's transformer(s) by ``policy``.
+class BlockHook(ModelHook):
+    """On one block of the stack: records its states, or replaces the stack by ``h_in + r`` (``block_residual``).
 
     Args:
-        pipe: a pipeline of a registered family (:func:`~.families.family_for`).
-        policy: calibrated for this model and these settings; ``velocity`` or
-            ``latent_residual`` reuse, ``step`` granularity.
-        check_fingerprint: compare the policy's model fingerprint with the transformer's.
+        switch: the transformer's :class:`BlockSwitch`.
+        output: how the block returns its states.
+        first, last: the block's place in the stack.
+    """
 
-    Returns:
-        A handle; ``handle.remove()`` (or leaving its ``with`` block) restores the
-        pipeline exactly (hooks and, for an adjusted grid, the scheduler).
+    def __init__(self, switch: BlockSwitch, output: BlockOutput, first: bool, last: bool) -> None:
+        super().__init__()
+        self.switch, self.output, self.first, self.last = switch, output, first, last
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        sw = self.switch
+        forward: Any = self.fn_ref.original_forward
+        if sw.mode == "off":
+            return forward(*args, **kwargs)
+        h = hidden_states_of(args, kwargs)
+        if self.first:
+            sw.h_in = h
+        if sw.mode == "inject":
+            if sw.residual is None or sw.h_in is None:
+                raise ErtaCacheError("block_residual: a cached step without a cached residual")
+            out_h = sw.h_in + sw.residual if self.first else h
+            return self.output.pack(out_h, encoder_states_of(args, kwargs))
+        out = forward(*args, **kwargs)
+        if self.last:
+            sw.h_out = self.output.hidden_of(out)
+        return out
+
+
+class _NoState:
+    def reset(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+class StepHook(ModelHook):
+    """On a transformer: reports each call to the pipeline's :class:`PipelineRun`.
+
+    Args:
+        run: the shared run (engine, grid, step matching).
+        index: which transformer of the pipeline (Wan 2.2 has two), part of the unit key.
+        switch: the block stack's switch for ``block_residual`` reuse, else None.
+    """
+
+    _is_stateful = True  # receives cache_context from diffusers
+
+    def __init__(self, run: PipelineRun, index: int, switch: BlockSwitch | None = None) -> None:
+        super().__init__()
+        self.run, self.index, self.switch = run, index, switch
+        self.state_manager = StateManager(_NoState)  # type: ignore[arg-type]
+
+    def branch(self) -> str:
+        context = self.state_manager._context
+        return self.run.family.default_context if context is None else context.name
+
+    def forward_full(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Tensor | None]:
+        """The whole model: ``(output, block residual or None)``."""
+        forward: Any = self.fn_ref.original_forward
+        if self.switch is None:
+            return forward(*args, **kwargs), None
+        self.switch.mode = "record"
+        try:
+            out = forward(*args, **kwargs)
+            if self.switch.h_out is None or self.switch.h_in is None:
+                raise ErtaCacheError("block_residual: the block stack did not run")
+            return out, self.switch.h_out - self.switch.h_in
+        finally:
+            self.switch.mode, self.switch.h_in, self.switch.h_out = "off", None, None
+
+    def forward_head(self, args: tuple[Any, ...], kwargs: dict[str, Any], residual: Tensor) -> Tensor:
+        """Embedding and head only, the stack replaced by ``h_in + residual``."""
+        if self.switch is None:
+            raise ErtaCacheError("block_residual reuse needs block hooks; apply the cache with that reuse mode")
+        forward: Any = self.fn_ref.original_forward
+        self.switch.mode, self.switch.residual = "inject", residual
+        try:
+            return sample_of(forward(*args, **kwargs))
+        finally:
+            self.switch.mode, self.switch.residual, self.switch.h_in = "off", None, None
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.run.call(self, args, kwargs)
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.state_manager.reset()
+        return module
+
+
+@dataclass
+class PipelineRun:
+    """One engine driven from inside pipeline calls; shared by the hooks of all transformers.
+
+    Args:
+        engine: the pass and the grid (None while ground truth records it).
+        family: the pipeline family.
+        reuse: the reuse mode.
+        scheduler: where timestep adjustment writes a changed grid (None: never changes).
+        calls_per_step: how many transformer calls make one step (units), or None
+            while unknown (ground truth: decisions there change nothing).
+        rows: ``(n, n_fit)``: a call's batch holds the run's ``n`` rows (repeated for
+            batched CFG), the first ``n_fit`` of them fitting rows; None: all fit.
+        check_finite: raise on NaN/inf model output (calibration).
+        on_start: called with ``(hidden_states, branch)`` at each unit's step 0 (inference checks).
+
+    Attributes:
+        times: the recorded step times (ground truth).
+        branches: branch names in the order they were first called.
+        latent_shape: ``hidden_states.shape[1:]`` of the latest call.
+    """
+
+    engine: Engine
+    family: Family
+    reuse: Reuse
+    scheduler: Any = None
+    calls_per_step: int | None = None
+    rows: tuple[int, int] | None = None
+    check_finite: bool = False
+    on_start: Callable[[Tensor, str], None] | None = None
+    times: list[float] = field(default_factory=list)
+    branches: list[str] = field(default_factory=list)
+    latent_shape: tuple[int, ...] | None = None
+    last: dict[Hashable, int] = field(default_factory=dict)
+
+    def step_of(self, unit: Hashable, t: float) -> int:
+        """The step of a call at time t: the next grid time after the unit's last step (a new run at t_0)."""
+        tol = 1e-4 + 4e-3 * abs(t)  # bfloat16 timesteps are rounded to 2^-9 relative
+        grid = self.engine.grid
+        if grid is None:  # recording: a new time starts a new step
+            if not self.times or abs(self.times[-1] - t) > tol:
+                self.times.append(t)
+                self.flush(len(self.times) - 1)
+            return len(self.times) - 1
+        last = self.last.get(unit, -1)
+        matches = [i for i in range(len(grid) - 1) if abs(grid[i] - t) <= tol]
+        later = [i for i in matches if i > last]
+        if later:
+            step = later[0]
+        elif matches and matches[0] == 0:  # the pipeline starts a new run (after a finished or interrupted one)
+            self.engine.reset()
+            self.last = {}
+            step = 0
+        else:
+            raise PolicyMismatchError(
+                f"the pipeline called the transformer at t = {t:.5f}, which is not the next time of the policy's "
+                f"grid (T = {len(grid) - 1}; grid starts {[round(g, 4) for g in grid[:4]]}). Call the pipeline "
+                "with the policy's num_inference_steps (and resolution), or recalibrate."
+            )
+        self.last[unit] = step
+        return step
+
+    def flush(self, before: int) -> None:
+        """Decide every pending step before ``before`` (ground truth, where the unit count is unknown)."""
+        for step in sorted(s for s in self.engine.pending if s < before):
+            self.engine.end_step(step, write_back=True)
+
+    def fit_mask(self, batch: int) -> Tensor:
+        if self.rows is None:
+            return torch.ones(batch, dtype=torch.bool)
+        n, n_fit = self.rows
+        return (torch.arange(batch) % n) < n_fit
+
+    def call(self, hook: StepHook, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """One transformer call: run, reuse or both, as the engine's pass asks; return the output to use."""
+        name = hook.branch()
+        if name not in self.branches:
+            self.branches.append(name)
+        hidden = hidden_states_of(args, kwargs)
+        self.latent_shape = tuple(hidden.shape[1:])
+        t = timestep_of(kwargs, self.family)
+        unit = (hook.index, name)
+        step = self.step_of(unit, t)
+        if step == 0 and self.on_start is not None:
+            self.on_start(hidden, name)
+        engine = self.engine
+        out_obj = v = r = v_cached = None
+        if engine.needs_model(step, unit):
+            out_obj, h_res = hook.forward_full(args, kwargs)
+            v = sample_of(out_obj)
+            if self.check_finite and not bool(torch.isfinite(v).all()):
+                raise ErtaCacheError(f"model output has NaN/inf values at step {step} (t = {t:.4f}) during "
+                                     f"{engine.pass_.name}; check the pipeline's dtype (try float32) and inputs")
+            r = self.reuse.keep(v, self._latent(hidden, v.shape), h_res)
+        kept = engine.state(unit).kept
+        if kept is not None and engine.wants_cached(step, unit):
+            shape = v.shape if v is not None else kept.shape
+            v_cached = self.reuse.rebuild(kept, self._latent(hidden, shape),
+                                          lambda res: hook.forward_head(args, kwargs, res))
+        x = hidden if v is None and v_cached is None else self._latent(hidden, (v if v is not None else v_cached).shape)
+        out = engine.observe(UnitCall(step, t, unit, name, x, self.fit_mask(hidden.shape[0]), v=v, r=r,
+                                      v_cached=v_cached))
+        if self.calls_per_step is not None and engine.pending_count(step) >= self.calls_per_step:
+            before = list(engine.grid or [])
+            engine.end_step(step, write_back=True)
+            if engine.grid is not None and engine.grid != before and self.scheduler is not None:
+                write_grid(self.scheduler, engine.grid, step + 1)
+        return out_obj if out_obj is not None and out is v else output_like(kwargs, out)
+
+    def _latent(self, hidden: Tensor, shape: Any) -> Tensor:
+        if self.reuse.needs_blocks:
+            return hidden
+        return latent_of(hidden, tuple(shape))
+
+    def finish(self) -> None:
+        """Decide what is still pending (the end of a pipeline call)."""
+        self.flush(1 << 30)
+
+
+def register_hooks(transformers: list[Any], run: PipelineRun, family: Family, with_blocks: bool) -> list[Any]:
+    """Put a :class:`StepHook` (and block hooks) on each transformer; return the modules hooked.
 
     Raises:
-        ErtaCacheError: unknown pipeline, a reuse mode or granularity the hooks do not
-            support, or a transformer that already has ertacache applied.
-        PolicyMismatchError: another model (fingerprint).
+        ErtaCacheError: a transformer already has ertacache applied, or (``with_blocks``)
+            has no registered block stack.
     """
     from diffusers.hooks import HookRegistry
 
-    family = family_for(pipe)
-    if policy.reuse == "block_residual":
-        raise ErtaCacheError("block_residual reuse is not supported on pipelines yet; calibrate with reuse='velocity'")
-    if policy.config.granularity != "step" and policy.rect_form != "off":
-        raise ErtaCacheError("per-channel rectification is not supported on pipelines yet; use granularity='step'")
-    if check_fingerprint and policy.model_fingerprint is not None and transformers_of(pipe, family):
-        got = pipeline_fingerprint(pipe, family)
-        if got != policy.model_fingerprint:
-            raise PolicyMismatchError(f"model fingerprint: policy {policy.model_fingerprint}, got {got}; "
-                                      "calibrate a policy for this model")
-    handle = ErtaCacheHandle(pipe, policy, family)
-    for attr in family.transformers:
-        module = getattr(pipe, attr, None)
-        if module is None:
-            continue
+    from .adapters import block_stack
+
+    stacks = [block_stack(tf, family) if with_blocks else [] for tf in transformers]  # refuse before registering
+    for tf in transformers:
+        if HookRegistry.check_if_exists_or_initialize(tf).get_hook(STEP_HOOK) is not None:
+            raise ErtaCacheError(f"{type(tf).__name__} already has ertacache applied; remove() the old handle first")
+    hooked: list[Any] = []
+    for index, (tf, blocks) in enumerate(zip(transformers, stacks)):
+        switch = BlockSwitch() if with_blocks else None
+        for k, (block, output) in enumerate(blocks):
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(
+                BlockHook(switch, output, first=k == 0, last=k == len(blocks) - 1), BLOCK_HOOK)  # type: ignore[arg-type]
+            hooked.append(block)
+        HookRegistry.check_if_exists_or_initialize(tf).register_hook(StepHook(run, index, switch), STEP_HOOK)
+        hooked.append(tf)
+    return hooked
+
+
+def remove_hooks(modules: list[Any]) -> None:
+    """Undo :func:`register_hooks` on the modules it returned."""
+    from diffusers.hooks import HookRegistry
+
+    for module in modules:
         registry = HookRegistry.check_if_exists_or_initialize(module)
-        if registry.get_hook(HOOK_NAME) is not None:
-            handle.remove()
-            raise ErtaCacheError(f"{attr} already has ertacache applied; remove() the old handle first")
-        hook = _build_hook(policy, family, pipe)
-        registry.register_hook(hook, HOOK_NAME)
-        handle.modules.append(module)
-        handle.hooks.append(hook)
-    if not handle.modules:
-        raise ErtaCacheError(f"{type(pipe).__name__} has none of the transformers {family.transformers}")
-    if policy.adjusted_grid is not None:
-        try:
-            set_scheduler_grid(pipe.scheduler, list(policy.adjusted_grid))
-        except ErtaCacheError:
-            handle.remove()
-            raise
-        handle._scheduler_patched = True
-    return handle
+        for name in (STEP_HOOK, BLOCK_HOOK):
+            if registry.get_hook(name) is not None:
+                registry.remove_hook(name, recurse=False)

@@ -13,11 +13,31 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .config import Granularity, Rectification
+from ..config import Granularity, Rectification
 
 
-def _reduce_dims(x: Tensor, granularity: Granularity) -> list[int]:
-    return [d for d in range(x.ndim) if not (granularity == "channel" and d == 1)]
+@dataclass(frozen=True)
+class ChannelLayout:
+    """Where the channels of a model output lie, for per-channel rectification.
+
+    Entries of axis ``dim`` belong to channel ``index // group``: ``(B, C, ...)``
+    latents have ``dim=1, group=1``; FLUX's packed tokens ``(B, L, 4C)`` (2x2
+    patches, channel-major) have ``dim=-1, group=4``.
+    """
+
+    dim: int = 1
+    group: int = 1
+
+    def view(self, x: Tensor) -> tuple[Tensor, int]:
+        """``x`` viewed with the channel axis split out, and that axis' index."""
+        d = self.dim % x.ndim
+        if self.group == 1:
+            return x, d
+        return x.unflatten(d, (-1, self.group)), d
+
+
+def _reduce_dims(x: Tensor, granularity: Granularity, channel_dim: int) -> list[int]:
+    return [d for d in range(x.ndim) if not (granularity == "channel" and d == channel_dim)]
 
 
 @dataclass
@@ -35,10 +55,14 @@ class RectStats:
     sve: Tensor
 
     @classmethod
-    def of(cls, v_cached: Tensor, eps: Tensor, granularity: Granularity) -> RectStats:
-        """Statistics of cached velocities ``v_cached (B, C, ...)`` and errors ``eps`` (same shape)."""
-        v, e = v_cached.detach().double(), eps.detach().double()
-        dims = _reduce_dims(v, granularity)
+    def of(cls, v_cached: Tensor, eps: Tensor, granularity: Granularity,
+           layout: ChannelLayout = ChannelLayout()) -> RectStats:
+        """Statistics of cached velocities ``v_cached (B, C, ...)`` and errors ``eps`` (same shape).
+
+        ``layout`` says where the channels are (``granularity='channel'``).
+        """
+        (v, d), (e, _) = layout.view(v_cached.detach().double()), layout.view(eps.detach().double())
+        dims = _reduce_dims(v, granularity, d)
         sv = v.sum(dims).reshape(-1)
         return cls(
             n=torch.full_like(sv, v.numel() / sv.numel()),
@@ -77,20 +101,27 @@ class RectStats:
         return a.float(), b.float()
 
 
-def apply(v_cached: Tensor, a: Tensor, b: Tensor, form: Rectification) -> Tensor:
-    """The rectified velocity ``v^`` of Algorithm 1 line 17.
+def apply(v_cached: Tensor, a: Tensor, b: Tensor, form: Rectification,
+          layout: ChannelLayout = ChannelLayout()) -> Tensor:
+    """The rectified velocity ``v^`` of Algorithm 1 line 17 (a new tensor).
 
     Args:
-        v_cached: ``v~``, shape ``(B, C, ...)``.
+        v_cached: ``v~``, shape ``(B, C, ...)`` (or as ``layout`` says).
         a, b: shape ``(1,)`` or ``(C,)``.
         form: ``linear``: ``v~ - (a v~ + b)``; ``sigmoid``: ``v~ - sigmoid(K v~ + B)`` with
-            ``K = 4a``, ``B = 4(b - 1/2)`` (Eq. 15, 21); ``off``: ``v~``.
+            ``K = 4a``, ``B = 4(b - 1/2)`` (Eq. 15, 21); ``off``: ``v~`` itself.
+        layout: where the channels are, for ``(C,)`` coefficients.
     """
     if form == "off":
         return v_cached
-    shape = [1, -1] + [1] * (v_cached.ndim - 2) if a.numel() > 1 else [1] * v_cached.ndim
-    a_ = a.to(v_cached).view(shape)
-    b_ = b.to(v_cached).view(shape)
+    v, d = layout.view(v_cached) if a.numel() > 1 else (v_cached, 0)
+    shape = [1] * v.ndim
+    if a.numel() > 1:
+        shape[d] = -1
+    a_ = a.to(v).view(shape)
+    b_ = b.to(v).view(shape)
     if form == "linear":
-        return v_cached - (a_ * v_cached + b_)
-    return v_cached - torch.sigmoid(4 * a_ * v_cached + 4 * (b_ - 0.5))
+        out = v - (a_ * v + b_)
+    else:
+        out = v - torch.sigmoid(4 * a_ * v + 4 * (b_ - 0.5))
+    return out.reshape(v_cached.shape)

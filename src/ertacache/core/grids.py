@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .errors import ErtaCacheError
+from ..errors import ErtaCacheError
 
 
 def time_grid(num_inference_steps: int, shift: float = 1.0) -> list[float]:
@@ -72,3 +72,36 @@ def check_grid(grid: Sequence[float], num_inference_steps: int | None = None) ->
 def steps(grid: Sequence[float]) -> list[float]:
     """The step sizes ``dt_i = t_{i+1} - t_i`` (negative), length T."""
     return [grid[i + 1] - grid[i] for i in range(len(grid) - 1)]
+
+
+def shrink_step(grid: Sequence[float], step: int, phi: float) -> list[float]:
+    """Shrink step ``step`` to ``phi * dt`` and spread the time not taken over the later steps (Eq. 14).
+
+    The later steps grow in proportion to their sizes, so the grid still ends at
+    exactly t = 0 (Eq. 14 on a uniform grid; the same rule serves shifted grids).
+
+    Args:
+        grid: ``T + 1`` decreasing times ending at 0.
+        step: ``0 <= step < T - 1`` (a later step must exist to take the time).
+        phi: in [0, 1].
+
+    Returns:
+        The new grid (a new list); times up to ``t_step`` are unchanged.
+
+    Raises:
+        ErtaCacheError: ``step`` or ``phi`` out of range.
+    """
+    T = len(grid) - 1
+    if not 0 <= step < T - 1:
+        raise ErtaCacheError(f"only steps 0..T-2={T - 2} can be shrunk, got step {step}")
+    if not 0.0 <= phi <= 1.0:
+        raise ErtaCacheError(f"phi must be in [0, 1], got {phi}")
+    new = list(grid)
+    dt = grid[step + 1] - grid[step]
+    new[step + 1] = grid[step] + phi * dt
+    rest = grid[T] - grid[step + 1]
+    scale = (grid[T] - new[step + 1]) / rest
+    for k in range(step + 2, T):
+        new[k] = new[k - 1] + (grid[k] - grid[k - 1]) * scale
+    new[T] = grid[T]
+    return new

@@ -1,0 +1,207 @@
+"""The calibration passes, each a per-step observer (:class:`~ertacache.core.engine.Pass`), written once.
+
+Every decision is a function of sums over the step's units (guidance branches,
+transformers) and fitting rows, so it is the calibration batch's decision
+(Algorithm 2, line 3), and the sums can be added over micro-batches and processes.
+
+- :class:`GroundTruth`: Algorithm 2 lines 4-7, ``||r_gt_i||_1`` per step.
+- :class:`ThresholdSearch`: Algorithm 2 lines 8-22 for one lambda (Eq. 12).
+- :class:`AdjustTimesteps`: Eq. 13-14 along the cached trajectory (NOTES.md section 3).
+- :class:`FitRectification`: Eq. 15-21 with the held-out check (NOTES.md section 4).
+- Evaluating a candidate is inference: :class:`~ertacache.core.engine.FollowPolicy`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..config import Granularity, L1Denominator, PhiDenominator, Rectification
+from ..core import rectify
+from ..core.engine import Pass, UnitCall, l1, ratio
+from ..core.grids import shrink_step
+from ..core.rectify import ChannelLayout, RectStats
+
+
+class GroundTruth(Pass):
+    """The uncached run; logs ``||r_gt_i||_1`` per step over the fitting rows and every unit, and the times.
+
+    Attributes:
+        r_norms: length T after the run.
+        times: ``t_i`` of each step as the driver reported it (a pipeline's own grid).
+    """
+
+    name = "ground truth"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.r_norms: dict[int, float] = {}
+        self.times: dict[int, float] = {}
+        self.calls_per_step: dict[int, int] = {}
+
+    def decide(self, step: int, calls: list[UnitCall], grid: list[float]) -> list[float] | None:
+        self.r_norms[step] = self.sum([l1(c.r[c.fit]) for c in calls if c.r is not None])
+        self.times[step] = calls[0].t
+        self.calls_per_step[step] = len(calls)
+        return super().decide(step, calls, grid)
+
+    def norms(self) -> tuple[float, ...]:
+        return tuple(self.r_norms[i] for i in sorted(self.r_norms))
+
+    def grid(self) -> list[float]:
+        """The ``T + 1`` times: the reported ones, then t = 0."""
+        return [self.times[i] for i in sorted(self.times)] + [0.0]
+
+
+class ThresholdSearch(Pass):
+    """Algorithm 2's policy search for one lambda.
+
+    The model runs at every step and the trajectory advances as the cached sampler
+    would. ``l1_rel_i = ||r~ - r_i||_1 / ||r_gt_i||_1`` (Eq. 12; v2 divides by
+    ``||r_i||_1``), ``r`` being what the reuse mode keeps, summed over units and
+    fitting rows. Below lambda the step is cached (``v~`` used, the stale ``r~``
+    kept); otherwise the cache is refreshed. The first and last steps are computed.
+
+    Attributes:
+        cached_steps: the set S, after the run.
+        l1_rel: each step's ratio (0 where not eligible).
+    """
+
+    name = "policy search"
+
+    def __init__(self, threshold: float, gt_norms: Sequence[float], denominator: L1Denominator = "gt") -> None:
+        super().__init__()
+        self.threshold, self.gt_norms, self.denominator = threshold, list(gt_norms), denominator
+        self.T = len(self.gt_norms)
+        self.cached_steps: list[int] = []
+        self.l1_rel: dict[int, float] = {}
+
+    def needs_cached(self, step: int) -> bool:
+        return 0 < step < self.T - 1
+
+    def decide(self, step: int, calls: list[UnitCall], grid: list[float]) -> list[float] | None:
+        eligible = 0 < step < self.T - 1 and all(c.kept is not None and c.v_cached is not None for c in calls)
+        rel = 0.0
+        if eligible:
+            num = self.sum([l1((c.kept - c.r)[c.fit]) for c in calls if c.kept is not None and c.r is not None])
+            den = self.gt_norms[step] if self.denominator == "gt" else self.sum(
+                [l1(c.r[c.fit]) for c in calls if c.r is not None])
+            rel = ratio(num, den)
+        cache = eligible and rel < self.threshold
+        self.l1_rel[step] = rel
+        if cache:
+            self.cached_steps.append(step)
+        for c in calls:
+            c.out = c.v_cached if cache else c.v
+            c.refresh = not cache
+        return None
+
+
+class AdjustTimesteps(Pass):
+    """Eq. 13-14 along the cached trajectory of a fixed S (Algorithm 1, first loop).
+
+    At a cached step j the true ``v_j`` runs beside ``v~_j``:
+    ``phi_j = clip(1 - ||v~_j - v_j||_1 / ||v_j - v_{j-1}||_1, 0, 1)`` (v1; v2 divides
+    by ``||v_j||_1``; a zero denominator gives 1), norms summed over units and fitting
+    rows, ``v_{j-1}`` the unit's true output at the step before. The step shrinks to
+    ``phi_j dt_j`` (:func:`~ertacache.core.grids.shrink_step`) before the trajectory
+    takes it, so later estimates see earlier adjustments.
+
+    Attributes:
+        phis: ``{step: phi}``; grid: the adjusted grid, after the run.
+    """
+
+    name = "timestep adjustment"
+
+    def __init__(self, cached_steps: Sequence[int], denominator: PhiDenominator = "velocity_change") -> None:
+        super().__init__()
+        self.cached = set(cached_steps)
+        self.denominator = denominator
+        self.phis: dict[int, float] = {}
+        self.grid: list[float] = []
+
+    def needs_cached(self, step: int) -> bool:
+        return step in self.cached
+
+    def provisional(self, call: UnitCall) -> Tensor:
+        if call.step in self.cached and call.v_cached is not None and call.v_prev is not None:
+            return call.v_cached
+        return super().provisional(call)
+
+    def decide(self, step: int, calls: list[UnitCall], grid: list[float]) -> list[float] | None:
+        adjust = step in self.cached and all(c.v_cached is not None and c.v_prev is not None for c in calls)
+        new = None
+        if adjust:
+            num = self.sum([l1((c.v_cached - c.v)[c.fit]) for c in calls if c.v_cached is not None
+                            and c.v is not None])
+            den = self.sum([l1((c.v - c.v_prev if self.denominator == "velocity_change" else c.v)[c.fit])
+                            for c in calls if c.v is not None and c.v_prev is not None])
+            phi = 1.0 if den == 0 else min(1.0, max(0.0, 1.0 - ratio(num, den)))
+            self.phis[step] = phi
+            new = shrink_step(grid, step, phi)
+        for c in calls:
+            c.out = c.v_cached if adjust else c.v
+            c.refresh = not adjust
+        self.grid = list(new if new is not None else grid)
+        return new
+
+
+class FitRectification(Pass):
+    """Eq. 15-21 along the cached trajectory of a fixed S and grid, with the held-out check.
+
+    At each cached step the true ``v`` runs beside ``v~``. Per branch, the sufficient
+    statistics of ``eps = v~ - v`` on the fitting rows of every unit are summed and
+    solved (:meth:`RectStats.solve`); the fit stays on when ``||v^ - v||^2`` on the
+    held-out rows (all rows when none is held out) is below ``||v~ - v||^2``. The
+    output used (``v^`` or ``v~``) advances the trajectory, so later fits see earlier ones.
+
+    Attributes:
+        coeffs: ``{branch: {step: (a, b, enabled)}}`` after the run; ``a``, ``b`` of shape ``(C,)``.
+    """
+
+    name = "rectification fit"
+
+    def __init__(self, cached_steps: Sequence[int], form: Rectification, granularity: Granularity,
+                 has_holdout: bool, layout: ChannelLayout = ChannelLayout()) -> None:
+        super().__init__()
+        self.cached = set(cached_steps)
+        self.form, self.granularity, self.layout, self.has_holdout = form, granularity, layout, has_holdout
+        self.coeffs: dict[str, dict[int, tuple[Tensor, Tensor, bool]]] = {}
+
+    def needs_cached(self, step: int) -> bool:
+        return step in self.cached
+
+    def decide(self, step: int, calls: list[UnitCall], grid: list[float]) -> list[float] | None:
+        if not (step in self.cached and all(c.v_cached is not None and c.v is not None for c in calls)):
+            return super().decide(step, calls, grid)
+        for branch in dict.fromkeys(c.branch for c in calls):
+            mine = [c for c in calls if c.branch == branch]
+            stats = [RectStats.of(c.v_cached[c.fit], (c.v_cached - c.v)[c.fit], self.granularity, self.layout)
+                     for c in mine]  # type: ignore[index, operator]
+            total = RectStats.from_tensor(self.reduce(torch.stack([s.as_tensor() for s in stats]).sum(0)))
+            a, b = total.solve()
+            hats = [rectify.apply(c.v_cached, a, b, self.form, self.layout) for c in mine]  # type: ignore[arg-type]
+            rows = [c.hold if self.has_holdout else c.fit for c in mine]
+            err_hat = self.sum([(h - c.v)[m].double().square().sum() for h, c, m in zip(hats, mine, rows)])
+            err_raw = self.sum([(c.v_cached - c.v)[m].double().square().sum()  # type: ignore[operator]
+                                for c, m in zip(mine, rows)])
+            better = err_hat < err_raw
+            self.coeffs.setdefault(branch, {})[step] = (a, b, better)
+            for c, h in zip(mine, hats):
+                c.out = h if better else c.v_cached
+                c.refresh = False
+        return None
+
+    def tensors(self, branches: Sequence[str], T: int) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """``(rect_a, rect_b, enabled)`` for a policy: per branch ``(T, C)`` float32 (zero where off), ``(nb, T)`` bool."""
+        C = max((a.numel() for per in self.coeffs.values() for a, _, _ in per.values()), default=1)
+        rect_a = {b: torch.zeros(T, C) for b in branches}
+        rect_b = {b: torch.zeros(T, C) for b in branches}
+        enabled = torch.zeros(len(branches), T, dtype=torch.bool)
+        for k, name in enumerate(branches):
+            for step, (a, b, ok) in self.coeffs.get(name, {}).items():
+                if ok:
+                    rect_a[name][step], rect_b[name][step], enabled[k, step] = a, b, True
+        return rect_a, rect_b, enabled

@@ -1,0 +1,125 @@
+"""Which cached-step sets compete for a policy: Algorithm 2's lambda sweep, and the candidates of a budget."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import CalibrationConfig, check_threshold
+from ..errors import ErtaCacheError
+from ..policy import uniform_cached_steps
+
+VARIANTS = ("plain", "adjusted", "rectified", "full")
+"""Component variants of a candidate: no adjustment or rectification, adjustment only,
+rectification only (fitted on the original grid), both (fitted on the adjusted grid)."""
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The cached set S for one threshold, and each step's ``l1_rel`` (Eq. 12; 0 where not eligible)."""
+
+    threshold: float
+    cached_steps: tuple[int, ...]
+    l1_rel: tuple[float, ...] = ()
+
+
+@dataclass
+class Candidate:
+    """One cached-step set competing for the policy, with each variant's held-out error (MSE at t = 0)."""
+
+    source: str
+    threshold: float | None
+    cached_steps: tuple[int, ...]
+    errors: dict[str, float] = field(default_factory=dict)
+    variant: str = "plain"
+
+    def as_dict(self, T: int) -> dict[str, Any]:
+        return {"source": self.source, "threshold": self.threshold, "nfe": T - len(self.cached_steps),
+                "cached_steps": list(self.cached_steps), "errors": dict(self.errors), "variant": self.variant}
+
+
+def check_target_speedup(target_speedup: object, num_inference_steps: int) -> float:
+    """Validate a wanted NFE reduction ``T / NFE``.
+
+    Raises:
+        ErtaCacheError: not a finite number, below 1, above T, or above T / 2 (the
+            first and last steps are always computed, so NFE >= 2).
+    """
+    T = num_inference_steps
+    s = target_speedup
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s):
+        raise ErtaCacheError(f"target_speedup must be a finite number, got {s!r}")
+    if s < 1 or s > T:
+        raise ErtaCacheError(f"target_speedup must be in [1, T={T}] (T / NFE), got {s}")
+    if T >= 2 and s > T / 2:
+        raise ErtaCacheError(
+            f"target_speedup {s} needs NFE < 2, but the first and last of T={T} steps are always computed: "
+            f"the most is {T / 2:g}; use more steps or a smaller target"
+        )
+    return float(s)
+
+
+def check_goal(target_speedup: float | None, threshold: float | None, num_inference_steps: int) -> int:
+    """Validate the goal of a calibration (exactly one of the two); return the NFE budget.
+
+    Raises:
+        ErtaCacheError: both or neither given, or an invalid value.
+    """
+    if (target_speedup is None) == (threshold is None):
+        raise ErtaCacheError("give exactly one of target_speedup (e.g. 2.0) or threshold (lambda, e.g. 0.2)")
+    if threshold is not None:
+        check_threshold(threshold)
+        return num_inference_steps
+    s = check_target_speedup(target_speedup, num_inference_steps)
+    return math.floor(num_inference_steps / s + 1e-9)
+
+
+def sweep(search: Callable[[float], SearchResult], num_inference_steps: int, thresholds: Sequence[float],
+          max_nfe: int | None = None, refine: int = 6, known: Sequence[SearchResult] = ()) -> list[SearchResult]:
+    """Algorithm 2's search for each lambda (the curve lambda -> |S|), reusing ``known`` results.
+
+    With ``max_nfe``, when no lambda of the sweep gives exactly ``max_nfe`` computed
+    steps, the bracket around it is bisected (geometrically, ``refine`` times).
+    """
+    T = num_inference_steps
+    results = list(known)
+    done = {res.threshold for res in results}
+    results += [search(lam) for lam in sorted(thresholds) if lam not in done]
+    if max_nfe is None:
+        return results
+    for _ in range(refine):
+        nfes = {T - len(res.cached_steps) for res in results}
+        if max_nfe in nfes:
+            break
+        above = [res.threshold for res in results if T - len(res.cached_steps) > max_nfe]
+        below = [res.threshold for res in results if T - len(res.cached_steps) < max_nfe]
+        if not above or not below:
+            break
+        results.append(search((max(above) * min(below)) ** 0.5))
+    return sorted(results, key=lambda res: res.threshold)
+
+
+def select_candidates(results: Sequence[SearchResult], num_inference_steps: int, max_nfe: int,
+                      config: CalibrationConfig) -> list[Candidate]:
+    """The cached-step sets that compete for a target NFE (NOTES.md section 2.5).
+
+    From the threshold searches within the budget, the ``config.max_candidates``
+    distinct sets with the most computed steps (ties: the smaller lambda), plus the
+    evenly spaced set at ``max_nfe`` when ``config.candidates`` asks for it or no
+    threshold set fits.
+    """
+    T = num_inference_steps
+    seen: dict[tuple[int, ...], Candidate] = {}
+    fitting = sorted((r for r in results if T - len(r.cached_steps) <= max_nfe),
+                     key=lambda r: (len(r.cached_steps), r.threshold))
+    for r in fitting:
+        if r.cached_steps not in seen and len(seen) < config.max_candidates:
+            seen[r.cached_steps] = Candidate("threshold", r.threshold, r.cached_steps)
+    out = list(seen.values())
+    if config.candidates == "threshold_and_uniform" or not out:
+        uni = uniform_cached_steps(T, max_nfe)
+        if uni not in seen:
+            out.append(Candidate("uniform", None, uni))
+    return out

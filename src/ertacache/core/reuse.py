@@ -1,0 +1,116 @@
+"""Reuse modes (NOTES.md section 1, Eq. 5-6): what the cache keeps, and how a cached step rebuilds ``v~``.
+
+Each mode is one small object in a registry. A driver (the core Euler loop or a
+diffusers hook) computes the model at a computed step and asks the mode what to
+keep; at a cached step it asks the mode to rebuild the output from what was kept.
+An unknown name is refused everywhere through :func:`get_reuse`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor
+
+from ..errors import ErtaCacheError
+
+Head = Callable[[Tensor], Tensor]
+"""Runs the model's cheap parts on ``h_in + r`` (input embedding, then output head) and returns ``v~``."""
+
+
+class Reuse:
+    """Base class of a reuse mode.
+
+    Attributes:
+        name: the registry key, stored in policies.
+        needs_blocks: True when the mode caches inside the model (the driver must
+            split the model into embedding, block stack and head).
+    """
+
+    name: str = ""
+    needs_blocks: bool = False
+
+    def keep(self, v: Tensor, x: Tensor, block_residual: Tensor | None) -> Tensor:
+        """What the cache stores after a computed step.
+
+        Args:
+            v: the model output ``(B, ...)``.
+            x: the sampler's state, same shape as ``v``.
+            block_residual: ``h_out - h_in`` of the block stack ``(B, L, D)``, when the
+                driver ran the model split; None otherwise.
+        """
+        raise NotImplementedError
+
+    def rebuild(self, kept: Tensor, x: Tensor, head: Head | None) -> Tensor:
+        """``v~`` at a cached step from the stored ``kept`` and the current state ``x`` (Eq. 6)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"Reuse({self.name!r})"
+
+
+class VelocityReuse(Reuse):
+    """``v~_j = v_i``: the output itself (TeaCache-style plain reuse)."""
+
+    name = "velocity"
+
+    def keep(self, v: Tensor, x: Tensor, block_residual: Tensor | None) -> Tensor:
+        return v
+
+    def rebuild(self, kept: Tensor, x: Tensor, head: Head | None) -> Tensor:
+        return kept
+
+
+class LatentResidualReuse(Reuse):
+    """``r = v_i - x_i``, ``v~_j = x_j + r`` (Eq. 5-6 read literally on the latent)."""
+
+    name = "latent_residual"
+
+    def keep(self, v: Tensor, x: Tensor, block_residual: Tensor | None) -> Tensor:
+        return v - x
+
+    def rebuild(self, kept: Tensor, x: Tensor, head: Head | None) -> Tensor:
+        return x + kept
+
+
+class BlockResidualReuse(Reuse):
+    """``r = h_out - h_in`` of the block stack; a cached step runs only the embedding and the head."""
+
+    name = "block_residual"
+    needs_blocks = True
+
+    def keep(self, v: Tensor, x: Tensor, block_residual: Tensor | None) -> Tensor:
+        if block_residual is None:
+            raise ErtaCacheError("block_residual reuse needs the block stack's residual; the driver gave none")
+        return block_residual
+
+    def rebuild(self, kept: Tensor, x: Tensor, head: Head | None) -> Tensor:
+        if head is None:
+            raise ErtaCacheError("block_residual reuse needs the model's embedding and head; the driver gave none")
+        return head(kept)
+
+
+REUSE_MODES: dict[str, Reuse] = {}
+
+
+def register_reuse(mode: Reuse) -> Reuse:
+    """Add (or replace) a reuse mode under ``mode.name``; returns it."""
+    if not mode.name:
+        raise ErtaCacheError(f"a reuse mode needs a name, got {mode!r}")
+    REUSE_MODES[mode.name] = mode
+    return mode
+
+
+def get_reuse(name: object) -> Reuse:
+    """The registered reuse mode called ``name``.
+
+    Raises:
+        ErtaCacheError: an unknown name, listing the known ones.
+    """
+    if not isinstance(name, str) or name not in REUSE_MODES:
+        raise ErtaCacheError(f"reuse must be one of {sorted(REUSE_MODES)}, got {name!r}")
+    return REUSE_MODES[name]
+
+
+for _mode in (VelocityReuse(), LatentResidualReuse(), BlockResidualReuse()):
+    register_reuse(_mode)

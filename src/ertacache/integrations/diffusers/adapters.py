@@ -1,0 +1,135 @@
+"""Where a transformer call's pieces are: its ``timestep``, ``hidden_states``, output, and block stack.
+
+Small public helpers the hooks share; per-block-class output layouts are registered
+data (like diffusers' ``TransformerBlockRegistry``), so a new block type is one
+:func:`register_block` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ...errors import ErtaCacheError
+from .families import Family
+
+
+@dataclass(frozen=True)
+class BlockOutput:
+    """How a block returns its states: a tensor (``hidden=None``), or a tuple with these positions."""
+
+    hidden: int | None = None
+    encoder: int | None = None
+
+    def hidden_of(self, out: Any) -> Tensor:
+        return out if self.hidden is None else out[self.hidden]
+
+    def pack(self, hidden: Tensor, encoder: Tensor | None) -> Any:
+        if self.hidden is None:
+            return hidden
+        items: list[Any] = [None, None]
+        items[self.hidden] = hidden
+        if self.encoder is not None:
+            items[self.encoder] = encoder
+        return tuple(items[: max(self.hidden, self.encoder or 0) + 1])
+
+
+BLOCK_OUTPUTS: dict[str, BlockOutput] = {}
+
+
+def register_block(class_name: str, output: BlockOutput) -> None:
+    """Register how blocks of class ``class_name`` return their hidden (and encoder) states."""
+    BLOCK_OUTPUTS[class_name] = output
+
+
+for _name in ("FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock"):
+    register_block(_name, BlockOutput(hidden=1, encoder=0))
+for _name in ("CogVideoXBlock", "HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"):
+    register_block(_name, BlockOutput(hidden=0, encoder=1))
+for _name in ("WanTransformerBlock", "LTXVideoTransformerBlock"):
+    register_block(_name, BlockOutput())
+
+
+def timestep_of(kwargs: dict[str, Any], family: Family) -> float:
+    """The call's time t in [0, 1] (t = 1 is noise), from its ``timestep`` keyword."""
+    ts = kwargs.get("timestep")
+    if ts is None:
+        raise ErtaCacheError("the transformer was called without a `timestep` keyword; ertacache needs it to find "
+                             "the step")
+    return float(torch.as_tensor(ts).flatten()[0]) / family.timestep_scale
+
+
+def hidden_states_of(args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor:
+    """The ``hidden_states`` argument (keyword or first positional)."""
+    x = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(x, Tensor):
+        raise ErtaCacheError("the transformer was called without `hidden_states`")
+    return x
+
+
+def encoder_states_of(args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor | None:
+    """The ``encoder_hidden_states`` argument of a block (keyword or second positional), or None."""
+    e = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    return e if isinstance(e, Tensor) else None
+
+
+def sample_of(output: Any) -> Tensor:
+    """The predicted tensor of a transformer output (a tensor, a tuple, or an output dataclass)."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, tuple):
+        return output[0]
+    return output.sample
+
+
+def output_like(kwargs: dict[str, Any], sample: Tensor) -> Any:
+    """An output of the form the caller asked for (``return_dict``) holding ``sample``."""
+    if kwargs.get("return_dict", True):
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        return Transformer2DModelOutput(sample=sample)
+    return (sample,)
+
+
+def latent_of(hidden_states: Tensor, shape: Sequence[int]) -> Tensor:
+    """The sampler's latent inside ``hidden_states`` (output shape ``shape``).
+
+    It is ``hidden_states`` itself, or its first channels where a pipeline
+    concatenates conditioning channels (Wan image-to-video).
+
+    Raises:
+        ErtaCacheError: no such part.
+    """
+    if tuple(hidden_states.shape) == tuple(shape):
+        return hidden_states
+    if hidden_states.ndim == len(shape) and hidden_states.shape[1] > shape[1] and \
+            tuple(hidden_states.shape[2:]) == tuple(shape[2:]):
+        return hidden_states[:, : shape[1]]
+    raise ErtaCacheError(f"latent_residual reuse needs the latent in hidden_states {tuple(hidden_states.shape)} "
+                         f"to match the output {tuple(shape)}; use reuse='velocity'")
+
+
+def block_stack(transformer: Any, family: Family) -> list[tuple[torch.nn.Module, BlockOutput]]:
+    """The transformer's blocks in running order, each with its output layout.
+
+    Raises:
+        ErtaCacheError: the family names no stack the transformer has, or a block class
+            has no registered layout (:func:`register_block`).
+    """
+    blocks: list[tuple[torch.nn.Module, BlockOutput]] = []
+    for attr in family.block_stacks:
+        for block in getattr(transformer, attr, None) or []:
+            name = type(block).__name__
+            if name not in BLOCK_OUTPUTS:
+                raise ErtaCacheError(f"block_residual reuse: no output layout for block class {name}; register one "
+                                     "with ertacache.integrations.diffusers.adapters.register_block, or use "
+                                     "reuse='velocity'")
+            blocks.append((block, BLOCK_OUTPUTS[name]))
+    if not blocks:
+        raise ErtaCacheError(f"block_residual reuse: {type(transformer).__name__} has no blocks under "
+                             f"{family.block_stacks}; use reuse='velocity'")
+    return blocks

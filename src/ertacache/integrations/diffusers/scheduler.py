@@ -1,0 +1,69 @@
+"""An explicit grid on a pipeline's scheduler: the adjusted grid of a policy (Eq. 13-14), set or updated in place."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ...errors import ErtaCacheError
+
+
+def grid_unsupported(scheduler: Any) -> str | None:
+    """Why ``scheduler`` cannot follow an explicit grid of times, or None when it can (flow matching)."""
+    if not hasattr(scheduler, "sigmas") or not hasattr(getattr(scheduler, "config", None), "num_train_timesteps") \
+            or "FlowMatch" not in type(scheduler).__name__:
+        return (f"timestep adjustment needs a flow-matching scheduler; {type(scheduler).__name__} is not one "
+                "(NOTES.md section 5): use a policy without an adjusted grid")
+    return None
+
+
+def set_scheduler_grid(scheduler: Any, grid: Sequence[float]) -> None:
+    """Make ``scheduler.set_timesteps`` end with the times ``grid`` (``T + 1`` values, 1 -> 0).
+
+    The scheduler's own ``set_timesteps`` still runs (it sets the step count and its
+    state); then its ``sigmas`` become ``grid`` and its ``timesteps`` ``1000 * grid[:-1]``.
+    This is the one way in that every family shares: FLUX's dynamic shifting would
+    re-shift ``sigmas=`` passed to the call, and Wan takes none.
+
+    Raises:
+        ErtaCacheError: a scheduler without flow-matching ``sigmas``.
+    """
+    reason = grid_unsupported(scheduler)
+    if reason is not None:
+        raise ErtaCacheError(reason)
+    restore_scheduler(scheduler)
+    original = scheduler.set_timesteps
+    values = [float(t) for t in grid]
+
+    @functools.wraps(original)  # pipelines inspect its signature for `sigmas` / `timesteps`
+    def set_timesteps(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        device = scheduler.timesteps.device
+        sigmas = torch.tensor(values, dtype=torch.float32)
+        scheduler.sigmas = sigmas
+        scheduler.timesteps = (sigmas[:-1] * scheduler.config.num_train_timesteps).to(device)
+        return out
+
+    set_timesteps.__ertacache_original__ = original  # type: ignore[attr-defined]
+    scheduler.set_timesteps = set_timesteps
+
+
+def restore_scheduler(scheduler: Any) -> None:
+    """Undo :func:`set_scheduler_grid`."""
+    patched = scheduler.__dict__.get("set_timesteps")
+    if patched is not None and hasattr(patched, "__ertacache_original__"):
+        del scheduler.set_timesteps
+
+
+def write_grid(scheduler: Any, grid: Sequence[float], start: int) -> None:
+    """Overwrite times ``start..T-1`` of the running loop in place (timestep adjustment during a call).
+
+    A pipeline iterates views of ``scheduler.timesteps`` and steps with ``scheduler.sigmas``;
+    writing into both changes the steps not yet taken.
+    """
+    values = torch.tensor([float(t) for t in grid[start:-1]], dtype=torch.float32)
+    scheduler.sigmas[start:-1] = values.to(scheduler.sigmas)
+    scheduler.timesteps[start:] = (values * scheduler.config.num_train_timesteps).to(scheduler.timesteps)
