@@ -214,10 +214,16 @@ class Engine:
 
 @dataclass
 class RunStats:
-    """What one run following a policy did, per branch: computed and cached steps."""
+    """What one run following a policy did: computed and cached steps per branch, and per unit."""
 
     computed: dict[str, list[int]] = field(default_factory=dict)
     cached: dict[str, list[int]] = field(default_factory=dict)
+    units: dict[Hashable, dict[str, list[int]]] = field(default_factory=dict)
+
+    def add(self, call: UnitCall, computed: bool) -> None:
+        kind = "computed" if computed else "cached"
+        (self.computed if computed else self.cached).setdefault(call.branch, []).append(call.step)
+        self.units.setdefault(call.unit, {"computed": [], "cached": []})[kind].append(call.step)
 
     def nfe(self) -> dict[str, int]:
         return {b: len(s) for b, s in self.computed.items()}
@@ -250,10 +256,9 @@ class FollowPolicy(Pass):
         return self.mask[step]
 
     def provisional(self, call: UnitCall) -> Tensor:
+        self.stats.add(call, call.v is not None)
         if call.v is not None:
-            self.stats.computed.setdefault(call.branch, []).append(call.step)
             return call.v
-        self.stats.cached.setdefault(call.branch, []).append(call.step)
         v = super().provisional(call)
         coeffs = None if self.rectification is None else self.rectification(call.branch, call.step)
         if coeffs is not None:

@@ -45,9 +45,12 @@ class ErtaCacheHandle:
         """Transformer forwards of the last pipeline call per branch, summed over transformers (NFE per branch)."""
         return self._follower().stats.nfe()
 
-    def steps(self) -> dict[str, dict[str, list[int]]]:
-        """The last call's computed and cached steps per branch, over all transformers."""
+    def steps(self, transformer: int | None = None) -> dict[str, dict[str, list[int]]]:
+        """The last call's computed and cached steps per branch, over all transformers or of one (its index)."""
         stats = self._follower().stats
+        if transformer is not None:
+            return {unit[1]: {k: list(v) for k, v in steps.items()}  # type: ignore[index]
+                    for unit, steps in stats.units.items() if unit[0] == transformer}  # type: ignore[index]
         names = list(dict.fromkeys([*stats.computed, *stats.cached]))
         return {n: {"computed": list(stats.computed.get(n, [])), "cached": list(stats.cached.get(n, []))}
                 for n in names}

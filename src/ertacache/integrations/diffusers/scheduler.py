@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ...errors import ErtaCacheError
+from ...errors import ErtaCacheError, PolicyMismatchError
 
 
 def grid_unsupported(scheduler: Any) -> str | None:
@@ -30,6 +30,7 @@ def set_scheduler_grid(scheduler: Any, grid: Sequence[float]) -> None:
 
     Raises:
         ErtaCacheError: a scheduler without flow-matching ``sigmas``.
+        PolicyMismatchError: (when the pipeline sets its timesteps) another step count than the grid's.
     """
     reason = grid_unsupported(scheduler)
     if reason is not None:
@@ -41,6 +42,10 @@ def set_scheduler_grid(scheduler: Any, grid: Sequence[float]) -> None:
     @functools.wraps(original)  # pipelines inspect its signature for `sigmas` / `timesteps`
     def set_timesteps(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
+        if len(scheduler.timesteps) != len(values) - 1:
+            raise PolicyMismatchError(
+                f"num_inference_steps: policy {len(values) - 1}, got {len(scheduler.timesteps)}; call the pipeline "
+                "with the policy's num_inference_steps, or recalibrate")
         device = scheduler.timesteps.device
         sigmas = torch.tensor(values, dtype=torch.float32)
         scheduler.sigmas = sigmas
