@@ -80,3 +80,25 @@ class TinySplit(torch.nn.Module):
 @pytest.fixture
 def tiny() -> TinySplit:
     return TinySplit().eval().requires_grad_(False)
+
+
+def assert_every_reuse_mode_on_pipeline(pipe, run, every, ref):
+    """On a pipeline: an all-compute policy is bit-exact under every reuse mode (block hooks included), a
+    uniform caching policy runs NFE forwards per branch with finite output, and remove() restores exactness."""
+    from dataclasses import replace
+
+    from ertacache import apply_ertacache
+    from ertacache.core.reuse import REUSE_MODES
+    from ertacache.policy import uniform_cached_steps
+
+    T = every.num_inference_steps
+    for mode in REUSE_MODES:
+        with apply_ertacache(pipe, replace(every, reuse=mode)) as handle:
+            assert torch.equal(run(), ref), mode
+            assert handle.forwards() == {b: T for b in every.branches}
+        cached = replace(every, reuse=mode, cached_steps=uniform_cached_steps(T, T // 2))
+        with apply_ertacache(pipe, cached) as handle:
+            out = run()
+            assert handle.forwards() == {b: T // 2 for b in every.branches}, mode
+        assert torch.isfinite(out).all() and not torch.equal(out, ref), mode
+    assert torch.equal(run(), ref)

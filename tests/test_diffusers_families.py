@@ -10,6 +10,8 @@ transformer forwards per branch, and ``remove()`` restores the uncached output.
 import pytest
 import torch
 
+from conftest import assert_every_reuse_mode_on_pipeline
+
 from ertacache import Policy, apply_ertacache
 from ertacache.config import CalibrationConfig
 from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
@@ -119,6 +121,7 @@ def test_family(build, tmp_path):
     with apply_ertacache(pipe, every) as handle:
         assert torch.equal(run(), ref)
         assert handle.forwards() == {b: T for b in branches}
+    assert_every_reuse_mode_on_pipeline(pipe, run, every, ref)
     with apply_ertacache(pipe, policy) as handle:
         out = run()
         assert handle.forwards() == {b: policy.nfe for b in branches}

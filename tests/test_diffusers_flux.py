@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from conftest import assert_every_reuse_mode_on_pipeline
+
 from ertacache import Policy, PolicyMismatchError, apply_ertacache, calibrate, model_fingerprint, sample, seeded_noise
 from ertacache.errors import ErtaCacheError
 from ertacache.models.digits import NULL_CLASS, digits_flux_pipeline, load_digits_model, pack, unpack
@@ -66,6 +68,7 @@ def test_all_compute_policy_is_exact_and_remove_restores(pipe, model):
         assert torch.equal(run(pipe, model, labels, noise), ref)
         assert handle.forwards() == {"cond": T, "uncond": T}
     assert torch.equal(run(pipe, model, labels, noise), ref)
+    assert_every_reuse_mode_on_pipeline(pipe, lambda: run(pipe, model, labels, noise), policy, ref)
 
 
 def test_caching_policy_counts_and_matches_core(pipe, model, policy):

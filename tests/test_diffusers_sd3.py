@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from conftest import assert_every_reuse_mode_on_pipeline
+
 from ertacache import Policy, apply_ertacache
 from ertacache.config import CalibrationConfig
 from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
@@ -57,6 +59,7 @@ def test_sd3_calibrate_apply_remove(pipe):
     with apply_ertacache(pipe, every) as handle:
         assert torch.equal(run(pipe), ref)
         assert handle.forwards() == {"cond_uncond": T}
+    assert_every_reuse_mode_on_pipeline(pipe, lambda: run(pipe), every, ref)
     with apply_ertacache(pipe, policy) as handle:
         out = run(pipe)
         assert handle.forwards() == {"cond_uncond": policy.nfe}

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from conftest import assert_every_reuse_mode_on_pipeline
+
 from ertacache import Policy, PolicyMismatchError, apply_ertacache
 from ertacache.config import CalibrationConfig
 from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
@@ -71,6 +73,7 @@ def test_all_compute_exact_caching_counts_and_remove(pipe, policy):
     with apply_ertacache(pipe, every) as handle:
         assert torch.equal(run(pipe), ref)
         assert handle.forwards() == {"cond": T, "uncond": T}
+    assert_every_reuse_mode_on_pipeline(pipe, lambda: run(pipe), every, ref)
     calls = []
     hook = pipe.transformer.proj_out.register_forward_hook(lambda *a: calls.append(1))
     try:

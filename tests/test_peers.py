@@ -32,11 +32,38 @@ def test_teacache_skips_by_accumulated_change(tiny):
     assert tc.nfe == 2 == tiny.block_calls  # only the first and last steps compute
 
 
-def test_teacache_polynomial_fit_is_on_calibration_conditions(tiny):
-    coeffs = fit_coefficients(tiny, modulated, seeded_noise([0, 1, 2], (2, 4, 4)), torch.tensor([1, 2, 3]), 10,
-                              degree=2)
-    assert len(coeffs) == 3 and all(c == c for c in coeffs)
+class SeenConditions(torch.nn.Module):
+    """Wraps a split model and records every condition it is called with."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, set()
+
+    def embed(self, x, t, cond):
+        self.seen |= set(cond.tolist())
+        return self.model.embed(x, t, cond)
+
+    def blocks(self, h, ctx):
+        return self.model.blocks(h, ctx)
+
+    def head(self, h, ctx):
+        return self.model.head(h, ctx)
+
+
+def test_teacache_polynomial_fit_sees_calibration_conditions_only(tiny):
+    spy = SeenConditions(tiny)
+    noise = seeded_noise([0, 1, 2], (2, 4, 4))
+    coeffs = fit_coefficients(spy, modulated, noise, torch.tensor([1, 2, 3]), 10, guidance_scale=2.0,
+                              null_cond=torch.full((3,), 10), degree=2)
+    assert spy.seen == {1, 2, 3, 10}  # calibration classes and the null class, nothing held out
+    other = fit_coefficients(tiny, modulated, noise, torch.tensor([4, 5, 6]), 10, guidance_scale=2.0,
+                             null_cond=torch.full((3,), 10), degree=2)
+    assert coeffs != other  # the fit is a function of the calibration data it was given
+
+
+def test_rel_l1_closed_form():
     assert rel_l1(torch.ones(3), torch.ones(3)) == 0.0
+    assert rel_l1(torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])) == pytest.approx(1.0)
 
 
 def test_measure_and_report(tiny, tmp_path):

@@ -126,3 +126,16 @@ def test_ablate_switches_components_off():
     assert plain.adjusted_grid is None and plain.rect_form == "off" and plain.sampling_grid == p.grid
     assert plain.rectification(0, 2) is None
     assert p.rectification(0, 2) is not None and p.rectification(1, 3) is None
+
+
+def test_unknown_reuse_mode_is_refused_when_built_and_when_loaded(tmp_path):
+    import json
+
+    with pytest.raises(ErtaCacheError, match="reuse must be one of"):
+        Policy.all_compute(4, reuse="bogus")
+    path = Policy.all_compute(4).save(tmp_path / "p.json")
+    doc = json.loads(path.read_text())
+    doc["reuse"] = "bogus"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ErtaCacheError, match="reuse must be one of .*'block_residual'.*got 'bogus'"):
+        Policy.load(path)

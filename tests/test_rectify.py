@@ -23,8 +23,8 @@ def test_closed_form_matches_paper_statistics():
     g = torch.Generator().manual_seed(0)
     v = torch.randn(200, dtype=torch.float64, generator=g)
     eps = 0.3 * v + 0.1 + 0.05 * torch.randn(200, dtype=torch.float64, generator=g)
-    a, b = RectStats.of(v.view(1, 1, -1), eps.view(1, 1, -1), "step").solve()
-    n = v.numel()
+    stats = RectStats.of(v.view(1, 1, -1), eps.view(1, 1, -1), "step")
+    a, b = stats.solve()
     v_bar, e_bar = v.mean(), eps.mean()
     s_vv = ((v - v_bar) ** 2).sum()
     s_ve = ((v - v_bar) * (eps - e_bar)).sum()
@@ -32,7 +32,10 @@ def test_closed_form_matches_paper_statistics():
     b_paper = 4 * (e_bar - 0.5) - k_paper * v_bar  # Eq. 21 with the factor-4 slip fixed (NOTES.md 4)
     assert a.item() == pytest.approx((k_paper / 4).item(), rel=1e-5)
     assert 4 * (b.item() - 0.5) == pytest.approx(b_paper.item(), rel=1e-5, abs=1e-6)
-    assert n == 200
+    # the sufficient statistics are the paper's sums (Eq. 18-20)
+    assert stats.n.item() == 200 and stats.sv.item() == pytest.approx(v.sum().item())
+    assert stats.sve.item() == pytest.approx((v * eps).sum().item()) and stats.svv.item() == pytest.approx(
+        (v * v).sum().item())
 
 
 def test_per_channel_fit():
@@ -68,3 +71,20 @@ def test_sigmoid_form_is_linear_near_zero():
     # sigmoid(4 a v + 4 (b - 1/2)) = sigmoid(1.2 v) ~ 1/2 + 0.3 v = a v + b
     torch.testing.assert_close(apply(v, a, b, "sigmoid"), apply(v, a, b, "linear"), atol=1e-6, rtol=0)
     assert torch.equal(apply(v, a, b, "off"), v)
+
+
+def test_channel_layout_of_packed_tokens_matches_unpacked_channels():
+    from ertacache.core.rectify import ChannelLayout
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)  # (B, C, H, W)
+    eps = 0.3 * x + torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) * 0.1
+    packed = x.view(3, 2, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(3, 4, 8)  # FLUX's 2x2 packing
+    packed_eps = eps.view(3, 2, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(3, 4, 8)
+    flux = ChannelLayout(dim=-1, group=4)
+    a, b = RectStats.of(x, eps, "channel").solve()
+    a2, b2 = RectStats.of(packed, packed_eps, "channel", flux).solve()
+    torch.testing.assert_close((a, b), (a2, b2))
+    out = apply(x.float(), a, b, "linear")
+    out_packed = apply(packed.float(), a2, b2, "linear", flux)
+    torch.testing.assert_close(out.view(3, 2, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(3, 4, 8), out_packed)
