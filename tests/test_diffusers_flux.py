@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from conftest import assert_every_reuse_mode_on_pipeline
-
 from ertacache import Policy, PolicyMismatchError, apply_ertacache, calibrate, model_fingerprint, sample, seeded_noise
 from ertacache.errors import ErtaCacheError
 from ertacache.models.digits import NULL_CLASS, digits_flux_pipeline, load_digits_model, pack, unpack

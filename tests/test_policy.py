@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from ertacache import CalibrationConfig, Policy, PolicyMismatchError
-from ertacache.errors import ErtaCacheError
 from ertacache.core.grids import time_grid
+from ertacache.errors import ErtaCacheError
 
 
 def rich_policy() -> Policy:

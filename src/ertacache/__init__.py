@@ -13,11 +13,11 @@ __version__ = "0.1.0"
 
 from .calibration import calibrate, calibrate_many, check_target_speedup  # noqa: E402
 from .config import CalibrationConfig  # noqa: E402
+from .core.euler import SampleResult, SampleStats, sample, seeded_noise  # noqa: E402
+from .core.grids import time_grid  # noqa: E402
 from .errors import ErtaCacheError, PolicyMismatchError  # noqa: E402
 from .fingerprint import model_fingerprint  # noqa: E402
-from .core.grids import time_grid  # noqa: E402
 from .policy import Policy  # noqa: E402
-from .core.euler import SampleResult, SampleStats, sample, seeded_noise  # noqa: E402
 
 
 def apply_ertacache(pipe, policy, **kwargs):  # type: ignore[no-untyped-def]

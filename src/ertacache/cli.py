@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import ErtaCacheError
-
-DIGITS_LATENT = (1, 16, 16)
+from .settings import CalibrateSettings, GenerateSettings, PipelineBenchSettings, PipelineSettings, read_prompts
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -85,60 +84,90 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _calibrate(args: argparse.Namespace) -> int:
-    if args.pipeline is not None:
-        from .integrations.diffusers import cli as pipeline_cli
+def _pipeline_settings(args: argparse.Namespace) -> PipelineSettings | None:
+    if args.pipeline is None:
+        return None
+    return PipelineSettings(args.pipeline, args.num_inference_steps, args.guidance_scale, args.height, args.width,
+                            args.num_frames, args.dtype, args.device)
 
-        if not args.prompts:
-            raise ErtaCacheError("--pipeline needs --prompts FILE (one calibration prompt per line)")
-        return pipeline_cli.calibrate(args)
-    from .calibration import calibrate
+
+def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
+    """``ertacache calibrate`` arguments as typed settings (checked before anything loads)."""
     from .config import CalibrationConfig
-    from .demo import labels_and_seeds
-    from .fingerprint import model_fingerprint
-    from .models.digits import NULL_CLASS, load_digits_model
 
-    model = load_digits_model(args.model)
-    labels, seeds = labels_and_seeds(args.calibration_per_class, args.seed)
+    pipeline = _pipeline_settings(args)
+    if pipeline is not None and not args.prompts:
+        raise ErtaCacheError("--pipeline needs --prompts FILE (one calibration prompt per line)")
     config = CalibrationConfig(reuse=args.reuse, rectification=args.rectification, granularity=args.granularity,
                                timestep_adjustment=not args.no_timestep_adjustment,
                                component_check=not args.keep_all_components)
-    policy = calibrate(model, labels, seeds, latent_shape=DIGITS_LATENT, num_inference_steps=args.num_inference_steps,
-                       shift=args.shift, guidance_scale=args.guidance_scale,
-                       null_cond=torch.full_like(labels, NULL_CLASS), target_speedup=args.target_speedup,
-                       threshold=args.threshold, config=config, model_fingerprint=model_fingerprint(model),
+    return CalibrateSettings(
+        out=args.out, config=config, target_speedup=args.target_speedup, threshold=args.threshold, seed=args.seed,
+        num_inference_steps=args.num_inference_steps, shift=args.shift, guidance_scale=args.guidance_scale,
+        model=args.model, calibration_per_class=args.calibration_per_class, pipeline=pipeline,
+        prompts=read_prompts(args.prompts) if pipeline is not None else ())
+
+
+def _calibrate(settings: CalibrateSettings) -> int:
+    if settings.pipeline is not None:
+        from .integrations.diffusers import cli as pipeline_cli
+
+        return pipeline_cli.calibrate(settings)
+    from .calibration import calibrate
+    from .demo import labels_and_seeds
+    from .fingerprint import model_fingerprint
+    from .models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model
+
+    model = load_digits_model(settings.model)
+    labels, seeds = labels_and_seeds(settings.calibration_per_class, settings.seed)
+    policy = calibrate(model, labels, seeds, latent_shape=LATENT_SHAPE,
+                       num_inference_steps=settings.num_inference_steps, shift=settings.shift,
+                       guidance_scale=settings.guidance_scale,
+                       null_cond=torch.full_like(labels, NULL_CLASS), target_speedup=settings.target_speedup,
+                       threshold=settings.threshold, config=settings.config, model_fingerprint=model_fingerprint(model),
                        progress=True)
-    path = policy.save(args.out)
+    path = policy.save(settings.out)
     print(policy.summary())
     print(f"wrote {path} and {path.with_suffix('.safetensors')}")
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    if args.pipeline is not None:
+def generate_settings(args: argparse.Namespace) -> GenerateSettings:
+    """``ertacache generate`` arguments as typed settings."""
+    pipeline = _pipeline_settings(args)
+    if pipeline is not None and not args.prompt:
+        raise ErtaCacheError("--prompt TEXT is required with --pipeline")
+    digits = tuple(args.digit or range(10))
+    if any(not 0 <= d <= 9 for d in digits):
+        raise ErtaCacheError(f"--digit takes classes 0-9, got {list(digits)}")
+    return GenerateSettings(out=args.out, policy=args.policy, seed=args.seed,
+                            num_inference_steps=args.num_inference_steps, shift=args.shift,
+                            guidance_scale=args.guidance_scale, model=args.model, digits=digits, pipeline=pipeline,
+                            prompt=args.prompt, fps=args.fps)
+
+
+def _generate(settings: GenerateSettings) -> int:
+    if settings.pipeline is not None:
         from .integrations.diffusers import cli as pipeline_cli
 
-        return pipeline_cli.generate(args)
+        return pipeline_cli.generate(settings)
+    from .core.euler import sample, seeded_noise
     from .demo import save_grid
     from .fingerprint import model_fingerprint
-    from .models.digits import NULL_CLASS, load_digits_model
+    from .models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model
     from .policy import Policy
-    from .core.euler import sample, seeded_noise
 
-    model = load_digits_model(args.model)
-    policy = Policy.load(args.policy) if args.policy else None
-    digits = args.digit or list(range(10))
-    if any(not 0 <= d <= 9 for d in digits):
-        raise ErtaCacheError(f"--digit takes classes 0-9, got {digits}")
-    labels = torch.tensor(digits)
-    noise = seeded_noise([args.seed + i for i in range(len(digits))], DIGITS_LATENT)
-    out = sample(model, noise, labels, num_inference_steps=args.num_inference_steps, shift=args.shift,
-                 guidance_scale=args.guidance_scale, null_cond=torch.full_like(labels, NULL_CLASS), policy=policy,
+    policy = Policy.load(settings.policy) if settings.policy else None
+    model = load_digits_model(settings.model)
+    labels = torch.tensor(settings.digits)
+    noise = seeded_noise([settings.seed + i for i in range(len(labels))], LATENT_SHAPE)
+    out = sample(model, noise, labels, num_inference_steps=settings.num_inference_steps, shift=settings.shift,
+                 guidance_scale=settings.guidance_scale, null_cond=torch.full_like(labels, NULL_CLASS), policy=policy,
                  model_fingerprint=model_fingerprint(model), progress=True)
-    save_grid({"cached" if policy else "uncached": out.x}, Path(args.out), columns=len(digits))
+    save_grid({"cached" if policy else "uncached": out.x}, Path(settings.out), columns=len(labels))
     s = out.stats
     print(f"NFE {s.nfe}, computed steps {s.computed_steps}, cached steps {s.cached_steps}, {s.seconds:.2f} s")
-    print(f"wrote {args.out}")
+    print(f"wrote {settings.out}")
     return 0
 
 
@@ -148,17 +177,22 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     from .bench import BenchSettings, run_bench
 
     command = "ertacache " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.pipeline is not None:
+    pipeline = _pipeline_settings(args)
+    if pipeline is not None:
         from .bench.pipeline import run_pipeline_bench
 
-        run_pipeline_bench(args, command)
-        print(Path(args.docs or "docs/benchmarks/pipeline", "results.md").read_text())
+        if not args.prompts:
+            raise ErtaCacheError("bench --pipeline needs --prompts FILE (one per line; the first half calibrates)")
+        settings = PipelineBenchSettings(pipeline, read_prompts(args.prompts), args.quick, args.repeats,
+                                         args.docs or "docs/benchmarks/pipeline", args.json)
+        run_pipeline_bench(settings, command)
+        print(Path(settings.docs, "results.md").read_text())
         return 0
-    settings = BenchSettings.quick_settings() if args.quick else BenchSettings()
+    bench = BenchSettings.quick_settings() if args.quick else BenchSettings()
     if args.repeats is not None:
-        settings = replace(settings, repeats=args.repeats)
+        bench = replace(bench, repeats=args.repeats)
     docs = args.docs or ("docs/benchmarks/quick" if args.quick else "docs/benchmarks")
-    run_bench(docs, settings, json_path=args.json, command=command)
+    run_bench(docs, bench, json_path=args.json, command=command)
     print(Path(docs, "results.md").read_text())
     return 0
 
@@ -171,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args.out, DemoSettings(repeats=args.repeats), model_path=args.model)
         elif args.command == "calibrate":
-            return _calibrate(args)
+            return _calibrate(calibrate_settings(args))
         elif args.command == "generate":
-            return _generate(args)
+            return _generate(generate_settings(args))
         elif args.command == "inspect":
             from .policy import Policy
 

@@ -25,10 +25,10 @@ from torch import Tensor
 
 from . import __version__, metrics
 from .calibration import calibrate_with_variants
+from .core.euler import sample, seeded_noise
 from .fingerprint import model_fingerprint
 from .io import atomic_write_text
 from .policy import Policy
-from .core.euler import sample, seeded_noise
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def save_grid(outputs: dict[str, Tensor], path: Path, columns: int = 10) -> None
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_path: str | None = None,
              progress: bool = True) -> list[dict[str, Any]]:
     """Run the demo and write ``results.json``, ``results.md``, ``grid.png`` and ``policy.json`` to ``out_dir``."""
-    from .models.digits import NULL_CLASS, load_digits_model
+    from .models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model
 
     settings = settings or DemoSettings()
     out = Path(out_dir)
@@ -157,14 +157,14 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_pa
     fingerprint = model_fingerprint(model)
     cal_labels, cal_seeds = labels_and_seeds(settings.calibration_per_class, settings.calibration_seed_base)
     policy, variants = calibrate_with_variants(
-        model, cal_labels, cal_seeds, latent_shape=(1, 16, 16), num_inference_steps=settings.num_inference_steps,
+        model, cal_labels, cal_seeds, latent_shape=LATENT_SHAPE, num_inference_steps=settings.num_inference_steps,
         shift=settings.shift, guidance_scale=settings.guidance_scale, null_cond=torch.full_like(cal_labels, NULL_CLASS),
         target_speedup=settings.target_speedup, model_fingerprint=fingerprint, progress=progress,
     )
     policy.save(out / "policy.json")
     calibration_seconds = time.perf_counter() - start
     labels, seeds = labels_and_seeds(settings.heldout_per_class, settings.heldout_seed_base)
-    noise = seeded_noise(seeds, (1, 16, 16))
+    noise = seeded_noise(seeds, LATENT_SHAPE)
     outputs, times, nfe = run_methods(model, methods_for(policy, variants), noise, labels, settings, fingerprint)
     rows = score(outputs, times, nfe)
     save_grid(outputs, out / "grid.png")

@@ -21,11 +21,11 @@ from torch import Tensor
 
 from . import __version__
 from .config import CalibrationConfig, ReuseMode
-from .errors import ErtaCacheError, PolicyMismatchError
 from .core.engine import FollowPolicy
 from .core.grids import check_grid, time_grid
-from .core.rectify import ChannelLayout
+from .core.rectify import CHANNELS_FIRST, ChannelLayout
 from .core.reuse import get_reuse
+from .errors import ErtaCacheError, PolicyMismatchError
 from .io import atomic_write, atomic_write_text
 
 SCHEMA_VERSION = 1
@@ -136,7 +136,7 @@ class Policy:
         name = self.branches[branch]
         return self.rect_a[name][step], self.rect_b[name][step]
 
-    def follower(self, layout: ChannelLayout = ChannelLayout()) -> FollowPolicy:
+    def follower(self, layout: ChannelLayout = CHANNELS_FIRST) -> FollowPolicy:
         """The inference pass that follows this policy (Algorithm 1), for any driver.
 
         Args:

@@ -63,10 +63,10 @@ def step_costs(model: Any, x: torch.Tensor, cond: torch.Tensor | None, repeats: 
 
 def main(batch_size: int = 40, repeats: int = 20) -> list[dict[str, Any]]:
     """Measure on the bundled digits model (CFG: branches batched, ``2 * batch_size`` rows) and print a table."""
-    from .models.digits import load_digits_model
+    from .models.digits import LATENT_SHAPE, load_digits_model
 
     model = load_digits_model()
-    x = torch.randn(2 * batch_size, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(2 * batch_size, *LATENT_SHAPE, generator=torch.Generator().manual_seed(0))
     cond = torch.arange(2 * batch_size) % 11
     rows = step_costs(model, x, cond, repeats)
     print(f"bundled digits model, batch {2 * batch_size} rows (cond + uncond), {torch.get_num_threads()} threads, "

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from .. import metrics
+from ..core.euler import seeded_noise
 from ..fingerprint import model_fingerprint
 from ..io import atomic_write_text
-from ..core.euler import seeded_noise
+from ..models.digits import LATENT_SHAPE
 from . import methods as m
 from .report import write_report
 
@@ -154,7 +155,7 @@ def run_bench(docs_dir: str | Path, settings: m.BenchSettings, json_path: str | 
     from ..demo import labels_and_seeds
 
     labels, seeds = labels_and_seeds(settings.heldout_per_class, 10_000)
-    noise = seeded_noise(seeds, (1, 16, 16))
+    noise = seeded_noise(seeds, LATENT_SHAPE)
     log(f"{len(methods)} method settings on {labels.numel()} held-out samples, {settings.repeats} repeats")
     rows = measure(methods, noise, labels, settings.repeats, log)
     from ..stepcost import step_costs

@@ -11,8 +11,9 @@ from torch import Tensor
 
 from ..calibration import calibrate, core_session
 from ..config import CalibrationConfig
-from ..policy import Policy
 from ..core.euler import sample, seeded_noise
+from ..models.digits import LATENT_SHAPE
+from ..policy import Policy
 
 Runner = Callable[[Tensor, Tensor], tuple[Tensor, int]]
 """``(noise (B, 1, 16, 16), labels (B,)) -> (x at t = 0, NFE per sample and branch)``."""
@@ -66,7 +67,7 @@ class Context:
 
     def cal_kwargs(self) -> dict[str, Any]:
         s = self.settings
-        return dict(latent_shape=(1, 16, 16), num_inference_steps=s.num_inference_steps, shift=s.shift,
+        return dict(latent_shape=LATENT_SHAPE, num_inference_steps=s.num_inference_steps, shift=s.shift,
                     guidance_scale=s.guidance_scale, null_cond=torch.full_like(self.cal_labels, self.null),
                     model_fingerprint=self.fingerprint)
 
@@ -145,7 +146,7 @@ def teacache(ctx: Context) -> list[Method]:
 
     s = ctx.settings
     modulated = flux_modulated_input(ctx.model.transformer)
-    coeffs = fit_coefficients(ctx.model, modulated, seeded_noise(ctx.cal_seeds, (1, 16, 16)), ctx.cal_labels,
+    coeffs = fit_coefficients(ctx.model, modulated, seeded_noise(ctx.cal_seeds, LATENT_SHAPE), ctx.cal_labels,
                               s.num_inference_steps, s.guidance_scale, torch.full_like(ctx.cal_labels, ctx.null),
                               s.shift)
     grid = time_grid(s.num_inference_steps, s.shift)
@@ -169,7 +170,7 @@ def diffusers_peers(ctx: Context) -> list[Method]:
 
     s = ctx.settings
     velocity = TransformerVelocity(ctx.model)
-    ratios = magcache_ratios(velocity, seeded_noise(ctx.cal_seeds, (1, 16, 16)), ctx.cal_labels,
+    ratios = magcache_ratios(velocity, seeded_noise(ctx.cal_seeds, LATENT_SHAPE), ctx.cal_labels,
                              torch.full_like(ctx.cal_labels, ctx.null), s.num_inference_steps, s.guidance_scale,
                              s.shift)
     sweeps: dict[str, list[dict[str, Any]]] = {

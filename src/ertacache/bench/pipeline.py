@@ -10,7 +10,6 @@ pipelines. Fidelity is measured on the decoded outputs (``output_type="pt"``).
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import time
@@ -22,6 +21,7 @@ from torch import Tensor
 
 from ..errors import ErtaCacheError
 from ..policy import Policy
+from ..settings import PipelineBenchSettings, PipelineSettings
 from .methods import Method
 
 
@@ -41,7 +41,7 @@ def _last_block_linear(transformer: Any) -> Any:
     return next(m for m in blocks[-1].modules() if isinstance(m, torch.nn.Linear))
 
 
-def pipeline_methods(pipe: Any, args: argparse.Namespace, cal_prompts: list[str], held: list[str],
+def pipeline_methods(pipe: Any, settings: PipelineSettings, cal_prompts: list[str], held: list[str],
                      targets: tuple[float, ...], quick: bool, log: Any) -> list[Method]:
     from diffusers.hooks import (
         FasterCacheConfig,
@@ -52,12 +52,11 @@ def pipeline_methods(pipe: Any, args: argparse.Namespace, cal_prompts: list[str]
     )
 
     from ..config import CalibrationConfig
-    from ..integrations.diffusers.calibrate import calibrate_pipeline
-    from ..integrations.diffusers.cli import call_kwargs
     from ..integrations.diffusers.apply import apply_ertacache
+    from ..integrations.diffusers.calibrate import calibrate_pipeline
     from ..peers.diffusers_hooks import calibrate_magcache
 
-    T, kw = args.num_inference_steps, call_kwargs(args)
+    T, kw = settings.num_inference_steps, settings.call_kwargs()
     counter = {"n": 0, "branches": 1}  # NFE is per branch; calibration tells how many branches a step calls
     _last_block_linear(pipe.transformer).register_forward_hook(lambda *a: counter.__setitem__("n", counter["n"] + 1))
 
@@ -128,8 +127,8 @@ def pipeline_methods(pipe: Any, args: argparse.Namespace, cal_prompts: list[str]
     return methods
 
 
-def run_pipeline_bench(args: argparse.Namespace, command: str) -> list[dict[str, Any]]:
-    """Run the benchmark on ``args.pipeline`` and write the report under ``args.docs``."""
+def run_pipeline_bench(settings: PipelineBenchSettings, command: str) -> list[dict[str, Any]]:
+    """Run the benchmark on ``settings.pipeline`` and write the report under ``settings.docs``."""
     import json
 
     from ..integrations.diffusers.cli import load_pipeline
@@ -137,35 +136,32 @@ def run_pipeline_bench(args: argparse.Namespace, command: str) -> list[dict[str,
     from . import measure
     from .report import write_report
 
-    if not args.prompts:
-        raise ErtaCacheError("bench --pipeline needs --prompts FILE (one per line; the first half calibrates)")
-    prompts = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
-    if len(prompts) < 2:
-        raise ErtaCacheError(f"bench --pipeline needs at least 2 prompts (calibration, held out); got {len(prompts)}")
+    prompts = list(settings.prompts)
     half = len(prompts) // 2
-    pipe = load_pipeline(args.pipeline, args.dtype, args.device)
+    ps = settings.pipeline
+    pipe = load_pipeline(ps)
     pipe.set_progress_bar_config(disable=True)
 
     def log(msg: str) -> None:
         print(f"[bench] {msg}", flush=True)
 
     start = time.perf_counter()
-    targets = (1.5, 2.0, 3.0) if args.quick else (1.5, 2.0, 2.5, 3.0)
-    methods = pipeline_methods(pipe, args, prompts[:half], prompts[half:], targets, args.quick, log)
-    repeats = args.repeats or (1 if args.quick else 3)
+    targets = (1.5, 2.0, 3.0) if settings.quick else (1.5, 2.0, 2.5, 3.0)
+    methods = pipeline_methods(pipe, ps, prompts[:half], prompts[half:], targets, settings.quick, log)
+    repeats = settings.repeats or (1 if settings.quick else 3)
     rows = measure(methods, torch.zeros(1), torch.zeros(1), repeats, log)
     header = {
         "command": command,
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
-        "model": f"{args.pipeline} ({type(pipe).__name__})",
-        "protocol": f"T={args.num_inference_steps}; calibration: {half} prompts; held out: {len(prompts) - half} "
+        "model": f"{ps.pipeline} ({type(pipe).__name__})",
+        "protocol": f"T={ps.num_inference_steps}; calibration: {half} prompts; held out: {len(prompts) - half} "
                     f"prompts (seeds 10000..), {repeats} interleaved repeats, median; TeaCache: not on pipelines",
         "seconds_total": round(time.perf_counter() - start, 1),
     }
-    docs = Path(args.docs or "docs/benchmarks/pipeline")
+    docs = Path(settings.docs)
     write_report(docs, rows, header)
     clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
-    if args.json:
-        atomic_write_text(args.json, json.dumps(clean, indent=2) + "\n")
+    if settings.json_path:
+        atomic_write_text(settings.json_path, json.dumps(clean, indent=2) + "\n")
     return clean

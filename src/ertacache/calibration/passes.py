@@ -22,7 +22,7 @@ from ..config import Granularity, L1Denominator, PhiDenominator, Rectification
 from ..core import rectify
 from ..core.engine import Pass, UnitCall, l1, ratio
 from ..core.grids import shrink_step
-from ..core.rectify import ChannelLayout, RectStats
+from ..core.rectify import CHANNELS_FIRST, ChannelLayout, RectStats
 
 
 class GroundTruth(Pass):
@@ -164,7 +164,7 @@ class FitRectification(Pass):
     name = "rectification fit"
 
     def __init__(self, cached_steps: Sequence[int], form: Rectification, granularity: Granularity,
-                 has_holdout: bool, layout: ChannelLayout = ChannelLayout()) -> None:
+                 has_holdout: bool, layout: ChannelLayout = CHANNELS_FIRST) -> None:
         super().__init__()
         self.cached = set(cached_steps)
         self.form, self.granularity, self.layout, self.has_holdout = form, granularity, layout, has_holdout
@@ -178,24 +178,24 @@ class FitRectification(Pass):
             return super().decide(step, calls, grid)
         for branch in dict.fromkeys(c.branch for c in calls):
             mine = [c for c in calls if c.branch == branch]
-            stats = [RectStats.of(c.v_cached[c.fit], (c.v_cached - c.v)[c.fit], self.granularity, self.layout)
-                     for c in mine]  # type: ignore[index, operator]
+            pairs = [(c.v_cached, c.v) for c in mine if c.v_cached is not None and c.v is not None]
+            stats = [RectStats.of(vt[c.fit], (vt - v)[c.fit], self.granularity, self.layout)
+                     for c, (vt, v) in zip(mine, pairs)]
             total = RectStats.from_tensor(self.reduce(torch.stack([s.as_tensor() for s in stats]).sum(0)))
             a, b = total.solve()
-            hats = [rectify.apply(c.v_cached, a, b, self.form, self.layout) for c in mine]  # type: ignore[arg-type]
+            hats = [rectify.apply(vt, a, b, self.form, self.layout) for vt, _ in pairs]
             rows = [c.hold if self.has_holdout else c.fit for c in mine]
-            err_hat = self.sum([(h - c.v)[m].double().square().sum() for h, c, m in zip(hats, mine, rows)])
-            err_raw = self.sum([(c.v_cached - c.v)[m].double().square().sum()  # type: ignore[operator]
-                                for c, m in zip(mine, rows)])
+            err_hat = self.sum([(h - v)[m].double().square().sum() for h, (_, v), m in zip(hats, pairs, rows)])
+            err_raw = self.sum([(vt - v)[m].double().square().sum() for (vt, v), m in zip(pairs, rows)])
             better = err_hat < err_raw
             self.coeffs.setdefault(branch, {})[step] = (a, b, better)
-            for c, h in zip(mine, hats):
-                c.out = h if better else c.v_cached
+            for c, h, (vt, _) in zip(mine, hats, pairs):
+                c.out = h if better else vt
                 c.refresh = False
         return None
 
     def tensors(self, branches: Sequence[str], T: int) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-        """``(rect_a, rect_b, enabled)`` for a policy: per branch ``(T, C)`` float32 (zero where off), ``(nb, T)`` bool."""
+        """``(rect_a, rect_b, enabled)`` of a policy: per branch ``(T, C)`` float32, zero where off; ``(nb, T)``."""
         C = max((a.numel() for per in self.coeffs.values() for a, _, _ in per.values()), default=1)
         rect_a = {b: torch.zeros(T, C) for b in branches}
         rect_b = {b: torch.zeros(T, C) for b in branches}

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..config import Rectification
 from ..errors import ErtaCacheError
 from . import rectify
-from .rectify import ChannelLayout
+from .rectify import CHANNELS_FIRST, ChannelLayout
 
 Reduce = Callable[[Tensor], Tensor]
 """Sums a statistics tensor over everything that shares a decision (identity in one process)."""
@@ -243,7 +243,7 @@ class FollowPolicy(Pass):
 
     def __init__(self, compute_mask: Sequence[bool],
                  rectification: Callable[[str, int], tuple[Tensor, Tensor] | None] | None = None,
-                 form: Rectification = "off", layout: ChannelLayout = ChannelLayout()) -> None:
+                 form: Rectification = "off", layout: ChannelLayout = CHANNELS_FIRST) -> None:
         super().__init__()
         self.mask = list(compute_mask)
         self.rectification, self.form, self.layout = rectification, form, layout

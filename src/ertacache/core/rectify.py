@@ -36,6 +36,10 @@ class ChannelLayout:
         return x.unflatten(d, (-1, self.group)), d
 
 
+CHANNELS_FIRST = ChannelLayout()
+"""``(B, C, ...)``: the core sampler's latents."""
+
+
 def _reduce_dims(x: Tensor, granularity: Granularity, channel_dim: int) -> list[int]:
     return [d for d in range(x.ndim) if not (granularity == "channel" and d == channel_dim)]
 
@@ -56,7 +60,7 @@ class RectStats:
 
     @classmethod
     def of(cls, v_cached: Tensor, eps: Tensor, granularity: Granularity,
-           layout: ChannelLayout = ChannelLayout()) -> RectStats:
+           layout: ChannelLayout = CHANNELS_FIRST) -> RectStats:
         """Statistics of cached velocities ``v_cached (B, C, ...)`` and errors ``eps`` (same shape).
 
         ``layout`` says where the channels are (``granularity='channel'``).
@@ -102,7 +106,7 @@ class RectStats:
 
 
 def apply(v_cached: Tensor, a: Tensor, b: Tensor, form: Rectification,
-          layout: ChannelLayout = ChannelLayout()) -> Tensor:
+          layout: ChannelLayout = CHANNELS_FIRST) -> Tensor:
     """The rectified velocity ``v^`` of Algorithm 1 line 17 (a new tensor).
 
     Args:

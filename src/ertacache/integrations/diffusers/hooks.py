@@ -50,7 +50,8 @@ BLOCK_HOOK = "ertacache_block"
 
 @dataclass
 class BlockSwitch:
-    """Shared by a transformer's block hooks: ``off``, ``record`` (keep ``h_in``, ``h_out``) or ``inject`` (skip the stack)."""
+    """Shared by a transformer's block hooks: ``off``, ``record`` (keep ``h_in``, ``h_out``) or ``inject``
+    (skip the stack)."""
 
     mode: Literal["off", "record", "inject"] = "off"
     h_in: Tensor | None = None
@@ -247,7 +248,8 @@ class PipelineRun:
             shape = v.shape if v is not None else kept.shape
             v_cached = self.reuse.rebuild(kept, self._latent(hidden, shape),
                                           lambda res: hook.forward_head(args, kwargs, res))
-        x = hidden if v is None and v_cached is None else self._latent(hidden, (v if v is not None else v_cached).shape)
+        done = v if v is not None else v_cached
+        x = hidden if done is None else self._latent(hidden, done.shape)
         out = engine.observe(UnitCall(step, t, unit, name, x, self.fit_mask(hidden.shape[0]), v=v, r=r,
                                       v_cached=v_cached))
         if self.calls_per_step is not None and engine.pending_count(step) >= self.calls_per_step:

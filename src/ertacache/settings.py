@@ -1,0 +1,120 @@
+"""Typed settings of the application layer (CLI, benchmarks): what ``argparse`` parses into.
+
+The library functions take these, never an ``argparse.Namespace``; each is checked
+where it is built, before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import CalibrationConfig
+from .errors import ErtaCacheError
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """A diffusers pipeline and the call settings shared by calibration and generation.
+
+    Attributes:
+        pipeline: hub id or local folder (``DiffusionPipeline.from_pretrained``).
+        num_inference_steps: T.
+        guidance_scale: the pipeline's ``guidance_scale``.
+        height, width, num_frames: output size (None: the pipeline's default).
+        dtype: ``float32``, ``float16`` or ``bfloat16``.
+        device: torch device name.
+    """
+
+    pipeline: str
+    num_inference_steps: int = 30
+    guidance_scale: float = 3.0
+    height: int | None = None
+    width: int | None = None
+    num_frames: int | None = None
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ErtaCacheError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.num_inference_steps < 1:
+            raise ErtaCacheError(f"--num-inference-steps must be >= 1, got {self.num_inference_steps}")
+
+    def call_kwargs(self) -> dict[str, Any]:
+        """The pipeline-call keywords the user set (the same at calibration and at generation)."""
+        kwargs: dict[str, Any] = {"guidance_scale": self.guidance_scale}
+        for name in ("height", "width", "num_frames"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        return kwargs
+
+
+def read_prompts(path: str | Path) -> tuple[str, ...]:
+    """Non-empty lines of a text file.
+
+    Raises:
+        ErtaCacheError: the file is missing or holds no prompt.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ErtaCacheError(f"no prompts file at {p}; give a text file with one prompt per line")
+    prompts = tuple(line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip())
+    if not prompts:
+        raise ErtaCacheError(f"{p} holds no prompts (one per line); the calibration set is empty")
+    return prompts
+
+
+@dataclass(frozen=True)
+class CalibrateSettings:
+    """``ertacache calibrate``: the goal, the config, the calibration set and where to write."""
+
+    out: str
+    config: CalibrationConfig = field(default_factory=CalibrationConfig)
+    target_speedup: float | None = None
+    threshold: float | None = None
+    seed: int = 0
+    num_inference_steps: int = 30
+    shift: float = 1.0
+    guidance_scale: float = 3.0
+    model: str | None = None
+    calibration_per_class: int = 2
+    pipeline: PipelineSettings | None = None
+    prompts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateSettings:
+    """``ertacache generate``: one pipeline prompt, or digits of the bundled model."""
+
+    out: str
+    policy: str | None = None
+    seed: int = 0
+    num_inference_steps: int = 30
+    shift: float = 1.0
+    guidance_scale: float = 3.0
+    model: str | None = None
+    digits: tuple[int, ...] = tuple(range(10))
+    pipeline: PipelineSettings | None = None
+    prompt: str | None = None
+    fps: int = 16
+
+
+@dataclass(frozen=True)
+class PipelineBenchSettings:
+    """``ertacache bench --pipeline``: the first half of the prompts calibrates, the second half is held out."""
+
+    pipeline: PipelineSettings
+    prompts: tuple[str, ...]
+    quick: bool = False
+    repeats: int | None = None
+    docs: str = "docs/benchmarks/pipeline"
+    json_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) < 2:
+            raise ErtaCacheError(f"bench --pipeline needs at least 2 prompts (calibration, held out); got "
+                                 f"{len(self.prompts)}")
