@@ -32,11 +32,12 @@ def core_session(model: Any, cond: Tensor | None, seeds: Sequence[int], *, laten
                  num_inference_steps: int, shift: float = 1.0, guidance_scale: float = 1.0,
                  null_cond: Tensor | None = None, config: CalibrationConfig | None = None,
                  model_fingerprint: str | None = None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", progress: bool = False) -> CalibrationSession:
+                 device: str | torch.device = "cpu", progress: bool = False,
+                 batch_size: int | None = None) -> CalibrationSession:
     """A :class:`CalibrationSession` of a velocity model under the core Euler loop (arguments of :func:`calibrate`)."""
     config = config or CalibrationConfig()
     driver = CoreDriver(model, cond, seeds, latent_shape, num_inference_steps, shift, guidance_scale, null_cond,
-                        config.reuse, model_fingerprint, dtype, device)
+                        config.reuse, model_fingerprint, dtype, device, batch_size)
     return CalibrationSession(driver, config, logger(progress))
 
 
@@ -59,7 +60,11 @@ def calibrate(model: Any, cond: Tensor | None, seeds: Sequence[int], *, target_s
             ``guidance_scale`` and ``null_cond`` (``(N, ...)``; two branches with CFG),
             ``config`` (:class:`~ertacache.config.CalibrationConfig`),
             ``model_fingerprint`` (stored and checked when the policy is used),
-            ``dtype``, ``device``, ``progress`` (print the stages).
+            ``dtype``, ``device``, ``progress`` (print the stages), ``batch_size``
+            (rows per model call: peak activation memory is bounded by it; the policy
+            does not depend on it). Inside an initialised ``torch.distributed`` process
+            group each rank walks its shard of the set and the statistics are summed
+            over ranks: every rank returns the same policy.
 
     Returns:
         The :class:`~ertacache.policy.Policy`; ``policy.provenance["candidates"]``

@@ -14,6 +14,7 @@ from ..core.grids import time_grid
 from ..core.rectify import ChannelLayout
 from ..core.reuse import get_reuse
 from ..errors import ErtaCacheError
+from .distributed import all_reduce_sum, rank_and_size, shard
 
 
 class Driver(Protocol):
@@ -32,10 +33,19 @@ class Driver(Protocol):
     adjustment_off: str | None
 
     def run(self, pass_: Pass, rows: slice, n_fit: int, grid: Sequence[float] | None) -> Tensor:
-        """Walk one trajectory of ``rows`` under ``pass_`` on ``grid`` (None: the driver's own); return x at t = 0.
+        """Walk one trajectory of this process' part of ``rows`` under ``pass_`` on ``grid`` (None: the
+        driver's own); return x at t = 0 of those rows (in :meth:`local` order).
 
         Rows ``< n_fit`` of the calibration set are fitting rows, the others held out.
         """
+        ...
+
+    def local(self, rows: slice) -> list[int]:
+        """The global indices of ``rows`` this process walks."""
+        ...
+
+    def reduce(self, t: Tensor) -> Tensor:
+        """Sum a statistic over processes (identity on one)."""
         ...
 
     def policy_fields(self, grid: Sequence[float]) -> dict[str, Any]:
@@ -45,6 +55,19 @@ class Driver(Protocol):
     def provenance(self) -> dict[str, Any]:
         """Extra provenance (seeds, pipeline class, ...)."""
         ...
+
+
+def check_batch_size(batch_size: object) -> int | None:
+    """Validate a micro-batch size: None (the whole set at once) or an int >= 1.
+
+    Raises:
+        ErtaCacheError: anything else.
+    """
+    if batch_size is None:
+        return None
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ErtaCacheError(f"batch_size must be an int >= 1 (rows per model call) or None, got {batch_size!r}")
+    return batch_size
 
 
 def check_calibration_inputs(cond: Tensor | None, seeds: Sequence[int], null_cond: Tensor | None) -> None:
@@ -68,7 +91,7 @@ class CoreDriver:
     def __init__(self, model: Any, cond: Tensor | None, seeds: Sequence[int], latent_shape: Sequence[int],
                  num_inference_steps: int, shift: float, guidance_scale: float, null_cond: Tensor | None,
                  reuse: str, model_fingerprint: str | None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", batch_size: int | None = None) -> None:
         self.seeds = [int(s) for s in seeds]
         check_calibration_inputs(cond, self.seeds, null_cond)
         self.model, self.reuse = model, get_reuse(reuse)
@@ -81,14 +104,25 @@ class CoreDriver:
         self.grid = time_grid(num_inference_steps, shift)
         self.latent_shape, self.model_fingerprint = tuple(latent_shape), model_fingerprint
         self.layout = ChannelLayout()
+        self.batch_size = check_batch_size(batch_size)
+        self.rank, self.world_size = rank_and_size()
+
+    def local(self, rows: slice) -> list[int]:
+        return shard(range(self.size)[rows], self.rank, self.world_size)
+
+    def reduce(self, t: Tensor) -> Tensor:
+        return all_reduce_sum(t)
 
     @torch.no_grad()
     def run(self, pass_: Pass, rows: slice, n_fit: int, grid: Sequence[float] | None) -> Tensor:
-        conds = [c if c is None else c[rows] for c in (self.cond, self.null_cond)[: len(self.names)]]
-        fit = torch.arange(self.size)[rows] < n_fit
+        idx = self.local(rows)
+        index = torch.tensor(idx, dtype=torch.long) if self.world_size > 1 else slice(idx[0], idx[-1] + 1)
+        conds = [c if c is None else c[index] for c in (self.cond, self.null_cond)[: len(self.names)]]
+        fit = torch.tensor(idx) < n_fit
+        pass_.reduce = self.reduce
         engine = Engine(pass_, self.grid if grid is None else grid)
-        return euler(self.model, self.reuse, self.noise[rows], conds, self.names, self.guidance_scale, engine, fit,
-                     check_finite=True)
+        return euler(self.model, self.reuse, self.noise[index], conds, self.names, self.guidance_scale, engine, fit,
+                     batch_size=self.batch_size, check_finite=True)
 
     def policy_fields(self, grid: Sequence[float]) -> dict[str, Any]:
         return dict(num_inference_steps=self.num_inference_steps, grid=tuple(grid), reuse=self.reuse.name,

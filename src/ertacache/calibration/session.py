@@ -20,6 +20,7 @@ from torch import Tensor
 from ..config import CalibrationConfig
 from ..errors import ErtaCacheError
 from ..policy import Policy, provenance
+from .distributed import check_shards
 from .drive import Driver
 from .passes import AdjustTimesteps, FitRectification, GroundTruth, ThresholdSearch
 from .select import Candidate, SearchResult, check_goal, select_candidates, sweep
@@ -50,6 +51,7 @@ class CalibrationSession:
         self.n_fit = n - self.n_hold
         self.all, self.fit = slice(0, n), slice(0, self.n_fit)
         self.hold = slice(self.n_fit, n) if self.n_hold else self.all
+        check_shards([range(n)[self.fit], range(n)[self.hold]], getattr(driver, "world_size", 1))
         self.log = log or (lambda msg: None)
         self.log(f"ground truth on {self.n_fit} fitting and {self.n_hold} held-out samples")
         gt = GroundTruth()
@@ -135,8 +137,12 @@ class CalibrationSession:
     def error(self, policy: Policy) -> float:
         """Mean squared error at t = 0 of ``policy`` against the uncached run, on the held-out rows."""
         final = self.driver.run(policy.follower(self.driver.layout), self.hold, self.n_fit, policy.sampling_grid)
-        ref: Tensor = self.gt_final[self.hold]
-        return float((final - ref).double().square().mean())
+        where = {i: k for k, i in enumerate(self.driver.local(self.all))}
+        ref: Tensor = self.gt_final[[where[i] for i in self.driver.local(self.hold)]]
+        sums = torch.stack([(final - ref).double().square().sum(), torch.tensor(float(final.numel()),
+                                                                                 dtype=torch.float64)])
+        total = self.driver.reduce(sums)
+        return float(total[0] / total[1])
 
 
 def logger(enabled: bool, prefix: str = "calibrate") -> Callable[[str], None] | None:

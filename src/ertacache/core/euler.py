@@ -79,8 +79,8 @@ def _check_finite(v: Tensor, step: int, t: float, stage: str) -> None:
 
 
 def euler(model: Any, reuse: Reuse, x: Tensor, conds: Sequence[Tensor | None], names: Sequence[str],
-          guidance_scale: float, engine: Engine, fit: Tensor | None = None, *, check_finite: bool = False,
-          callback: StepCallback | None = None, progress: bool = False) -> Tensor:
+          guidance_scale: float, engine: Engine, fit: Tensor | None = None, *, batch_size: int | None = None,
+          check_finite: bool = False, callback: StepCallback | None = None, progress: bool = False) -> Tensor:
     """Walk the engine's grid from ``t_0`` to ``t_T = 0``; the engine's pass decides every step.
 
     Args:
@@ -93,6 +93,9 @@ def euler(model: Any, reuse: Reuse, x: Tensor, conds: Sequence[Tensor | None], n
         guidance_scale: CFG scale combining two branches.
         engine: holds the pass and the grid (which the pass may change).
         fit: ``(B,)`` bool, the rows that fit statistics (default: all).
+        batch_size: rows per model call (micro-batches; None: all). The micro-batches of
+            a step all report before the step is decided, so decisions do not depend on it;
+            activation memory is bounded by ``batch_size`` rows (times the branches).
         check_finite: raise on NaN/inf model output (calibration does).
         callback: ``callback(i, t_i, x_{i+1})`` after each step.
 
@@ -104,6 +107,9 @@ def euler(model: Any, reuse: Reuse, x: Tensor, conds: Sequence[Tensor | None], n
     T = len(engine.grid) - 1
     nb = len(conds)
     fit = torch.ones(x.shape[0], dtype=torch.bool) if fit is None else fit
+    size = x.shape[0] if not batch_size else batch_size
+    chunks = [slice(a, min(a + size, x.shape[0])) for a in range(0, x.shape[0], max(size, 1))]
+    units = [[n if len(chunks) == 1 else (n, c) for n in names] for c in range(len(chunks))]
     steps: Any = range(T)
     if progress:
         from tqdm.auto import tqdm
@@ -111,32 +117,43 @@ def euler(model: Any, reuse: Reuse, x: Tensor, conds: Sequence[Tensor | None], n
         steps = tqdm(steps, desc=engine.pass_.name, unit="step")
     for i in steps:
         t = engine.grid[i]
-        xb, tb, cb = _stack(x, t, conds)
-        v_all = r_all = vc_all = None
-        if any(engine.needs_model(i, n) for n in names):
-            v_all, h_res = compute(model, reuse, xb, tb, cb)
-            if check_finite:
-                _check_finite(v_all, i, t, engine.pass_.name)
-            r_all = reuse.keep(v_all, xb, h_res)
-        if all(engine.wants_cached(i, n) for n in names):
-            vc_all = _rebuild(model, reuse, engine, names, xb, tb, cb)
-        for k, name in enumerate(names):
-            engine.observe(UnitCall(
-                i, t, name, name, x, fit, v=_part(v_all, k, nb), r=_part(r_all, k, nb), v_cached=_part(vc_all, k, nb)))
-        calls = engine.end_step(i)
-        x = x + (engine.grid[i + 1] - t) * guide([c.out for c in calls if c.out is not None], guidance_scale)
+        for c, rows in enumerate(chunks):
+            _observe_chunk(model, reuse, engine, i, t, x[rows], [None if cc is None else cc[rows] for cc in conds],
+                           names, units[c], fit[rows], check_finite)
+        out = {call.unit: call.out for call in engine.end_step(i)}
+        vs = [guide([out[u] for u in units[c]], guidance_scale) for c in range(len(chunks))]  # type: ignore[misc]
+        x = x + (engine.grid[i + 1] - t) * (vs[0] if len(vs) == 1 else torch.cat(vs))
         if callback is not None:
             callback(i, t, x)
     return x
+
+
+def _observe_chunk(model: Any, reuse: Reuse, engine: Engine, i: int, t: float, x: Tensor,
+                   conds: Sequence[Tensor | None], names: Sequence[str], units: Sequence[Any], fit: Tensor,
+                   check_finite: bool) -> None:
+    """One micro-batch at step i: the model (branch-stacked) where a unit needs it, ``v~`` where asked."""
+    nb = len(names)
+    xb, tb, cb = _stack(x, t, conds)
+    v_all = r_all = vc_all = None
+    if any(engine.needs_model(i, u) for u in units):
+        v_all, h_res = compute(model, reuse, xb, tb, cb)
+        if check_finite:
+            _check_finite(v_all, i, t, engine.pass_.name)
+        r_all = reuse.keep(v_all, xb, h_res)
+    if all(engine.wants_cached(i, u) for u in units):
+        vc_all = _rebuild(model, reuse, engine, units, xb, tb, cb)
+    for k, (name, unit) in enumerate(zip(names, units)):
+        engine.observe(UnitCall(i, t, unit, name, x, fit, v=_part(v_all, k, nb), r=_part(r_all, k, nb),
+                                v_cached=_part(vc_all, k, nb)))
 
 
 def _part(v: Tensor | None, k: int, nb: int) -> Tensor | None:
     return None if v is None else (v if nb == 1 else v.chunk(nb)[k])
 
 
-def _rebuild(model: Any, reuse: Reuse, engine: Engine, names: Sequence[str], xb: Tensor, tb: Tensor,
+def _rebuild(model: Any, reuse: Reuse, engine: Engine, units: Sequence[Any], xb: Tensor, tb: Tensor,
              cb: Tensor | None) -> Tensor:
-    kept = [engine.state(n).kept for n in names]
+    kept = [engine.state(u).kept for u in units]
     stacked = kept[0] if len(kept) == 1 else torch.cat(kept)  # type: ignore[arg-type]
     return rebuild(model, reuse, stacked, xb, tb, cb)  # type: ignore[arg-type]
 

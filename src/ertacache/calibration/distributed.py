@@ -1,0 +1,75 @@
+"""Calibration over many processes with ``torch.distributed``: shards of the set, summed statistics.
+
+Each rank walks its shard of the calibration rows (row ``i`` belongs to rank
+``i % world_size``); every per-step statistic is all-reduced before a pass decides, so
+every rank reaches the same decisions and the same policy. gloo serves CPU tensors,
+NCCL GPU ones.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ..errors import ErtaCacheError
+
+
+def rank_and_size() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised process group, or ``(0, 1)``."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(t: Tensor) -> Tensor:
+    """The sum of ``t`` over all ranks (a copy; ``t`` itself on one process)."""
+    import torch.distributed as dist
+
+    if rank_and_size()[1] == 1:
+        return t
+    out = t.detach().clone()
+    if dist.get_backend() == "nccl":
+        out = out.to(f"cuda:{torch.cuda.current_device()}")
+    dist.all_reduce(out)
+    return out.to(t.device)
+
+
+def init_from_env() -> bool:
+    """Initialise the default process group when ``torchrun`` started this process (``WORLD_SIZE`` > 1).
+
+    Returns:
+        True when this call initialised it.
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend)
+    return True
+
+
+def shard(rows: range, rank: int, world_size: int) -> list[int]:
+    """The global row indices of ``rows`` that rank ``rank`` walks."""
+    return [i for i in rows if i % world_size == rank]
+
+
+def check_shards(parts: Sequence[range], world_size: int) -> None:
+    """Every rank must hold at least one row of every part (fitting, held-out), or the ranks' passes diverge.
+
+    Raises:
+        ErtaCacheError: naming the part and the sizes.
+    """
+    for part in parts:
+        if len(part) and min(len(shard(part, r, world_size)) for r in range(world_size)) == 0:
+            raise ErtaCacheError(
+                f"a calibration part of {len(part)} samples cannot give each of {world_size} processes one sample; "
+                "use more calibration samples or fewer processes"
+            )
