@@ -51,10 +51,10 @@ def pipe_kwargs(model):
                 negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=GUIDANCE, height=16, width=16)
 
 
-def sessions(model, pipe, config):
+def sessions(model, pipe, config, batch_size=None):
     core = core_session(model, labels(), range(N), latent_shape=LATENT_SHAPE, num_inference_steps=T,
                         guidance_scale=GUIDANCE, null_cond=torch.full((N,), NULL_CLASS), config=config)
-    driver = PipelineDriver(pipe, None, range(N), T, config.reuse, pipe_kwargs(model))
+    driver = PipelineDriver(pipe, None, range(N), T, config.reuse, pipe_kwargs(model), batch_size=batch_size)
     return core, CalibrationSession(driver, config)
 
 
@@ -111,3 +111,14 @@ def test_public_entry_points_agree(model, pipe):
                            **pipe_kwargs(model))
     assert_same_policy(a, b)
     assert b.provenance["pipeline"] == "FluxPipeline" and b.latent_shape == (64, 4)
+
+
+@pytest.mark.parametrize("reuse", ["velocity", "block_residual"])
+def test_pipeline_micro_batches_meet_at_every_step(model, pipe, reuse):
+    """Micro-batches of 2 rows run as concurrent pipeline calls whose hooks meet at each step: the same policy."""
+    config = CalibrationConfig(**BASE, reuse=reuse, component_check=False)  # every component is compared
+    core, piped = sessions(model, pipe, config, batch_size=2)
+    a, b = core.policy(target_speedup=2.0), piped.policy(target_speedup=2.0)
+    assert b.adjusted_grid is not None and b.rect_form == "linear"
+    assert_same_policy(a, b)
+    assert b.provenance["cost"]["model_calls"] == a.provenance["cost"]["model_calls"]

@@ -43,6 +43,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="policy path, e.g. policy.json")
     p.add_argument("--prompts", default=None, help="with --pipeline: a text file, one calibration prompt per line")
     p.add_argument("--calibration-per-class", type=int, default=2, help="calibration samples per digit class")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per model call (micro-batches; default: the whole set); the policy does not change")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="keep each finished pass here; rerun the same command to resume after a crash")
     p.add_argument("--seed", type=int, default=0, help="first calibration seed")
     p.add_argument("--reuse", choices=["block_residual", "velocity", "latent_residual"], default="velocity")
     p.add_argument("--rectification", choices=["linear", "sigmoid", "off"], default="linear")
@@ -105,7 +109,8 @@ def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
         out=args.out, config=config, target_speedup=args.target_speedup, threshold=args.threshold, seed=args.seed,
         num_inference_steps=args.num_inference_steps, shift=args.shift, guidance_scale=args.guidance_scale,
         model=args.model, calibration_per_class=args.calibration_per_class, pipeline=pipeline,
-        prompts=read_prompts(args.prompts) if pipeline is not None else ())
+        prompts=read_prompts(args.prompts) if pipeline is not None else (), batch_size=args.batch_size,
+        checkpoint_dir=args.checkpoint_dir)
 
 
 def _calibrate(settings: CalibrateSettings) -> int:
@@ -114,10 +119,12 @@ def _calibrate(settings: CalibrateSettings) -> int:
 
         return pipeline_cli.calibrate(settings)
     from .calibration import calibrate
+    from .calibration.distributed import init_from_env, rank_and_size
     from .demo import labels_and_seeds
     from .fingerprint import model_fingerprint
     from .models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model
 
+    init_from_env()  # under torchrun: one shard of the set per process, statistics all-reduced
     model = load_digits_model(settings.model)
     labels, seeds = labels_and_seeds(settings.calibration_per_class, settings.seed)
     policy = calibrate(model, labels, seeds, latent_shape=LATENT_SHAPE,
@@ -125,7 +132,9 @@ def _calibrate(settings: CalibrateSettings) -> int:
                        guidance_scale=settings.guidance_scale,
                        null_cond=torch.full_like(labels, NULL_CLASS), target_speedup=settings.target_speedup,
                        threshold=settings.threshold, config=settings.config, model_fingerprint=model_fingerprint(model),
-                       progress=True)
+                       progress=True, batch_size=settings.batch_size, checkpoint_dir=settings.checkpoint_dir)
+    if rank_and_size()[0] != 0:
+        return 0  # every rank reached the same policy; rank 0 writes it
     path = policy.save(settings.out)
     print(policy.summary())
     print(f"wrote {path} and {path.with_suffix('.safetensors')}")

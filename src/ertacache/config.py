@@ -54,6 +54,9 @@ class CalibrationConfig:
             in [0, 0.9]. 0 judges on the fitting samples themselves.
         max_candidates: how many threshold candidates (those with the most
             computed steps within the budget) are fully evaluated.
+        sweep_early_stop: stop the lambda sweep (increasing lambda) once ``max_candidates``
+            distinct cached sets within the NFE budget are known (larger lambdas cache more
+            and would not be candidates); False runs every lambda, as before.
         component_check: judge each candidate with and without timestep
             adjustment and rectification on the held-out samples, and keep the
             variant with the least error (a component that does not help is switched
@@ -74,6 +77,7 @@ class CalibrationConfig:
     holdout_fraction: float = 0.25
     max_candidates: int = 3
     component_check: bool = True
+    sweep_early_stop: bool = True
 
     def __post_init__(self) -> None:
         get_reuse(self.reuse)

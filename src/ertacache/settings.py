@@ -84,6 +84,13 @@ class CalibrateSettings:
     calibration_per_class: int = 2
     pipeline: PipelineSettings | None = None
     prompts: tuple[str, ...] = ()
+    batch_size: int | None = None
+    checkpoint_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        from .calibration.drive import check_batch_size
+
+        check_batch_size(self.batch_size)
 
 
 @dataclass(frozen=True)

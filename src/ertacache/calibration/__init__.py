@@ -8,6 +8,7 @@ The method lives once, in :class:`~.session.CalibrationSession` and the passes o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from ..policy import Policy
 from .drive import CoreDriver, Driver, check_calibration_inputs
 from .passes import AdjustTimesteps, FitRectification, GroundTruth, ThresholdSearch
 from .select import VARIANTS, Candidate, SearchResult, check_goal, check_target_speedup, select_candidates, sweep
-from .session import CalibrationSession, logger
+from .session import CalibrationSession, PassCallback
 
 __all__ = [
     "VARIANTS", "AdjustTimesteps", "CalibrationSession", "Candidate", "CoreDriver", "Driver", "FitRectification",
@@ -33,12 +34,13 @@ def core_session(model: Any, cond: Tensor | None, seeds: Sequence[int], *, laten
                  null_cond: Tensor | None = None, config: CalibrationConfig | None = None,
                  model_fingerprint: str | None = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", progress: bool = False,
-                 batch_size: int | None = None) -> CalibrationSession:
+                 batch_size: int | None = None, checkpoint_dir: str | Path | None = None,
+                 callback: PassCallback | None = None) -> CalibrationSession:
     """A :class:`CalibrationSession` of a velocity model under the core Euler loop (arguments of :func:`calibrate`)."""
     config = config or CalibrationConfig()
     driver = CoreDriver(model, cond, seeds, latent_shape, num_inference_steps, shift, guidance_scale, null_cond,
                         config.reuse, model_fingerprint, dtype, device, batch_size)
-    return CalibrationSession(driver, config, logger(progress))
+    return CalibrationSession(driver, config, progress=progress, checkpoint_dir=checkpoint_dir, callback=callback)
 
 
 def calibrate(model: Any, cond: Tensor | None, seeds: Sequence[int], *, target_speedup: float | None = None,
@@ -60,7 +62,10 @@ def calibrate(model: Any, cond: Tensor | None, seeds: Sequence[int], *, target_s
             ``guidance_scale`` and ``null_cond`` (``(N, ...)``; two branches with CFG),
             ``config`` (:class:`~ertacache.config.CalibrationConfig`),
             ``model_fingerprint`` (stored and checked when the policy is used),
-            ``dtype``, ``device``, ``progress`` (print the stages), ``batch_size``
+            ``dtype``, ``device``, ``progress`` (one tqdm bar over the passes),
+            ``checkpoint_dir`` (keep each finished pass there; started again with the same
+            arguments, calibration resumes and ends with the identical policy),
+            ``callback`` (called with each finished pass' name), ``batch_size``
             (rows per model call: peak activation memory is bounded by it; the policy
             does not depend on it). Inside an initialised ``torch.distributed`` process
             group each rank walks its shard of the set and the statistics are summed

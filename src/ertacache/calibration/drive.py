@@ -31,6 +31,7 @@ class Driver(Protocol):
     num_inference_steps: int
     layout: ChannelLayout
     adjustment_off: str | None
+    last_model_calls: int
 
     def run(self, pass_: Pass, rows: slice, n_fit: int, grid: Sequence[float] | None) -> Tensor:
         """Walk one trajectory of this process' part of ``rows`` under ``pass_`` on ``grid`` (None: the
@@ -54,6 +55,18 @@ class Driver(Protocol):
 
     def provenance(self) -> dict[str, Any]:
         """Extra provenance (seeds, pipeline class, ...)."""
+        ...
+
+    def identity(self) -> dict[str, Any]:
+        """What determines every pass' result (model, set, settings): a resumed calibration must match it."""
+        ...
+
+    def recorded(self) -> dict[str, Any]:
+        """What the ground-truth run taught the driver (JSON-able), for :meth:`restore` on resume."""
+        ...
+
+    def restore(self, recorded: dict[str, Any]) -> None:
+        """Take back :meth:`recorded` when ground truth is not run again."""
         ...
 
 
@@ -87,6 +100,7 @@ class CoreDriver:
     """
 
     adjustment_off: str | None = None
+    last_model_calls = 0
 
     def __init__(self, model: Any, cond: Tensor | None, seeds: Sequence[int], latent_shape: Sequence[int],
                  num_inference_steps: int, shift: float, guidance_scale: float, null_cond: Tensor | None,
@@ -121,8 +135,10 @@ class CoreDriver:
         fit = torch.tensor(idx) < n_fit
         pass_.reduce = self.reduce
         engine = Engine(pass_, self.grid if grid is None else grid)
-        return euler(self.model, self.reuse, self.noise[index], conds, self.names, self.guidance_scale, engine, fit,
-                     batch_size=self.batch_size, check_finite=True)
+        x = euler(self.model, self.reuse, self.noise[index], conds, self.names, self.guidance_scale, engine, fit,
+                  batch_size=self.batch_size, check_finite=True)
+        self.last_model_calls = engine.model_calls
+        return x
 
     def policy_fields(self, grid: Sequence[float]) -> dict[str, Any]:
         return dict(num_inference_steps=self.num_inference_steps, grid=tuple(grid), reuse=self.reuse.name,
@@ -131,3 +147,22 @@ class CoreDriver:
 
     def provenance(self) -> dict[str, Any]:
         return {"seeds": list(self.seeds)}
+
+    def identity(self) -> dict[str, Any]:
+        from .checkpoint import digest
+
+        fingerprint = self.model_fingerprint
+        if fingerprint is None and isinstance(self.model, torch.nn.Module):
+            from ..fingerprint import model_fingerprint
+
+            fingerprint = model_fingerprint(self.model)
+        return {"driver": "core", "model_fingerprint": fingerprint, "seeds": self.seeds,
+                "conditions": digest(*(c for c in (self.cond, self.null_cond) if c is not None)),
+                "latent_shape": list(self.latent_shape), "num_inference_steps": self.num_inference_steps,
+                "shift": self.shift, "guidance_scale": self.guidance_scale, "dtype": str(self.noise.dtype)}
+
+    def recorded(self) -> dict[str, Any]:
+        return {}
+
+    def restore(self, recorded: dict[str, Any]) -> None:
+        pass

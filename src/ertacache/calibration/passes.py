@@ -42,7 +42,8 @@ class GroundTruth(Pass):
         self.calls_per_step: dict[int, int] = {}
 
     def decide(self, step: int, calls: list[UnitCall], grid: list[float]) -> list[float] | None:
-        self.r_norms[step] = self.sum([l1(c.r[c.fit]) for c in calls if c.r is not None])
+        # added up: a pipeline records micro-batches one after another
+        self.r_norms[step] = self.r_norms.get(step, 0.0) + self.sum([l1(c.r[c.fit]) for c in calls if c.r is not None])
         self.times[step] = calls[0].t
         self.calls_per_step[step] = len(calls)
         return super().decide(step, calls, grid)

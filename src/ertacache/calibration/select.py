@@ -77,16 +77,30 @@ def check_goal(target_speedup: float | None, threshold: float | None, num_infere
 
 
 def sweep(search: Callable[[float], SearchResult], num_inference_steps: int, thresholds: Sequence[float],
-          max_nfe: int | None = None, refine: int = 6, known: Sequence[SearchResult] = ()) -> list[SearchResult]:
+          max_nfe: int | None = None, refine: int = 6, known: Sequence[SearchResult] = (),
+          enough: int | None = None) -> list[SearchResult]:
     """Algorithm 2's search for each lambda (the curve lambda -> |S|), reusing ``known`` results.
 
     With ``max_nfe``, when no lambda of the sweep gives exactly ``max_nfe`` computed
-    steps, the bracket around it is bisected (geometrically, ``refine`` times).
+    steps, the bracket around it is bisected (geometrically, ``refine`` times). With
+    ``enough``, the sweep (in increasing lambda) stops once ``enough`` distinct cached
+    sets within ``max_nfe`` are known: a larger lambda caches at least as much, so its
+    set has fewer computed steps and would not be among the candidates
+    (:func:`select_candidates` keeps those with the most).
     """
     T = num_inference_steps
     results = list(known)
     done = {res.threshold for res in results}
-    results += [search(lam) for lam in sorted(thresholds) if lam not in done]
+
+    def satisfied() -> bool:
+        within = {r.cached_steps for r in results if max_nfe is not None and T - len(r.cached_steps) <= max_nfe}
+        return enough is not None and max_nfe is not None and len(within) >= enough
+
+    for lam in sorted(thresholds):
+        if satisfied():
+            break
+        if lam not in done:
+            results.append(search(lam))
     if max_nfe is None:
         return results
     for _ in range(refine):

@@ -7,23 +7,35 @@ search of Algorithm 2 give candidate cached-step sets S; for each candidate the
 timestep adjustment (Eq. 13-14) and the rectification fit (Eq. 15-21) are estimated,
 and the candidate whose whole cached sampler has the least final-output error on the
 held-out part of the set wins.
+
+Every pass is counted (model calls, wall time) into the policy's provenance, and, with
+a checkpoint folder, kept as it finishes so that a killed calibration resumes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .. import __version__
 from ..config import CalibrationConfig
+from ..core.engine import Pass
 from ..errors import ErtaCacheError
 from ..policy import Policy, provenance
+from .checkpoint import Checkpoint, digest
 from .distributed import check_shards
 from .drive import Driver
 from .passes import AdjustTimesteps, FitRectification, GroundTruth, ThresholdSearch
 from .select import Candidate, SearchResult, check_goal, select_candidates, sweep
+
+PassCallback = Callable[[str], None]
+"""Called with a pass' name after it has finished (and been kept, with a checkpoint folder)."""
 
 
 class CalibrationSession:
@@ -36,41 +48,161 @@ class CalibrationSession:
         driver: walks trajectories of the calibration set.
         config: the calibration options.
         log: progress messages (``print``-like) or None.
+        progress: one tqdm bar over the passes, naming the current one.
+        checkpoint_dir: keep each finished pass there and reuse what is already there.
+        callback: called after each pass (tests stop a calibration with it).
 
     Attributes:
         variants: the component variants of the cached set chosen by the latest
             :meth:`policy` call (see :func:`~ertacache.calibration.calibrate_with_variants`).
         grid: the ``T + 1`` times the driver's trajectories follow.
+        cost: per pass kind, ``{"passes", "model_calls", "seconds"}``; model calls are
+            transformer forwards per sample and branch (summed over processes in the policy).
+
+    Raises:
+        ErtaCacheError: a split of the set the processes cannot share, a checkpoint of
+            another calibration, or a sampler that ran another step count.
     """
 
     def __init__(self, driver: Driver, config: CalibrationConfig | None = None,
-                 log: Callable[[str], None] | None = None) -> None:
+                 log: Callable[[str], None] | None = None, *, progress: bool = False,
+                 checkpoint_dir: str | Path | None = None, callback: PassCallback | None = None) -> None:
         self.driver, self.config = driver, config or CalibrationConfig()
         self.T, n = driver.num_inference_steps, driver.size
         self.n_hold = round(n * self.config.holdout_fraction) if n >= 2 else 0
         self.n_fit = n - self.n_hold
         self.all, self.fit = slice(0, n), slice(0, self.n_fit)
         self.hold = slice(self.n_fit, n) if self.n_hold else self.all
-        check_shards([range(n)[self.fit], range(n)[self.hold]], getattr(driver, "world_size", 1))
+        world = getattr(driver, "world_size", 1)
+        check_shards([range(n)[self.fit], range(n)[self.hold]], world)
         self.log = log or (lambda msg: None)
-        self.log(f"ground truth on {self.n_fit} fitting and {self.n_hold} held-out samples")
-        gt = GroundTruth()
-        self.gt_final = driver.run(gt, self.all, self.n_fit, None)
-        if len(gt.times) != self.T:
-            raise ErtaCacheError(f"the sampler ran {len(gt.times)} steps, not num_inference_steps={self.T}")
-        self.grid, self.gt_norms = gt.grid(), gt.norms()
-        self.calls_per_step = dict(gt.calls_per_step)
-        self.base = dict(driver.policy_fields(self.grid), config=self.config)
+        self.callback = callback
+        self.cost: dict[str, dict[str, float]] = {}
+        self.resumed = 0
+        self.checkpoint = None if checkpoint_dir is None else Checkpoint(
+            checkpoint_dir, {**driver.identity(), "config": self.config.to_dict(), "library": __version__,
+                             "world_size": world}, getattr(driver, "rank", 0), world)
+        self.bar: Any = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            c = self.config
+            estimate = 1 + len(c.thresholds) + 6 + (c.max_candidates + 1) * 7
+            self.bar = tqdm(total=estimate, unit="pass", desc="calibration")
+        self._ground_truth()
         self.searched: list[SearchResult] = []
         self.variants: dict[str, Policy] = {}
 
+    # ----- passes, each kept and counted -----------------------------------------
+    def _run(self, kind: str, key: str, pass_: Pass, rows: slice, grid: Sequence[float] | None) -> Tensor:
+        if self.bar is not None:
+            self.bar.set_description(f"calibration: {key}")
+        start = time.perf_counter()
+        x = self.driver.run(pass_, rows, self.n_fit, grid)
+        c = self.cost.setdefault(kind, {"passes": 0, "model_calls": 0, "seconds": 0.0})
+        c["passes"] += 1
+        c["model_calls"] += self.driver.last_model_calls
+        c["seconds"] += time.perf_counter() - start
+        return x
+
+    def _done(self, key: str, result: dict[str, Any], tensors: dict[str, Tensor] | None = None) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.put(key, result, tensors)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(model_calls=int(sum(c["model_calls"] for c in self.cost.values())))
+        if self.callback is not None:
+            self.callback(key)
+
+    def _kept(self, key: str) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
+        hit = None if self.checkpoint is None else self.checkpoint.get(key)
+        if hit is not None:
+            self.resumed += 1
+            if self.bar is not None:
+                self.bar.update(1)
+        return hit
+
+    def _ground_truth(self) -> None:
+        key = "ground truth"
+        hit = self._kept(key)
+        if hit is not None:
+            result, tensors = hit
+            self.gt_final = tensors["x"]
+            self.grid, self.gt_norms = list(result["grid"]), tuple(result["norms"])
+            self.driver.restore(result["driver"])
+        else:
+            self.log(f"ground truth on {self.n_fit} fitting and {self.n_hold} held-out samples")
+            gt = GroundTruth()
+            self.gt_final = self._run("ground truth", key, gt, self.all, None)
+            if len(gt.times) != self.T:
+                raise ErtaCacheError(f"the sampler ran {len(gt.times)} steps, not num_inference_steps={self.T}")
+            self.grid, self.gt_norms = gt.grid(), gt.norms()
+            self._done(key, {"grid": self.grid, "norms": list(self.gt_norms), "driver": self.driver.recorded()},
+                       {"x": self.gt_final})
+        self.base: dict[str, Any] = dict(self.driver.policy_fields(self.grid), config=self.config)
+
     def search(self, threshold: float) -> SearchResult:
         """Algorithm 2's search for one lambda on the fitting rows."""
-        self.log(f"policy search at lambda={threshold:g}")
-        p = ThresholdSearch(threshold, self.gt_norms, self.config.l1_denominator)
-        self.driver.run(p, self.fit, self.n_fit, self.grid)
-        return SearchResult(threshold, tuple(p.cached_steps), tuple(p.l1_rel.get(i, 0.0) for i in range(self.T)))
+        key = f"policy search lambda={threshold!r}"
+        hit = self._kept(key)
+        result: dict[str, Any]
+        if hit is None:
+            self.log(f"policy search at lambda={threshold:g}")
+            p = ThresholdSearch(threshold, self.gt_norms, self.config.l1_denominator)
+            self._run("policy search", key, p, self.fit, self.grid)
+            result = {"cached_steps": list(p.cached_steps), "l1_rel": [p.l1_rel.get(i, 0.0) for i in range(self.T)]}
+            self._done(key, result)
+        else:
+            result = hit[0]
+        return SearchResult(threshold, tuple(result["cached_steps"]), tuple(result["l1_rel"]))
 
+    def adjust(self, cached_steps: tuple[int, ...]) -> list[float]:
+        """Eq. 13-14's adjusted grid of a cached set, on the fitting rows."""
+        key = f"timestep adjustment S={list(cached_steps)}"
+        hit = self._kept(key)
+        if hit is not None:
+            return list(hit[0]["grid"])
+        p = AdjustTimesteps(cached_steps, self.config.phi_denominator)
+        self._run("timestep adjustment", key, p, self.fit, self.grid)
+        self._done(key, {"grid": p.grid, "phis": {str(k): v for k, v in p.phis.items()}})
+        return p.grid
+
+    def rectify(self, cached_steps: tuple[int, ...], grid: Sequence[float], branches: Sequence[str]
+                ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """Eq. 15-21's fit along a cached set's trajectory on ``grid``: ``(rect_a, rect_b, enabled)``."""
+        key = f"rectification fit S={list(cached_steps)} grid={digest(list(grid))}"
+        hit = self._kept(key)
+        if hit is not None:
+            t = hit[1]
+            return ({b: t[f"a.{b}"] for b in branches}, {b: t[f"b.{b}"] for b in branches}, t["enabled"].bool())
+        c = self.config
+        p = FitRectification(cached_steps, c.rectification, c.granularity, has_holdout=self.n_hold > 0,
+                             layout=self.driver.layout)
+        self._run("rectification fit", key, p, self.all, grid)
+        a, b, enabled = p.tensors(branches, self.T)
+        self._done(key, {}, {**{f"a.{k}": v for k, v in a.items()}, **{f"b.{k}": v for k, v in b.items()},
+                             "enabled": enabled.to(torch.uint8)})
+        return a, b, enabled
+
+    def error(self, policy: Policy) -> float:
+        """Mean squared error at t = 0 of ``policy`` against the uncached run, on the held-out rows."""
+        tensors = [policy.rect_a[b] for b in policy.rect_a] + [policy.rect_b[b] for b in policy.rect_b]
+        key = "evaluation " + digest(list(policy.cached_steps), list(policy.sampling_grid), policy.rect_form,
+                                     None if policy.rect_enabled is None else policy.rect_enabled.int(), *tensors)
+        hit = self._kept(key)
+        if hit is not None:
+            return float(hit[0]["error"])
+        final = self._run("evaluation", key, policy.follower(self.driver.layout), self.hold, policy.sampling_grid)
+        where = {i: k for k, i in enumerate(self.driver.local(self.all))}
+        ref: Tensor = self.gt_final[[where[i] for i in self.driver.local(self.hold)]]
+        sums = torch.stack([(final - ref).double().square().sum(),
+                            torch.tensor(float(final.numel()), dtype=torch.float64)])
+        total = self.driver.reduce(sums)
+        err = float(total[0] / total[1])
+        self._done(key, {"error": err})
+        return err
+
+    # ----- the method --------------------------------------------------------------
     @torch.no_grad()
     def policy(self, target_speedup: float | None = None, threshold: float | None = None) -> Policy:
         """The policy for a target speedup or a threshold (exactly one); see :func:`~ertacache.calibrate`."""
@@ -88,6 +220,8 @@ class CalibrationSession:
                 self.variants = variants
         if best is None:  # pragma: no cover - _candidates never returns an empty list
             raise ErtaCacheError("calibration produced no candidate policy")
+        if self.bar is not None:
+            self.bar.close()
         chosen = best[2]
         info = provenance(
             calibration_size=self.driver.size, holdout_size=self.n_hold, target_speedup=target_speedup,
@@ -95,9 +229,22 @@ class CalibrationSession:
             candidates=[c.as_dict(self.T) for c in candidates],
             timestep_adjustment=("on" if self.config.timestep_adjustment else "off (config)")
             if self.driver.adjustment_off is None else f"off: {self.driver.adjustment_off}",
-            **self.driver.provenance(),
+            cost=self.cost_summary(), **self.driver.provenance(),
         )
         return replace(best[1], provenance=info)
+
+    def cost_summary(self) -> dict[str, Any]:
+        """Model calls (summed over processes) and wall time by pass kind, and in uncached generations of the set."""
+        kinds = sorted(self.cost)
+        calls = self.driver.reduce(torch.tensor([self.cost[k]["model_calls"] for k in kinds] or [0.0],
+                                                dtype=torch.float64))
+        per_generation = self.driver.size * len(self.base["branches"]) * self.T
+        by_pass = {k: {"passes": int(self.cost[k]["passes"]), "model_calls": int(calls[i]),
+                       "seconds": round(self.cost[k]["seconds"], 2)} for i, k in enumerate(kinds)}
+        total = int(sum(v["model_calls"] for v in by_pass.values()))
+        seconds = round(sum(self.cost[k]["seconds"] for k in kinds), 2)
+        return {"by_pass": by_pass, "model_calls": total, "seconds": seconds,
+                "uncached_generations": round(total / per_generation, 2), "resumed_passes": self.resumed}
 
     def _candidates(self, threshold: float | None, max_nfe: int) -> list[Candidate]:
         if threshold is not None:
@@ -105,7 +252,9 @@ class CalibrationSession:
         if max_nfe >= self.T:
             return [Candidate("all_compute", None, ())]
         self.log(f"policy search over {len(self.config.thresholds)} thresholds (target NFE <= {max_nfe})")
-        self.searched = sweep(self.search, self.T, self.config.thresholds, max_nfe=max_nfe, known=self.searched)
+        enough = self.config.max_candidates if self.config.sweep_early_stop else None
+        self.searched = sweep(self.search, self.T, self.config.thresholds, max_nfe=max_nfe, known=self.searched,
+                              enough=enough)
         return select_candidates(self.searched, self.T, max_nfe, self.config)
 
     def _variants(self, cand: Candidate) -> dict[str, Policy]:
@@ -117,32 +266,17 @@ class CalibrationSession:
             return out
         adjusted: list[float] | None = None
         if config.timestep_adjustment and self.driver.adjustment_off is None:
-            adjust = AdjustTimesteps(cand.cached_steps, config.phi_denominator)
-            self.driver.run(adjust, self.fit, self.n_fit, self.grid)
-            adjusted = adjust.grid
+            adjusted = self.adjust(cand.cached_steps)
             out["adjusted"] = replace(plain, adjusted_grid=tuple(adjusted))
         if config.rectification != "off":
             grids: list[tuple[str, list[float]]] = [("rectified", self.grid)]
             if adjusted is not None:
                 grids = (grids if config.component_check else []) + [("full", adjusted)]
             for name, g in grids:
-                fit = FitRectification(cand.cached_steps, config.rectification, config.granularity,
-                                       has_holdout=self.n_hold > 0, layout=self.driver.layout)
-                self.driver.run(fit, self.all, self.n_fit, g)
-                a, b, enabled = fit.tensors(plain.branches, self.T)
+                a, b, enabled = self.rectify(cand.cached_steps, g, plain.branches)
                 out[name] = replace(out["adjusted"] if name == "full" else plain, rect_a=a, rect_b=b,
                                     rect_enabled=enabled, rect_form=config.rectification)
         return out
-
-    def error(self, policy: Policy) -> float:
-        """Mean squared error at t = 0 of ``policy`` against the uncached run, on the held-out rows."""
-        final = self.driver.run(policy.follower(self.driver.layout), self.hold, self.n_fit, policy.sampling_grid)
-        where = {i: k for k, i in enumerate(self.driver.local(self.all))}
-        ref: Tensor = self.gt_final[[where[i] for i in self.driver.local(self.hold)]]
-        sums = torch.stack([(final - ref).double().square().sum(), torch.tensor(float(final.numel()),
-                                                                                 dtype=torch.float64)])
-        total = self.driver.reduce(sums)
-        return float(total[0] / total[1])
 
 
 def logger(enabled: bool, prefix: str = "calibrate") -> Callable[[str], None] | None:
@@ -154,4 +288,3 @@ def logger(enabled: bool, prefix: str = "calibrate") -> Callable[[str], None] | 
         print(f"[{prefix}] {msg}", flush=True)
 
     return log
-

@@ -151,6 +151,7 @@ class Engine:
         self.grid = None if grid is None else [float(t) for t in grid]
         self.units: dict[Hashable, _UnitState] = {}
         self.pending: dict[int, list[UnitCall]] = {}
+        self.model_calls = 0  # rows the model ran on (per sample and branch), over the engine's life
 
     def reset(self) -> None:
         """Forget every unit's cache (a new trajectory starts)."""
@@ -174,6 +175,8 @@ class Engine:
         st = self.state(call.unit)
         call.kept, call.v_prev = st.kept, st.v_prev
         st.last_step = call.step
+        if call.v is not None:
+            self.model_calls += int(call.v.shape[0])
         call.out = self.pass_.provisional(call)
         self.pending.setdefault(call.step, []).append(call)
         return call.out

@@ -105,7 +105,6 @@ def euler(model: Any, reuse: Reuse, x: Tensor, conds: Sequence[Tensor | None], n
     if engine.grid is None:
         raise ErtaCacheError("the core Euler loop needs a grid")
     T = len(engine.grid) - 1
-    nb = len(conds)
     fit = torch.ones(x.shape[0], dtype=torch.bool) if fit is None else fit
     size = x.shape[0] if not batch_size else batch_size
     chunks = [slice(a, min(a + size, x.shape[0])) for a in range(0, x.shape[0], max(size, 1))]

@@ -11,6 +11,8 @@ why (NOTES.md section 5).
 
 from __future__ import annotations
 
+import copy
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +20,9 @@ import torch
 from torch import Tensor
 
 from ...calibration import CalibrationSession, check_goal
-from ...calibration.session import logger
+from ...calibration.distributed import all_reduce_sum, rank_and_size, shard
+from ...calibration.drive import check_batch_size
+from ...calibration.passes import GroundTruth
 from ...config import CalibrationConfig
 from ...core.engine import Engine, Pass
 from ...core.reuse import get_reuse
@@ -42,10 +46,13 @@ class PipelineDriver:
         reuse: the reuse mode's name.
         pipe_kwargs: the rest of the call (height, width, guidance, ...); tensors and
             lists with one entry per row are split with the rows.
+        batch_size: rows per pipeline call. Several micro-batches run as concurrent
+            calls (threads, each with its own copy of the scheduler) whose hooks meet at
+            every step, so each decision sums over the whole set, as one batch would.
     """
 
     def __init__(self, pipe: Any, prompts: Sequence[str] | None, seeds: Sequence[int], num_inference_steps: int,
-                 reuse: str, pipe_kwargs: dict[str, Any]) -> None:
+                 reuse: str, pipe_kwargs: dict[str, Any], batch_size: int | None = None) -> None:
         self.pipe, self.family = pipe, family_for(pipe)
         self.prompts = None if prompts is None else list(prompts)
         self.kwargs = dict(pipe_kwargs)
@@ -62,44 +69,125 @@ class PipelineDriver:
         self.latent_shape: tuple[int, ...] | None = None
         self.calls_per_step: int | None = None
         self.observed_guidance: float | None = None
+        self.rank, self.world_size = rank_and_size()
+        self.last_model_calls = 0
+        self.batch_size = check_batch_size(batch_size)
 
-    def _rows(self, rows: slice) -> dict[str, Any]:
-        out = {}
+    def local(self, rows: slice) -> list[int]:
+        return shard(range(self.size)[rows], self.rank, self.world_size)
+
+    def reduce(self, t: Tensor) -> Tensor:
+        return all_reduce_sum(t)
+
+    def _rows(self, idx: list[int]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for key, value in self.kwargs.items():
-            per_row = (isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == self.size) or \
-                (isinstance(value, list) and len(value) == self.size)
-            out[key] = value[rows] if per_row else value
+            if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == self.size:
+                out[key] = value[torch.tensor(idx, dtype=torch.long, device=value.device)]
+            elif isinstance(value, list) and len(value) == self.size:
+                out[key] = [value[i] for i in idx]
+            else:
+                out[key] = value
         if self.prompts is not None:
-            out["prompt"] = self.prompts[rows]
+            out["prompt"] = [self.prompts[i] for i in idx]
         return out
 
     @torch.no_grad()
     def run(self, pass_: Pass, rows: slice, n_fit: int, grid: Sequence[float] | None) -> Tensor:
+        idx = self.local(rows)
+        size = self.batch_size or max(len(idx), 1)
+        chunks = [idx[a:a + size] for a in range(0, len(idx), size)]
+        if grid is None:  # ground truth decides nothing: micro-batches one after the other, sums reduced once
+            return self._record(pass_, chunks, n_fit)
+        pass_.reduce = self.reduce
         engine = Engine(pass_, grid)
-        recording = grid is None
-        n = len(range(self.size)[rows])
-        run = PipelineRun(engine, self.family, self.reuse, scheduler=self.pipe.scheduler,
-                          calls_per_step=None if recording else self.calls_per_step,
-                          rows=(n, max(0, min(n_fit, rows.stop or self.size) - (rows.start or 0))), check_finite=True)
+        run = PipelineRun(engine, self.family, self.reuse, chunks=len(chunks),
+                          calls_per_step=len(chunks) * (self.calls_per_step or 1), check_finite=True)
+        out = self._calls(run, chunks, n_fit, grid)
+        self.last_model_calls = engine.model_calls
+        return out
+
+    def _calls(self, run: PipelineRun, chunks: list[list[int]], n_fit: int, grid: Sequence[float] | None) -> Tensor:
+        """One pipeline call per micro-batch (threads when several, meeting at each step), hooks on meanwhile."""
+        pipes = [self.pipe] if len(chunks) == 1 else [_pipe_copy(self.pipe) for _ in chunks]
+        run.schedulers = [p.scheduler for p in pipes]
         modules = register_hooks(self.transformers, run, self.family, with_blocks=self.reuse.needs_blocks)
         own = grid is None or self.own_grid is None or _same(grid, self.own_grid)
+        outs: list[Any] = [None] * len(chunks)
+
+        def work(c: int) -> None:
+            rows = chunks[c]
+            run.enter_chunk(c, (len(rows), sum(1 for i in rows if i < n_fit)))
+            try:
+                gens = [torch.Generator().manual_seed(self.seeds[i]) for i in rows]
+                out = pipes[c](generator=gens, num_inference_steps=self.num_inference_steps, output_type="latent",
+                               **self._rows(rows))
+                outs[c] = torch.as_tensor(out.frames if hasattr(out, "frames") else out.images)
+            except BaseException as exc:
+                run.fail(exc)
+                raise
+
         try:
             if not own:
-                set_scheduler_grid(self.pipe.scheduler, grid)  # type: ignore[arg-type]
-            gens = [torch.Generator().manual_seed(s) for s in self.seeds[rows]]
-            out = self.pipe(generator=gens, num_inference_steps=self.num_inference_steps, output_type="latent",
-                            **self._rows(rows))
+                for p in pipes:
+                    set_scheduler_grid(p.scheduler, grid)  # type: ignore[arg-type]
+            if len(chunks) == 1:
+                work(0)
+            else:
+                errors: list[BaseException] = []
+                threads = [threading.Thread(target=_catching(work, c, errors)) for c in range(len(chunks))]
+                for th in threads:
+                    th.start()
+                for th in threads:
+                    th.join()
+                if errors:
+                    raise next((e for e in errors if not str(e).startswith("another micro-batch")), errors[0])
             run.finish()
         finally:
-            restore_scheduler(self.pipe.scheduler)
+            for p in pipes:
+                restore_scheduler(p.scheduler)
             remove_hooks(modules)
-        if recording:
-            self.own_grid = [*run.times, 0.0]
-            self.branches, self.latent_shape = tuple(run.branches), run.latent_shape
-            self.calls_per_step = len(self.branches)
-            got = getattr(self.pipe, "_guidance_scale", None)
-            self.observed_guidance = None if got is None else float(got)
-        return torch.as_tensor(out.frames if hasattr(out, "frames") else out.images)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def _record(self, pass_: Pass, chunks: list[list[int]], n_fit: int) -> Tensor:
+        """Ground truth, micro-batch after micro-batch; its per-step sums are reduced over processes once."""
+        pass_.reduce = lambda t: t
+        outs, calls = [], 0
+        for chunk in chunks:
+            engine = Engine(pass_, None)
+            run = PipelineRun(engine, self.family, self.reuse, check_finite=True)
+            outs.append(self._calls(run, [chunk], n_fit, None))
+            calls += engine.model_calls
+        gt = pass_
+        if isinstance(gt, GroundTruth):
+            steps = sorted(gt.r_norms)
+            summed = self.reduce(torch.tensor([gt.r_norms[i] for i in steps], dtype=torch.float64))
+            gt.r_norms = {i: float(v) for i, v in zip(steps, summed)}
+        got = getattr(self.pipe, "_guidance_scale", None)
+        self.restore({"grid": [*run.times, 0.0], "branches": list(run.branches),
+                      "latent_shape": list(run.latent_shape or ()), "guidance": None if got is None else float(got)})
+        self.last_model_calls = calls
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+    def recorded(self) -> dict[str, Any]:
+        return {"grid": self.own_grid, "branches": list(self.branches), "latent_shape": list(self.latent_shape or ()),
+                "guidance": self.observed_guidance}
+
+    def restore(self, recorded: dict[str, Any]) -> None:
+        self.own_grid = list(recorded["grid"])
+        self.branches = tuple(recorded["branches"])
+        self.latent_shape = tuple(recorded["latent_shape"]) or None
+        self.calls_per_step = len(self.branches)
+        self.observed_guidance = recorded["guidance"]
+
+    def identity(self) -> dict[str, Any]:
+        from ...calibration.checkpoint import digest
+
+        tensors = [v for v in self.kwargs.values() if isinstance(v, Tensor)]
+        settings = {k: v for k, v in self.kwargs.items() if not isinstance(v, Tensor)}
+        return {"driver": type(self.pipe).__name__, "model_fingerprint": pipeline_fingerprint(self.pipe, self.family),
+                "seeds": self.seeds, "prompts": digest(self.prompts), "call": digest(settings, *tensors),
+                "num_inference_steps": self.num_inference_steps, "scheduler": digest(dict(self.pipe.scheduler.config))}
 
     def policy_fields(self, grid: Sequence[float]) -> dict[str, Any]:
         kw = self.kwargs
@@ -111,6 +199,23 @@ class PipelineDriver:
     def provenance(self) -> dict[str, Any]:
         return {"seeds": list(self.seeds), "pipeline": type(self.pipe).__name__,
                 "pipeline_guidance_scale": self.observed_guidance}
+
+
+def _pipe_copy(pipe: Any) -> Any:
+    """The same pipeline (modules shared) with a scheduler of its own: concurrent calls step independently."""
+    other = copy.copy(pipe)
+    object.__setattr__(other, "scheduler", copy.deepcopy(pipe.scheduler))
+    return other
+
+
+def _catching(fn: Any, arg: int, errors: list[BaseException]) -> Any:
+    def target() -> None:
+        try:
+            fn(arg)
+        except BaseException as exc:  # reported by the caller after join
+            errors.append(exc)
+
+    return target
 
 
 def _same(a: Sequence[float], b: Sequence[float]) -> bool:
@@ -139,6 +244,8 @@ def calibrate_pipeline(
     seeds: Sequence[int] | None = None,
     config: CalibrationConfig | None = None,
     progress: bool = False,
+    batch_size: int | None = None,
+    checkpoint_dir: str | None = None,
     **pipe_kwargs: Any,
 ) -> Policy:
     """Calibrate a policy for ``pipe`` by running ``pipe(...)`` itself on a calibration set.
@@ -155,7 +262,10 @@ def calibrate_pipeline(
         target_speedup / threshold: exactly one, as in :func:`ertacache.calibrate`.
         seeds: one noise seed per sample (default ``0..N-1``), via ``generator=``.
         config: calibration options (every reuse mode and granularity).
-        progress: print the stages.
+        progress: one tqdm bar over the passes.
+        batch_size: rows per pipeline call (peak memory is bounded by it; the policy
+            does not depend on it): concurrent calls that meet at every step.
+        checkpoint_dir: keep each finished pass there; the same call again resumes.
         pipe_kwargs: everything else the pipeline call needs (height, width,
             num_frames, guidance_scale, ...), the same as for inference.
 
@@ -178,8 +288,8 @@ def calibrate_pipeline(
     if n == 0 or len(seeds) != n:
         raise ErtaCacheError(f"the calibration set is empty or its seeds do not match: {n} samples, {len(seeds)} seeds")
     check_pipeline_config(pipe, config)
-    driver = PipelineDriver(pipe, prompts, seeds, num_inference_steps, config.reuse, pipe_kwargs)
-    log = logger(progress, "calibrate_pipeline")
-    if driver.adjustment_off is not None and config.timestep_adjustment and log is not None:
-        log(f"timestep adjustment {driver.adjustment_off}")
-    return CalibrationSession(driver, config, log).policy(target_speedup, threshold)
+    driver = PipelineDriver(pipe, prompts, seeds, num_inference_steps, config.reuse, pipe_kwargs, batch_size)
+    if driver.adjustment_off is not None and config.timestep_adjustment and progress:
+        print(f"[calibrate_pipeline] timestep adjustment off: {driver.adjustment_off}", flush=True)
+    session = CalibrationSession(driver, config, progress=progress, checkpoint_dir=checkpoint_dir)
+    return session.policy(target_speedup, threshold)

@@ -26,7 +26,8 @@ def calibrate(settings: CalibrateSettings) -> int:
     policy = calibrate_pipeline(pipe, list(settings.prompts), num_inference_steps=settings.pipeline.num_inference_steps,
                                 target_speedup=settings.target_speedup, threshold=settings.threshold,
                                 seeds=range(settings.seed, settings.seed + len(settings.prompts)),
-                                config=settings.config, progress=True, **settings.pipeline.call_kwargs())
+                                config=settings.config, progress=True, batch_size=settings.batch_size,
+                                checkpoint_dir=settings.checkpoint_dir, **settings.pipeline.call_kwargs())
     path = policy.save(settings.out)
     print(policy.summary())
     print(f"wrote {path} and {path.with_suffix('.safetensors')}")

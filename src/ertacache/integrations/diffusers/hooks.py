@@ -20,6 +20,7 @@ block returns ``h_in + r`` while the others pass their inputs through.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -48,15 +49,15 @@ STEP_HOOK = "ertacache"
 BLOCK_HOOK = "ertacache_block"
 
 
-@dataclass
-class BlockSwitch:
+class BlockSwitch(threading.local):
     """Shared by a transformer's block hooks: ``off``, ``record`` (keep ``h_in``, ``h_out``) or ``inject``
-    (skip the stack)."""
+    (skip the stack). Per thread, since micro-batches of a calibration call the model concurrently."""
 
-    mode: Literal["off", "record", "inject"] = "off"
-    h_in: Tensor | None = None
-    h_out: Tensor | None = None
-    residual: Tensor | None = None
+    def __init__(self) -> None:
+        self.mode: Literal["off", "record", "inject"] = "off"
+        self.h_in: Tensor | None = None
+        self.h_out: Tensor | None = None
+        self.residual: Tensor | None = None
 
 
 class BlockHook(ModelHook):
@@ -96,6 +97,22 @@ class _NoState:
         pass
 
 
+class ThreadContext(StateManager):
+    """diffusers' ``StateManager`` holding the ``cache_context`` per thread (micro-batches run concurrently)."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        super().__init__(_NoState)  # type: ignore[arg-type]
+
+    @property  # type: ignore[override]
+    def _context(self) -> Any:
+        return getattr(self._local, "context", None)
+
+    @_context.setter
+    def _context(self, value: Any) -> None:
+        self._local.context = value
+
+
 class StepHook(ModelHook):
     """On a transformer: reports each call to the pipeline's :class:`PipelineRun`.
 
@@ -110,7 +127,7 @@ class StepHook(ModelHook):
     def __init__(self, run: PipelineRun, index: int, switch: BlockSwitch | None = None) -> None:
         super().__init__()
         self.run, self.index, self.switch = run, index, switch
-        self.state_manager = StateManager(_NoState)  # type: ignore[arg-type]
+        self.state_manager = ThreadContext()
 
     def branch(self) -> str:
         context = self.state_manager._context
@@ -161,7 +178,10 @@ class PipelineRun:
         calls_per_step: how many transformer calls make one step (units), or None
             while unknown (ground truth: decisions there change nothing).
         rows: ``(n, n_fit)``: a call's batch holds the run's ``n`` rows (repeated for
-            batched CFG), the first ``n_fit`` of them fitting rows; None: all fit.
+            batched CFG), the first ``n_fit`` of them fitting rows; None: all fit. A
+            micro-batch thread sets its own with :meth:`enter_chunk`.
+        chunks: how many micro-batches call concurrently (threads); a step is decided
+            when every micro-batch has made its calls, and each waits for that.
         check_finite: raise on NaN/inf model output (calibration).
         on_start: called with ``(hidden_states, branch)`` at each unit's step 0 (inference checks).
 
@@ -175,6 +195,7 @@ class PipelineRun:
     family: Family
     reuse: Reuse
     scheduler: Any = None
+    chunks: int = 1
     calls_per_step: int | None = None
     rows: tuple[int, int] | None = None
     check_finite: bool = False
@@ -183,6 +204,26 @@ class PipelineRun:
     branches: list[str] = field(default_factory=list)
     latent_shape: tuple[int, ...] | None = None
     last: dict[Hashable, int] = field(default_factory=dict)
+    schedulers: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.local = threading.local()
+        self.lock = threading.Condition()
+        self.decided: set[int] = set()
+        self.made: dict[tuple[int, int], int] = {}
+        self.failed: BaseException | None = None
+        if self.scheduler is not None and not self.schedulers:
+            self.schedulers = [self.scheduler]
+
+    def enter_chunk(self, chunk: int, rows: tuple[int, int]) -> None:
+        """This thread runs micro-batch ``chunk`` with ``rows = (n, n_fit)``."""
+        self.local.chunk, self.local.rows = chunk, rows
+
+    def fail(self, exc: BaseException) -> None:
+        """A micro-batch thread failed: wake the others, which raise too."""
+        with self.lock:
+            self.failed = exc
+            self.lock.notify_all()
 
     def step_of(self, unit: Hashable, t: float) -> int:
         """The step of a call at time t: the next grid time after the unit's last step (a new run at t_0)."""
@@ -217,9 +258,10 @@ class PipelineRun:
             self.engine.end_step(step, write_back=True)
 
     def fit_mask(self, batch: int) -> Tensor:
-        if self.rows is None:
+        rows = getattr(self.local, "rows", None) or self.rows
+        if rows is None:
             return torch.ones(batch, dtype=torch.bool)
-        n, n_fit = self.rows
+        n, n_fit = rows
         return (torch.arange(batch) % n) < n_fit
 
     def call(self, hook: StepHook, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -230,8 +272,10 @@ class PipelineRun:
         hidden = hidden_states_of(args, kwargs)
         self.latent_shape = tuple(hidden.shape[1:])
         t = timestep_of(kwargs, self.family)
-        unit = (hook.index, name)
-        step = self.step_of(unit, t)
+        chunk = getattr(self.local, "chunk", 0)
+        unit = (hook.index, name) if self.chunks == 1 else (hook.index, name, chunk)
+        with self.lock:
+            step = self.step_of(unit, t)
         if step == 0 and self.on_start is not None:
             self.on_start(hidden, name)
         engine = self.engine
@@ -250,14 +294,34 @@ class PipelineRun:
                                           lambda res: hook.forward_head(args, kwargs, res))
         done = v if v is not None else v_cached
         x = hidden if done is None else self._latent(hidden, done.shape)
-        out = engine.observe(UnitCall(step, t, unit, name, x, self.fit_mask(hidden.shape[0]), v=v, r=r,
-                                      v_cached=v_cached))
-        if self.calls_per_step is not None and engine.pending_count(step) >= self.calls_per_step:
-            before = list(engine.grid or [])
-            engine.end_step(step, write_back=True)
-            if engine.grid is not None and engine.grid != before and self.scheduler is not None:
-                write_grid(self.scheduler, engine.grid, step + 1)
+        call = UnitCall(step, t, unit, name, x, self.fit_mask(hidden.shape[0]), v=v, r=r, v_cached=v_cached)
+        with self.lock:
+            out = engine.observe(call)
+            self._maybe_decide(step, chunk)
         return out_obj if out_obj is not None and out is v else output_like(kwargs, out)
+
+    def _maybe_decide(self, step: int, chunk: int) -> None:
+        """Decide ``step`` once every unit has called; a micro-batch that made all its calls waits for that."""
+        if self.calls_per_step is None:
+            return
+        if self.engine.pending_count(step) >= self.calls_per_step:
+            before = list(self.engine.grid or [])
+            self.engine.end_step(step, write_back=True)
+            if self.engine.grid is not None and self.engine.grid != before:
+                for scheduler in self.schedulers:
+                    write_grid(scheduler, self.engine.grid, step + 1)
+            self.decided.add(step)
+            self.lock.notify_all()
+            return
+        if self.chunks == 1:
+            return
+        key = (chunk, step)
+        self.made[key] = self.made.get(key, 0) + 1
+        if self.made[key] >= self.calls_per_step // self.chunks:
+            while step not in self.decided:
+                if self.failed is not None:
+                    raise ErtaCacheError(f"another micro-batch failed: {self.failed}")
+                self.lock.wait(timeout=1.0)
 
     def _latent(self, hidden: Tensor, shape: Any) -> Tensor:
         if self.reuse.needs_blocks:
