@@ -20,7 +20,7 @@ from torch import Tensor
 
 from ..config import Granularity, L1Denominator, PhiDenominator, Rectification
 from ..core import rectify
-from ..core.engine import Pass, UnitCall, l1, ratio
+from ..core.engine import Pass, StopPass, UnitCall, l1, ratio
 from ..core.grids import shrink_step
 from ..core.rectify import CHANNELS_FIRST, ChannelLayout, RectStats
 
@@ -64,20 +64,26 @@ class ThresholdSearch(Pass):
     ``||r_i||_1``), ``r`` being what the reuse mode keeps, summed over units and
     fitting rows. Below lambda the step is cached (``v~`` used, the stale ``r~``
     kept); otherwise the cache is refreshed. The first and last steps are computed.
+    With ``max_nfe``, the pass stops (:class:`~ertacache.core.engine.StopPass`) as soon
+    as more steps than that are sure to be computed: the set is over the budget.
 
     Attributes:
-        cached_steps: the set S, after the run.
+        cached_steps: the set S, after the run (the steps up to the stop when stopped).
         l1_rel: each step's ratio (0 where not eligible).
+        complete: False when the pass stopped over the budget.
     """
 
     name = "policy search"
 
-    def __init__(self, threshold: float, gt_norms: Sequence[float], denominator: L1Denominator = "gt") -> None:
+    def __init__(self, threshold: float, gt_norms: Sequence[float], denominator: L1Denominator = "gt",
+                 max_nfe: int | None = None) -> None:
         super().__init__()
         self.threshold, self.gt_norms, self.denominator = threshold, list(gt_norms), denominator
         self.T = len(self.gt_norms)
+        self.max_nfe = max_nfe
         self.cached_steps: list[int] = []
         self.l1_rel: dict[int, float] = {}
+        self.complete = True
 
     def needs_cached(self, step: int) -> bool:
         return 0 < step < self.T - 1
@@ -97,6 +103,10 @@ class ThresholdSearch(Pass):
         for c in calls:
             c.out = c.v_cached if cache else c.v
             c.refresh = not cache
+        computed = step + 1 - len(self.cached_steps) + (1 if step < self.T - 1 else 0)  # the last step computes
+        if self.max_nfe is not None and computed > self.max_nfe:
+            self.complete = False  # over the budget whatever follows: not a candidate, only a bracket
+            raise StopPass(f"lambda={self.threshold:g} computes more than {self.max_nfe} steps")
         return None
 
 

@@ -23,6 +23,8 @@ class SearchResult:
     threshold: float
     cached_steps: tuple[int, ...]
     l1_rel: tuple[float, ...] = ()
+    complete: bool = True
+    """False: the search stopped once over its budget; ``cached_steps`` are those up to there."""
 
 
 @dataclass
@@ -89,7 +91,8 @@ def sweep(search: Callable[[float], SearchResult], num_inference_steps: int, thr
     (:func:`select_candidates` keeps those with the most).
     """
     T = num_inference_steps
-    results = list(known)
+    # a stopped search is only known to be over its own budget: search again for a larger one
+    results = [r for r in known if r.complete or max_nfe is None or T - len(r.cached_steps) > max_nfe]
     done = {res.threshold for res in results}
 
     def satisfied() -> bool:

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import __version__
 from ..config import CalibrationConfig
-from ..core.engine import Pass
+from ..core.engine import Pass, StopPass
 from ..errors import ErtaCacheError
 from ..policy import Policy, provenance
 from .checkpoint import Checkpoint, digest
@@ -78,6 +78,7 @@ class CalibrationSession:
         self.log = log or (lambda msg: None)
         self.callback = callback
         self.cost: dict[str, dict[str, float]] = {}
+        self.errors: dict[str, float] = {}
         self.resumed = 0
         self.checkpoint = None if checkpoint_dir is None else Checkpoint(
             checkpoint_dir, {**driver.identity(), "config": self.config.to_dict(), "library": __version__,
@@ -110,7 +111,10 @@ class CalibrationSession:
             self.checkpoint.put(key, result, tensors)
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(model_calls=int(sum(c["model_calls"] for c in self.cost.values())))
+            done = sum(c["model_calls"] for c in self.cost.values())
+            runs = max(1, sum(c["passes"] for c in self.cost.values()))
+            left = max(0, self.bar.total - self.bar.n) * done / runs  # passes left x model calls a pass so far
+            self.bar.set_postfix(model_calls=int(done), left_about=int(left))
         if self.callback is not None:
             self.callback(key)
 
@@ -141,20 +145,28 @@ class CalibrationSession:
                        {"x": self.gt_final})
         self.base: dict[str, Any] = dict(self.driver.policy_fields(self.grid), config=self.config)
 
-    def search(self, threshold: float) -> SearchResult:
-        """Algorithm 2's search for one lambda on the fitting rows."""
+    def search(self, threshold: float, max_nfe: int | None = None) -> SearchResult:
+        """Algorithm 2's search for one lambda on the fitting rows; with ``max_nfe`` it stops once over it."""
         key = f"policy search lambda={threshold!r}"
         hit = self._kept(key)
         result: dict[str, Any]
+        if hit is not None and not hit[0]["complete"] and (
+                max_nfe is None or self.T - len(hit[0]["cached_steps"]) <= max_nfe):
+            hit = None  # stopped over a smaller budget than this one
         if hit is None:
             self.log(f"policy search at lambda={threshold:g}")
-            p = ThresholdSearch(threshold, self.gt_norms, self.config.l1_denominator)
-            self._run("policy search", key, p, self.fit, self.grid)
-            result = {"cached_steps": list(p.cached_steps), "l1_rel": [p.l1_rel.get(i, 0.0) for i in range(self.T)]}
+            p = ThresholdSearch(threshold, self.gt_norms, self.config.l1_denominator,
+                                max_nfe if self.config.sweep_early_stop else None)
+            try:
+                self._run("policy search", key, p, self.fit, self.grid)
+            except StopPass:
+                pass
+            result = {"cached_steps": list(p.cached_steps), "l1_rel": [p.l1_rel.get(i, 0.0) for i in range(self.T)],
+                      "complete": p.complete}
             self._done(key, result)
         else:
             result = hit[0]
-        return SearchResult(threshold, tuple(result["cached_steps"]), tuple(result["l1_rel"]))
+        return SearchResult(threshold, tuple(result["cached_steps"]), tuple(result["l1_rel"]), result["complete"])
 
     def adjust(self, cached_steps: tuple[int, ...]) -> list[float]:
         """Eq. 13-14's adjusted grid of a cached set, on the fitting rows."""
@@ -185,13 +197,22 @@ class CalibrationSession:
         return a, b, enabled
 
     def error(self, policy: Policy) -> float:
-        """Mean squared error at t = 0 of ``policy`` against the uncached run, on the held-out rows."""
-        tensors = [policy.rect_a[b] for b in policy.rect_a] + [policy.rect_b[b] for b in policy.rect_b]
-        key = "evaluation " + digest(list(policy.cached_steps), list(policy.sampling_grid), policy.rect_form,
-                                     None if policy.rect_enabled is None else policy.rect_enabled.int(), *tensors)
+        """Mean squared error at t = 0 of ``policy`` against the uncached run, on the held-out rows.
+
+        Policies that sample alike share one evaluation (a variant whose rectification
+        fits all failed the held-out check is its base policy).
+        """
+        on = policy.rect_form != "off" and policy.rect_enabled is not None and bool(policy.rect_enabled.any())
+        tensors = [policy.rect_a[b] for b in policy.rect_a] + [policy.rect_b[b] for b in policy.rect_b] if on else []
+        key = "evaluation " + digest(list(policy.cached_steps), list(policy.sampling_grid),
+                                     policy.rect_form if on else "off",
+                                     policy.rect_enabled.int() if on else None, *tensors)  # type: ignore[union-attr]
+        if key in self.errors:
+            return self.errors[key]
         hit = self._kept(key)
         if hit is not None:
-            return float(hit[0]["error"])
+            self.errors[key] = float(hit[0]["error"])
+            return self.errors[key]
         final = self._run("evaluation", key, policy.follower(self.driver.layout), self.hold, policy.sampling_grid)
         where = {i: k for k, i in enumerate(self.driver.local(self.all))}
         ref: Tensor = self.gt_final[[where[i] for i in self.driver.local(self.hold)]]
@@ -200,6 +221,7 @@ class CalibrationSession:
         total = self.driver.reduce(sums)
         err = float(total[0] / total[1])
         self._done(key, {"error": err})
+        self.errors[key] = err
         return err
 
     # ----- the method --------------------------------------------------------------
@@ -253,8 +275,8 @@ class CalibrationSession:
             return [Candidate("all_compute", None, ())]
         self.log(f"policy search over {len(self.config.thresholds)} thresholds (target NFE <= {max_nfe})")
         enough = self.config.max_candidates if self.config.sweep_early_stop else None
-        self.searched = sweep(self.search, self.T, self.config.thresholds, max_nfe=max_nfe, known=self.searched,
-                              enough=enough)
+        self.searched = sweep(lambda lam: self.search(lam, max_nfe), self.T, self.config.thresholds, max_nfe=max_nfe,
+                              known=self.searched, enough=enough)
         return select_candidates(self.searched, self.T, max_nfe, self.config)
 
     def _variants(self, cand: Candidate) -> dict[str, Policy]:

@@ -44,6 +44,10 @@ def ratio(num: float, den: float) -> float:
     return 0.0 if num == 0 else math.inf
 
 
+class StopPass(Exception):
+    """Raised by a pass whose result is known before the trajectory ends (its driver stops walking)."""
+
+
 @dataclass
 class UnitCall:
     """What a driver reports for one unit at one step.

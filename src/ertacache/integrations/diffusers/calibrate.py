@@ -110,6 +110,9 @@ class PipelineDriver:
     def _calls(self, run: PipelineRun, chunks: list[list[int]], n_fit: int, grid: Sequence[float] | None) -> Tensor:
         """One pipeline call per micro-batch (threads when several, meeting at each step), hooks on meanwhile."""
         pipes = [self.pipe] if len(chunks) == 1 else [_pipe_copy(self.pipe) for _ in chunks]
+        bars = [getattr(p, "_progress_bar_config", None) for p in pipes]
+        for p in pipes:  # the calibration has one bar of its own
+            p.set_progress_bar_config(disable=True)
         run.schedulers = [p.scheduler for p in pipes]
         modules = register_hooks(self.transformers, run, self.family, with_blocks=self.reuse.needs_blocks)
         own = grid is None or self.own_grid is None or _same(grid, self.own_grid)
@@ -144,8 +147,12 @@ class PipelineDriver:
                     raise next((e for e in errors if not str(e).startswith("another micro-batch")), errors[0])
             run.finish()
         finally:
-            for p in pipes:
+            for p, bar in zip(pipes, bars):
                 restore_scheduler(p.scheduler)
+                if bar is None:
+                    del p._progress_bar_config
+                else:
+                    p._progress_bar_config = bar
             remove_hooks(modules)
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
