@@ -135,10 +135,11 @@ class CoreDriver:
         fit = torch.tensor(idx) < n_fit
         pass_.reduce = self.reduce
         engine = Engine(pass_, self.grid if grid is None else grid)
-        x = euler(self.model, self.reuse, self.noise[index], conds, self.names, self.guidance_scale, engine, fit,
-                  batch_size=self.batch_size, check_finite=True)
-        self.last_model_calls = engine.model_calls
-        return x
+        try:
+            return euler(self.model, self.reuse, self.noise[index], conds, self.names, self.guidance_scale, engine,
+                         fit, batch_size=self.batch_size, check_finite=True)
+        finally:
+            self.last_model_calls = engine.model_calls
 
     def policy_fields(self, grid: Sequence[float]) -> dict[str, Any]:
         return dict(num_inference_steps=self.num_inference_steps, grid=tuple(grid), reuse=self.reuse.name,

@@ -99,12 +99,14 @@ class CalibrationSession:
         if self.bar is not None:
             self.bar.set_description(f"calibration: {key}")
         start = time.perf_counter()
-        x = self.driver.run(pass_, rows, self.n_fit, grid)
-        c = self.cost.setdefault(kind, {"passes": 0, "model_calls": 0, "seconds": 0.0})
-        c["passes"] += 1
-        c["model_calls"] += self.driver.last_model_calls
-        c["seconds"] += time.perf_counter() - start
-        return x
+        self.driver.last_model_calls = 0
+        try:
+            return self.driver.run(pass_, rows, self.n_fit, grid)
+        finally:  # a pass that stops early (StopPass) is counted too
+            c = self.cost.setdefault(kind, {"passes": 0, "model_calls": 0, "seconds": 0.0})
+            c["passes"] += 1
+            c["model_calls"] += self.driver.last_model_calls
+            c["seconds"] += time.perf_counter() - start
 
     def _done(self, key: str, result: dict[str, Any], tensors: dict[str, Tensor] | None = None) -> None:
         if self.checkpoint is not None:

@@ -103,9 +103,10 @@ class PipelineDriver:
         engine = Engine(pass_, grid)
         run = PipelineRun(engine, self.family, self.reuse, chunks=len(chunks),
                           calls_per_step=len(chunks) * (self.calls_per_step or 1), check_finite=True)
-        out = self._calls(run, chunks, n_fit, grid)
-        self.last_model_calls = engine.model_calls
-        return out
+        try:
+            return self._calls(run, chunks, n_fit, grid)
+        finally:
+            self.last_model_calls = engine.model_calls
 
     def _calls(self, run: PipelineRun, chunks: list[list[int]], n_fit: int, grid: Sequence[float] | None) -> Tensor:
         """One pipeline call per micro-batch (threads when several, meeting at each step), hooks on meanwhile."""
