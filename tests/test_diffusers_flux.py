@@ -191,3 +191,19 @@ def test_adjusted_grid_goes_in_through_the_scheduler(pipe, model):
     torch.testing.assert_close(out, core, rtol=1e-4, atol=1e-4)
     assert "set_timesteps" not in pipe.scheduler.__dict__  # remove() restored the scheduler
     assert torch.equal(run(pipe, model, labels, noise), ref)
+
+
+def test_an_interrupted_call_does_not_break_the_handle(pipe, model, policy):
+    labels, noise = torch.tensor([2, 9]), seeded_noise([41, 42], (1, 16, 16))
+
+    def stop(pipe_, i, t, kwargs):
+        if i == 3:
+            raise KeyboardInterrupt
+        return kwargs
+
+    with apply_ertacache(pipe, pipe_policy(policy)) as handle:
+        expected = run(pipe, model, labels, noise)
+        with pytest.raises(KeyboardInterrupt):
+            run(pipe, model, labels, noise, callback_on_step_end=stop)
+        assert torch.equal(run(pipe, model, labels, noise), expected)  # the next call starts cleanly
+        assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}  # the last call only

@@ -116,8 +116,9 @@ def _cli(args, launcher=()):
 def test_torchrun_two_processes_write_the_single_process_policy(tmp_path):
     common = ["calibrate", "--target-speedup", "2", "--num-inference-steps", "8", "--calibration-per-class", "1",
               "--guidance-scale", "3", "--no-timestep-adjustment"]
+    # the two processes also run micro-batches of 3 rows (lockstep across ranks and micro-batches)
     one = _cli([*common, "--out", str(tmp_path / "P1.json")])
-    two = _cli([*common, "--out", str(tmp_path / "P2.json")],
+    two = _cli([*common, "--batch-size", "3", "--out", str(tmp_path / "P2.json")],
                launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"))
     for proc in (one, two):
         _, err = proc.communicate(timeout=600)

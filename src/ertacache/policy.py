@@ -332,6 +332,10 @@ class Policy:
         for key in ("selected", "variant", "threshold", "calibration_size", "seeds", "library_version", "date"):
             if key in self.provenance:
                 lines.append(f"  {key}: {self.provenance[key]}")
+        cost = self.provenance.get("cost")
+        if isinstance(cost, dict) and "model_calls" in cost:
+            lines.append(f"  calibration cost: {cost['model_calls']} model calls ({cost.get('uncached_generations')} "
+                         f"uncached generations of the set), {cost.get('seconds')} s")
         return "\n".join(lines)
 
 
