@@ -122,3 +122,27 @@ def test_pipeline_micro_batches_meet_at_every_step(model, pipe, reuse):
     assert b.adjusted_grid is not None and b.rect_form == "linear"
     assert_same_policy(a, b)
     assert b.provenance["cost"]["model_calls"] == a.provenance["cost"]["model_calls"]
+
+
+def test_pipeline_calibration_resumes_from_its_checkpoint(model, pipe, tmp_path):
+    config = CalibrationConfig(**BASE)
+
+    def session(**kw):
+        driver = PipelineDriver(pipe, None, range(N), T, config.reuse, pipe_kwargs(model))
+        return CalibrationSession(driver, config, checkpoint_dir=tmp_path, **kw)
+
+    class Stop(Exception):
+        pass
+
+    def stop(name):
+        if name.startswith("policy search"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        session(callback=stop).policy(target_speedup=2.0)
+    resumed = session().policy(target_speedup=2.0)  # ground truth and one search come from the folder
+    fresh = CalibrationSession(PipelineDriver(pipe, None, range(N), T, config.reuse, pipe_kwargs(model)),
+                               config).policy(target_speedup=2.0)
+    assert_same_policy(resumed, fresh)
+    assert resumed.provenance["cost"]["resumed_passes"] == 2
+    assert resumed.branches == ("cond", "uncond") and resumed.latent_shape == (64, 4)  # restored, not re-recorded

@@ -114,17 +114,18 @@ def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
 
 
 def _calibrate(settings: CalibrateSettings) -> int:
+    from .calibration.distributed import init_from_env, rank_and_size
+
+    init_from_env()  # under torchrun: one shard of the set per process, statistics all-reduced
     if settings.pipeline is not None:
         from .integrations.diffusers import cli as pipeline_cli
 
         return pipeline_cli.calibrate(settings)
     from .calibration import calibrate
-    from .calibration.distributed import init_from_env, rank_and_size
     from .demo import labels_and_seeds
     from .fingerprint import model_fingerprint
     from .models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model
 
-    init_from_env()  # under torchrun: one shard of the set per process, statistics all-reduced
     model = load_digits_model(settings.model)
     labels, seeds = labels_and_seeds(settings.calibration_per_class, settings.seed)
     policy = calibrate(model, labels, seeds, latent_shape=LATENT_SHAPE,

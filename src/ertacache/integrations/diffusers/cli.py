@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from ...errors import ErtaCacheError
 from ...settings import CalibrateSettings, GenerateSettings, PipelineSettings
 
 
@@ -21,13 +22,18 @@ def load_pipeline(settings: PipelineSettings) -> Any:
 def calibrate(settings: CalibrateSettings) -> int:
     from .calibrate import calibrate_pipeline
 
-    assert settings.pipeline is not None
+    if settings.pipeline is None:
+        raise ErtaCacheError("calibrate on a pipeline needs --pipeline")
     pipe = load_pipeline(settings.pipeline)
     policy = calibrate_pipeline(pipe, list(settings.prompts), num_inference_steps=settings.pipeline.num_inference_steps,
                                 target_speedup=settings.target_speedup, threshold=settings.threshold,
                                 seeds=range(settings.seed, settings.seed + len(settings.prompts)),
                                 config=settings.config, progress=True, batch_size=settings.batch_size,
                                 checkpoint_dir=settings.checkpoint_dir, **settings.pipeline.call_kwargs())
+    from ...calibration.distributed import rank_and_size
+
+    if rank_and_size()[0] != 0:
+        return 0  # every rank reached the same policy; rank 0 writes it
     path = policy.save(settings.out)
     print(policy.summary())
     print(f"wrote {path} and {path.with_suffix('.safetensors')}")
@@ -38,7 +44,8 @@ def generate(settings: GenerateSettings) -> int:
     from ...policy import Policy
     from .apply import apply_ertacache
 
-    assert settings.pipeline is not None and settings.prompt
+    if settings.pipeline is None or not settings.prompt:
+        raise ErtaCacheError("generate on a pipeline needs --pipeline and --prompt")
     policy = Policy.load(settings.policy) if settings.policy else None
     pipe = load_pipeline(settings.pipeline)
     generator = torch.Generator().manual_seed(settings.seed)
