@@ -127,3 +127,20 @@ def test_torchrun_two_processes_write_the_single_process_policy(tmp_path):
     assert_same(p2, p1)
     assert json.loads((tmp_path / "P2.json").read_text())["provenance"]["cost"]["model_calls"] == \
         p1.provenance["cost"]["model_calls"]
+
+
+def test_torchrun_pipeline_calibration_matches_one_process(tmp_path):
+    """calibrate_pipeline on 2 processes (gloo), each with micro-batches of 2 rows, gives the 1-process policy."""
+    from pathlib import Path
+
+    import dist_pipeline_worker as worker
+
+    out = tmp_path / "P2.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                            "29534", str(Path(worker.__file__)), str(out)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, env=env)
+    one = worker.calibrate()
+    _, err = two.communicate(timeout=600)
+    assert two.returncode == 0, err[-3000:]
+    assert_same(Policy.load(out), one)
