@@ -207,3 +207,28 @@ def test_an_interrupted_call_does_not_break_the_handle(pipe, model, policy):
             run(pipe, model, labels, noise, callback_on_step_end=stop)
         assert torch.equal(run(pipe, model, labels, noise), expected)  # the next call starts cleanly
         assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}  # the last call only
+
+
+def test_a_two_branch_policy_refuses_a_one_branch_call(pipe, model, policy):
+    labels, noise = torch.tensor([4]), seeded_noise([5], (1, 16, 16))
+    tokens, pooled = model.prompt_embeds(labels)
+    with apply_ertacache(pipe, pipe_policy(policy)):
+        with pytest.raises(PolicyMismatchError, match=r"1 time\(s\) at a step \(\['cond'\]\) where 2 calls"):
+            pipe(prompt_embeds=tokens, pooled_prompt_embeds=pooled, latents=pack(noise), num_inference_steps=T,
+                 height=16, width=16, output_type="latent")  # no negative prompt: no true CFG, one branch
+
+
+def test_steps_are_matched_by_the_nearest_time_on_a_dense_shifted_grid():
+    """T = 50 with shift 5 puts t_1 within bfloat16 tolerance of t_0: an interrupted run at step 0 still restarts."""
+    from ertacache import time_grid
+    from ertacache.core.engine import Engine, FollowPolicy
+    from ertacache.core.reuse import get_reuse
+    from ertacache.integrations.diffusers.families import FAMILIES
+    from ertacache.integrations.diffusers.hooks import PipelineRun
+
+    grid = time_grid(50, 5.0)
+    run_ = PipelineRun(Engine(FollowPolicy([True] * 50), grid), FAMILIES["wan"], get_reuse("velocity"))
+    assert abs(grid[1] - grid[0]) < 1e-4 + 4e-3  # within the matching tolerance
+    assert [run_.step_of("u", t) for t in grid[:3]] == [0, 1, 2]
+    assert run_.step_of("u", 1.0) == 0  # a new call starts over
+    assert run_.step_of("u", grid[1] * (1 + 2 ** -9)) == 1  # a bfloat16-rounded time finds its step

@@ -235,14 +235,14 @@ class PipelineRun:
                 self.flush(len(self.times) - 1)
             return len(self.times) - 1
         last = self.last.get(unit, -1)
-        matches = [i for i in range(len(grid) - 1) if abs(grid[i] - t) <= tol]
-        later = [i for i in matches if i > last]
-        if later:
-            step = later[0]
-        elif matches and matches[0] == 0:  # the pipeline starts a new run (after a finished or interrupted one)
+        matches = sorted((abs(grid[i] - t), i) for i in range(len(grid) - 1) if abs(grid[i] - t) <= tol)
+        later = [i for _, i in matches if i > last]
+        if matches and matches[0][1] == 0 and last >= 0:  # nearest t_0 again: a new run (after any other)
             self.engine.reset()
-            self.last = {}
+            self.last, self.decided, self.made = {}, set(), {}
             step = 0
+        elif later:
+            step = later[0]  # the nearest time after the unit's last step (equal times: the earlier step)
         else:
             raise PolicyMismatchError(
                 f"the pipeline called the transformer at t = {t:.5f}, which is not the next time of the policy's "
@@ -296,6 +296,12 @@ class PipelineRun:
         x = hidden if done is None else self._latent(hidden, done.shape)
         call = UnitCall(step, t, unit, name, x, self.fit_mask(hidden.shape[0]), v=v, r=r, v_cached=v_cached)
         with self.lock:
+            if self.chunks == 1 and self.calls_per_step is not None and any(s < step for s in engine.pending):
+                made = sorted({c.branch for s in engine.pending for c in engine.pending[s] if s < step})
+                raise PolicyMismatchError(
+                    f"the pipeline called the transformer {engine.pending_count(min(engine.pending))} time(s) at a "
+                    f"step ({made}) where {self.calls_per_step} calls (guidance branches) were expected: the "
+                    "guidance setting differs from the one calibrated; recalibrate for it")
             out = engine.observe(call)
             self._maybe_decide(step, chunk)
         return out_obj if out_obj is not None and out is v else output_like(kwargs, out)
