@@ -60,3 +60,32 @@ def test_python_dash_m_works(policy_path):
                           text=True, check=True)
     assert "cached steps" in done.stdout
     assert json.loads(policy_path.read_text())["format"] == "ertacache.policy"
+
+
+def test_pipeline_errors_are_one_line_before_anything_loads(tmp_path, capsys):
+    missing = str(tmp_path / "no-such-pipeline")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n")
+    cases = [
+        (["calibrate", "--pipeline", missing, "--prompts", str(tmp_path / "none.txt"), "--target-speedup", "2",
+          "--out", str(tmp_path / "p.json")], "no prompts file at"),
+        (["calibrate", "--pipeline", missing, "--prompts", str(prompts), "--target-speedup", "2",
+          "--out", str(tmp_path / "p.json")], "cannot load the pipeline"),
+        (["calibrate", "--target-speedup", "2", "--batch-size", "0", "--out", str(tmp_path / "p.json")],
+         "batch_size must be an int >= 1"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    import ertacache.cli as cli
+
+    def interrupted(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_calibrate", interrupted)
+    assert main(["calibrate", "--target-speedup", "2", "--out", "p.json"]) == 130
+    assert capsys.readouterr().err.startswith("ertacache: interrupted")

@@ -86,3 +86,14 @@ def test_bad_labels_and_missing_weights(model, tmp_path):
         model(torch.zeros(1, 1, 16, 16), torch.ones(1), torch.tensor([11]))
     with pytest.raises(ErtaCacheError, match="no weights"):
         load_digits_model(tmp_path / "missing.safetensors")
+
+
+def test_fingerprint_ignores_precision_and_torch_compile():
+    model = load_digits_model()
+    fp = model_fingerprint(model.transformer)
+    assert model_fingerprint(load_digits_model().transformer.to(torch.bfloat16)) == fp
+    assert model_fingerprint(torch.compile(load_digits_model().transformer)) == fp
+    other = load_digits_model()
+    with torch.no_grad():
+        other.transformer.proj_out.bias.add_(0.05)  # a change bfloat16 still resolves
+    assert model_fingerprint(other.transformer) != fp

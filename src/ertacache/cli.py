@@ -231,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     except ErtaCacheError as exc:
         print(f"ertacache: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("ertacache: interrupted (with --checkpoint-dir, the same command resumes a calibration)",
+              file=sys.stderr)
+        return 130
     return 0
 
 

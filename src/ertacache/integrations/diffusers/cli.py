@@ -15,7 +15,12 @@ def load_pipeline(settings: PipelineSettings) -> Any:
     """``DiffusionPipeline.from_pretrained`` of a hub id or a local folder, moved to the device."""
     from diffusers import DiffusionPipeline
 
-    pipe = DiffusionPipeline.from_pretrained(settings.pipeline, dtype=getattr(torch, settings.dtype))
+    try:
+        pipe = DiffusionPipeline.from_pretrained(settings.pipeline, dtype=getattr(torch, settings.dtype))
+    except (OSError, ValueError) as exc:
+        raise ErtaCacheError(f"cannot load the pipeline {settings.pipeline!r} (a hub id, or a folder written by "
+                             f"save_pretrained): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                             ) from exc
     return pipe.to(settings.device)
 
 
