@@ -114,4 +114,12 @@ def test_wan22_two_transformers_each_get_a_cache(tmp_path):
         assert handle.forwards() == {"cond": T, "uncond": T}  # the steps split between the two transformers
         per_transformer = [sorted(handle.steps(transformer=k)["cond"]["computed"]) for k in range(2)]
         assert per_transformer[0] and per_transformer[1] and sorted(sum(per_transformer, [])) == list(range(T))
+    switch = min(per_transformer[1])  # the second transformer's first step: its cache is empty there
+    assert switch not in policy.cached_steps
+    for candidate in policy.provenance["candidates"]:
+        assert switch not in candidate["cached_steps"]
+    with apply_ertacache(pipe, policy) as handle:
+        for _ in range(2):  # the NFE the policy reports is what runs, call after call
+            run(pipe, slice(0, 1))
+            assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
     assert torch.equal(run(pipe, slice(0, 1)), ref)

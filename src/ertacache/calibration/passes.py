@@ -40,16 +40,24 @@ class GroundTruth(Pass):
         self.r_norms: dict[int, float] = {}
         self.times: dict[int, float] = {}
         self.calls_per_step: dict[int, int] = {}
+        self.first_step: dict[object, int] = {}
 
     def decide(self, step: int, calls: list[UnitCall], grid: list[float]) -> list[float] | None:
         # added up: a pipeline records micro-batches one after another
         self.r_norms[step] = self.r_norms.get(step, 0.0) + self.sum([l1(c.r[c.fit]) for c in calls if c.r is not None])
         self.times[step] = calls[0].t
         self.calls_per_step[step] = len(calls)
+        for c in calls:
+            self.first_step.setdefault(c.unit, step)
         return super().decide(step, calls, grid)
 
     def norms(self) -> tuple[float, ...]:
         return tuple(self.r_norms[i] for i in sorted(self.r_norms))
+
+    def switch_steps(self) -> list[int]:
+        """Steps after step 0 where a unit is first called (Wan 2.2's second transformer): its cache is empty
+        there, so the step is always computed and cannot be in a cached set."""
+        return sorted({s for s in self.first_step.values() if s > 0})
 
     def grid(self) -> list[float]:
         """The ``T + 1`` times: the reported ones, then t = 0."""

@@ -119,15 +119,18 @@ def sweep(search: Callable[[float], SearchResult], num_inference_steps: int, thr
 
 
 def select_candidates(results: Sequence[SearchResult], num_inference_steps: int, max_nfe: int,
-                      config: CalibrationConfig) -> list[Candidate]:
+                      config: CalibrationConfig, computed: Sequence[int] = ()) -> list[Candidate]:
     """The cached-step sets that compete for a target NFE (NOTES.md section 2.5).
 
     From the threshold searches within the budget, the ``config.max_candidates``
     distinct sets with the most computed steps (ties: the smaller lambda), plus the
-    evenly spaced set at ``max_nfe`` when ``config.candidates`` asks for it or no
-    threshold set fits.
+    evenly spaced set within ``max_nfe`` when ``config.candidates`` asks for it or no
+    threshold set fits. Steps in ``computed`` (a transformer's first step, as at Wan
+    2.2's expert switch) are never cached, and count in the NFE.
     """
     T = num_inference_steps
+    forced = set(computed)
+    results = [r for r in results if not forced & set(r.cached_steps)]
     seen: dict[tuple[int, ...], Candidate] = {}
     fitting = sorted((r for r in results if T - len(r.cached_steps) <= max_nfe),
                      key=lambda r: (len(r.cached_steps), r.threshold))
@@ -136,7 +139,11 @@ def select_candidates(results: Sequence[SearchResult], num_inference_steps: int,
             seen[r.cached_steps] = Candidate("threshold", r.threshold, r.cached_steps)
     out = list(seen.values())
     if config.candidates == "threshold_and_uniform" or not out:
-        uni = uniform_cached_steps(T, max_nfe)
+        uni: tuple[int, ...] = ()
+        for nfe in range(max_nfe, 1, -1):  # the most evenly spaced computation that fits beside the forced steps
+            uni = tuple(i for i in uniform_cached_steps(T, nfe) if i not in forced)
+            if T - len(uni) <= max_nfe:
+                break
         if uni not in seen:
             out.append(Candidate("uniform", None, uni))
     return out

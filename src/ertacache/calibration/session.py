@@ -135,6 +135,7 @@ class CalibrationSession:
             result, tensors = hit
             self.gt_final = tensors["x"]
             self.grid, self.gt_norms = list(result["grid"]), tuple(result["norms"])
+            self.switch_steps = list(result["switch_steps"])
             self.driver.restore(result["driver"])
         else:
             self.log(f"ground truth on {self.n_fit} fitting and {self.n_hold} held-out samples")
@@ -142,9 +143,9 @@ class CalibrationSession:
             self.gt_final = self._run("ground truth", key, gt, self.all, None)
             if len(gt.times) != self.T:
                 raise ErtaCacheError(f"the sampler ran {len(gt.times)} steps, not num_inference_steps={self.T}")
-            self.grid, self.gt_norms = gt.grid(), gt.norms()
-            self._done(key, {"grid": self.grid, "norms": list(self.gt_norms), "driver": self.driver.recorded()},
-                       {"x": self.gt_final})
+            self.grid, self.gt_norms, self.switch_steps = gt.grid(), gt.norms(), gt.switch_steps()
+            self._done(key, {"grid": self.grid, "norms": list(self.gt_norms), "switch_steps": self.switch_steps,
+                             "driver": self.driver.recorded()}, {"x": self.gt_final})
         self.base: dict[str, Any] = dict(self.driver.policy_fields(self.grid), config=self.config)
 
     def search(self, threshold: float, max_nfe: int | None = None) -> SearchResult:
@@ -279,7 +280,7 @@ class CalibrationSession:
         enough = self.config.max_candidates if self.config.sweep_early_stop else None
         self.searched = sweep(lambda lam: self.search(lam, max_nfe), self.T, self.config.thresholds, max_nfe=max_nfe,
                               known=self.searched, enough=enough)
-        return select_candidates(self.searched, self.T, max_nfe, self.config)
+        return select_candidates(self.searched, self.T, max_nfe, self.config, self.switch_steps)
 
     def _variants(self, cand: Candidate) -> dict[str, Policy]:
         """The candidate's policies, from fewest components to all that the config asks for."""
