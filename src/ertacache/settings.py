@@ -69,20 +69,35 @@ def read_prompts(path: str | Path) -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
-class CalibrateSettings:
-    """``ertacache calibrate``: the goal, the config, the calibration set and where to write."""
+class CommandSettings:
+    """What ``calibrate`` and ``generate`` share: where to write, the seed, and the sampler.
+
+    Attributes:
+        out: the output path.
+        seed: the first noise seed.
+        num_inference_steps, shift, guidance_scale: the bundled model's sampler
+            (a pipeline's come from ``pipeline``).
+        model: bundled-model weights (``.safetensors``); None: the shipped ones.
+        pipeline: a diffusers pipeline instead of the bundled model.
+    """
 
     out: str
-    config: CalibrationConfig = field(default_factory=CalibrationConfig)
-    target_speedup: float | None = None
-    threshold: float | None = None
     seed: int = 0
     num_inference_steps: int = 30
     shift: float = 1.0
     guidance_scale: float = 3.0
     model: str | None = None
-    calibration_per_class: int = 2
     pipeline: PipelineSettings | None = None
+
+
+@dataclass(frozen=True)
+class CalibrateSettings(CommandSettings):
+    """``ertacache calibrate``: the goal, the config, the calibration set and where to write."""
+
+    config: CalibrationConfig = field(default_factory=CalibrationConfig)
+    target_speedup: float | None = None
+    threshold: float | None = None
+    calibration_per_class: int = 2
     prompts: tuple[str, ...] = ()
     batch_size: int | None = None
     checkpoint_dir: str | None = None
@@ -94,18 +109,11 @@ class CalibrateSettings:
 
 
 @dataclass(frozen=True)
-class GenerateSettings:
+class GenerateSettings(CommandSettings):
     """``ertacache generate``: one pipeline prompt, or digits of the bundled model."""
 
-    out: str
     policy: str | None = None
-    seed: int = 0
-    num_inference_steps: int = 30
-    shift: float = 1.0
-    guidance_scale: float = 3.0
-    model: str | None = None
     digits: tuple[int, ...] = tuple(range(10))
-    pipeline: PipelineSettings | None = None
     prompt: str | None = None
     fps: int = 16
 

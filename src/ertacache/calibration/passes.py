@@ -39,14 +39,12 @@ class GroundTruth(Pass):
         super().__init__()
         self.r_norms: dict[int, float] = {}
         self.times: dict[int, float] = {}
-        self.calls_per_step: dict[int, int] = {}
         self.first_step: dict[object, int] = {}
 
     def decide(self, step: int, calls: list[UnitCall], grid: list[float]) -> list[float] | None:
         # added up: a pipeline records micro-batches one after another
         self.r_norms[step] = self.r_norms.get(step, 0.0) + self.sum([l1(c.r[c.fit]) for c in calls if c.r is not None])
         self.times[step] = calls[0].t
-        self.calls_per_step[step] = len(calls)
         for c in calls:
             self.first_step.setdefault(c.unit, step)
         return super().decide(step, calls, grid)

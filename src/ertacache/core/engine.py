@@ -92,7 +92,6 @@ class UnitCall:
 class _UnitState:
     kept: Tensor | None = None
     v_prev: Tensor | None = None
-    last_step: int = -1
 
 
 class Pass:
@@ -178,7 +177,6 @@ class Engine:
         """Record a unit's call; return its provisional output (the final one unless the step's decision changes it)."""
         st = self.state(call.unit)
         call.kept, call.v_prev = st.kept, st.v_prev
-        st.last_step = call.step
         if call.v is not None:
             self.model_calls += int(call.v.shape[0])
         call.out = self.pass_.provisional(call)
@@ -203,10 +201,10 @@ class Engine:
         grid = self.pass_.decide(step, calls, self.grid or [])
         for c, given in zip(calls, handed):
             if write_back and c.out is not given and given is not None and c.out is not None:
-                if c.v is given:  # keep the true output intact for the cache and v_prev
-                    c.v = given.clone()
-                if c.r is given:
-                    c.r = c.v if c.r is c.v else given.clone()
+                if c.v is given or c.r is given:  # keep the true output intact for the cache and v_prev
+                    true = given.clone()
+                    c.v = true if c.v is given else c.v
+                    c.r = true if c.r is given else c.r
                 given.copy_(c.out)
                 c.out = given
             st = self.state(c.unit)

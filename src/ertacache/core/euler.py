@@ -71,7 +71,12 @@ def compute(model: Any, reuse: Reuse, x: Tensor, t: Tensor, cond: Tensor | None)
     return torch.as_tensor(model(x, t, cond)), None
 
 
-def _check_finite(v: Tensor, step: int, t: float, stage: str) -> None:
+def check_finite_output(v: Tensor, step: int, t: float, stage: str) -> None:
+    """Raise on NaN/inf in a model output ``v``, naming the step, ``t`` (in [0, 1]) and the pass.
+
+    Raises:
+        ErtaCacheError: ``v`` has NaN or inf entries.
+    """
     if not bool(torch.isfinite(v).all()):
         bad = int((~torch.isfinite(v)).sum())
         raise ErtaCacheError(f"model output has {bad} NaN/inf values at step {step} (t = {t:.4f}) during {stage}; "
@@ -137,7 +142,7 @@ def _observe_chunk(model: Any, reuse: Reuse, engine: Engine, i: int, t: float, x
     if any(engine.needs_model(i, u) for u in units):
         v_all, h_res = compute(model, reuse, xb, tb, cb)
         if check_finite:
-            _check_finite(v_all, i, t, engine.pass_.name)
+            check_finite_output(v_all, i, t, engine.pass_.name)
         r_all = reuse.keep(v_all, xb, h_res)
     if all(engine.wants_cached(i, u) for u in units):
         vc_all = _rebuild(model, reuse, engine, units, xb, tb, cb)

@@ -67,7 +67,6 @@ class PipelineDriver:
         self.own_grid: list[float] | None = None
         self.branches: tuple[str, ...] = ()
         self.latent_shape: tuple[int, ...] | None = None
-        self.calls_per_step: int | None = None
         self.observed_guidance: float | None = None
         self.rank, self.world_size = rank_and_size()
         self.last_model_calls = 0
@@ -102,7 +101,7 @@ class PipelineDriver:
         pass_.reduce = self.reduce
         engine = Engine(pass_, grid)
         run = PipelineRun(engine, self.family, self.reuse, chunks=len(chunks),
-                          calls_per_step=len(chunks) * (self.calls_per_step or 1), check_finite=True)
+                          calls_per_step=len(chunks) * max(len(self.branches), 1), check_finite=True)
         try:
             return self._calls(run, chunks, n_fit, grid)
         finally:
@@ -185,7 +184,6 @@ class PipelineDriver:
         self.own_grid = list(recorded["grid"])
         self.branches = tuple(recorded["branches"])
         self.latent_shape = tuple(recorded["latent_shape"]) or None
-        self.calls_per_step = len(self.branches)
         self.observed_guidance = recorded["guidance"]
 
     def identity(self) -> dict[str, Any]:

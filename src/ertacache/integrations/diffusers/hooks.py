@@ -31,6 +31,7 @@ from diffusers.hooks.hooks import StateManager
 from torch import Tensor
 
 from ...core.engine import Engine, UnitCall
+from ...core.euler import check_finite_output
 from ...core.reuse import Reuse
 from ...errors import ErtaCacheError, PolicyMismatchError
 from .adapters import (
@@ -174,12 +175,8 @@ class PipelineRun:
         engine: the pass and the grid (None while ground truth records it).
         family: the pipeline family.
         reuse: the reuse mode.
-        scheduler: where timestep adjustment writes a changed grid (None: never changes).
         calls_per_step: how many transformer calls make one step (units), or None
             while unknown (ground truth: decisions there change nothing).
-        rows: ``(n, n_fit)``: a call's batch holds the run's ``n`` rows (repeated for
-            batched CFG), the first ``n_fit`` of them fitting rows; None: all fit. A
-            micro-batch thread sets its own with :meth:`enter_chunk`.
         chunks: how many micro-batches call concurrently (threads); a step is decided
             when every micro-batch has made its calls, and each waits for that.
         check_finite: raise on NaN/inf model output (calibration).
@@ -188,16 +185,15 @@ class PipelineRun:
     Attributes:
         times: the recorded step times (ground truth).
         branches: branch names in the order they were first called.
+        schedulers: where timestep adjustment writes a changed grid (one per concurrent call).
         latent_shape: ``hidden_states.shape[1:]`` of the latest call.
     """
 
     engine: Engine
     family: Family
     reuse: Reuse
-    scheduler: Any = None
     chunks: int = 1
     calls_per_step: int | None = None
-    rows: tuple[int, int] | None = None
     check_finite: bool = False
     on_start: Callable[[Tensor, str], None] | None = None
     times: list[float] = field(default_factory=list)
@@ -212,11 +208,10 @@ class PipelineRun:
         self.decided: set[int] = set()
         self.made: dict[tuple[int, int], int] = {}
         self.failed: BaseException | None = None
-        if self.scheduler is not None and not self.schedulers:
-            self.schedulers = [self.scheduler]
 
     def enter_chunk(self, chunk: int, rows: tuple[int, int]) -> None:
-        """This thread runs micro-batch ``chunk`` with ``rows = (n, n_fit)``."""
+        """This thread runs micro-batch ``chunk``: its calls' batch holds ``n`` rows (repeated for batched
+        CFG), the first ``n_fit`` of them fitting rows. Without it (inference) every row fits."""
         self.local.chunk, self.local.rows = chunk, rows
 
     def fail(self, exc: BaseException) -> None:
@@ -258,7 +253,7 @@ class PipelineRun:
             self.engine.end_step(step, write_back=True)
 
     def fit_mask(self, batch: int) -> Tensor:
-        rows = getattr(self.local, "rows", None) or self.rows
+        rows = getattr(self.local, "rows", None)
         if rows is None:
             return torch.ones(batch, dtype=torch.bool)
         n, n_fit = rows
@@ -283,9 +278,8 @@ class PipelineRun:
         if engine.needs_model(step, unit):
             out_obj, h_res = hook.forward_full(args, kwargs)
             v = sample_of(out_obj)
-            if self.check_finite and not bool(torch.isfinite(v).all()):
-                raise ErtaCacheError(f"model output has NaN/inf values at step {step} (t = {t:.4f}) during "
-                                     f"{engine.pass_.name}; check the pipeline's dtype (try float32) and inputs")
+            if self.check_finite:
+                check_finite_output(v, step, t, engine.pass_.name)
             r = self.reuse.keep(v, self._latent(hidden, v.shape), h_res)
         kept = engine.state(unit).kept
         if kept is not None and engine.wants_cached(step, unit):
