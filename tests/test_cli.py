@@ -10,7 +10,7 @@ from ertacache.cli import main
 
 @pytest.fixture(scope="module")
 def policy_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli") / "policy.json"
+    path = tmp_path_factory.mktemp("cli") / "policy.safetensors"
     code = main(["calibrate", "--num-inference-steps", "10", "--target-speedup", "2", "--calibration-per-class", "1",
                  "--out", str(path)])
     assert code == 0
@@ -44,14 +44,15 @@ def test_generate_with_other_step_count_is_refused(policy_path, tmp_path, capsys
 
 
 def test_corrupted_policy_is_a_clear_cli_error(policy_path, tmp_path, capsys):
-    bad = tmp_path / "bad.json"
-    bad.write_text(policy_path.read_text()[:50])
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(policy_path.read_bytes()[:50])
     assert main(["inspect", str(bad)]) == 2
-    assert "not valid JSON" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("ertacache: error:") and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_calibrate_rejects_bad_threshold(tmp_path, capsys):
-    assert main(["calibrate", "--threshold", "-1", "--out", str(tmp_path / "p.json")]) == 2
+    assert main(["calibrate", "--threshold", "-1", "--out", str(tmp_path / "p.safetensors")]) == 2
     assert "threshold lambda" in capsys.readouterr().err
 
 
@@ -59,7 +60,10 @@ def test_python_dash_m_works(policy_path):
     done = subprocess.run([sys.executable, "-m", "ertacache", "inspect", str(policy_path)], capture_output=True,
                           text=True, check=True)
     assert "cached steps" in done.stdout
-    assert json.loads(policy_path.read_text())["format"] == "ertacache.policy"
+    from safetensors import safe_open
+
+    with safe_open(str(policy_path), "pt") as f:
+        assert json.loads(f.metadata()["ertacache.policy"])["format"] == "ertacache.policy"
 
 
 def test_pipeline_errors_are_one_line_before_anything_loads(tmp_path, capsys):
@@ -68,10 +72,10 @@ def test_pipeline_errors_are_one_line_before_anything_loads(tmp_path, capsys):
     prompts.write_text("a red fox\n")
     cases = [
         (["calibrate", "--pipeline", missing, "--prompts", str(tmp_path / "none.txt"), "--target-speedup", "2",
-          "--out", str(tmp_path / "p.json")], "no prompts file at"),
+          "--out", str(tmp_path / "p.safetensors")], "no prompts file at"),
         (["calibrate", "--pipeline", missing, "--prompts", str(prompts), "--target-speedup", "2",
-          "--out", str(tmp_path / "p.json")], "cannot load the pipeline"),
-        (["calibrate", "--target-speedup", "2", "--batch-size", "0", "--out", str(tmp_path / "p.json")],
+          "--out", str(tmp_path / "p.safetensors")], "cannot load the pipeline"),
+        (["calibrate", "--target-speedup", "2", "--batch-size", "0", "--out", str(tmp_path / "p.safetensors")],
          "batch_size must be an int >= 1"),
     ]
     for argv, message in cases:
@@ -87,5 +91,5 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "_calibrate", interrupted)
-    assert main(["calibrate", "--target-speedup", "2", "--out", "p.json"]) == 130
+    assert main(["calibrate", "--target-speedup", "2", "--out", "p.safetensors"]) == 130
     assert capsys.readouterr().err.startswith("ertacache: interrupted")

@@ -64,14 +64,14 @@ def test_pipeline_cli_errors(folder, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
     assert main(["calibrate", "--pipeline", str(folder), "--prompts", str(empty), "--target-speedup", "2",
-                 "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "p.json")]) == 2
+                 "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "p.safetensors")]) == 2
     assert "calibration set is empty" in capsys.readouterr().err
-    assert main(["calibrate", "--pipeline", str(folder), "--target-speedup", "2", "--out", "p.json"]) == 2
+    assert main(["calibrate", "--pipeline", str(folder), "--target-speedup", "2", "--out", "p.safetensors"]) == 2
     assert "--prompts" in capsys.readouterr().err
     some = tmp_path / "some.txt"
     some.write_text("a cat\n")
     assert main(["calibrate", "--pipeline", str(folder), "--prompts", str(some), "--target-speedup", "2",
-                 "--dtype", "float64", "--out", "p.json"]) == 2
+                 "--dtype", "float64", "--out", "p.safetensors"]) == 2
     assert "--dtype must be one of" in capsys.readouterr().err
 
 

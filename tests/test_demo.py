@@ -16,5 +16,5 @@ def test_demo_writes_rows_for_every_method(tmp_path):
     for r in rows:
         assert {"method", "nfe", "seconds", "speedup", "psnr", "ssim"} <= set(r)
         assert 0 < r["ssim"] <= 1
-    for name in ("grid.png", "policy.json", "policy.safetensors", "run.json", "results.md"):
+    for name in ("grid.png", "policy.safetensors", "run.json", "results.md"):
         assert (tmp_path / name).is_file()

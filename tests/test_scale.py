@@ -117,15 +117,15 @@ def test_torchrun_two_processes_write_the_single_process_policy(tmp_path):
     common = ["calibrate", "--target-speedup", "2", "--num-inference-steps", "8", "--calibration-per-class", "1",
               "--guidance-scale", "3", "--no-timestep-adjustment"]
     # the two processes also run micro-batches of 3 rows (lockstep across ranks and micro-batches)
-    one = _cli([*common, "--out", str(tmp_path / "P1.json")])
-    two = _cli([*common, "--batch-size", "3", "--out", str(tmp_path / "P2.json")],
+    one = _cli([*common, "--out", str(tmp_path / "P1.safetensors")])
+    two = _cli([*common, "--batch-size", "3", "--out", str(tmp_path / "P2.safetensors")],
                launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"))
     for proc in (one, two):
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
-    p1, p2 = Policy.load(tmp_path / "P1.json"), Policy.load(tmp_path / "P2.json")
+    p1, p2 = Policy.load(tmp_path / "P1.safetensors"), Policy.load(tmp_path / "P2.safetensors")
     assert_same(p2, p1)
-    assert json.loads((tmp_path / "P2.json").read_text())["provenance"]["cost"]["model_calls"] == \
+    assert json.loads((tmp_path / "P2.safetensors").read_text())["provenance"]["cost"]["model_calls"] == \
         p1.provenance["cost"]["model_calls"]
 
 
@@ -135,7 +135,7 @@ def test_torchrun_pipeline_calibration_matches_one_process(tmp_path):
 
     import dist_pipeline_worker as worker
 
-    out = tmp_path / "P2.json"
+    out = tmp_path / "P2.safetensors"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                             "29534", str(Path(worker.__file__)), str(out)], stdout=subprocess.PIPE,

@@ -5,8 +5,8 @@ The core (sampler, cache, calibration, policy) is pure torch. Quick start::
     import ertacache
     policy = ertacache.calibrate(model, cond, seeds, latent_shape=(1, 16, 16),
                                  num_inference_steps=30, target_speedup=2.0)
-    policy.save("policy.json")
-    out = ertacache.sample(model, noise, cond, policy=ertacache.Policy.load("policy.json"))
+    policy.save("policy.safetensors")
+    out = ertacache.sample(model, noise, cond, policy=ertacache.Policy.load("policy.safetensors"))
 """
 
 __version__ = "0.1.0"

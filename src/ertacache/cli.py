@@ -40,7 +40,7 @@ def _build_parser() -> argparse.ArgumentParser:
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--target-speedup", type=float, help="wanted T / NFE, e.g. 2")
     goal.add_argument("--threshold", type=float, help="lambda of Algorithm 2, e.g. 0.2")
-    p.add_argument("--out", required=True, help="policy path, e.g. policy.json")
+    p.add_argument("--out", required=True, help="policy path, e.g. policy.safetensors")
     p.add_argument("--prompts", default=None, help="with --pipeline: a text file, one calibration prompt per line")
     p.add_argument("--calibration-per-class", type=int, default=2, help="calibration samples per digit class")
     p.add_argument("--batch-size", type=int, default=None,
@@ -57,7 +57,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample digits, with a policy or uncached")
     _add_sampler_args(p)
-    p.add_argument("--policy", default=None, help="policy.json; omit for the uncached sampler")
+    p.add_argument("--policy", default=None, help="policy.safetensors; omit for the uncached sampler")
     p.add_argument("--digit", type=int, action="append", help="class 0-9 (repeatable; default 0..9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/generate.png", help="image: PNG; video (with --pipeline): MP4")

@@ -80,7 +80,12 @@ class CalibrationConfig:
     sweep_early_stop: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.reuse, str):
+            raise ErtaCacheError(f"reuse must be a reuse-mode name, got {self.reuse!r}")
         get_reuse(self.reuse)
+        for name in ("timestep_adjustment", "component_check", "sweep_early_stop"):
+            if not isinstance(getattr(self, name), bool):
+                raise ErtaCacheError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name, kind in (
             ("l1_denominator", L1Denominator),
             ("phi_denominator", PhiDenominator),
@@ -89,15 +94,19 @@ class CalibrationConfig:
             ("candidates", Candidates),
         ):
             allowed = get_args(kind)
-            if getattr(self, name) not in allowed:
+            if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
                 raise ErtaCacheError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if isinstance(self.thresholds, (str, bytes)) or not isinstance(self.thresholds, (tuple, list)):
+            raise ErtaCacheError(f"thresholds must be a sequence of lambdas > 0, got {self.thresholds!r}")
         if not self.thresholds:
             raise ErtaCacheError("thresholds must hold at least one lambda > 0, got an empty sweep")
         object.__setattr__(self, "thresholds", tuple(check_threshold(lam) for lam in self.thresholds))
-        if not (0.0 <= self.holdout_fraction <= 0.9):
+        if isinstance(self.holdout_fraction, bool) or not isinstance(self.holdout_fraction, (int, float)) \
+                or not (0.0 <= self.holdout_fraction <= 0.9):
             raise ErtaCacheError(f"holdout_fraction must be in [0, 0.9], got {self.holdout_fraction}")
-        if self.max_candidates < 1:
-            raise ErtaCacheError(f"max_candidates must be >= 1, got {self.max_candidates}")
+        if isinstance(self.max_candidates, bool) or not isinstance(self.max_candidates, int) \
+                or not 1 <= self.max_candidates <= 1000:
+            raise ErtaCacheError(f"max_candidates must be an int in 1..1000, got {self.max_candidates}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -107,12 +116,14 @@ class CalibrationConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CalibrationConfig:
         """Build from :meth:`to_dict` output; unknown keys are an error."""
+        if not isinstance(data, dict):
+            raise ErtaCacheError(f"a calibration config must be an object, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ErtaCacheError(f"unknown calibration config keys {sorted(unknown)}; known: {sorted(known)}")
         kwargs = dict(data)
-        if "thresholds" in kwargs:
+        if isinstance(kwargs.get("thresholds"), list):
             kwargs["thresholds"] = tuple(kwargs["thresholds"])
         return cls(**kwargs)
 

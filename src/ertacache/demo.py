@@ -6,7 +6,7 @@
    (full ERTACache, ``ertacache``): the paper's Table 3 ablation.
 3. Time the methods interleaved (median of repeats), score PSNR/SSIM against the
    uncached output of the same seed and class, and write ``results.json``,
-   ``grid.png`` and ``policy.json``.
+   ``grid.png`` and ``policy.safetensors``.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def save_grid(outputs: dict[str, Tensor], path: Path, columns: int = 10) -> None
 
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_path: str | None = None,
              progress: bool = True) -> list[dict[str, Any]]:
-    """Run the demo and write ``results.json``, ``results.md``, ``grid.png`` and ``policy.json`` to ``out_dir``."""
+    """Run the demo; write ``results.json``, ``results.md``, ``grid.png`` and ``policy.safetensors`` to ``out_dir``."""
     from .models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model
 
     settings = settings or DemoSettings()
@@ -161,7 +161,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_pa
         shift=settings.shift, guidance_scale=settings.guidance_scale, null_cond=torch.full_like(cal_labels, NULL_CLASS),
         target_speedup=settings.target_speedup, model_fingerprint=fingerprint, progress=progress,
     )
-    policy.save(out / "policy.json")
+    policy.save(out / "policy.safetensors")
     calibration_seconds = time.perf_counter() - start
     labels, seeds = labels_and_seeds(settings.heldout_per_class, settings.heldout_seed_base)
     noise = seeded_noise(seeds, LATENT_SHAPE)
@@ -182,5 +182,5 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_pa
         print(f"calibration: {calibration_seconds:.1f} s on {len(cal_seeds)} samples; "
               f"held out: {len(seeds)} samples, {settings.repeats} interleaved repeats")
         print(table(rows))
-        print(f"wrote {out / 'results.json'}, {out / 'grid.png'}, {out / 'policy.json'}")
+        print(f"wrote {out / 'results.json'}, {out / 'grid.png'}, {out / 'policy.safetensors'}")
     return rows

@@ -1,14 +1,13 @@
-"""The policy: everything calibration decides, as a versioned file (JSON + safetensors).
+"""The policy: everything calibration decides, as a versioned file.
 
-A policy ``P.json`` names its tensors file ``P.safetensors`` beside it, with the
-tensors' SHA-256 so that a mismatched or damaged pair is refused. Both are written
-atomically. Nothing is ever unpickled.
+One ``.safetensors`` file holds the coefficients as tensors and every other field
+as a JSON header in its metadata (:mod:`ertacache.policy_file`); it is written
+atomically and can be renamed freely. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -19,17 +18,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import __version__
+from . import __version__, policy_file
 from .config import CalibrationConfig, ReuseMode
 from .core.engine import FollowPolicy
 from .core.grids import check_grid, time_grid
 from .core.rectify import CHANNELS_FIRST, ChannelLayout
 from .core.reuse import get_reuse
 from .errors import ErtaCacheError, PolicyMismatchError
-from .io import atomic_write, atomic_write_text
+from .io import atomic_write
 
-SCHEMA_VERSION = 1
-FORMAT_NAME = "ertacache.policy"
+SCHEMA_VERSION = 2
+MAX_STEPS = 10_000
+MAX_COEFFICIENT = 1e3
+"""Largest |a| or |b| a policy may hold: fitted coefficients are O(1); larger means a corrupted file."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -57,6 +58,11 @@ class Policy:
         latent_shape: one sample's state shape, or None when any shape fits.
         model_fingerprint: :func:`ertacache.fingerprint.model_fingerprint` or None.
         config: the calibration config.
+        guidance: a pipeline's guidance settings at calibration, by argument name
+            (``guidance_scale``, ``true_cfg_scale``, ``guidance_scale_2``); empty for
+            the core sampler (whose scale is :attr:`guidance_scale`).
+        sample_size: a pipeline's ``height``, ``width`` (pixels) and ``num_frames`` at
+            calibration, where known.
         provenance: calibration set size, seeds, threshold, candidates, library
             version, date, ...
     """
@@ -77,15 +83,20 @@ class Policy:
     model_fingerprint: str | None = None
     config: CalibrationConfig = field(default_factory=CalibrationConfig)
     provenance: dict[str, Any] = field(default_factory=dict)
+    guidance: dict[str, float] = field(default_factory=dict)
+    sample_size: dict[str, int] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
         T = self.num_inference_steps
-        if not isinstance(T, int) or T < 1:
-            raise ErtaCacheError(f"num_inference_steps must be an int >= 1, got {T!r}")
+        if not _is_int(T) or not 1 <= T <= MAX_STEPS:
+            raise ErtaCacheError(f"num_inference_steps must be an int in 1..{MAX_STEPS}, got {T!r}")
         object.__setattr__(self, "grid", tuple(check_grid(self.grid, T)))
         if self.adjusted_grid is not None:
             object.__setattr__(self, "adjusted_grid", tuple(check_grid(self.adjusted_grid, T)))
+        if isinstance(self.cached_steps, (str, bytes)) or not hasattr(self.cached_steps, "__iter__") \
+                or not all(_is_int(i) for i in self.cached_steps):
+            raise ErtaCacheError(f"cached_steps must be a list of int step indices, got {self.cached_steps!r}")
         cached = tuple(sorted(int(i) for i in self.cached_steps))
         if len(set(cached)) != len(cached) or any(not 0 < i < T - 1 for i in cached):
             raise ErtaCacheError(
@@ -93,19 +104,65 @@ class Policy:
                 f"always computed), got {list(self.cached_steps)}"
             )
         object.__setattr__(self, "cached_steps", cached)
+        if not isinstance(self.reuse, str):
+            raise ErtaCacheError(f"reuse must be a reuse-mode name, got {self.reuse!r}")
         get_reuse(self.reuse)
-        object.__setattr__(self, "branches", tuple(self.branches))
+        branches = self.branches
+        if isinstance(branches, (str, bytes)) or not isinstance(branches, (tuple, list)) or not branches \
+                or not all(isinstance(b, str) and b for b in branches) or len(set(branches)) != len(branches):
+            raise ErtaCacheError(f"branches must be distinct guidance branch names, e.g. ['cond', 'uncond'], "
+                                 f"got {branches!r}")
+        object.__setattr__(self, "branches", tuple(branches))
         if self.latent_shape is not None:
-            object.__setattr__(self, "latent_shape", tuple(int(s) for s in self.latent_shape))
-        if self.rect_form not in ("linear", "sigmoid", "off"):
+            shape = self.latent_shape
+            if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list)) or not 1 <= len(shape) <= 8 \
+                    or not all(_is_int(s) and 0 < s <= 1 << 24 for s in shape):
+                raise ErtaCacheError(f"latent_shape must be a list of positive ints, got {shape!r}")
+            object.__setattr__(self, "latent_shape", tuple(int(s) for s in shape))
+        object.__setattr__(self, "shift", _finite(self.shift, "shift", positive=True))
+        object.__setattr__(self, "guidance_scale", _finite(self.guidance_scale, "guidance_scale"))
+        if self.model_fingerprint is not None and not isinstance(self.model_fingerprint, str):
+            raise ErtaCacheError(f"model_fingerprint must be a string or null, got {self.model_fingerprint!r}")
+        if not isinstance(self.config, CalibrationConfig):
+            raise ErtaCacheError(f"config must be a CalibrationConfig, got {type(self.config).__name__}")
+        object.__setattr__(self, "guidance", _named_numbers(self.guidance, "guidance", float))
+        object.__setattr__(self, "sample_size", _named_numbers(self.sample_size, "sample_size", int))
+        _check_json(self.provenance, "provenance")
+        if not _is_int(self.schema_version) or self.schema_version < 1:
+            raise ErtaCacheError(f"schema_version must be an int >= 1, got {self.schema_version!r}")
+        self._check_rectification()
+
+    def _check_rectification(self) -> None:
+        T = self.num_inference_steps
+        if not isinstance(self.rect_form, str) or self.rect_form not in ("linear", "sigmoid", "off"):
             raise ErtaCacheError(f"rect_form must be linear, sigmoid or off, got {self.rect_form!r}")
-        if self.rect_form != "off":
-            for name in self.branches:
-                for coeffs in (self.rect_a, self.rect_b):
-                    if name not in coeffs or coeffs[name].ndim != 2 or coeffs[name].shape[0] != T:
-                        raise ErtaCacheError(f"rectification for branch {name!r} must be a (T={T}, C) tensor")
-            if self.rect_enabled is None or tuple(self.rect_enabled.shape) != (len(self.branches), T):
-                raise ErtaCacheError(f"rect_enabled must be a ({len(self.branches)}, {T}) bool tensor")
+        for coeffs in (self.rect_a, self.rect_b):
+            if not isinstance(coeffs, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                       for k, v in coeffs.items()):
+                raise ErtaCacheError("rect_a and rect_b must map branch names to tensors")
+            unknown = set(coeffs) - set(self.branches)
+            if unknown:
+                raise ErtaCacheError(f"rectification coefficients for unknown branches {sorted(unknown)}; "
+                                     f"the policy's branches are {list(self.branches)}")
+        if self.rect_form == "off":
+            return
+        widths = set()
+        for name in self.branches:
+            for label, coeffs in (("rect_a", self.rect_a), ("rect_b", self.rect_b)):
+                c = coeffs.get(name)
+                if c is None or c.ndim != 2 or c.shape[0] != T or c.shape[1] < 1 or not c.is_floating_point():
+                    raise ErtaCacheError(f"{label} for branch {name!r} must be a float (T={T}, C) tensor, got "
+                                         f"{None if c is None else (tuple(c.shape), str(c.dtype))}")
+                if not bool(torch.isfinite(c).all()) or float(c.abs().max()) > MAX_COEFFICIENT:
+                    raise ErtaCacheError(f"{label} for branch {name!r} holds non-finite or out-of-range values "
+                                         f"(|a|, |b| <= {MAX_COEFFICIENT:g}); the file is corrupted, recalibrate")
+                widths.add(c.shape[1])
+        if len(widths) != 1:
+            raise ErtaCacheError(f"rectification coefficients must have one channel count C, got {sorted(widths)}")
+        enabled = self.rect_enabled
+        if not isinstance(enabled, Tensor) or tuple(enabled.shape) != (len(self.branches), T) \
+                or enabled.dtype != torch.bool:
+            raise ErtaCacheError(f"rect_enabled must be a ({len(self.branches)}, {T}) bool tensor")
 
     # ----- what inference needs -------------------------------------------------
     @property
@@ -212,52 +269,52 @@ class Policy:
 
     # ----- files ----------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write ``path`` (JSON, conventionally ``*.json``) and its tensors beside it, atomically.
+        """Write the policy as one ``.safetensors`` file (tensors + JSON header as metadata), atomically.
+
+        Args:
+            path: where to write, conventionally ``*.safetensors``.
 
         Returns:
-            The JSON path.
+            ``path``.
+
+        Raises:
+            ErtaCacheError: a ``.json`` path (schema-1 pairs are read, no longer written).
         """
         path = Path(path)
-        tensors_path = _tensors_path(path)
-        tensors = self._tensors()
-        from safetensors.torch import save as st_save
-
-        blob = st_save(tensors) if tensors else b""
-        atomic_write(tensors_path, lambda tmp: tmp.write_bytes(blob))
-        doc = self._header(tensors_path.name, hashlib.sha256(blob).hexdigest())
-        atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+        if path.suffix == ".json":
+            raise ErtaCacheError(f"policies are one .safetensors file since schema 2; save to "
+                                 f"{path.with_suffix('.safetensors')} instead of {path}")
+        blob = policy_file.encode(self._header(), self._tensors())
+        atomic_write(path, lambda tmp: tmp.write_bytes(blob))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
-        """Read a policy written by :meth:`save`.
+        """Read a policy written by :meth:`save` (schema 2), or a schema-1 JSON + safetensors pair.
+
+        Every field is validated as the policy is built (:meth:`__post_init__`).
 
         Raises:
-            ErtaCacheError: missing, truncated or corrupted files, another format, a
-                schema newer than this library, or tensors that do not match the JSON.
+            ErtaCacheError: a missing, truncated or corrupted file, another format, a
+                schema newer than this library, or any field out of its range.
         """
         path = Path(path)
         if not path.is_file():
             raise ErtaCacheError(f"no policy file at {path}")
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ErtaCacheError(f"policy file {path} is not valid JSON (truncated or corrupted?): {exc}") from exc
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
-            raise ErtaCacheError(f"{path} is not an ertacache policy (format {FORMAT_NAME!r} missing)")
+        doc, tensors = policy_file.decode(path.read_bytes(), path)
         version = doc.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if not _is_int(version) or version not in (1, SCHEMA_VERSION):
+            library = doc.get("provenance", {}).get("library_version") if isinstance(doc.get("provenance"), dict) \
+                else None
             raise ErtaCacheError(
-                f"policy {path} has schema version {version!r}; this ertacache {__version__} reads version "
+                f"policy {path} has schema version {version!r}; this ertacache {__version__} reads versions 1 and "
                 f"{SCHEMA_VERSION}. Recalibrate, or install the ertacache version that wrote it "
-                f"({doc.get('provenance', {}).get('library_version', 'unknown')})."
+                f"({library or 'unknown'})."
             )
-        tensors_path = path.with_name(doc.get("tensors", ""))
-        tensors = _read_tensors(tensors_path, doc.get("tensors_sha256"))
         try:
             return cls._from_doc(doc, tensors)
-        except (KeyError, TypeError) as exc:
-            raise ErtaCacheError(f"policy {path} is missing or has a malformed field: {exc!r}") from exc
+        except KeyError as exc:
+            raise ErtaCacheError(f"policy {path} is missing the field {exc}") from exc
 
     def _tensors(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -268,10 +325,10 @@ class Policy:
             out["rect_enabled"] = self.rect_enabled.to(torch.uint8).contiguous()
         return out
 
-    def _header(self, tensors_name: str, sha: str) -> dict[str, Any]:
+    def _header(self) -> dict[str, Any]:
         return {
-            "format": FORMAT_NAME,
-            "schema_version": self.schema_version,
+            "format": policy_file.FORMAT_NAME,
+            "schema_version": SCHEMA_VERSION,
             "num_inference_steps": self.num_inference_steps,
             "nfe": self.nfe,
             "cached_steps": list(self.cached_steps),
@@ -282,36 +339,57 @@ class Policy:
             "rect_form": self.rect_form,
             "shift": self.shift,
             "guidance_scale": self.guidance_scale,
+            "guidance": dict(self.guidance),
+            "sample_size": dict(self.sample_size),
             "latent_shape": None if self.latent_shape is None else list(self.latent_shape),
             "model_fingerprint": self.model_fingerprint,
             "config": self.config.to_dict(),
             "provenance": self.provenance,
-            "tensors": tensors_name,
-            "tensors_sha256": sha,
         }
 
     @classmethod
     def _from_doc(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> Policy:
-        branches = tuple(doc["branches"])
+        branches = doc["branches"]
+        if not isinstance(branches, list) or not all(isinstance(b, str) for b in branches):
+            raise ErtaCacheError(f"branches must be a list of names, got {branches!r}")
+        expected = {f"rect_{k}.{b}" for k in "ab" for b in branches} | {"rect_enabled"}
+        unknown = set(tensors) - expected
+        if unknown:
+            raise ErtaCacheError(f"the policy file holds unknown tensors {sorted(unknown)}")
         enabled = tensors.get("rect_enabled")
+        if enabled is not None and (enabled.dtype != torch.uint8 or bool((enabled > 1).any())):
+            raise ErtaCacheError(f"rect_enabled must be a 0/1 uint8 tensor, got {enabled.dtype}")
+        for key in ("grid", "cached_steps"):
+            if not isinstance(doc[key], list):
+                raise ErtaCacheError(f"{key} must be a list, got {type(doc[key]).__name__}")
+        adjusted = doc["adjusted_grid"]
+        if adjusted is not None and not isinstance(adjusted, list):
+            raise ErtaCacheError(f"adjusted_grid must be a list or null, got {type(adjusted).__name__}")
+        latent_shape = doc["latent_shape"]
+        if latent_shape is not None and not isinstance(latent_shape, list):
+            raise ErtaCacheError(f"latent_shape must be a list or null, got {type(latent_shape).__name__}")
+        provenance = doc["provenance"]
+        if not isinstance(provenance, dict):
+            raise ErtaCacheError(f"provenance must be an object, got {type(provenance).__name__}")
         return cls(
-            num_inference_steps=int(doc["num_inference_steps"]),
+            num_inference_steps=doc["num_inference_steps"],
             cached_steps=tuple(doc["cached_steps"]),
             grid=tuple(doc["grid"]),
-            adjusted_grid=None if doc["adjusted_grid"] is None else tuple(doc["adjusted_grid"]),
+            adjusted_grid=None if adjusted is None else tuple(adjusted),
             reuse=doc["reuse"],
-            branches=branches,
+            branches=tuple(branches),
             rect_a={b: tensors[f"rect_a.{b}"] for b in branches if f"rect_a.{b}" in tensors},
             rect_b={b: tensors[f"rect_b.{b}"] for b in branches if f"rect_b.{b}" in tensors},
             rect_enabled=None if enabled is None else enabled.bool(),
             rect_form=doc["rect_form"],
-            shift=float(doc["shift"]),
-            guidance_scale=float(doc["guidance_scale"]),
-            latent_shape=None if doc["latent_shape"] is None else tuple(doc["latent_shape"]),
+            shift=doc["shift"],
+            guidance_scale=doc["guidance_scale"],
+            guidance=doc.get("guidance", {}),
+            sample_size=doc.get("sample_size", {}),
+            latent_shape=None if latent_shape is None else tuple(latent_shape),
             model_fingerprint=doc["model_fingerprint"],
             config=CalibrationConfig.from_dict(doc["config"]),
-            provenance=dict(doc["provenance"]),
-            schema_version=int(doc["schema_version"]),
+            provenance=dict(provenance),
         )
 
     def summary(self) -> str:
@@ -364,24 +442,43 @@ def provenance(**extra: Any) -> dict[str, Any]:
     }
 
 
-def _tensors_path(path: Path) -> Path:
-    return path.with_name(path.stem + ".safetensors")
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _read_tensors(path: Path, sha: str | None) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise ErtaCacheError(f"the policy's tensors file {path} is missing; copy it beside the JSON file")
-    blob = path.read_bytes()
-    if sha is not None and hashlib.sha256(blob).hexdigest() != sha:
-        raise ErtaCacheError(
-            f"{path} does not match its policy JSON (SHA-256 differs): the file is truncated, corrupted, "
-            "or from another policy. Recalibrate or restore both files together."
-        )
-    if not blob:
-        return {}
-    from safetensors.torch import load as st_load
-
+def _finite(x: object, name: str, positive: bool = False) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise ErtaCacheError(f"{name} must be a number, got {x!r}")
     try:
-        return st_load(blob)
-    except Exception as exc:  # safetensors raises its own error types
-        raise ErtaCacheError(f"{path} is not a readable safetensors file: {exc}") from exc
+        value = float(x)
+    except OverflowError as exc:
+        raise ErtaCacheError(f"{name} is out of range: {x!r}") from exc
+    if not math.isfinite(value) or (positive and value <= 0) or abs(value) > 1e6:
+        raise ErtaCacheError(f"{name} must be a finite number{' > 0' if positive else ''} (|x| <= 1e6), got {x!r}")
+    return value
+
+
+def _named_numbers(d: object, name: str, kind: type) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ErtaCacheError(f"{name} must map names to numbers, got {type(d).__name__}")
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if not isinstance(key, str):
+            raise ErtaCacheError(f"{name} keys must be names, got {key!r}")
+        if kind is int:
+            if not _is_int(value) or not 0 < value <= 1 << 24:
+                raise ErtaCacheError(f"{name}[{key!r}] must be a positive int, got {value!r}")
+            out[key] = int(value)
+        else:
+            out[key] = _finite(value, f"{name}[{key!r}]")
+    return out
+
+
+def _check_json(value: object, name: str) -> None:
+    if not isinstance(value, dict):
+        raise ErtaCacheError(f"{name} must be an object, got {type(value).__name__}")
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise ErtaCacheError(f"{name} must hold JSON values only (finite numbers, no deep nesting): "
+                             f"{type(exc).__name__}") from exc

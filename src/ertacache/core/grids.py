@@ -50,7 +50,9 @@ def check_grid(grid: Sequence[float], num_inference_steps: int | None = None) ->
     Raises:
         ErtaCacheError: naming the first offending entry.
     """
-    g = [float(t) for t in grid]
+    if isinstance(grid, (str, bytes)) or not hasattr(grid, "__len__"):
+        raise ErtaCacheError(f"a grid must be a sequence of times, got {type(grid).__name__}")
+    g = [_time(t, i) for i, t in enumerate(grid)]
     if len(g) < 2:
         raise ErtaCacheError(f"a grid needs at least 2 times (T >= 1), got {len(g)}")
     if num_inference_steps is not None and len(g) != num_inference_steps + 1:
@@ -67,6 +69,15 @@ def check_grid(grid: Sequence[float], num_inference_steps: int | None = None) ->
     if g[-1] != 0.0:
         raise ErtaCacheError(f"a grid must end at t = 0 (data), got t_T = {g[-1]}")
     return g
+
+
+def _time(t: object, i: int) -> float:
+    if isinstance(t, (str, bytes, bool)):
+        raise ErtaCacheError(f"grid time {i} must be a number, got {t!r}")
+    try:
+        return float(t)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ErtaCacheError(f"grid time {i} must be a number, got {type(t).__name__}") from exc
 
 
 def steps(grid: Sequence[float]) -> list[float]:
