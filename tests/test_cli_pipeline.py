@@ -43,7 +43,7 @@ COMMON = ["--num-inference-steps", "8", "--height", "16", "--width", "16", "--nu
 def test_calibrate_and_generate_with_pipeline(folder, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:2]) + "\n\n" + "\n".join(PROMPTS[2:]) + "\n")
-    policy_path = tmp_path / "wan.json"
+    policy_path = tmp_path / "wan.safetensors"
     assert main(["calibrate", "--pipeline", str(folder), *COMMON, "--prompts", str(prompts), "--target-speedup", "2",
                  "--out", str(policy_path)]) == 0
     policy = Policy.load(policy_path)
@@ -73,6 +73,56 @@ def test_pipeline_cli_errors(folder, tmp_path, capsys):
     assert main(["calibrate", "--pipeline", str(folder), "--prompts", str(some), "--target-speedup", "2",
                  "--dtype", "float64", "--out", "p.safetensors"]) == 2
     assert "--dtype must be one of" in capsys.readouterr().err
+
+
+def test_generate_checks_everything_before_the_pipeline_loads(folder, tmp_path, capsys, monkeypatch):
+    from ertacache.integrations.diffusers import cli as pipeline_cli
+
+    policy = Policy.all_compute(8, guidance={"guidance_scale": 4.0})
+    policy.save(tmp_path / "p.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 20)
+
+    def no_load(settings):
+        raise AssertionError("the pipeline loaded before the arguments were checked")
+
+    monkeypatch.setattr(pipeline_cli, "load_pipeline", no_load)
+    gen = ["generate", "--pipeline", str(folder), *COMMON, "--prompt", "a cat"]
+    cases = [
+        ([*gen, "--policy", str(tmp_path / "p.safetensors"), "--out", str(tmp_path / "vid.png")],
+         "this pipeline makes a video; use a .mp4 or .gif file name"),
+        ([*gen, "--true-cfg-scale", "2", "--out", str(tmp_path / "v.mp4")], "WanPipeline takes no --true-cfg-scale"),
+        ([*gen, "--policy", str(bad), "--out", str(tmp_path / "v.mp4")], "is not valid JSON"),
+        ([*gen, "--policy", str(tmp_path / "p.safetensors"), "--guidance-scale", "5", "--out", str(tmp_path / "v.mp4")],
+         "guidance_scale: policy 4.0, got 5.0"),
+        (["generate", "--pipeline", str(tmp_path / "nowhere"), "--prompt", "x", "--out", str(tmp_path / "v.mp4")],
+         "cannot load the pipeline"),
+        (["calibrate", "--pipeline", str(folder), "--prompts", str(tmp_path / "none.txt"), "--target-speedup", "2",
+          "--out", str(tmp_path / "p2.safetensors")], "no prompts file at"),
+        (["calibrate", "--pipeline", str(folder), "--target-speedup", "2", "--out", str(tmp_path / "p.json")],
+         "--prompts"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_negative_prompt_and_max_sequence_length_reach_the_pipeline(folder, tmp_path, capsys, monkeypatch):
+    from diffusers import WanPipeline
+
+    seen = {}
+    original = WanPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(WanPipeline, "__call__", spy)
+    assert main(["generate", "--pipeline", str(folder), *COMMON, "--prompt", "a cat", "--negative-prompt", "a cube",
+                 "--max-sequence-length", "16", "--out", str(tmp_path / "v.gif")]) == 0
+    assert seen["negative_prompt"] == "a cube" and seen["max_sequence_length"] == 16
+    assert (tmp_path / "v.gif").is_file()
 
 
 def test_bench_on_a_pipeline(folder, tmp_path):

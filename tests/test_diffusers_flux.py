@@ -93,9 +93,9 @@ def test_caching_policy_counts_and_matches_core(pipe, model, policy):
 def test_policy_refuses_other_settings(pipe, model, policy):
     labels, noise = torch.tensor([1]), seeded_noise([1], (1, 16, 16))
     with apply_ertacache(pipe, pipe_policy(policy)):
-        with pytest.raises(PolicyMismatchError, match="not the next time of the policy's grid"):
+        with pytest.raises(PolicyMismatchError, match=f"num_inference_steps: policy {T}, got {T + 4}"):
             run(pipe, model, labels, noise, steps=T + 4)
-    with apply_ertacache(pipe, policy):  # latent_shape (1, 16, 16) is not the transformer's packed input
+    with apply_ertacache(pipe, policy, strict=True):  # latent_shape (1, 16, 16) is not the transformer's packed input
         with pytest.raises(PolicyMismatchError, match="latent shape"):
             run(pipe, model, labels, noise)
     from dataclasses import replace
@@ -232,3 +232,39 @@ def test_steps_are_matched_by_the_nearest_time_on_a_dense_shifted_grid():
     assert [run_.step_of("u", t) for t in grid[:3]] == [0, 1, 2]
     assert run_.step_of("u", 1.0) == 0  # a new call starts over
     assert run_.step_of("u", grid[1] * (1 + 2 ** -9)) == 1  # a bfloat16-rounded time finds its step
+
+
+class ScalarReads:
+    """Counts ``aten._local_scalar_dense`` (``float(t)``, ``.item()``, ``bool(t)``): a host-device sync on a GPU."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    outer.count += 1
+                return func(*args, **(kwargs or {}))
+
+        self.count, self.mode = 0, Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+def test_a_cached_call_reads_no_scalar_the_uncached_call_does_not(pipe, model, policy):
+    labels, noise = torch.tensor([3, 5]), seeded_noise([8, 9], (1, 16, 16))
+    assert policy.rect_form != "off" and bool(policy.rect_enabled.any())  # rectified cached steps are exercised
+    run(pipe, model, labels, noise)  # warm-up
+    with ScalarReads() as uncached:
+        run(pipe, model, labels, noise)
+    with apply_ertacache(pipe, pipe_policy(policy)) as handle:
+        run(pipe, model, labels, noise)
+        with ScalarReads() as cached:
+            run(pipe, model, labels, noise)
+        assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+    assert cached.count == uncached.count, (cached.count, uncached.count)

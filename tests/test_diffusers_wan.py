@@ -6,6 +6,7 @@ import torch
 from conftest import assert_every_reuse_mode_on_pipeline
 from ertacache import Policy, PolicyMismatchError, apply_ertacache
 from ertacache.config import CalibrationConfig
+from ertacache.integrations.diffusers.apply import PolicyTravelWarning
 from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 
 T = 8
@@ -88,16 +89,24 @@ def test_all_compute_exact_caching_counts_and_remove(pipe, policy):
 
 
 def test_refuses_other_step_count_resolution_and_guidance(pipe, policy):
-    assert policy.provenance["pipeline_guidance_scale"] == 4.0
+    assert policy.guidance == {"guidance_scale": 4.0}
+    assert policy.sample_size == {"height": 16, "width": 16, "num_frames": 5}
     with apply_ertacache(pipe, policy):
         with pytest.raises(PolicyMismatchError, match="guidance_scale: policy 4.0, got 5.0"):
             pipe(prompt_embeds=EMB[:1], negative_prompt_embeds=NEG[:1], num_inference_steps=T, output_type="latent",
                  height=16, width=16, num_frames=5, guidance_scale=5.0)
         with pytest.raises(PolicyMismatchError, match=f"num_inference_steps: policy {T}, got {T + 2}|grid"):
             run(pipe, steps=T + 2)
-        with pytest.raises(PolicyMismatchError, match="latent shape"):
-            pipe(prompt_embeds=EMB[:1], negative_prompt_embeds=NEG[:1], num_inference_steps=T, output_type="latent",
-                 height=32, width=16, num_frames=5, guidance_scale=4.0)
+    other_size = dict(prompt_embeds=EMB[:1], negative_prompt_embeds=NEG[:1], num_inference_steps=T,
+                      output_type="latent", height=32, width=16, num_frames=5, guidance_scale=4.0)
+    with apply_ertacache(pipe, policy, strict=True):
+        with pytest.raises(PolicyMismatchError, match=r"calibrated at height=16, width=16.*got height=32"):
+            pipe(**other_size)
+    with apply_ertacache(pipe, policy) as handle:  # by default: followed by step index, with one warning per size
+        with pytest.warns(PolicyTravelWarning, match="calibrated at height=16.*at height=32") as seen:
+            pipe(**other_size)
+            pipe(**other_size)
+        assert len(seen) == 1 and handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
 
 
 def test_wan22_two_transformers_each_get_a_cache(tmp_path):
@@ -123,3 +132,39 @@ def test_wan22_two_transformers_each_get_a_cache(tmp_path):
             run(pipe, slice(0, 1))
             assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
     assert torch.equal(run(pipe, slice(0, 1)), ref)
+
+
+def test_wan22_ti2v_per_token_timesteps_calibrate_and_follow(tmp_path):
+    """Wan 2.2 TI2V (expand_timesteps): the conditioning frame's tokens have t = 0, the noise tokens t."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=tiny_transformer(0),
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), image_encoder=None,
+                                   image_processor=None, expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    kw = dict(image=image, height=16, width=16, num_frames=5, guidance_scale=4.0, output_type="latent")
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["timestep"]), with_kwargs=True)
+
+    def run_():
+        return pipe(prompt_embeds=EMB[:1], negative_prompt_embeds=NEG[:1], num_inference_steps=T,
+                    generator=torch.Generator().manual_seed(7), **kw).frames
+
+    ref = run_()
+    assert seen[0].ndim == 2 and float(seen[0][0, 0]) == 0.0 and float(seen[0].max()) > 900  # per-token, frame 0 at 0
+    policy = calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(2),
+                                config=CalibrationConfig(thresholds=(0.05, 0.2, 0.5)),
+                                prompt_embeds=EMB[:2], negative_prompt_embeds=NEG[:2], image=image,
+                                **{k: v for k, v in kw.items() if k not in ("image", "output_type")})
+    assert policy.grid[0] == 1.0 and policy.nfe <= T // 2
+    every = Policy(T, (), policy.grid, branches=policy.branches, model_fingerprint=policy.model_fingerprint)
+    with apply_ertacache(pipe, every):
+        assert torch.equal(run_(), ref)
+    with apply_ertacache(pipe, policy) as handle:
+        out = run_()
+        assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+    assert torch.isfinite(out).all() and not torch.equal(out, ref)

@@ -23,6 +23,9 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-frames", type=int, default=None, help="pipeline video frames")
     p.add_argument("--dtype", default="bfloat16", help="pipeline dtype: float32, float16, bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--negative-prompt", default=None, help="pipeline negative prompt (CFG)")
+    p.add_argument("--true-cfg-scale", type=float, default=None, help="FLUX true CFG scale (with --negative-prompt)")
+    p.add_argument("--max-sequence-length", type=int, default=None, help="pipeline text token limit")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -35,7 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None)
     p.add_argument("--repeats", type=int, default=5, help="timing repeats per method (median)")
 
-    p = sub.add_parser("calibrate", help="calibrate a policy and write it (JSON + safetensors)")
+    p = sub.add_parser("calibrate", help="calibrate a policy and write it (one .safetensors file)")
     _add_sampler_args(p)
     goal = p.add_mutually_exclusive_group(required=True)
     goal.add_argument("--target-speedup", type=float, help="wanted T / NFE, e.g. 2")
@@ -57,7 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample digits, with a policy or uncached")
     _add_sampler_args(p)
-    p.add_argument("--policy", default=None, help="policy.safetensors; omit for the uncached sampler")
+    p.add_argument("--policy", default=None,
+                   help="policy file, folder or hub id (Policy.from_pretrained); omit for the uncached sampler")
     p.add_argument("--digit", type=int, action="append", help="class 0-9 (repeatable; default 0..9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/generate.png", help="image: PNG; video (with --pipeline): MP4")
@@ -65,7 +69,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=int, default=16, help="MP4 frame rate")
 
     p = sub.add_parser("inspect", help="print a policy")
-    p.add_argument("policy")
+    p.add_argument("policy", help="policy file, folder or hub id")
 
     p = sub.add_parser("bench", help="ERTACache against every peer method on the bundled model")
     p.add_argument("--quick", action="store_true", help="fewer settings and samples (under 5 minutes on 2 cores)")
@@ -92,7 +96,10 @@ def _pipeline_settings(args: argparse.Namespace) -> PipelineSettings | None:
     if args.pipeline is None:
         return None
     return PipelineSettings(args.pipeline, args.num_inference_steps, args.guidance_scale, args.height, args.width,
-                            args.num_frames, args.dtype, args.device)
+                            args.num_frames, args.dtype, args.device,
+                            negative_prompt=getattr(args, "negative_prompt", None),
+                            true_cfg_scale=getattr(args, "true_cfg_scale", None),
+                            max_sequence_length=getattr(args, "max_sequence_length", None))
 
 
 def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
@@ -114,9 +121,18 @@ def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
 
 
 def _calibrate(settings: CalibrateSettings) -> int:
-    from .calibration.distributed import init_from_env, rank_and_size
+    from .calibration.distributed import finish, init_from_env
 
-    init_from_env()  # under torchrun: one shard of the set per process, statistics all-reduced
+    initialised = init_from_env()  # under torchrun: one shard of the set per process, statistics all-reduced
+    try:
+        return _calibrate_here(settings)
+    finally:
+        finish(initialised)
+
+
+def _calibrate_here(settings: CalibrateSettings) -> int:
+    from .calibration.distributed import rank_and_size
+
     if settings.pipeline is not None:
         from .integrations.diffusers import cli as pipeline_cli
 
@@ -138,7 +154,7 @@ def _calibrate(settings: CalibrateSettings) -> int:
         return 0  # every rank reached the same policy; rank 0 writes it
     path = policy.save(settings.out)
     print(policy.summary())
-    print(f"wrote {path} and {path.with_suffix('.safetensors')}")
+    print(f"wrote {path}")
     return 0
 
 
@@ -167,7 +183,7 @@ def _generate(settings: GenerateSettings) -> int:
     from .models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model
     from .policy import Policy
 
-    policy = Policy.load(settings.policy) if settings.policy else None
+    policy = Policy.from_pretrained(settings.policy) if settings.policy else None
     model = load_digits_model(settings.model)
     labels = torch.tensor(settings.digits)
     noise = seeded_noise([settings.seed + i for i in range(len(labels))], LATENT_SHAPE)
@@ -221,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "inspect":
             from .policy import Policy
 
-            print(Policy.load(args.policy).summary())
+            print(Policy.from_pretrained(args.policy).summary())
         elif args.command == "bench":
             return _bench(args, argv)
         elif args.command == "step-cost":

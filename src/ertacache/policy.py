@@ -193,18 +193,28 @@ class Policy:
         name = self.branches[branch]
         return self.rect_a[name][step], self.rect_b[name][step]
 
-    def follower(self, layout: ChannelLayout = CHANNELS_FIRST) -> FollowPolicy:
+    def follower(self, layout: ChannelLayout = CHANNELS_FIRST, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> FollowPolicy:
         """The inference pass that follows this policy (Algorithm 1), for any driver.
+
+        The rectification coefficients of every enabled (branch, step) are looked up
+        and moved to ``device``/``dtype`` here, once: following the policy then reads
+        nothing from tensors and copies nothing between host and device.
 
         Args:
             layout: where the model output's channels are (per-channel coefficients).
+            device, dtype: where and in what precision the model's outputs are
+                (None: as stored, float32 on the CPU).
         """
-        index = {name: k for k, name in enumerate(self.branches)}
-
-        def coeffs(branch: str, step: int) -> tuple[Tensor, Tensor] | None:
-            return self.rectification(index[branch], step) if branch in index else None
-
-        return FollowPolicy(self.compute_mask, coeffs, self.rect_form, layout)  # type: ignore[arg-type]
+        enabled = self.rect_enabled.tolist() if self.rect_form != "off" and self.rect_enabled is not None else []
+        table: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+        for k, name in enumerate(self.branches):
+            for step in self.cached_steps:
+                if enabled and enabled[k][step]:
+                    table[(name, step)] = (self.rect_a[name][step].to(device=device, dtype=dtype),
+                                           self.rect_b[name][step].to(device=device, dtype=dtype))
+        return FollowPolicy(self.compute_mask, lambda branch, step: table.get((branch, step)),
+                            self.rect_form, layout)  # type: ignore[arg-type]
 
     # ----- constructors ---------------------------------------------------------
     @classmethod
@@ -228,6 +238,12 @@ class Policy:
             rect_b=self.rect_b if rectification else {},
             rect_enabled=self.rect_enabled if rectification else None,
         )
+
+    def for_steps(self, num_inference_steps: int) -> Policy:
+        """This policy mapped to another step count by relative position (:func:`ertacache.travel.for_steps`)."""
+        from .travel import for_steps
+
+        return for_steps(self, num_inference_steps)
 
     # ----- checks ---------------------------------------------------------------
     def check_compatible(
@@ -315,6 +331,23 @@ class Policy:
             return cls._from_doc(doc, tensors)
         except KeyError as exc:
             raise ErtaCacheError(f"policy {path} is missing the field {exc}") from exc
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, revision: str | None = None) -> Policy:
+        """Load from a policy file, a folder holding ``ertacache_policy.safetensors``, or a hub id.
+
+        Raises:
+            ErtaCacheError: as :meth:`load`, or a hub id that cannot be fetched.
+        """
+        from .hub import from_pretrained
+
+        return from_pretrained(source, revision)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
+        """Upload to a Hugging Face Hub repository (:func:`ertacache.hub.push_to_hub`); returns the commit URL."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     def _tensors(self) -> dict[str, Tensor]:
         out: dict[str, Tensor] = {}
@@ -407,7 +440,10 @@ class Policy:
                "(cached step, branch) pairs" if self.rect_enabled is not None else ""),
             f"  model fingerprint: {self.model_fingerprint}",
         ]
-        for key in ("selected", "variant", "threshold", "calibration_size", "seeds", "library_version", "date"):
+        if self.guidance or self.sample_size:
+            lines.append(f"  calibrated with: {dict(**self.guidance, **self.sample_size)}")
+        for key in ("selected", "variant", "threshold", "calibration_size", "seeds", "mapped_from", "library_version",
+                    "date"):
             if key in self.provenance:
                 lines.append(f"  {key}: {self.provenance[key]}")
         cost = self.provenance.get("cost")

@@ -25,6 +25,9 @@ class PipelineSettings:
         num_inference_steps: T.
         guidance_scale: the pipeline's ``guidance_scale``.
         height, width, num_frames: output size (None: the pipeline's default).
+        negative_prompt: the negative prompt (CFG pipelines; None: the pipeline's default).
+        true_cfg_scale: FLUX's true classifier-free guidance scale (None: not passed).
+        max_sequence_length: the text encoder's token limit (None: the pipeline's default).
         dtype: ``float32``, ``float16`` or ``bfloat16``.
         device: torch device name.
     """
@@ -37,17 +40,24 @@ class PipelineSettings:
     num_frames: int | None = None
     dtype: str = "bfloat16"
     device: str = "cpu"
+    negative_prompt: str | None = None
+    true_cfg_scale: float | None = None
+    max_sequence_length: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ErtaCacheError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
         if self.num_inference_steps < 1:
             raise ErtaCacheError(f"--num-inference-steps must be >= 1, got {self.num_inference_steps}")
+        for name in ("height", "width", "num_frames", "max_sequence_length"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ErtaCacheError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
     def call_kwargs(self) -> dict[str, Any]:
         """The pipeline-call keywords the user set (the same at calibration and at generation)."""
         kwargs: dict[str, Any] = {"guidance_scale": self.guidance_scale}
-        for name in ("height", "width", "num_frames"):
+        for name in ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale", "max_sequence_length"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         return kwargs
@@ -106,6 +116,9 @@ class CalibrateSettings(CommandSettings):
         from .calibration.drive import check_batch_size
 
         check_batch_size(self.batch_size)
+        if Path(self.out).suffix == ".json":
+            raise ErtaCacheError(f"--out: policies are one .safetensors file; use "
+                                 f"{Path(self.out).with_suffix('.safetensors')}")
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,18 @@ def init_from_env() -> bool:
     return True
 
 
+def finish(initialised: bool) -> None:
+    """Wait for every rank (rank 0 writes the policy), then tear the process group down, if this process made it.
+
+    Ranks that leave while another still holds the group can abort at exit (gloo).
+    """
+    import torch.distributed as dist
+
+    if initialised and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard(rows: range, rank: int, world_size: int) -> list[int]:
     """The global row indices of ``rows`` that rank ``rank`` walks."""
     return [i for i in rows if i % world_size == rank]

@@ -55,12 +55,18 @@ for _name in ("WanTransformerBlock", "LTXVideoTransformerBlock"):
 
 
 def timestep_of(kwargs: dict[str, Any], family: Family) -> float:
-    """The call's time t in [0, 1] (t = 1 is noise), from its ``timestep`` keyword."""
+    """The call's time t in [0, 1] (t = 1 is noise), from its ``timestep`` keyword.
+
+    Per-token timesteps (Wan 2.2 TI2V, ``expand_timesteps``: shape ``(B, tokens)``, the
+    conditioning frame's tokens at 0) are read as the noise tokens' time, their maximum.
+    Reading a device tensor syncs with the device: inference finds the step from the
+    scheduler instead (:meth:`~.hooks.PipelineRun.index_step`).
+    """
     ts = kwargs.get("timestep")
     if ts is None:
         raise ErtaCacheError("the transformer was called without a `timestep` keyword; ertacache needs it to find "
                              "the step")
-    return float(torch.as_tensor(ts).flatten()[0]) / family.timestep_scale
+    return float(torch.as_tensor(ts).detach().flatten().max()) / family.timestep_scale
 
 
 def hidden_states_of(args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,7 @@ from ...core.engine import Engine, FollowPolicy
 from ...core.reuse import get_reuse
 from ...errors import ErtaCacheError, PolicyMismatchError
 from ...policy import Policy
+from .call import call_settings, check_guidance
 from .families import Family, family_for, pipeline_fingerprint, transformers_of
 from .hooks import PipelineRun, register_hooks, remove_hooks
 from .scheduler import grid_unsupported, restore_scheduler, set_scheduler_grid
@@ -62,26 +64,46 @@ class ErtaCacheHandle:
         self.remove()
 
 
-def _checker(pipe: Any, policy: Policy) -> Any:
+def _checker(pipe: Any, policy: Policy, strict: bool) -> Any:
+    """The checks at each unit's first step: branches, guidance, and sample size (the call's own settings)."""
+    warned: set[tuple[int, ...]] = set()
+
     def on_start(hidden: Tensor, branch: str) -> None:
         if branch not in policy.branches:
             raise PolicyMismatchError(
                 f"the pipeline runs guidance branch {branch!r}, the policy was calibrated for branches "
                 f"{policy.branches}: the guidance setting differs; recalibrate for it")
-        if policy.latent_shape is not None and tuple(hidden.shape[1:]) != policy.latent_shape:
+        guidance, size = call_settings(pipe)
+        check_guidance(policy.guidance, guidance)
+        shape = tuple(hidden.shape[1:])
+        if policy.latent_shape is None or shape == policy.latent_shape:
+            return
+        calibrated = _size_text(policy.sample_size, policy.latent_shape)
+        current = _size_text(size, shape)
+        if strict:
             raise PolicyMismatchError(
-                f"latent shape: policy {policy.latent_shape}, got {tuple(hidden.shape[1:])} (another resolution "
-                "or frame count); recalibrate for it")
-        expected = policy.provenance.get("pipeline_guidance_scale")
-        got = getattr(pipe, "_guidance_scale", None)
-        if expected is not None and got is not None and abs(float(got) - float(expected)) > 1e-6:
-            raise PolicyMismatchError(f"guidance_scale: policy {expected}, got {got}; recalibrate for this guidance "
-                                      "setting")
+                f"sample size: policy calibrated at {calibrated}, got {current} (another resolution or frame count); "
+                "recalibrate for it, or apply with strict=False to follow the policy by step index")
+        if shape not in warned:
+            warned.add(shape)
+            warnings.warn(f"ertacache: this policy was calibrated at {calibrated}; following it by step index at "
+                          f"{current} on the pipeline's own grid (README, 'Policies that travel'). Calibrate at "
+                          "this size for the best fidelity.", PolicyTravelWarning, stacklevel=2)
 
     return on_start
 
 
-def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True) -> ErtaCacheHandle:
+class PolicyTravelWarning(UserWarning):
+    """A policy is followed at another resolution or frame count than it was calibrated at."""
+
+
+def _size_text(size: dict[str, int], latent_shape: Any) -> str:
+    named = ", ".join(f"{k}={v}" for k, v in size.items())
+    return f"{named + ', ' if named else ''}latent shape {tuple(latent_shape)}"
+
+
+def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True,
+                    strict: bool = False) -> ErtaCacheHandle:
     """Cache a diffusers pipeline's transformer(s) by ``policy`` (Algorithm 1, inference).
 
     Args:
@@ -89,6 +111,13 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
         policy: calibrated for this model and these settings; any reuse mode and
             granularity (``block_residual`` needs the family's block stack).
         check_fingerprint: compare the policy's model fingerprint with the transformers'.
+        strict: refuse a call at another resolution or frame count than calibrated.
+            By default such a call follows the policy by step index on the pipeline's
+            own grid, with one :class:`PolicyTravelWarning` per size.
+
+    Each call's step is the scheduler's ``step_index`` (host state): following the
+    policy reads no tensor and copies nothing between host and device; the
+    coefficients go to the transformer's device and dtype here, once.
 
     Returns:
         A handle; ``handle.remove()`` (or leaving its ``with`` block) restores the
@@ -98,7 +127,8 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
         ErtaCacheError: unknown pipeline, a transformer that already has ertacache
             applied, a reuse mode the family cannot split for, or an adjusted grid on a
             scheduler that takes none.
-        PolicyMismatchError: another model (fingerprint).
+        PolicyMismatchError: another model (fingerprint); at call time, another step
+            count, guidance setting, guidance branches, or (``strict``) sample size.
     """
     family = family_for(pipe)
     transformers = transformers_of(pipe, family)
@@ -112,8 +142,11 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
     if policy.adjusted_grid is not None and grid_unsupported(pipe.scheduler) is not None:
         raise ErtaCacheError(str(grid_unsupported(pipe.scheduler)))
     reuse = get_reuse(policy.reuse)
-    run = PipelineRun(Engine(policy.follower(family.channels), policy.sampling_grid), family, reuse,
-                      calls_per_step=len(policy.branches), on_start=_checker(pipe, policy))
+    param = next(transformers[0].parameters(), None)
+    follower = policy.follower(family.channels, device=None if param is None else param.device,
+                               dtype=None if param is None else param.dtype)
+    run = PipelineRun(Engine(follower, policy.sampling_grid), family, reuse, calls_per_step=len(policy.branches),
+                      on_start=_checker(pipe, policy, strict), scheduler=pipe.scheduler)
     handle = ErtaCacheHandle(pipe, policy, family, run)
     handle.modules = register_hooks(transformers, run, family, with_blocks=reuse.needs_blocks)
     if policy.adjusted_grid is not None:

@@ -29,6 +29,7 @@ from ...core.reuse import get_reuse
 from ...errors import ErtaCacheError
 from ...policy import Policy
 from .adapters import block_stack
+from .call import call_settings
 from .families import family_for, pipeline_fingerprint, transformers_of
 from .hooks import PipelineRun, register_hooks, remove_hooks
 from .scheduler import grid_unsupported, restore_scheduler, set_scheduler_grid
@@ -67,7 +68,8 @@ class PipelineDriver:
         self.own_grid: list[float] | None = None
         self.branches: tuple[str, ...] = ()
         self.latent_shape: tuple[int, ...] | None = None
-        self.observed_guidance: float | None = None
+        self.guidance: dict[str, float] = {}
+        self.sample_size: dict[str, int] = {}
         self.rank, self.world_size = rank_and_size()
         self.last_model_calls = 0
         self.batch_size = check_batch_size(batch_size)
@@ -160,9 +162,14 @@ class PipelineDriver:
         """Ground truth, micro-batch after micro-batch; its per-step sums are reduced over processes once."""
         pass_.reduce = lambda t: t
         outs, calls = [], 0
+        seen: list[tuple[dict[str, float], dict[str, int]]] = []
+
+        def settings(hidden: Tensor, branch: str) -> None:  # the call's own guidance and size, as inference reads them
+            seen.append(call_settings(self.pipe))
+
         for chunk in chunks:
             engine = Engine(pass_, None)
-            run = PipelineRun(engine, self.family, self.reuse, check_finite=True)
+            run = PipelineRun(engine, self.family, self.reuse, check_finite=True, on_start=settings)
             outs.append(self._calls(run, [chunk], n_fit, None))
             calls += engine.model_calls
         gt = pass_
@@ -170,21 +177,22 @@ class PipelineDriver:
             steps = sorted(gt.r_norms)
             summed = self.reduce(torch.tensor([gt.r_norms[i] for i in steps], dtype=torch.float64))
             gt.r_norms = {i: float(v) for i, v in zip(steps, summed)}
-        got = getattr(self.pipe, "_guidance_scale", None)
+        guidance, size = seen[0] if seen else ({}, {})
         self.restore({"grid": [*run.times, 0.0], "branches": list(run.branches),
-                      "latent_shape": list(run.latent_shape or ()), "guidance": None if got is None else float(got)})
+                      "latent_shape": list(run.latent_shape or ()), "guidance": guidance, "sample_size": size})
         self.last_model_calls = calls
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
     def recorded(self) -> dict[str, Any]:
         return {"grid": self.own_grid, "branches": list(self.branches), "latent_shape": list(self.latent_shape or ()),
-                "guidance": self.observed_guidance}
+                "guidance": self.guidance, "sample_size": self.sample_size}
 
     def restore(self, recorded: dict[str, Any]) -> None:
         self.own_grid = list(recorded["grid"])
         self.branches = tuple(recorded["branches"])
         self.latent_shape = tuple(recorded["latent_shape"]) or None
-        self.observed_guidance = recorded["guidance"]
+        self.guidance = dict(recorded.get("guidance") or {})
+        self.sample_size = dict(recorded.get("sample_size") or {})
 
     def identity(self) -> dict[str, Any]:
         from ...calibration.checkpoint import digest
@@ -200,11 +208,11 @@ class PipelineDriver:
         return dict(num_inference_steps=self.num_inference_steps, grid=tuple(grid), reuse=self.reuse.name,
                     branches=self.branches, shift=float(getattr(self.pipe.scheduler.config, "shift", 1.0)),
                     guidance_scale=float(kw.get("true_cfg_scale", kw.get("guidance_scale", 1.0))),
-                    latent_shape=self.latent_shape, model_fingerprint=pipeline_fingerprint(self.pipe, self.family))
+                    latent_shape=self.latent_shape, model_fingerprint=pipeline_fingerprint(self.pipe, self.family),
+                    guidance=self.guidance, sample_size=self.sample_size)
 
     def provenance(self) -> dict[str, Any]:
-        return {"seeds": list(self.seeds), "pipeline": type(self.pipe).__name__,
-                "pipeline_guidance_scale": self.observed_guidance}
+        return {"seeds": list(self.seeds), "pipeline": type(self.pipe).__name__}
 
 
 def _pipe_copy(pipe: Any) -> Any:

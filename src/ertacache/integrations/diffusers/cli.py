@@ -24,11 +24,81 @@ def load_pipeline(settings: PipelineSettings) -> Any:
     return pipe.to(settings.device)
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".gif")
+
+
+def pipeline_class(settings: PipelineSettings) -> type:
+    """The pipeline's class from its ``model_index.json`` alone (nothing heavy loads).
+
+    Raises:
+        ErtaCacheError: no such folder or hub id (or offline), or a class diffusers lacks.
+    """
+    import diffusers
+
+    try:
+        config = diffusers.DiffusionPipeline.load_config(settings.pipeline)
+    except (OSError, ValueError) as exc:
+        raise ErtaCacheError(f"cannot load the pipeline {settings.pipeline!r} (a hub id, or a folder written by "
+                             f"save_pretrained): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+                             ) from exc
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    cls = getattr(diffusers, str(name), None)
+    if not isinstance(cls, type):
+        raise ErtaCacheError(f"{settings.pipeline!r}: diffusers has no pipeline class {name!r} (model_index.json)")
+    return cls
+
+
+def check_call_arguments(cls: type, settings: PipelineSettings) -> None:
+    """Refuse an option the pipeline's ``__call__`` does not take (``--true-cfg-scale`` on Wan), before loading."""
+    import inspect
+
+    params = inspect.signature(cls.__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = [k for k in settings.call_kwargs() if k not in params]
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise ErtaCacheError(f"{cls.__name__} takes no {flags}; drop {'it' if len(unknown) == 1 else 'them'}")
+
+
+def output_path(out: str, video: bool) -> Path:
+    """Where ``generate`` writes: ``out``, given the suffix the output needs when it has none.
+
+    Raises:
+        ErtaCacheError: a suffix of the other kind (``--out vid.png`` for a video).
+    """
+    path = Path(out)
+    allowed = VIDEO_SUFFIXES if video else IMAGE_SUFFIXES
+    if not path.suffix:
+        return path.with_suffix(allowed[0])
+    if path.suffix.lower() not in allowed:
+        kind = "a video" if video else "an image"
+        raise ErtaCacheError(f"--out {out}: this pipeline makes {kind}; use a {' or '.join(allowed)} file name")
+    return path
+
+
+def check_policy_settings(policy: Any, settings: PipelineSettings) -> None:
+    """Refuse, before the pipeline loads, a step count or guidance the policy was not calibrated for."""
+    from ...errors import PolicyMismatchError
+    from .call import check_guidance
+
+    if policy.num_inference_steps != settings.num_inference_steps:
+        raise PolicyMismatchError(f"num_inference_steps: policy {policy.num_inference_steps}, got "
+                                  f"{settings.num_inference_steps}; pass --num-inference-steps "
+                                  f"{policy.num_inference_steps}, or recalibrate")
+    given = {"guidance_scale": settings.guidance_scale}
+    if settings.true_cfg_scale is not None:
+        given["true_cfg_scale"] = settings.true_cfg_scale
+    check_guidance(policy.guidance, given)
+
+
 def calibrate(settings: CalibrateSettings) -> int:
     from .calibrate import calibrate_pipeline
 
     if settings.pipeline is None:
         raise ErtaCacheError("calibrate on a pipeline needs --pipeline")
+    check_call_arguments(pipeline_class(settings.pipeline), settings.pipeline)
     pipe = load_pipeline(settings.pipeline)
     policy = calibrate_pipeline(pipe, list(settings.prompts), num_inference_steps=settings.pipeline.num_inference_steps,
                                 target_speedup=settings.target_speedup, threshold=settings.threshold,
@@ -41,7 +111,7 @@ def calibrate(settings: CalibrateSettings) -> int:
         return 0  # every rank reached the same policy; rank 0 writes it
     path = policy.save(settings.out)
     print(policy.summary())
-    print(f"wrote {path} and {path.with_suffix('.safetensors')}")
+    print(f"wrote {path}")
     return 0
 
 
@@ -51,7 +121,17 @@ def generate(settings: GenerateSettings) -> int:
 
     if settings.pipeline is None or not settings.prompt:
         raise ErtaCacheError("generate on a pipeline needs --pipeline and --prompt")
-    policy = Policy.load(settings.policy) if settings.policy else None
+    from .families import family_for_class
+
+    policy = Policy.from_pretrained(settings.policy) if settings.policy else None
+    cls = pipeline_class(settings.pipeline)
+    check_call_arguments(cls, settings.pipeline)
+    family = family_for_class(cls)
+    if policy is not None:
+        check_policy_settings(policy, settings.pipeline)
+        if family is None:
+            raise ErtaCacheError(f"{settings.pipeline.pipeline!r} is not a pipeline of a registered ertacache family")
+    path = output_path(settings.out, video=bool(family and family.video))
     pipe = load_pipeline(settings.pipeline)
     generator = torch.Generator().manual_seed(settings.seed)
     handle = apply_ertacache(pipe, policy) if policy is not None else None
@@ -62,15 +142,19 @@ def generate(settings: GenerateSettings) -> int:
     finally:
         if handle is not None:
             handle.remove()
-    path = Path(settings.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     if hasattr(out, "frames"):
-        from diffusers.utils import export_to_video
+        from diffusers.utils import export_to_gif, export_to_video
 
-        path = path.with_suffix(".mp4")
-        export_to_video(out.frames[0], str(path), fps=settings.fps)
+        if path.suffix.lower() == ".gif":
+            from PIL import Image
+
+            frames = [f if isinstance(f, Image.Image)
+                      else Image.fromarray((f * 255).round().clip(0, 255).astype("uint8")) for f in out.frames[0]]
+            export_to_gif(frames, str(path), fps=settings.fps)
+        else:
+            export_to_video(out.frames[0], str(path), fps=settings.fps)
     else:
-        path = path.with_suffix(".png")
         out.images[0].save(path)
     if stats is not None:
         print(f"computed steps {stats}")

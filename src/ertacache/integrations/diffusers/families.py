@@ -29,6 +29,7 @@ class Family:
         block_stacks: attributes of the transformer holding its block lists, in the
             order they run; ``block_residual`` reuse caches ``h_out - h_in`` across them.
         channels: where the output's channels are (per-channel rectification).
+        video: the pipeline returns ``frames`` (written as MP4 by the CLI), not ``images``.
     """
 
     name: str
@@ -38,6 +39,7 @@ class Family:
     default_context: str = "cond_uncond"
     block_stacks: tuple[str, ...] = ("transformer_blocks",)
     channels: ChannelLayout = ChannelLayout()
+    video: bool = False
 
 
 FAMILIES: dict[str, Family] = {}
@@ -53,12 +55,13 @@ register_family(Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline"), timestep
                        block_stacks=("transformer_blocks", "single_transformer_blocks"),
                        channels=ChannelLayout(dim=-1, group=4)))  # packed 2x2 patches, channel-major
 register_family(Family("wan", ("WanPipeline", "WanImageToVideoPipeline"), ("transformer", "transformer_2"),
-                       block_stacks=("blocks",)))
-register_family(Family("cogvideox", ("CogVideoXPipeline",), channels=ChannelLayout(dim=2)))  # (B, F, C, H, W)
+                       block_stacks=("blocks",), video=True))
+register_family(Family("cogvideox", ("CogVideoXPipeline",), channels=ChannelLayout(dim=2),  # (B, F, C, H, W)
+                       video=True))
 register_family(Family("hunyuan_video", ("HunyuanVideoPipeline",),
-                       block_stacks=("transformer_blocks", "single_transformer_blocks")))
+                       block_stacks=("transformer_blocks", "single_transformer_blocks"), video=True))
 register_family(Family("sd3", ("StableDiffusion3Pipeline",)))
-register_family(Family("ltx", ("LTXPipeline",), channels=ChannelLayout(dim=-1)))  # packed tokens (B, L, C)
+register_family(Family("ltx", ("LTXPipeline",), channels=ChannelLayout(dim=-1), video=True))  # packed (B, L, C)
 
 
 def transformers_of(pipe: Any, family: Family) -> list[Any]:
@@ -74,16 +77,24 @@ def pipeline_fingerprint(pipe: Any, family: Family) -> str:
     return prints[0] if len(prints) == 1 else hashlib.sha256("|".join(prints).encode()).hexdigest()[:16]
 
 
+def family_for_class(cls: type) -> Family | None:
+    """The family of a pipeline class (it or a base class is registered), or None."""
+    for base in cls.__mro__:
+        for family in FAMILIES.values():
+            if base.__name__ in family.pipelines:
+                return family
+    return None
+
+
 def family_for(pipe: Any) -> Family:
     """The family of a pipeline instance (its class or any base class is registered).
 
     Raises:
         ErtaCacheError: an unknown pipeline, listing the supported ones and how to register one.
     """
-    for cls in type(pipe).__mro__:
-        for family in FAMILIES.values():
-            if cls.__name__ in family.pipelines:
-                return family
+    family = family_for_class(type(pipe))
+    if family is not None:
+        return family
     supported = sorted(p for f in FAMILIES.values() for p in f.pipelines)
     raise ErtaCacheError(
         f"no ertacache family for pipeline {type(pipe).__name__}; supported: {', '.join(supported)}. Register one "

@@ -48,6 +48,7 @@ from .scheduler import write_grid
 
 STEP_HOOK = "ertacache"
 BLOCK_HOOK = "ertacache_block"
+RELAY_HOOK = "ertacache_context"
 
 
 class BlockSwitch(threading.local):
@@ -73,10 +74,11 @@ class BlockHook(ModelHook):
     def __init__(self, switch: BlockSwitch, output: BlockOutput, first: bool, last: bool) -> None:
         super().__init__()
         self.switch, self.output, self.first, self.last = switch, output, first, last
+        self.compiled: Any = None
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         sw = self.switch
-        forward: Any = self.fn_ref.original_forward
+        forward: Any = self.compiled or self.fn_ref.original_forward
         if sw.mode == "off":
             return forward(*args, **kwargs)
         h = hidden_states_of(args, kwargs)
@@ -114,6 +116,32 @@ class ThreadContext(StateManager):
         self._local.context = value
 
 
+class ContextRelay(ModelHook):
+    """On the module a ``torch.compile`` wrapper holds: receives its ``cache_context`` for the :class:`StepHook` on
+    the wrapper (the pipeline sets the context on the inner module, whose attributes the wrapper passes through)."""
+
+    _is_stateful = True
+
+    def __init__(self, state_manager: StateManager) -> None:
+        super().__init__()
+        self.state_manager = state_manager
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+
+def _registry(module: torch.nn.Module) -> Any:
+    """The module's own hook registry (a compile wrapper gets one of its own, not its inner module's)."""
+    from diffusers.hooks import HookRegistry
+
+    if isinstance(module, _COMPILED) and "_diffusers_hook" not in module.__dict__:
+        module._diffusers_hook = HookRegistry(module)
+    return HookRegistry.check_if_exists_or_initialize(module)
+
+
+_COMPILED = torch._dynamo.eval_frame.OptimizedModule
+
+
 class StepHook(ModelHook):
     """On a transformer: reports each call to the pipeline's :class:`PipelineRun`.
 
@@ -129,6 +157,7 @@ class StepHook(ModelHook):
         super().__init__()
         self.run, self.index, self.switch = run, index, switch
         self.state_manager = ThreadContext()
+        self.compiled: Any = None  # the transformer's own forward, compiled (module.compile() after apply)
 
     def branch(self) -> str:
         context = self.state_manager._context
@@ -136,7 +165,7 @@ class StepHook(ModelHook):
 
     def forward_full(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Tensor | None]:
         """The whole model: ``(output, block residual or None)``."""
-        forward: Any = self.fn_ref.original_forward
+        forward: Any = self.compiled or self.fn_ref.original_forward
         if self.switch is None:
             return forward(*args, **kwargs), None
         self.switch.mode = "record"
@@ -152,7 +181,7 @@ class StepHook(ModelHook):
         """Embedding and head only, the stack replaced by ``h_in + residual``."""
         if self.switch is None:
             raise ErtaCacheError("block_residual reuse needs block hooks; apply the cache with that reuse mode")
-        forward: Any = self.fn_ref.original_forward
+        forward: Any = self.compiled or self.fn_ref.original_forward
         self.switch.mode, self.switch.residual = "inject", residual
         try:
             return sample_of(forward(*args, **kwargs))
@@ -181,6 +210,10 @@ class PipelineRun:
             when every micro-batch has made its calls, and each waits for that.
         check_finite: raise on NaN/inf model output (calibration).
         on_start: called with ``(hidden_states, branch)`` at each unit's step 0 (inference checks).
+        scheduler: (inference) the pipeline's scheduler: a call's step is its ``step_index``
+            (host state, so finding the step reads no tensor and syncs nothing with the
+            device), checked against the policy's step count. None (calibration, or a
+            scheduler without ``step_index``) matches the ``timestep`` against the grid.
 
     Attributes:
         times: the recorded step times (ground truth).
@@ -196,6 +229,7 @@ class PipelineRun:
     calls_per_step: int | None = None
     check_finite: bool = False
     on_start: Callable[[Tensor, str], None] | None = None
+    scheduler: Any = None
     times: list[float] = field(default_factory=list)
     branches: list[str] = field(default_factory=list)
     latent_shape: tuple[int, ...] | None = None
@@ -247,6 +281,31 @@ class PipelineRun:
         self.last[unit] = step
         return step
 
+    def index_step(self, unit: Hashable) -> int:
+        """The step of a call from the scheduler's ``step_index`` (a new run when it does not move forward).
+
+        Raises:
+            PolicyMismatchError: the scheduler runs another number of steps than the policy.
+        """
+        grid = self.engine.grid
+        assert grid is not None
+        T = len(grid) - 1
+        n = len(self.scheduler.timesteps)
+        if n != T:
+            raise PolicyMismatchError(
+                f"num_inference_steps: policy {T}, got {n}; call the pipeline with the policy's num_inference_steps, "
+                "or map the policy with policy.for_steps(n), or recalibrate")
+        index = self.scheduler.step_index
+        if index is None:  # before the first scheduler step of a call
+            index = getattr(self.scheduler, "begin_index", None) or 0
+        if not 0 <= index < T:
+            raise PolicyMismatchError(f"the scheduler is at step {index}, outside the policy's 0..{T - 1}")
+        if index <= self.last.get(unit, -1):  # the unit called at this step or later already: a new call
+            self.engine.reset()
+            self.last, self.decided, self.made = {}, set(), {}
+        self.last[unit] = index
+        return int(index)
+
     def flush(self, before: int) -> None:
         """Decide every pending step before ``before`` (ground truth, where the unit count is unknown)."""
         for step in sorted(s for s in self.engine.pending if s < before):
@@ -266,11 +325,15 @@ class PipelineRun:
             self.branches.append(name)
         hidden = hidden_states_of(args, kwargs)
         self.latent_shape = tuple(hidden.shape[1:])
-        t = timestep_of(kwargs, self.family)
         chunk = getattr(self.local, "chunk", 0)
         unit = (hook.index, name) if self.chunks == 1 else (hook.index, name, chunk)
-        with self.lock:
-            step = self.step_of(unit, t)
+        if self.scheduler is not None and self.engine.grid is not None and hasattr(self.scheduler, "step_index"):
+            step = self.index_step(unit)
+            t = self.engine.grid[step]
+        else:
+            t = timestep_of(kwargs, self.family)
+            with self.lock:
+                step = self.step_of(unit, t)
         if step == 0 and self.on_start is not None:
             self.on_start(hidden, name)
         engine = self.engine
@@ -340,32 +403,69 @@ def register_hooks(transformers: list[Any], run: PipelineRun, family: Family, wi
         ErtaCacheError: a transformer already has ertacache applied, or (``with_blocks``)
             has no registered block stack.
     """
-    from diffusers.hooks import HookRegistry
-
     from .adapters import block_stack
 
     stacks = [block_stack(tf, family) if with_blocks else [] for tf in transformers]  # refuse before registering
-    for tf in transformers:
-        if HookRegistry.check_if_exists_or_initialize(tf).get_hook(STEP_HOOK) is not None:
+    for tf, blocks in zip(transformers, stacks):
+        check_compilable(tf, [b for b, _ in blocks])
+        if _registry(tf).get_hook(STEP_HOOK) is not None:
             raise ErtaCacheError(f"{type(tf).__name__} already has ertacache applied; remove() the old handle first")
     hooked: list[Any] = []
     for index, (tf, blocks) in enumerate(zip(transformers, stacks)):
         switch = BlockSwitch() if with_blocks else None
         for k, (block, output) in enumerate(blocks):
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(
-                BlockHook(switch, output, first=k == 0, last=k == len(blocks) - 1), BLOCK_HOOK)  # type: ignore[arg-type]
+            block_hook = BlockHook(switch, output, first=k == 0, last=k == len(blocks) - 1)  # type: ignore[arg-type]
+            _registry(block).register_hook(block_hook, BLOCK_HOOK)
+            _route_compile(block, block_hook)
             hooked.append(block)
-        HookRegistry.check_if_exists_or_initialize(tf).register_hook(StepHook(run, index, switch), STEP_HOOK)
+        step_hook = StepHook(run, index, switch)
+        _registry(tf).register_hook(step_hook, STEP_HOOK)
+        if isinstance(tf, _COMPILED):  # torch.compile(transformer): the hook is outside the compiled call
+            _registry(tf._orig_mod).register_hook(ContextRelay(step_hook.state_manager), RELAY_HOOK)
+            hooked.append(tf._orig_mod)
+        else:
+            _route_compile(tf, step_hook)
         hooked.append(tf)
     return hooked
 
 
+def check_compilable(transformer: Any, blocks: list[torch.nn.Module]) -> None:
+    """Refuse what would put the per-step decisions inside a compiled region.
+
+    Raises:
+        ErtaCacheError: a module to hook already compiled in place (``.compile()``,
+            ``compile_repeated_blocks()`` with ``block_residual``), or ``block_residual``
+            on a ``torch.compile``-wrapped transformer.
+    """
+    order = ("apply it first and compile afterwards (pipe.transformer.compile(...) or "
+             "pipe.transformer.compile_repeated_blocks(...)), or wrap before applying: "
+             "pipe.transformer = torch.compile(pipe.transformer)")
+    for module in [transformer, *blocks]:
+        if getattr(module, "_compiled_call_impl", None) is not None:
+            raise ErtaCacheError(f"{type(module).__name__} was compiled in place before ertacache was applied, which "
+                                 f"would put the cache's per-step decisions inside the compiled graph: {order}")
+    if blocks and isinstance(transformer, _COMPILED):
+        raise ErtaCacheError("block_residual reuse on a torch.compile-wrapped transformer would compile the block "
+                             "hooks into its graph: apply ertacache to the plain transformer, then "
+                             "compile_repeated_blocks(...) (regional compile), or use reuse='velocity'")
+
+
+def _route_compile(module: torch.nn.Module, hook: Any) -> None:
+    """``module.compile(...)`` after apply compiles the module's own forward; the hook around it stays eager."""
+
+    def compile(*args: Any, **kwargs: Any) -> None:
+        hook.compiled = torch.compile(hook.fn_ref.original_forward, *args, **kwargs)
+
+    compile.__ertacache__ = True  # type: ignore[attr-defined]
+    module.compile = compile  # type: ignore[method-assign]
+
+
 def remove_hooks(modules: list[Any]) -> None:
     """Undo :func:`register_hooks` on the modules it returned."""
-    from diffusers.hooks import HookRegistry
-
     for module in modules:
-        registry = HookRegistry.check_if_exists_or_initialize(module)
-        for name in (STEP_HOOK, BLOCK_HOOK):
+        if getattr(module.__dict__.get("compile"), "__ertacache__", False):
+            del module.compile
+        registry = _registry(module)
+        for name in (STEP_HOOK, BLOCK_HOOK, RELAY_HOOK):
             if registry.get_hook(name) is not None:
                 registry.remove_hook(name, recurse=False)

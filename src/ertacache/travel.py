@@ -1,0 +1,101 @@
+"""A policy mapped to another step count by relative position (as MagCache resamples its ratios).
+
+Step ``j`` of ``T'`` steps sits at the relative position ``p = j (T - 1) / (T' - 1)``
+of the calibrated ``T`` steps and takes what the nearest calibrated step ``k =
+floor(p + 1/2)`` decided: cached or computed, its rectification ``(a, b)`` and whether it
+is on, and its timestep-adjustment factor phi (Eq. 13, recovered from the adjusted
+grid and applied with Eq. 14). The first and last steps stay computed.
+
+It is an approximation: the error a cached step makes grows with the distance to the
+last computed step, which the mapping changes. README, "Policies that travel",
+measures what it costs against a policy calibrated at ``T'``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+import torch
+
+from .core.grids import shrink_step, time_grid
+from .errors import ErtaCacheError
+
+if TYPE_CHECKING:
+    from .policy import Policy
+
+
+def _resample_grid(grid: tuple[float, ...], shift: float, steps: int) -> list[float]:
+    """The policy's unadjusted grid at ``steps``: the shifted grid when it is one, else piecewise linear in i/T."""
+    T = len(grid) - 1
+    if all(abs(a - b) <= 1e-6 for a, b in zip(grid, time_grid(T, shift))):
+        return time_grid(steps, shift)
+    out = []
+    for j in range(steps + 1):
+        s = j * T / steps
+        k = min(int(s), T - 1)
+        out.append(grid[k] + (s - k) * (grid[k + 1] - grid[k]))
+    out[0], out[-1] = grid[0], 0.0
+    return out
+
+
+def recovered_phis(policy: Policy) -> dict[int, float]:
+    """phi of each shrunk step, replaying Eq. 14 on the policy's grid (empty without an adjusted grid)."""
+    if policy.adjusted_grid is None:
+        return {}
+    current, phis = list(policy.grid), {}
+    for k in range(policy.num_inference_steps - 1):
+        dt = current[k + 1] - current[k]
+        taken = policy.adjusted_grid[k + 1] - current[k]
+        if dt < 0 and abs(taken - dt) > 1e-9:
+            phi = min(max(taken / dt, 0.0), 1.0)
+            phis[k] = phi
+            current = shrink_step(current, k, phi)
+    return phis
+
+
+def for_steps(policy: Policy, num_inference_steps: int) -> Policy:
+    """``policy`` mapped to ``num_inference_steps`` steps by relative position (module docstring).
+
+    Args:
+        policy: any policy with T >= 2.
+        num_inference_steps: T' >= 2.
+
+    Returns:
+        A new policy; ``provenance["mapped_from"]`` records the calibrated T.
+
+    Raises:
+        ErtaCacheError: T' not an int >= 2.
+    """
+    T, T2 = policy.num_inference_steps, num_inference_steps
+    if isinstance(T2, bool) or not isinstance(T2, int) or T2 < 2:
+        raise ErtaCacheError(f"num_inference_steps must be an int >= 2, got {T2!r}")
+    if T2 == T:
+        return policy
+    if T < 2:
+        raise ErtaCacheError(f"a policy of T = {T} step has no relative positions to map")
+    nearest = [math.floor(j * (T - 1) / (T2 - 1) + 0.5) for j in range(T2)]  # halves round up
+    cached_old = set(policy.cached_steps)
+    cached = tuple(j for j in range(1, T2 - 1) if nearest[j] in cached_old)
+    grid = _resample_grid(policy.grid, policy.shift, T2)
+    adjusted = None
+    if policy.adjusted_grid is not None:
+        phis = recovered_phis(policy)
+        adjusted = list(grid)
+        for j in cached:
+            if j < T2 - 1 and nearest[j] in phis:
+                adjusted = shrink_step(adjusted, j, phis[nearest[j]])
+    rect: dict[str, dict[str, torch.Tensor]] = {"a": {}, "b": {}}
+    enabled = None
+    if policy.rect_form != "off" and policy.rect_enabled is not None:
+        index = torch.tensor(nearest)
+        on = torch.zeros(T2, dtype=torch.bool)
+        on[list(cached)] = True
+        enabled = policy.rect_enabled[:, index] & on
+        for name in policy.branches:
+            rect["a"][name] = policy.rect_a[name][index] * enabled[policy.branches.index(name), :, None]
+            rect["b"][name] = policy.rect_b[name][index] * enabled[policy.branches.index(name), :, None]
+    return replace(policy, num_inference_steps=T2, cached_steps=cached, grid=tuple(grid),
+                   adjusted_grid=None if adjusted is None else tuple(adjusted), rect_a=rect["a"], rect_b=rect["b"],
+                   rect_enabled=enabled, provenance={**policy.provenance, "mapped_from": {"num_inference_steps": T}})
