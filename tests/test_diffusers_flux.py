@@ -268,3 +268,32 @@ def test_a_cached_call_reads_no_scalar_the_uncached_call_does_not(pipe, model, p
             run(pipe, model, labels, noise)
         assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
     assert cached.count == uncached.count, (cached.count, uncached.count)
+
+
+def test_one_guidance_rule_for_every_guidance_argument(pipe, model, policy):
+    """true_cfg_scale and a distilled guidance_scale are read from the call and checked alike."""
+    from dataclasses import replace
+
+    from ertacache.integrations.diffusers.call import call_settings
+
+    labels, noise = torch.tensor([6]), seeded_noise([3], (1, 16, 16))
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a: seen.append(call_settings(pipe)))
+    try:
+        run(pipe, model, labels, noise)
+    finally:
+        pipe.transformer._forward_pre_hooks.clear()
+    assert seen[0] == ({"guidance_scale": 3.5, "true_cfg_scale": 3.0}, {"height": 16, "width": 16})
+    calibrated = replace(pipe_policy(policy), guidance=seen[0][0])
+    with apply_ertacache(pipe, calibrated) as handle:
+        run(pipe, model, labels, noise)
+        assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+        tokens, pooled = model.prompt_embeds(labels)
+        null_tokens, null_pooled = model.prompt_embeds(torch.full_like(labels, NULL_CLASS))
+        call = dict(prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null_tokens,
+                    negative_pooled_prompt_embeds=null_pooled, latents=pack(noise), num_inference_steps=T, height=16,
+                    width=16, output_type="latent")
+        with pytest.raises(PolicyMismatchError, match="true_cfg_scale: policy 3.0, got 4.0"):
+            pipe(true_cfg_scale=4.0, **call)
+        with pytest.raises(PolicyMismatchError, match="guidance_scale: policy 3.5, got 5.0"):
+            pipe(true_cfg_scale=3.0, guidance_scale=5.0, **call)

@@ -425,6 +425,8 @@ def register_hooks(transformers: list[Any], run: PipelineRun, family: Family, wi
             hooked.append(tf._orig_mod)
         else:
             _route_compile(tf, step_hook)
+        if hasattr(tf, "enable_parallelism"):
+            _route_parallelism(tf, step_hook)
         hooked.append(tf)
     return hooked
 
@@ -460,11 +462,28 @@ def _route_compile(module: torch.nn.Module, hook: Any) -> None:
     module.compile = compile  # type: ignore[method-assign]
 
 
+def _route_parallelism(module: torch.nn.Module, hook: StepHook) -> None:
+    """``enable_parallelism(...)`` after apply: the step hook moves outside the context-parallel hooks it adds,
+    so it sees the whole input and output, as the pipeline passes them, and every rank decides alike."""
+    original = module.enable_parallelism  # type: ignore[operator]
+
+    def enable_parallelism(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        registry = _registry(module)
+        registry.remove_hook(STEP_HOOK, recurse=False)
+        registry.register_hook(hook, STEP_HOOK)  # registered last: outermost
+        return out
+
+    enable_parallelism.__ertacache__ = True  # type: ignore[attr-defined]
+    module.enable_parallelism = enable_parallelism  # type: ignore[method-assign]
+
+
 def remove_hooks(modules: list[Any]) -> None:
     """Undo :func:`register_hooks` on the modules it returned."""
     for module in modules:
-        if getattr(module.__dict__.get("compile"), "__ertacache__", False):
-            del module.compile
+        for routed in ("compile", "enable_parallelism"):
+            if getattr(module.__dict__.get(routed), "__ertacache__", False):
+                delattr(module, routed)
         registry = _registry(module)
         for name in (STEP_HOOK, BLOCK_HOOK, RELAY_HOOK):
             if registry.get_hook(name) is not None:
