@@ -27,11 +27,12 @@ def main(out_path: str) -> None:
             tokens, pooled = model.prompt_embeds(labels)
             null_tokens, null_pooled = model.prompt_embeds(torch.full_like(labels, NULL_CLASS))
 
-            def run():
-                return unpack(pipe(prompt_embeds=tokens, pooled_prompt_embeds=pooled,
-                                   negative_prompt_embeds=null_tokens, negative_pooled_prompt_embeds=null_pooled,
-                                   true_cfg_scale=3.0, latents=pack(noise), num_inference_steps=T, height=16, width=16,
-                                   output_type="latent").images)
+            call = dict(prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null_tokens,
+                        negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=3.0, latents=pack(noise),
+                        num_inference_steps=T, height=16, width=16, output_type="latent")
+
+            def run(pipe=pipe, call=call):
+                return unpack(pipe(**call).images)
 
             policy = Policy.uniform(T, T // 2, reuse=reuse, branches=("cond", "uncond"), latent_shape=(64, 4),
                                     model_fingerprint=model_fingerprint(model.transformer))

@@ -465,7 +465,7 @@ def _route_compile(module: torch.nn.Module, hook: Any) -> None:
 def _route_parallelism(module: torch.nn.Module, hook: StepHook) -> None:
     """``enable_parallelism(...)`` after apply: the step hook moves outside the context-parallel hooks it adds,
     so it sees the whole input and output, as the pipeline passes them, and every rank decides alike."""
-    original = module.enable_parallelism  # type: ignore[operator]
+    original: Any = module.enable_parallelism
 
     def enable_parallelism(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
@@ -475,7 +475,7 @@ def _route_parallelism(module: torch.nn.Module, hook: StepHook) -> None:
         return out
 
     enable_parallelism.__ertacache__ = True  # type: ignore[attr-defined]
-    module.enable_parallelism = enable_parallelism  # type: ignore[method-assign]
+    module.enable_parallelism = enable_parallelism  # type: ignore[method-assign,assignment]
 
 
 def remove_hooks(modules: list[Any]) -> None:
