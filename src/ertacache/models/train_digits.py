@@ -20,7 +20,9 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -36,9 +38,34 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
     x_data, y_data = digits_images()
-    model = DigitsFlux(TRANSFORMER_CONFIG)
+
+    def batch(gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, x_data.shape[0], (n,), generator=gen)
+        return x_data[idx], y_data[idx].clone()
+
+    fit(DigitsFlux(TRANSFORMER_CONFIG), batch, args, {
+        "transformer_config": TRANSFORMER_CONFIG,
+        "command": "python -m ertacache.models.train_digits "
+        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
+        + f" --out {args.out}",
+        "data": "sklearn.datasets.load_digits, bilinear 8x8 -> 16x16, scaled to [-1, 1]",
+    })
+
+
+def fit(model: torch.nn.Module, batch: Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]],
+        args: argparse.Namespace, meta: dict[str, Any]) -> None:
+    """Rectified-flow training with label dropout and EMA; resumable; writes the EMA weights and ``meta``.
+
+    Args:
+        model: ``model(x_t, t, labels)`` predicts ``noise - x_0``.
+        batch: ``batch(generator, n) -> (x_0, labels)``.
+        args: steps, batch_size, lr, ema, label_dropout, seed, threads, save_every,
+            out, and optionally minutes (a wall-clock budget: training stops there and
+            the schedule is cut short, the meta records where).
+    """
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(args.seed)
@@ -56,16 +83,18 @@ def train(args: argparse.Namespace) -> None:
         _load_opt(opt, opt_state)
         print(f"resumed from {ckpt} at step {start}")
     t_start = time.time()
+    budget = getattr(args, "minutes", None)
+    step = start
     for step in range(start, args.steps):
         lr = args.lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group["lr"] = lr
-        idx = torch.randint(0, x_data.shape[0], (args.batch_size,), generator=gen)
-        x0, labels = x_data[idx], y_data[idx].clone()
+        x0, labels = batch(gen, args.batch_size)
         labels[torch.rand(args.batch_size, generator=gen) < args.label_dropout] = NULL_CLASS
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.sigmoid(torch.randn(args.batch_size, generator=gen))
-        x_t = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        tb = t.view(-1, *[1] * (x0.ndim - 1))
+        x_t = (1 - tb) * x0 + tb * noise
         loss = (model(x_t, t, labels) - (noise - x0)).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -79,19 +108,12 @@ def train(args: argparse.Namespace) -> None:
             print(f"step {step:5d} loss {loss.item():.4f} lr {lr:.2e} {time.time() - t_start:.0f}s", flush=True)
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
             _checkpoint(model, ema, opt, step + 1, gen, ckpt)
+        if budget is not None and time.time() - t_start > 60 * budget:
+            print(f"stopping at step {step + 1}: the {budget}-minute budget is spent", flush=True)
+            break
     _save(ema, out)
-    meta = {
-        "transformer_config": TRANSFORMER_CONFIG,
-        "command": "python -m ertacache.models.train_digits "
-        + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
-        + f" --out {args.out}",
-        "seed": args.seed,
-        "steps": args.steps,
-        "data": "sklearn.datasets.load_digits, bilinear 8x8 -> 16x16, scaled to [-1, 1]",
-        "final_loss": loss.item(),
-        "seconds": round(time.time() - t_start, 1),
-        "torch": torch.__version__,
-    }
+    meta = {**meta, "seed": args.seed, "steps": args.steps, "steps_done": step + 1, "final_loss": loss.item(),
+            "seconds": round(time.time() - t_start, 1), "torch": torch.__version__}
     atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
     ckpt.unlink(missing_ok=True)
     print(f"wrote {out} and {out.with_suffix('.json')}")
