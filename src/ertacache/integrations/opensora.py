@@ -43,7 +43,7 @@ def opensora_shift(height: int, width: int, num_frames: int, *, base_resolution:
 
 
 class OpenSoraVelocity:
-    """An STDiT3-like model as a :class:`~ertacache.core.model.VelocityFn`: ``v(x, t, y) = -model(x, 1000 t, y)[:, :C]``.
+    """An STDiT3-like model as a velocity function: ``v(x, t, y) = -model(x, 1000 t, y)[:, :C]``.
 
     Args:
         model: called as ``model(x, timestep, y=cond, mask=mask, **model_kwargs)``;
