@@ -7,6 +7,7 @@ from ertacache import sample, seeded_noise, time_grid
 from ertacache.bench import measure
 from ertacache.bench.methods import Method
 from ertacache.bench.report import nearest_2x, write_report
+from ertacache.metrics import psnr
 from ertacache.peers.teacache import TeaCacheModel, fit_coefficients, rel_l1
 
 
@@ -90,3 +91,25 @@ def test_measure_and_report(tiny, tmp_path):
     assert {"method", "setting", "nfe", "seconds", "speedup", "psnr", "ssim", "lpips", "peak_mem_mb"} <= set(
         doc["rows"][0])
     assert [r["method"] for r in nearest_2x(rows)] == ["none", "uniform", "ertacache"]
+
+
+def test_cache_dit_peer_runs_through_its_public_api_on_the_bundled_pipeline():
+    """cache-dit's DBCache on the bundled model's FluxPipeline: same grid as the core sampler, fewer forwards at a
+    higher threshold, the uncached output when nothing is skipped."""
+    from ertacache.bench.methods import BenchSettings, Context, cache_dit_peers
+    from ertacache.models.bundled import bundled_model
+
+    bundled = bundled_model("digits")
+    model = bundled.load(None)
+    settings = BenchSettings(num_inference_steps=20, shift=3.0, quick=True, model="digits")  # DBCache warms up 8
+    ctx = Context(model, settings, None, bundled)
+    methods = {m.setting + ("+taylorseer" if "taylorseer" in m.name else ""): m for m in cache_dit_peers(ctx)}
+    labels, noise = torch.arange(4), seeded_noise(range(500, 504), bundled.latent_shape)
+    ref = ctx.policy_runner(None)(noise, labels)[0]
+    strict, loose = methods["F1B0, threshold=0.08"], methods["F1B0, threshold=0.2"]
+    x_strict, nfe_strict = strict.run(noise, labels)
+    x_loose, nfe_loose = loose.run(noise, labels)
+    assert nfe_loose < nfe_strict <= 20 and torch.isfinite(x_loose).all()
+    assert psnr(x_strict, ref) > psnr(x_loose, ref) > 20
+    x_taylor, nfe_taylor = methods["F1B0, threshold=0.2+taylorseer"].run(noise, labels)
+    assert nfe_taylor < 20 and torch.isfinite(x_taylor).all()

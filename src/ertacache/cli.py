@@ -34,9 +34,11 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="calibrate, then compare uncached, uniform and ERTACache on held-out seeds")
+    p.add_argument("--model", dest="bundled", choices=["digits", "moving-digits"], default="digits",
+                   help="bundled model: digits (image, FLUX architecture) or moving-digits (video, Wan)")
+    p.add_argument("--weights", dest="model", default=None, help="other weights for the bundled model")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--repeats", type=int, default=5, help="timing repeats per method (median)")
+    p.add_argument("--repeats", type=int, default=None, help="timing repeats per method (median; default 5, video 2)")
 
     p = sub.add_parser("calibrate", help="calibrate a policy and write it (one .safetensors file)")
     _add_sampler_args(p)
@@ -72,6 +74,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("policy", help="policy file, folder or hub id")
 
     p = sub.add_parser("bench", help="ERTACache against every peer method on the bundled model")
+    p.add_argument("--model", dest="bundled", choices=["digits", "moving-digits"], default="digits",
+                   help="bundled model, sampled with its family's settings (digits: T=30, shift 3; moving-digits: "
+                        "T=50, shift 5)")
     p.add_argument("--quick", action="store_true", help="fewer settings and samples (under 5 minutes on 2 cores)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--docs", default=None, help="folder for table, plot and grid (default docs/benchmarks[/quick])")
@@ -214,10 +219,11 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
         run_pipeline_bench(settings, command)
         print(Path(settings.docs, "results.md").read_text())
         return 0
-    bench = BenchSettings.quick_settings() if args.quick else BenchSettings()
+    bench = BenchSettings.for_model(args.bundled, quick=args.quick)
     if args.repeats is not None:
         bench = replace(bench, repeats=args.repeats)
-    docs = args.docs or ("docs/benchmarks/quick" if args.quick else "docs/benchmarks")
+    folder = "docs/benchmarks" if args.bundled == "digits" else f"docs/benchmarks/{args.bundled}"
+    docs = args.docs or (f"{folder}/quick" if args.quick else folder)
     run_bench(docs, bench, json_path=args.json, command=command)
     print(Path(docs, "results.md").read_text())
     return 0
@@ -227,9 +233,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "demo":
+            from dataclasses import replace
+
             from .demo import DemoSettings, run_demo
 
-            run_demo(args.out, DemoSettings(repeats=args.repeats), model_path=args.model)
+            demo = DemoSettings.for_model(args.bundled)
+            run_demo(args.out, demo if args.repeats is None else replace(demo, repeats=args.repeats),
+                     model_path=args.model)
         elif args.command == "calibrate":
             return _calibrate(calibrate_settings(args))
         elif args.command == "generate":

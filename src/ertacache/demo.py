@@ -33,17 +33,31 @@ from .policy import Policy
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """The demo's sampler and data settings (defaults are what ``make demo`` runs)."""
+    """The demo's sampler and data settings (defaults: the image model's, as ``make demo`` runs it)."""
 
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
-    shift: float = 1.0
+    shift: float = 3.0
     target_speedup: float = 2.0
     calibration_per_class: int = 2
     heldout_per_class: int = 4
     repeats: int = 5
     calibration_seed_base: int = 0
     heldout_seed_base: int = 10_000
+    model: str = "digits"
+
+    @classmethod
+    def for_model(cls, name: str) -> DemoSettings:
+        """A bundled model's family sampler; the video model with 1 calibration and 1 held-out clip per class."""
+        from .models.bundled import bundled_model
+
+        b = bundled_model(name)
+        base: dict[str, Any] = dict(num_inference_steps=b.num_inference_steps, guidance_scale=b.guidance_scale,
+                                    shift=b.shift,
+                    model=name)
+        if b.video:
+            return cls(**base, calibration_per_class=1, heldout_per_class=1, repeats=2)
+        return cls(**base)
 
 
 def labels_and_seeds(per_class: int, seed_base: int) -> tuple[Tensor, list[int]]:
@@ -75,7 +89,7 @@ def run_methods(model: Any, methods: dict[str, Policy | None], noise: Tensor, la
                 settings: DemoSettings, fingerprint: str | None) -> tuple[dict[str, Tensor], dict[str, list[float]],
                                                                             dict[str, int]]:
     """Sample every method ``settings.repeats`` times, interleaved; return outputs, times and NFE."""
-    null = torch.full_like(labels, 10)
+    null = torch.full_like(labels, 10)  # NULL_CLASS of both bundled models
     outputs: dict[str, Tensor] = {}
     times: dict[str, list[float]] = {name: [] for name in methods}
     nfe: dict[str, int] = {}
@@ -98,6 +112,7 @@ def score(outputs: dict[str, Tensor], times: dict[str, list[float]], nfe: dict[s
     for name, x in outputs.items():
         seconds = statistics.median(times[name])
         p = metrics.psnr(x, ref)
+        last = metrics.psnr_last_frame(x, ref)
         rows.append({
             "method": name,
             "nfe": nfe[name],
@@ -105,18 +120,23 @@ def score(outputs: dict[str, Tensor], times: dict[str, list[float]], nfe: dict[s
             "speedup": round(base / seconds, 3),
             "psnr": None if math.isinf(p) else round(p, 3),
             "ssim": round(metrics.ssim(x, ref), 5),
+            **({} if last is None else {"psnr_last_frame": None if math.isinf(last) else round(last, 3)}),
         })
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
     """A markdown table of the rows."""
-    head = "| method | NFE | seconds | speedup | PSNR (dB) | SSIM |\n|---|---|---|---|---|---|"
-    lines = [head]
+    video = "psnr_last_frame" in rows[0]
+    head = "| method | NFE | seconds | speedup | PSNR (dB) | SSIM |" + (" last-frame PSNR |" if video else "")
+    lines = [head, "|---|---|---|---|---|---|" + ("---|" if video else "")]
     for r in rows:
         psnr = "ref" if r["psnr"] is None else f"{r['psnr']:.2f}"
+        last = ""
+        if video:
+            last = " ref |" if r["psnr_last_frame"] is None else f" {r['psnr_last_frame']:.2f} |"
         lines.append(f"| {r['method']} | {r['nfe']} | {r['seconds']:.3f} | {r['speedup']:.2f}x | {psnr} "
-                     f"| {r['ssim']:.4f} |")
+                     f"| {r['ssim']:.4f} |{last}")
     return "\n".join(lines)
 
 
@@ -128,11 +148,18 @@ def save_grid(outputs: dict[str, Tensor], path: Path, columns: int = 10) -> None
     import matplotlib.pyplot as plt
 
     names = list(outputs)
-    fig, axes = plt.subplots(len(names), columns, figsize=(columns * 0.9, len(names) * 1.0 + 0.3), squeeze=False)
+    wide = next(iter(outputs.values())).ndim == 5
+    if wide:
+        columns = min(columns, 2)
+    fig, axes = plt.subplots(len(names), columns, figsize=(columns * (7.2 if wide else 0.9), len(names) * 1.0 + 0.3),
+                             squeeze=False)
     for r, name in enumerate(names):
         for c in range(columns):
             ax = axes[r][c]
-            ax.imshow(((outputs[name][c, 0].clamp(-1, 1) + 1) / 2).cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+            x = outputs[name][c, 0]
+            if x.ndim == 3:  # a clip (F, H, W): its frames side by side
+                x = torch.cat(list(x), dim=-1)
+            ax.imshow(((x.clamp(-1, 1) + 1) / 2).cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:
@@ -147,13 +174,16 @@ def save_grid(outputs: dict[str, Tensor], path: Path, columns: int = 10) -> None
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_path: str | None = None,
              progress: bool = True) -> list[dict[str, Any]]:
     """Run the demo; write ``results.json``, ``results.md``, ``grid.png`` and ``policy.safetensors`` to ``out_dir``."""
-    from .models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model
+    from .models.bundled import bundled_model
+    from .models.digits import NULL_CLASS
 
     settings = settings or DemoSettings()
+    bundled = bundled_model(settings.model)
+    LATENT_SHAPE = bundled.latent_shape  # noqa: N806
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    model = load_digits_model(model_path)
+    model = bundled.load(model_path)
     fingerprint = model_fingerprint(model)
     cal_labels, cal_seeds = labels_and_seeds(settings.calibration_per_class, settings.calibration_seed_base)
     policy, variants = calibrate_with_variants(

@@ -39,6 +39,14 @@ def psnr(x: Tensor, ref: Tensor) -> float:
     return float(torch.stack(values).mean())
 
 
+def psnr_last_frame(x: Tensor, ref: Tensor) -> float | None:
+    """PSNR of the last frame alone (videos ``(B, C, F, H, W)``; None for images): caching error that builds up
+    along the clip shows here first (the first-to-last-frame consistency the paper's figures discuss)."""
+    if x.ndim != 5:
+        return None
+    return psnr(x[:, :, -1], ref[:, :, -1])
+
+
 def ssim(x: Tensor, ref: Tensor) -> float:
     """Mean SSIM of ``x`` against ``ref``: Gaussian window 11, sigma 1.5 (smaller for images under 11 pixels)."""
     try:

@@ -26,7 +26,6 @@ from .. import metrics
 from ..core.euler import seeded_noise
 from ..fingerprint import model_fingerprint
 from ..io import atomic_write_text
-from ..models.digits import LATENT_SHAPE
 from . import methods as m
 from .report import write_report
 
@@ -77,7 +76,7 @@ class PeakMemory:
 def build_methods(ctx: m.Context, log: Any) -> list[m.Method]:
     out: list[m.Method] = []
     stages = [("uncached", m.uncached), ("uniform", m.uniform), ("ERTACache and its ablation", m.ertacache),
-              ("TeaCache", m.teacache), ("diffusers peers", m.diffusers_peers)]
+              ("TeaCache", m.teacache), ("diffusers peers", m.diffusers_peers), ("cache-dit", m.cache_dit_peers)]
     if ctx.settings.options:
         stages.append(("options", m.options))
     for label, build in stages:
@@ -132,6 +131,7 @@ def measure(methods: list[m.Method], noise: Tensor, labels: Tensor, repeats: int
             "nfe": nfe[i],
             "seconds": round(seconds, 4), "speedup": round(base / seconds, 3),
             "psnr": None if math.isinf(p) else round(p, 3), "ssim": round(metrics.ssim(outputs[i], ref), 5),
+            "psnr_last_frame": _finite(metrics.psnr_last_frame(outputs[i], ref)),
             "lpips": metrics.lpips(outputs[i], ref), "clip": metrics.clip_similarity(outputs[i], ref),
             "peak_mem_mb": None if memory[i] is None else round(memory[i] or 0.0, 1),
             "_output": outputs[i],
@@ -139,23 +139,28 @@ def measure(methods: list[m.Method], noise: Tensor, labels: Tensor, repeats: int
     return rows
 
 
+def _finite(p: float | None) -> float | None:
+    return None if p is None or math.isinf(p) else round(p, 3)
+
+
 def run_bench(docs_dir: str | Path, settings: m.BenchSettings, json_path: str | Path | None = None,
               command: str = "ertacache bench", progress: bool = True) -> list[dict[str, Any]]:
-    """Run the benchmark on the bundled model; write the table, plot and grid under ``docs_dir``."""
-    from ..models.digits import load_digits_model
+    """Run the benchmark on a bundled model (``settings.model``); write the table, plot and grid under ``docs_dir``."""
+    from ..models.bundled import bundled_model
 
     def log(msg: str) -> None:
         if progress:
             print(f"[bench] {msg}", flush=True)
 
     start = time.perf_counter()
-    model = load_digits_model()
-    ctx = m.Context(model, settings, model_fingerprint(model))
+    bundled = bundled_model(settings.model)
+    model = bundled.load(None)
+    ctx = m.Context(model, settings, model_fingerprint(model), bundled)
     methods = build_methods(ctx, log)
     from ..demo import labels_and_seeds
 
     labels, seeds = labels_and_seeds(settings.heldout_per_class, 10_000)
-    noise = seeded_noise(seeds, LATENT_SHAPE)
+    noise = seeded_noise(seeds, bundled.latent_shape)
     log(f"{len(methods)} method settings on {labels.numel()} held-out samples, {settings.repeats} repeats")
     rows = measure(methods, noise, labels, settings.repeats, log)
     from ..stepcost import step_costs
@@ -167,7 +172,7 @@ def run_bench(docs_dir: str | Path, settings: m.BenchSettings, json_path: str | 
         "command": command,
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads, {'CUDA' if torch.cuda.is_available() else 'CPU'}",
-        "model": "bundled digits FluxTransformer2DModel (ertacache.models.digits)",
+        "model": f"bundled {settings.model} ({type(model.transformer).__name__}, ertacache.models.bundled)",
         "protocol": f"T={settings.num_inference_steps}, guidance {settings.guidance_scale}, shift {settings.shift}; "
                     f"calibration: {ctx.cal_labels.numel()} samples (seeds 0..); held out: {labels.numel()} "
                     f"samples (seeds 10000..), {settings.repeats} interleaved repeats, median",

@@ -12,11 +12,11 @@ from torch import Tensor
 from ..calibration import calibrate, core_session
 from ..config import CalibrationConfig
 from ..core.euler import sample, seeded_noise
-from ..models.digits import LATENT_SHAPE
+from ..models.bundled import BundledModel, bundled_model
 from ..policy import Policy
 
 Runner = Callable[[Tensor, Tensor], tuple[Tensor, int]]
-"""``(noise (B, 1, 16, 16), labels (B,)) -> (x at t = 0, NFE per sample and branch)``."""
+"""``(noise (B, *latent_shape), labels (B,)) -> (x at t = 0, NFE per sample and branch)``."""
 
 
 @dataclass
@@ -31,32 +31,49 @@ class Method:
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """Sampler, data and sweep settings of the benchmark."""
+    """Sampler, data and sweep settings of the benchmark (sampler defaults: the bundled image model's)."""
 
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
-    shift: float = 1.0
+    shift: float = 3.0
     calibration_per_class: int = 2
     heldout_per_class: int = 4
     repeats: int = 3
     target_speedups: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0)
     options: bool = True
     quick: bool = False
+    model: str = "digits"
+
+    @classmethod
+    def for_model(cls, name: str, quick: bool = False) -> BenchSettings:
+        """The settings for a bundled model: its family's sampler; the video model with a smaller held-out set."""
+        b = bundled_model(name)
+        base: dict[str, Any] = dict(num_inference_steps=b.num_inference_steps, guidance_scale=b.guidance_scale,
+                                    shift=b.shift,
+                    model=name)
+        if quick:
+            return cls(**base, calibration_per_class=1, heldout_per_class=1 if b.video else 2, repeats=1,
+                       target_speedups=(1.5, 2.0, 3.0), options=False, quick=True)
+        if b.video:
+            return cls(**base, calibration_per_class=2, heldout_per_class=2, repeats=1, options=False)
+        return cls(**base)
 
     @classmethod
     def quick_settings(cls) -> BenchSettings:
-        return cls(calibration_per_class=1, heldout_per_class=2, repeats=1, target_speedups=(1.5, 2.0, 3.0),
-                   options=False, quick=True)
+        return cls.for_model("digits", quick=True)
 
 
 class Context:
     """The bundled model, its calibration set and the sampler settings every method shares."""
 
-    def __init__(self, model: Any, settings: BenchSettings, fingerprint: str | None) -> None:
+    def __init__(self, model: Any, settings: BenchSettings, fingerprint: str | None,
+                 bundled: BundledModel | None = None) -> None:
         from ..demo import labels_and_seeds
         from ..models.digits import NULL_CLASS
 
         self.model, self.settings, self.fingerprint = model, settings, fingerprint
+        self.bundled = bundled or bundled_model(settings.model)
+        self.latent_shape = self.bundled.latent_shape
         self.cal_labels, self.cal_seeds = labels_and_seeds(settings.calibration_per_class, 0)
         self.null = NULL_CLASS
 
@@ -67,7 +84,7 @@ class Context:
 
     def cal_kwargs(self) -> dict[str, Any]:
         s = self.settings
-        return dict(latent_shape=LATENT_SHAPE, num_inference_steps=s.num_inference_steps, shift=s.shift,
+        return dict(latent_shape=self.latent_shape, num_inference_steps=s.num_inference_steps, shift=s.shift,
                     guidance_scale=s.guidance_scale, null_cond=torch.full_like(self.cal_labels, self.null),
                     model_fingerprint=self.fingerprint)
 
@@ -142,11 +159,11 @@ def options(ctx: Context) -> list[Method]:
 def teacache(ctx: Context) -> list[Method]:
     """Our TeaCache, its polynomial fitted on the calibration conditions."""
     from ..core.grids import time_grid
-    from ..peers.teacache import TeaCacheModel, fit_coefficients, flux_modulated_input
+    from ..peers.teacache import TeaCacheModel, fit_coefficients
 
     s = ctx.settings
-    modulated = flux_modulated_input(ctx.model.transformer)
-    coeffs = fit_coefficients(ctx.model, modulated, seeded_noise(ctx.cal_seeds, LATENT_SHAPE), ctx.cal_labels,
+    modulated = ctx.bundled.modulated_input(ctx.model)
+    coeffs = fit_coefficients(ctx.model, modulated, seeded_noise(ctx.cal_seeds, ctx.latent_shape), ctx.cal_labels,
                               s.num_inference_steps, s.guidance_scale, torch.full_like(ctx.cal_labels, ctx.null),
                               s.shift)
     grid = time_grid(s.num_inference_steps, s.shift)
@@ -169,8 +186,8 @@ def diffusers_peers(ctx: Context) -> list[Method]:
     from ..peers.diffusers_hooks import TransformerVelocity, magcache_ratios, peer_config, run_with_cache
 
     s = ctx.settings
-    velocity = TransformerVelocity(ctx.model)
-    ratios = magcache_ratios(velocity, seeded_noise(ctx.cal_seeds, LATENT_SHAPE), ctx.cal_labels,
+    velocity = TransformerVelocity(ctx.model, ctx.bundled.counted(ctx.model))
+    ratios = magcache_ratios(velocity, seeded_noise(ctx.cal_seeds, ctx.latent_shape), ctx.cal_labels,
                              torch.full_like(ctx.cal_labels, ctx.null), s.num_inference_steps, s.guidance_scale,
                              s.shift)
     sweeps: dict[str, list[dict[str, Any]]] = {
@@ -200,3 +217,59 @@ def diffusers_peers(ctx: Context) -> list[Method]:
 
             out.append(Method(name, label, run))
     return out
+
+
+CACHE_DIT_INSTALL = "pip install 'ertacache[bench]'"
+
+
+def cache_dit_peers(ctx: Context) -> list[Method]:
+    """cache-dit (the peer library), through its public ``cache_dit.enable_cache`` on the model's diffusers pipeline.
+
+    DBCache at its documented default threshold (0.08) and a sweep, with ``Fn=1, Bn=0``
+    (the bundled models have 2-6 blocks, under DBCache's default ``Fn=8``) and
+    ``enable_separate_cfg`` (both pipelines call the transformer once per branch), and
+    DBCache + the TaylorSeer calibrator (order 1). The pipeline's scheduler is set to
+    the sampler's grid, so its uncached output is the reference's.
+    """
+    try:
+        import cache_dit
+        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+    except ImportError:
+        return [Method("cache_dit", f"unavailable: cache-dit is not installed ({CACHE_DIT_INSTALL})",
+                       _unavailable, group="failed")]
+    import logging
+
+    logging.getLogger("cache_dit").setLevel(logging.WARNING)
+    s = ctx.settings
+    pipe = ctx.bundled.pipeline(ctx.model, s.shift)
+    from ..core.grids import time_grid
+    from ..integrations.diffusers.scheduler import set_scheduler_grid
+
+    set_scheduler_grid(pipe.scheduler, time_grid(s.num_inference_steps, s.shift))
+    counted = ctx.bundled.counted(ctx.model)
+    calls = [0]
+    counted.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    thresholds = (0.08, 0.2) if s.quick else (0.08, 0.12, 0.2, 0.3, 0.5)
+    settings = [("dbcache", th, False) for th in thresholds] + [("dbcache+taylorseer", th, True)
+                                                               for th in ((0.2,) if s.quick else (0.12, 0.2, 0.3))]
+    out = []
+    for name, th, taylor in settings:
+        def run(noise: Tensor, labels: Tensor, th: float = th, taylor: bool = taylor) -> tuple[Tensor, int]:
+            config = DBCacheConfig(num_inference_steps=s.num_inference_steps, Fn_compute_blocks=1,
+                                   Bn_compute_blocks=0, residual_diff_threshold=th, enable_separate_cfg=True)
+            calibrator = TaylorSeerCalibratorConfig(taylorseer_order=1) if taylor else None
+            cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
+            try:
+                calls[0] = 0
+                x = ctx.bundled.pipeline_sample(pipe, ctx.model, noise, labels, s.num_inference_steps,
+                                                s.guidance_scale)
+                return x, calls[0] // 2  # forwards per branch (one call per branch and step)
+            finally:
+                cache_dit.disable_cache(pipe)
+
+        out.append(Method(name.replace("dbcache", "cache_dit_dbcache"), f"F1B0, threshold={th}", run))
+    return out
+
+
+def _unavailable(noise: Tensor, labels: Tensor) -> tuple[Tensor, int]:
+    raise RuntimeError(f"cache-dit is not installed ({CACHE_DIT_INSTALL})")

@@ -22,14 +22,18 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any], costs: list[dic
         part = [r for r in rows if r["group"] == group or (group != "speed" and r["method"] == "none")]
         if len(part) <= 1 and group != "speed":
             continue
-        lines += ["", f"## {title}", "", "| method | setting | NFE | seconds | speedup | PSNR (dB) | SSIM | LPIPS "
-                  "| CLIP | peak mem (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        video = any(r.get("psnr_last_frame") is not None for r in part)
+        last_head, last_rule = (" last-frame PSNR |", "---|") if video else ("", "")
+        lines += ["", f"## {title}", "", "| method | setting | NFE | seconds | speedup | PSNR (dB) | SSIM |"
+                  f"{last_head} LPIPS | CLIP | peak mem (MB) |",
+                  f"|---|---|---|---|---|---|---|{last_rule}---|---|---|"]
         for r in part:
             lpips = "n/a" if r["lpips"] is None else f"{r['lpips']:.4f}"
             clip = "n/a" if r.get("clip") is None else f"{r['clip']:.4f}"
             mem = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
+            last = f" {_fmt(r.get('psnr_last_frame'), '.2f')} |" if video else ""
             lines.append(f"| {r['method']} | {r['setting']} | {r['nfe']} | {r['seconds']:.3f} | {r['speedup']:.2f}x | "
-                         f"{_fmt(r['psnr'], '.2f')} | {r['ssim']:.4f} | {lpips} | {clip} | {mem} |")
+                         f"{_fmt(r['psnr'], '.2f')} | {r['ssim']:.4f} |{last} {lpips} | {clip} | {mem} |")
     if costs:
         lines += ["", "## Cost of a cached step (same batch, median)", "",
                   "| reuse | computed step (ms) | cached step (ms) | cached / computed | rectification / computed |",

@@ -125,6 +125,10 @@ class MovingDigitsWan(nn.Module):
         return self.transformer(hidden_states=x, timestep=t * 1000, return_dict=False,
                                 encoder_hidden_states=self.prompt_embeds(self._labels(x, cond)))[0]
 
+    def transformer_forward(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
+        """The velocity through ``WanTransformer3DModel.forward`` itself (hooks see a pipeline's call)."""
+        return self.forward(x, t, cond)
+
     def embed(self, x: Tensor, t: Tensor, cond: Tensor | None) -> tuple[Tensor, _Ctx]:
         """Patch embedding and conditioning (the first part of the transformer's forward)."""
         tf = self.transformer

@@ -28,18 +28,23 @@ from ..core.euler import sample
 
 
 class TransformerVelocity:
-    """``v(x, t, cond)`` through ``FluxTransformer2DModel.forward`` of a :class:`~ertacache.models.digits.DigitsFlux`.
+    """``v(x, t, cond)`` through the transformer's own ``forward`` of a bundled model (``transformer_forward``).
 
     ``timestep`` holds the current diffusers timestep (``1000 t``) for the
     ``current_timestep_callback`` of PAB and FasterCache.
+
+    Args:
+        digits: a bundled model (:mod:`ertacache.models.bundled`).
+        counted: a module that runs once per block-stack forward (the last block's
+            attention query); its calls are the NFE a peer spent.
     """
 
-    def __init__(self, digits: Any) -> None:
+    def __init__(self, digits: Any, counted: torch.nn.Module | None = None) -> None:
         self.digits = digits
         self.transformer = digits.transformer
         self.timestep = 1000.0
         self.attention_calls = 0
-        last = self.transformer.single_transformer_blocks[-1].attn.to_q
+        last = counted if counted is not None else self.transformer.single_transformer_blocks[-1].attn.to_q
         last.register_forward_hook(self._count)
 
     def _count(self, *_: Any) -> None:

@@ -133,3 +133,14 @@ def flux_modulated_input(transformer: Any) -> ModulatedInput:
         return block.norm1(h, emb=ctx.temb)[0]
 
     return modulated
+
+
+def wan_modulated_input(transformer: Any) -> ModulatedInput:
+    """Wan's first block: ``norm1(h) * (1 + scale_msa) + shift_msa``, the input of its self-attention."""
+    block = transformer.blocks[0]
+
+    def modulated(h: Tensor, ctx: Any) -> Tensor:
+        shift, scale = (block.scale_shift_table + ctx.timestep_proj.float()).chunk(6, dim=1)[:2]
+        return (block.norm1(h.float()) * (1 + scale) + shift).type_as(h)
+
+    return modulated

@@ -1,0 +1,113 @@
+"""The two bundled trained models, as data: what the demo, the benchmark and the CLI need of each.
+
+- ``digits``: a ``FluxTransformer2DModel`` on 16x16 digits (image), sampled as FLUX is:
+  T = 30 on a time-shifted grid, shift 3 (FLUX's resolution-dependent shift is
+  about 3.2 at 1024x1024), CFG 3.
+- ``moving-digits``: a ``WanTransformer3DModel`` on 8-frame 32x32 moving digits
+  (video), sampled as Wan is: T = 50, shift 5, CFG 4.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import ErtaCacheError
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """One bundled model and its family's sampling settings.
+
+    Attributes:
+        name: ``digits`` or ``moving-digits``.
+        latent_shape: one sample's state, e.g. ``(1, 16, 16)`` or ``(1, 8, 32, 32)``.
+        num_inference_steps, shift, guidance_scale: the realistic sampler defaults.
+        video: samples are ``(C, F, H, W)`` clips.
+        load: ``load(path or None) -> model`` (eval, no grad).
+        pipeline: ``pipeline(model, shift) -> diffusers pipeline`` around the same transformer.
+        pipeline_sample: ``(pipe, model, noise, labels, T, guidance_scale) -> x`` in the
+            core's layout, through the pipeline's own ``__call__`` (true CFG).
+        counted: ``counted(model) -> module`` run once per block-stack forward (NFE of peers).
+        modulated_input: TeaCache's first-block modulated input for the model's transformer.
+    """
+
+    name: str
+    latent_shape: tuple[int, ...]
+    num_inference_steps: int
+    shift: float
+    guidance_scale: float
+    video: bool
+    load: Callable[[str | None], Any]
+    pipeline: Callable[[Any, float], Any]
+    pipeline_sample: Callable[[Any, Any, Tensor, Tensor, int, float], Tensor]
+    counted: Callable[[Any], torch.nn.Module]
+    modulated_input: Callable[[Any], Any]
+
+
+def _digits() -> BundledModel:
+    from ..peers.teacache import flux_modulated_input
+    from .digits import LATENT_SHAPE, NULL_CLASS, digits_flux_pipeline, load_digits_model, pack, unpack
+
+    def pipeline(model: Any, shift: float) -> Any:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        pipe = digits_flux_pipeline(model)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def pipeline_sample(pipe: Any, model: Any, noise: Tensor, labels: Tensor, steps: int, cfg: float) -> Tensor:
+        tokens, pooled = model.prompt_embeds(labels)
+        null_tokens, null_pooled = model.prompt_embeds(torch.full_like(labels, NULL_CLASS))
+        out = pipe(prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null_tokens,
+                   negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=cfg, latents=pack(noise),
+                   num_inference_steps=steps, height=noise.shape[-2], width=noise.shape[-1], output_type="latent")
+        return unpack(out.images, noise.shape[-2], noise.shape[-1])
+
+    return BundledModel("digits", LATENT_SHAPE, 30, 3.0, 3.0, False, load_digits_model, pipeline, pipeline_sample,
+                        lambda m: m.transformer.single_transformer_blocks[-1].attn.to_q,
+                        lambda m: flux_modulated_input(m.transformer))
+
+
+def _moving_digits() -> BundledModel:
+    from ..peers.teacache import wan_modulated_input
+    from .moving_digits import LATENT_SHAPE, NULL_CLASS, SAMPLER, load_moving_digits_model, moving_digits_wan_pipeline
+
+    def pipeline(model: Any, shift: float) -> Any:
+        pipe = moving_digits_wan_pipeline(model, shift)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def pipeline_sample(pipe: Any, model: Any, noise: Tensor, labels: Tensor, steps: int, cfg: float) -> Tensor:
+        _, f, h, w = noise.shape[1:]
+        out = pipe(prompt_embeds=model.prompt_embeds(labels),
+                   negative_prompt_embeds=model.prompt_embeds(torch.full_like(labels, NULL_CLASS)),
+                   guidance_scale=cfg, latents=noise, num_inference_steps=steps, num_frames=(f - 1) * 4 + 1,
+                   height=h * 8, width=w * 8, output_type="latent")
+        return torch.as_tensor(out.frames)
+
+    return BundledModel("moving-digits", LATENT_SHAPE, int(SAMPLER["num_inference_steps"]), SAMPLER["shift"],
+                        SAMPLER["guidance_scale"], True, load_moving_digits_model, pipeline, pipeline_sample,
+                        lambda m: m.transformer.blocks[-1].attn1.to_q,
+                        lambda m: wan_modulated_input(m.transformer))
+
+
+MODELS = ("digits", "moving-digits")
+
+
+def bundled_model(name: str) -> BundledModel:
+    """The bundled model ``name`` (:data:`MODELS`).
+
+    Raises:
+        ErtaCacheError: an unknown name.
+    """
+    if name == "digits":
+        return _digits()
+    if name == "moving-digits":
+        return _moving_digits()
+    raise ErtaCacheError(f"unknown bundled model {name!r}; choose one of {list(MODELS)}")
