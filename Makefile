@@ -26,7 +26,8 @@ $(VENV)/.dev: $(VENV)/.torch pyproject.toml
 	touch $@
 
 demo: $(VENV)/.demo
-	HF_HUB_OFFLINE=1 $(BIN)/ertacache demo --out $(OUT)
+	HF_HUB_OFFLINE=1 $(BIN)/ertacache demo --model digits --out $(OUT)/digits
+	HF_HUB_OFFLINE=1 $(BIN)/ertacache demo --model moving-digits --out $(OUT)/moving-digits
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests scripts

@@ -79,6 +79,37 @@ def moving_digits(sprites: Tensor, generator: torch.Generator) -> Tensor:
     return out.view(b, FRAMES, 1, CANVAS, CANVAS).transpose(1, 2) * 2 - 1
 
 
+def read_clips(clips: Tensor) -> tuple[Tensor, Tensor]:
+    """What each frame shows: ``(classes (B, F), centres (B, F, 2))``.
+
+    The centre is the bright pixels' centre of mass (row, col); the class is that of
+    the nearest training sprite (1-NN, each sprite centred the same way) to the 16x16
+    window around it. Used to check that samples show the requested digit moving smoothly.
+    """
+    sprites, labels = digit_sprites()
+    sw = sprites.clamp_min(0.2) - 0.2
+    g = torch.arange(SPRITE, dtype=torch.float32)
+    sm = sw.sum((-1, -2)).clamp_min(1e-6)
+    shift_r = ((SPRITE - 1) / 2 - (sw.sum(-1) * g).sum(-1) / sm + 0.5).floor().long()
+    shift_c = ((SPRITE - 1) / 2 - (sw.sum(-2) * g).sum(-1) / sm + 0.5).floor().long()
+    centred = torch.stack([torch.roll(sp, (int(a), int(b)), (0, 1)) for sp, a, b in zip(sprites, shift_r, shift_c)])
+    x = ((clips[:, 0].clamp(-1, 1) + 1) / 2).float()  # (B, F, H, W)
+    w = x.clamp_min(0.2) - 0.2
+    grid = torch.arange(CANVAS, dtype=torch.float32)
+    mass = w.sum((-1, -2)).clamp_min(1e-6)
+    rows = (w.sum(-1) * grid).sum(-1) / mass
+    cols = (w.sum(-2) * grid).sum(-1) / mass
+    half = SPRITE // 2
+    padded = torch.nn.functional.pad(x, (half, half, half, half))
+    classes = torch.empty(x.shape[:2], dtype=torch.long)
+    for b in range(x.shape[0]):
+        for f in range(x.shape[1]):
+            r, c = int((rows[b, f] + 0.5).floor()) + half, int((cols[b, f] + 0.5).floor()) + half
+            window = padded[b, f, r - half:r + half, c - half:c + half]
+            classes[b, f] = labels[((window[None] - centred) ** 2).flatten(1).sum(1).argmin()]
+    return classes, torch.stack([rows, cols], dim=-1)
+
+
 @dataclass
 class _Ctx:
     encoder_hidden_states: Tensor

@@ -1,0 +1,91 @@
+"""The bundled video model: WanTransformer3DModel trained on moving digits, as a velocity model and a WanPipeline."""
+
+import json
+
+import pytest
+import torch
+
+from ertacache import Policy, apply_ertacache, sample, seeded_noise, time_grid
+from ertacache.fingerprint import model_fingerprint
+from ertacache.models.bundled import bundled_model
+from ertacache.models.moving_digits import (
+    CANVAS,
+    FRAMES,
+    LATENT_SHAPE,
+    NULL_CLASS,
+    SPRITE,
+    WEIGHTS,
+    bounce,
+    digit_sprites,
+    load_moving_digits_model,
+    moving_digits,
+    read_clips,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_moving_digits_model()
+
+
+def test_weights_are_committed_with_their_command():
+    assert WEIGHTS.is_file() and WEIGHTS.stat().st_size <= 25 * 2**20
+    meta = json.loads(WEIGHTS.with_suffix(".json").read_text())
+    assert meta["command"].startswith("python -m ertacache.models.train_moving_digits")
+    assert "--seed 0" in meta["command"]
+    assert meta["seconds"] <= 45 * 60
+
+
+def test_training_clips_bounce_inside_the_canvas():
+    pos = bounce(torch.tensor([0.0, 15.0]), torch.tensor([-3.0, 2.5]), 20, CANVAS - SPRITE)
+    assert pos.min() >= 0 and pos.max() <= CANVAS - SPRITE
+    assert (pos[:, 1:] - pos[:, :-1]).abs().max() <= 3.0 + 1e-6  # never jumps
+    sprites, labels = digit_sprites()
+    clips = moving_digits(sprites[:6], torch.Generator().manual_seed(0))
+    assert clips.shape == (6, *LATENT_SHAPE) and clips.min() >= -1 and clips.max() <= 1
+    classes, _ = read_clips(clips)
+    assert (classes == labels[:6, None]).float().mean() >= 0.9  # the reader reads the data
+
+
+def test_split_equals_the_transformer_forward(model):
+    x, t, c = seeded_noise([1, 2], LATENT_SHAPE), torch.tensor([0.2, 0.9]), torch.tensor([3, NULL_CLASS])
+    h, ctx = model.embed(x, t, c)
+    torch.testing.assert_close(model.head(model.blocks(h, ctx), ctx), model(x, t, c), rtol=1e-5, atol=1e-5)
+
+
+def test_samples_show_the_requested_digit_moving_smoothly(model):
+    labels = torch.arange(10)
+    clips = sample(model, seeded_noise(range(300, 310), LATENT_SHAPE), labels, num_inference_steps=25, shift=5.0,
+                   guidance_scale=4.0, null_cond=torch.full_like(labels, NULL_CLASS)).x
+    classes, centres = read_clips(clips)
+    assert (classes == labels[:, None]).float().mean() >= 0.8
+    travel = (centres[:, -1] - centres[:, 0]).norm(dim=-1)
+    assert travel.median() >= 3.0  # the digit moves (1-3 px per frame in training)
+    jerk = (centres[:, 2:] - 2 * centres[:, 1:-1] + centres[:, :-2]).norm(dim=-1)
+    assert jerk.median() <= 1.5  # at constant velocity, except at a bounce
+
+
+def test_runs_as_a_wan_pipeline_matching_the_core_sampler(model):
+    b = bundled_model("moving-digits")
+    T = 10
+    pipe = b.pipeline(model, 5.0)
+    from ertacache.integrations.diffusers.scheduler import restore_scheduler, set_scheduler_grid
+
+    labels, noise = torch.tensor([4, 7]), seeded_noise([20, 21], LATENT_SHAPE)
+    core = sample(model, noise, labels, num_inference_steps=T, shift=5.0, guidance_scale=4.0,
+                  null_cond=torch.full_like(labels, NULL_CLASS)).x
+    set_scheduler_grid(pipe.scheduler, time_grid(T, 5.0))  # the pipeline's own grid ends at 1/1000, not 1/T
+    try:
+        ref = b.pipeline_sample(pipe, model, noise, labels, T, 4.0)
+        torch.testing.assert_close(ref, core, rtol=1e-4, atol=1e-4)
+        fingerprint = model_fingerprint(model.transformer)
+        every = Policy.all_compute(T, shift=5.0, branches=("cond", "uncond"), model_fingerprint=fingerprint)
+        with apply_ertacache(pipe, every):
+            assert torch.equal(b.pipeline_sample(pipe, model, noise, labels, T, 4.0), ref)
+        with apply_ertacache(pipe, Policy.uniform(T, 5, shift=5.0, branches=("cond", "uncond"))) as handle:
+            out = b.pipeline_sample(pipe, model, noise, labels, T, 4.0)
+            assert handle.forwards() == {"cond": 5, "uncond": 5}
+        assert out.shape == (2, *LATENT_SHAPE) and torch.isfinite(out).all()
+    finally:
+        restore_scheduler(pipe.scheduler)
+    assert FRAMES == 8
