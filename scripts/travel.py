@@ -1,14 +1,15 @@
-"""What a policy costs away from its calibrated setting, on the bundled model as a FluxPipeline.
+"""What a policy costs away from its calibrated setting, on both bundled models through their pipelines.
 
-The scheduler uses FLUX's resolution-dependent ("dynamic") shift, scaled to this model's
-token counts (mu from 0.5 at 64 tokens to 1.15 at 256, FLUX's range), so another
-resolution also means another grid. Policies are calibrated (target 2x, 20 samples,
-true CFG 3) at one setting and run, by step index (resolution) or through
-``policy.for_steps`` (step count), at another; each is compared with a policy calibrated
-at that setting and with uniform caching at the same NFE. PSNR (dB) against the uncached
-pipeline on 20 held-out seeds.
+The image model runs as a FluxPipeline whose scheduler uses FLUX's resolution-dependent
+("dynamic") shift, scaled to this model's token counts (mu from 0.5 at 64 tokens to
+1.15 at 256, FLUX's range), so another resolution also means another grid. The video
+model runs as a WanPipeline (Wan's fixed shift 5). Policies are calibrated (target 2x,
+true CFG; image: 20 samples, video: 10 clips) at one setting and run, by step index
+(resolution) or through ``policy.for_steps`` (step count), at another; each is compared
+with a policy calibrated at that setting and with uniform caching at the same NFE.
+PSNR (dB) against the uncached pipeline on held-out seeds (image 20, video 10).
 
-    python scripts/travel.py [--out docs/travel.md]
+    python scripts/travel.py [--out docs/travel.md] [--models digits,moving-digits]
 """
 
 from __future__ import annotations
@@ -26,85 +27,131 @@ from ertacache.metrics import psnr
 from ertacache.models.digits import NULL_CLASS, digits_flux_pipeline, load_digits_model, pack, unpack
 
 
-def make_pipe():
-    from diffusers import FlowMatchEulerDiscreteScheduler
+class Image:
+    """The bundled image model as a FluxPipeline with FLUX's dynamic shift (scaled to its token counts)."""
 
-    model = load_digits_model()
-    pipe = digits_flux_pipeline(model)
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                     base_image_seq_len=64, max_image_seq_len=256)
-    pipe.set_progress_bar_config(disable=True)
-    return model, pipe
+    name, steps = "digits", (30, 50)
+    sizes = (16, 24)  # pixels per side
+
+    def __init__(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.model = load_digits_model()
+        self.pipe = digits_flux_pipeline(self.model)
+        self.pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5,
+                                                              max_shift=1.15, base_image_seq_len=64,
+                                                              max_image_seq_len=256)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def kwargs(self, labels, size):
+        model = self.model
+        tokens, pooled = model.prompt_embeds(labels)
+        null_tokens, null_pooled = model.prompt_embeds(torch.full_like(labels, NULL_CLASS))
+        return dict(prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null_tokens,
+                    negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=3.0, height=size, width=size)
+
+    def generate(self, labels, seeds, size, steps):
+        noise = torch.stack([torch.randn(1, size, size, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        out = self.pipe(latents=pack(noise), num_inference_steps=steps, output_type="latent",
+                        **self.kwargs(labels, size)).images
+        return unpack(out, size, size)
+
+    def label(self, size):
+        return f"{size}x{size}"
 
 
-def call_kwargs(model, labels, size):
-    tokens, pooled = model.prompt_embeds(labels)
-    null_tokens, null_pooled = model.prompt_embeds(torch.full_like(labels, NULL_CLASS))
-    return dict(prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null_tokens,
-                negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=3.0, height=size, width=size)
+class Video:
+    """The bundled video model as a WanPipeline (Wan's fixed shift 5: another size keeps the grid)."""
+
+    name, steps = "moving-digits", (50, 30)
+    sizes = (32, 48)  # canvas pixels per side, 8 frames
+
+    def __init__(self):
+        from ertacache.models.moving_digits import load_moving_digits_model, moving_digits_wan_pipeline
+
+        self.model = load_moving_digits_model()
+        self.pipe = moving_digits_wan_pipeline(self.model, 5.0)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def kwargs(self, labels, size):
+        from ertacache.models.moving_digits import FRAMES
+
+        null = torch.full_like(labels, NULL_CLASS)
+        return dict(prompt_embeds=self.model.prompt_embeds(labels), negative_prompt_embeds=self.model.prompt_embeds(
+            null), guidance_scale=4.0, height=size * 8, width=size * 8, num_frames=(FRAMES - 1) * 4 + 1)
+
+    def generate(self, labels, seeds, size, steps):
+        from ertacache.models.moving_digits import FRAMES
+
+        noise = torch.stack([torch.randn(1, FRAMES, size, size, generator=torch.Generator().manual_seed(s))
+                             for s in seeds])
+        return torch.as_tensor(self.pipe(latents=noise, num_inference_steps=steps, output_type="latent",
+                                         **self.kwargs(labels, size)).frames)
+
+    def label(self, size):
+        return f"8x{size}x{size}"
 
 
-def generate(pipe, model, labels, seeds, size, steps):
-    noise = torch.stack([torch.randn(1, size, size, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    out = pipe(latents=pack(noise), num_inference_steps=steps, output_type="latent",
-               **call_kwargs(model, labels, size)).images
-    return unpack(out, size, size)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="docs/travel.md")
-    args = parser.parse_args()
-    model, pipe = make_pipe()
-    cal_labels = torch.arange(20) % 10
-    held_labels, held_seeds = torch.arange(20) % 10, list(range(1000, 1020))
-
+def measure(bench, n_cal, n_held):
+    pipe = bench.pipe
+    cal_labels = torch.arange(n_cal) % 10
+    held_labels, held_seeds = torch.arange(n_held) % 10, list(range(1000, 1000 + n_held))
     policies: dict[tuple[int, int], Policy] = {}
 
     def calibrated(size, steps):
         if (size, steps) not in policies:
-            policies[(size, steps)] = calibrate_pipeline(
-                pipe, None, num_inference_steps=steps, target_speedup=2.0, seeds=range(20),
-                **call_kwargs(model, cal_labels, size))
+            policies[(size, steps)] = calibrate_pipeline(pipe, None, num_inference_steps=steps, target_speedup=2.0,
+                                                         seeds=range(n_cal), **bench.kwargs(cal_labels, size))
         return policies[(size, steps)]
 
     refs: dict[tuple[int, int], torch.Tensor] = {}
 
     def score(policy, size, steps):
         if (size, steps) not in refs:
-            refs[(size, steps)] = generate(pipe, model, held_labels, held_seeds, size, steps)
+            refs[(size, steps)] = bench.generate(held_labels, held_seeds, size, steps)
         with warnings.catch_warnings(), apply_ertacache(pipe, policy) as handle:
             warnings.simplefilter("ignore")
-            out = generate(pipe, model, held_labels, held_seeds, size, steps)
+            out = bench.generate(held_labels, held_seeds, size, steps)
             nfe = handle.forwards()["cond"]
         return psnr(out, refs[(size, steps)]), nfe
 
-    def uniform(size, steps, nfe):
-        fingerprint = pipeline_fingerprint(pipe, FAMILIES["flux"])
-        return Policy.uniform(steps, nfe, branches=("cond", "uncond"), model_fingerprint=fingerprint)
-
+    fingerprint = pipeline_fingerprint(pipe, FAMILIES["flux" if bench.name == "digits" else "wan"])
+    (s0, s1), (t0, t1) = bench.sizes, bench.steps
+    cases = [((s0, t0), (s1, t0), "another resolution (step index, the pipeline's grid)"),
+             ((s0, t0), (s0, t1), "another step count (for_steps)")]
+    if bench.name == "digits":
+        cases += [((s1, t0), (s0, t0), "another resolution (step index, the pipeline's grid)"),
+                  ((s0, t1), (s0, t0), "another step count (for_steps)")]
     rows = []
-    cases = [  # (calibrated at, run at, how)
-        ((16, 30), (24, 30), "another resolution (step index, pipeline's grid)"),
-        ((24, 30), (16, 30), "another resolution (step index, pipeline's grid)"),
-        ((16, 30), (16, 50), "another step count (for_steps)"),
-        ((16, 50), (16, 30), "another step count (for_steps)"),
-    ]
     for (size0, steps0), (size1, steps1), how in cases:
         travelled = calibrated(size0, steps0).for_steps(steps1)
-        native = calibrated(size1, steps1)
         p_travel, n_travel = score(travelled, size1, steps1)
-        p_native, n_native = score(native, size1, steps1)
-        p_uniform, _ = score(uniform(size1, steps1, n_travel), size1, steps1)
-        rows.append(dict(calibrated=f"{size0}x{size0}, T={steps0}", run=f"{size1}x{size1}, T={steps1}", how=how,
-                         travelled=(round(p_travel, 2), n_travel), native=(round(p_native, 2), n_native),
-                         uniform_same_nfe=round(p_uniform, 2)))
+        p_native, n_native = score(calibrated(size1, steps1), size1, steps1)
+        uniform = Policy.uniform(steps1, n_travel, branches=("cond", "uncond"), model_fingerprint=fingerprint)
+        p_uniform, _ = score(uniform, size1, steps1)
+        rows.append(dict(model=bench.name, calibrated=f"{bench.label(size0)}, T={steps0}",
+                         run=f"{bench.label(size1)}, T={steps1}", how=how, travelled=(round(p_travel, 2), n_travel),
+                         native=(round(p_native, 2), n_native), uniform_same_nfe=round(p_uniform, 2)))
         print(rows[-1], flush=True)
-    lines = ["| calibrated at | run at | how | travelled policy: PSNR (NFE) | calibrated there: PSNR (NFE) | "
-             "uniform at the travelled NFE |", "|---|---|---|---|---|---|"]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="docs/travel.md")
+    parser.add_argument("--models", default="digits,moving-digits")
+    args = parser.parse_args()
+    rows = []
+    for name in args.models.split(","):
+        if name == "digits":
+            rows += measure(Image(), 20, 20)
+        else:
+            rows += measure(Video(), 10, 10)
+    lines = ["| model | calibrated at | run at | how | travelled policy: PSNR (NFE) | calibrated there: PSNR (NFE) | "
+             "uniform at the travelled NFE |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['calibrated']} | {r['run']} | {r['how']} | {r['travelled'][0]} ({r['travelled'][1]}) | "
-                     f"{r['native'][0]} ({r['native'][1]}) | {r['uniform_same_nfe']} |")
+        lines.append(f"| {r['model']} | {r['calibrated']} | {r['run']} | {r['how']} | {r['travelled'][0]} "
+                     f"({r['travelled'][1]}) | {r['native'][0]} ({r['native'][1]}) | {r['uniform_same_nfe']} |")
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

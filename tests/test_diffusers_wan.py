@@ -131,6 +131,11 @@ def test_wan22_two_transformers_each_get_a_cache(tmp_path):
         for _ in range(2):  # the NFE the policy reports is what runs, call after call
             run(pipe, slice(0, 1))
             assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+        # the second expert's guidance is part of the one guidance rule (Wan 2.2 resolves it to guidance_scale)
+        assert policy.guidance == {"guidance_scale": 4.0, "guidance_scale_2": 4.0}
+        with pytest.raises(PolicyMismatchError, match="guidance_scale_2: policy 4.0, got 6.0"):
+            pipe(prompt_embeds=EMB[:1], negative_prompt_embeds=NEG[:1], num_inference_steps=T, output_type="latent",
+                 guidance_scale_2=6.0, **KW)
     assert torch.equal(run(pipe, slice(0, 1)), ref)
 
 
