@@ -146,7 +146,7 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
     follower = policy.follower(family.channels, device=None if param is None else param.device,
                                dtype=None if param is None else param.dtype)
     run = PipelineRun(Engine(follower, policy.sampling_grid), family, reuse, calls_per_step=len(policy.branches),
-                      on_start=_checker(pipe, policy, strict), scheduler=pipe.scheduler)
+                      on_start=_checker(pipe, policy, strict), pipe=pipe)
     handle = ErtaCacheHandle(pipe, policy, family, run)
     handle.modules = register_hooks(transformers, run, family, with_blocks=reuse.needs_blocks)
     if policy.adjusted_grid is not None:

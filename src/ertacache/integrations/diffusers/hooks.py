@@ -210,7 +210,7 @@ class PipelineRun:
             when every micro-batch has made its calls, and each waits for that.
         check_finite: raise on NaN/inf model output (calibration).
         on_start: called with ``(hidden_states, branch)`` at each unit's step 0 (inference checks).
-        scheduler: (inference) the pipeline's scheduler: a call's step is its ``step_index``
+        pipe: (inference) the pipeline: a call's step is its scheduler's ``step_index``
             (host state, so finding the step reads no tensor and syncs nothing with the
             device), checked against the policy's step count. None (calibration, or a
             scheduler without ``step_index``) matches the ``timestep`` against the grid.
@@ -229,7 +229,7 @@ class PipelineRun:
     calls_per_step: int | None = None
     check_finite: bool = False
     on_start: Callable[[Tensor, str], None] | None = None
-    scheduler: Any = None
+    pipe: Any = None
     times: list[float] = field(default_factory=list)
     branches: list[str] = field(default_factory=list)
     latent_shape: tuple[int, ...] | None = None
@@ -290,14 +290,15 @@ class PipelineRun:
         grid = self.engine.grid
         assert grid is not None
         T = len(grid) - 1
-        n = len(self.scheduler.timesteps)
+        scheduler = self.pipe.scheduler  # read at each call: the user may have swapped the scheduler
+        n = len(scheduler.timesteps)
         if n != T:
             raise PolicyMismatchError(
                 f"num_inference_steps: policy {T}, got {n}; call the pipeline with the policy's num_inference_steps, "
                 "or map the policy with policy.for_steps(n), or recalibrate")
-        index = self.scheduler.step_index
+        index = scheduler.step_index
         if index is None:  # before the first scheduler step of a call
-            index = getattr(self.scheduler, "begin_index", None) or 0
+            index = getattr(scheduler, "begin_index", None) or 0
         if not 0 <= index < T:
             raise PolicyMismatchError(f"the scheduler is at step {index}, outside the policy's 0..{T - 1}")
         if index <= self.last.get(unit, -1):  # the unit called at this step or later already: a new call
@@ -327,7 +328,7 @@ class PipelineRun:
         self.latent_shape = tuple(hidden.shape[1:])
         chunk = getattr(self.local, "chunk", 0)
         unit = (hook.index, name) if self.chunks == 1 else (hook.index, name, chunk)
-        if self.scheduler is not None and self.engine.grid is not None and hasattr(self.scheduler, "step_index"):
+        if self.pipe is not None and self.engine.grid is not None and hasattr(self.pipe.scheduler, "step_index"):
             step = self.index_step(unit)
             t = self.engine.grid[step]
         else:
