@@ -52,9 +52,7 @@ class DemoSettings:
         from .models.bundled import bundled_model
 
         b = bundled_model(name)
-        base: dict[str, Any] = dict(num_inference_steps=b.num_inference_steps, guidance_scale=b.guidance_scale,
-                                    shift=b.shift,
-                    model=name)
+        base: dict[str, Any] = {**b.sampler, "model": name}
         if b.video:
             return cls(**base, calibration_per_class=1, heldout_per_class=1, repeats=2)
         return cls(**base)
@@ -179,7 +177,6 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_pa
 
     settings = settings or DemoSettings()
     bundled = bundled_model(settings.model)
-    LATENT_SHAPE = bundled.latent_shape  # noqa: N806
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -187,14 +184,15 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_pa
     fingerprint = model_fingerprint(model)
     cal_labels, cal_seeds = labels_and_seeds(settings.calibration_per_class, settings.calibration_seed_base)
     policy, variants = calibrate_with_variants(
-        model, cal_labels, cal_seeds, latent_shape=LATENT_SHAPE, num_inference_steps=settings.num_inference_steps,
+        model, cal_labels, cal_seeds, latent_shape=bundled.latent_shape,
+        num_inference_steps=settings.num_inference_steps,
         shift=settings.shift, guidance_scale=settings.guidance_scale, null_cond=torch.full_like(cal_labels, NULL_CLASS),
         target_speedup=settings.target_speedup, model_fingerprint=fingerprint, progress=progress,
     )
     policy.save(out / "policy.safetensors")
     calibration_seconds = time.perf_counter() - start
     labels, seeds = labels_and_seeds(settings.heldout_per_class, settings.heldout_seed_base)
-    noise = seeded_noise(seeds, LATENT_SHAPE)
+    noise = seeded_noise(seeds, bundled.latent_shape)
     outputs, times, nfe = run_methods(model, methods_for(policy, variants), noise, labels, settings, fingerprint)
     rows = score(outputs, times, nfe)
     save_grid(outputs, out / "grid.png")

@@ -48,9 +48,7 @@ class BenchSettings:
     def for_model(cls, name: str, quick: bool = False) -> BenchSettings:
         """The settings for a bundled model: its family's sampler; the video model with a smaller held-out set."""
         b = bundled_model(name)
-        base: dict[str, Any] = dict(num_inference_steps=b.num_inference_steps, guidance_scale=b.guidance_scale,
-                                    shift=b.shift,
-                    model=name)
+        base: dict[str, Any] = {**b.sampler, "model": name}
         if quick:
             return cls(**base, calibration_per_class=1, heldout_per_class=1 if b.video else 2, repeats=1,
                        target_speedups=(1.5, 2.0, 3.0), options=False, quick=True)

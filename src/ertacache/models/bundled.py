@@ -48,6 +48,12 @@ class BundledModel:
     counted: Callable[[Any], torch.nn.Module]
     modulated_input: Callable[[Any], Any]
 
+    @property
+    def sampler(self) -> dict[str, Any]:
+        """``num_inference_steps``, ``guidance_scale`` and ``shift``: the keywords of the settings classes."""
+        return dict(num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                    shift=self.shift)
+
 
 def _digits() -> BundledModel:
     from ..peers.teacache import flux_modulated_input

@@ -267,8 +267,7 @@ class PipelineRun:
         matches = sorted((abs(grid[i] - t), i) for i in range(len(grid) - 1) if abs(grid[i] - t) <= tol)
         later = [i for _, i in matches if i > last]
         if matches and matches[0][1] == 0 and last >= 0:  # nearest t_0 again: a new run (after any other)
-            self.engine.reset()
-            self.last, self.decided, self.made = {}, set(), {}
+            self.new_run()
             step = 0
         elif later:
             step = later[0]  # the nearest time after the unit's last step (equal times: the earlier step)
@@ -280,6 +279,11 @@ class PipelineRun:
             )
         self.last[unit] = step
         return step
+
+    def new_run(self) -> None:
+        """Forget the last call, whatever became of it (finished, interrupted or refused)."""
+        self.engine.reset()
+        self.last, self.decided, self.made = {}, set(), {}
 
     def index_step(self, unit: Hashable) -> int:
         """The step of a call from the scheduler's ``step_index`` (a new run when it does not move forward).
@@ -302,8 +306,7 @@ class PipelineRun:
         if not 0 <= index < T:
             raise PolicyMismatchError(f"the scheduler is at step {index}, outside the policy's 0..{T - 1}")
         if index <= self.last.get(unit, -1):  # the unit called at this step or later already: a new call
-            self.engine.reset()
-            self.last, self.decided, self.made = {}, set(), {}
+            self.new_run()
         self.last[unit] = index
         return int(index)
 
@@ -453,14 +456,22 @@ def check_compilable(transformer: Any, blocks: list[torch.nn.Module]) -> None:
                              "compile_repeated_blocks(...) (regional compile), or use reuse='velocity'")
 
 
+ROUTED = ("compile", "enable_parallelism")
+"""Module methods :func:`register_hooks` replaces on the instance (and :func:`remove_hooks` restores)."""
+
+
+def _route(module: torch.nn.Module, name: str, method: Any) -> None:
+    method.__ertacache__ = True
+    setattr(module, name, method)
+
+
 def _route_compile(module: torch.nn.Module, hook: Any) -> None:
     """``module.compile(...)`` after apply compiles the module's own forward; the hook around it stays eager."""
 
     def compile(*args: Any, **kwargs: Any) -> None:
         hook.compiled = torch.compile(hook.fn_ref.original_forward, *args, **kwargs)
 
-    compile.__ertacache__ = True  # type: ignore[attr-defined]
-    module.compile = compile  # type: ignore[method-assign]
+    _route(module, "compile", compile)
 
 
 def _route_parallelism(module: torch.nn.Module, hook: StepHook) -> None:
@@ -475,14 +486,13 @@ def _route_parallelism(module: torch.nn.Module, hook: StepHook) -> None:
         registry.register_hook(hook, STEP_HOOK)  # registered last: outermost
         return out
 
-    enable_parallelism.__ertacache__ = True  # type: ignore[attr-defined]
-    module.enable_parallelism = enable_parallelism  # type: ignore[method-assign,assignment]
+    _route(module, "enable_parallelism", enable_parallelism)
 
 
 def remove_hooks(modules: list[Any]) -> None:
     """Undo :func:`register_hooks` on the modules it returned."""
     for module in modules:
-        for routed in ("compile", "enable_parallelism"):
+        for routed in ROUTED:
             if getattr(module.__dict__.get(routed), "__ertacache__", False):
                 delattr(module, routed)
         registry = _registry(module)
