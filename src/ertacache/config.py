@@ -19,14 +19,24 @@ ReuseMode = Literal["block_residual", "velocity", "latent_residual"]
 """
 L1Denominator = Literal["gt", "current"]
 """Eq. 12's denominator: ``||r_gt_i||_1`` (v1 of the paper) or ``||r_i||_1`` (v2)."""
-PhiDenominator = Literal["velocity_change", "velocity"]
-"""Eq. 13's denominator: ``||v_j - v_{j-1}||_1`` (v1) or ``||v_j||_1`` (v2)."""
+PhiDenominator = Literal["velocity_change", "velocity", "gt_velocity_change"]
+"""Eq. 13's denominator: ``||v_j - v_{j-1}||_1`` on the cached trajectory (v1), ``||v_j||_1`` (v2),
+or ``||v_j - v_{j-1}||_1`` along the ground-truth trajectory (logged by the uncached pass)."""
 Rectification = Literal["linear", "sigmoid", "off"]
 """Eq. 15-21: ``v^ = v~ - (a v~ + b)`` (linearised, default), ``v~ - sigmoid(K v~ + B)``, or none."""
 Granularity = Literal["step", "channel"]
 """One ``(a, b)`` per cached step and branch, or one per channel as well."""
-Candidates = Literal["threshold", "threshold_and_uniform"]
-"""Which cached-step sets compete for a target speedup (NOTES.md section 2.5)."""
+Source = Literal["threshold", "uniform", "search"]
+"""Where a candidate cached-step set comes from (NOTES.md section 2.5):
+
+- ``threshold``: Algorithm 2's lambda sweep (the paper's rule);
+- ``uniform``: evenly spaced computed steps;
+- ``search``: the budgeted shortest path over an error model logged by the
+  ground-truth pass (:mod:`ertacache.calibration.schedule`).
+"""
+SOURCES: tuple[str, ...] = ("threshold", "uniform", "search")
+LEGACY_CANDIDATES = {"threshold": ("threshold",), "threshold_and_uniform": ("threshold", "uniform")}
+"""``candidates`` as the policy files of ertacache 0.1 wrote it (one string)."""
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (
     0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5,
@@ -47,7 +57,11 @@ class CalibrationConfig:
         phi_denominator: Eq. 13's denominator; see :data:`PhiDenominator`.
         rectification: see :data:`Rectification`.
         granularity: see :data:`Granularity`.
-        candidates: see :data:`Candidates`.
+        candidates: which sources compete for a target speedup, a tuple of
+            :data:`Source` names (the legacy strings ``"threshold"`` and
+            ``"threshold_and_uniform"`` are read as their tuples).
+        search_candidates: how many distinct sets the schedule search proposes (its
+            error model read four ways, best first); in 1..4.
         thresholds: the lambda sweep, each > 0.
         holdout_fraction: part of the calibration set (taken from its end) that
             judges candidates and switches off rectification fits that do not help;
@@ -72,7 +86,8 @@ class CalibrationConfig:
     phi_denominator: PhiDenominator = "velocity_change"
     rectification: Rectification = "linear"
     granularity: Granularity = "step"
-    candidates: Candidates = "threshold_and_uniform"
+    candidates: tuple[str, ...] = ("threshold", "uniform", "search")
+    search_candidates: int = 2
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     holdout_fraction: float = 0.25
     max_candidates: int = 3
@@ -91,7 +106,6 @@ class CalibrationConfig:
             ("phi_denominator", PhiDenominator),
             ("rectification", Rectification),
             ("granularity", Granularity),
-            ("candidates", Candidates),
         ):
             allowed = get_args(kind)
             if not isinstance(getattr(self, name), str) or getattr(self, name) not in allowed:
@@ -104,6 +118,10 @@ class CalibrationConfig:
         if isinstance(self.holdout_fraction, bool) or not isinstance(self.holdout_fraction, (int, float)) \
                 or not (0.0 <= self.holdout_fraction <= 0.9):
             raise ErtaCacheError(f"holdout_fraction must be in [0, 0.9], got {self.holdout_fraction}")
+        object.__setattr__(self, "candidates", check_sources(self.candidates))
+        if isinstance(self.search_candidates, bool) or not isinstance(self.search_candidates, int) \
+                or not 1 <= self.search_candidates <= 4:
+            raise ErtaCacheError(f"search_candidates must be an int in 1..4, got {self.search_candidates!r}")
         if isinstance(self.max_candidates, bool) or not isinstance(self.max_candidates, int) \
                 or not 1 <= self.max_candidates <= 1000:
             raise ErtaCacheError(f"max_candidates must be an int in 1..1000, got {self.max_candidates}")
@@ -111,6 +129,7 @@ class CalibrationConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["thresholds"] = list(self.thresholds)
+        d["candidates"] = list(self.candidates)
         return d
 
     @classmethod
@@ -123,8 +142,9 @@ class CalibrationConfig:
         if unknown:
             raise ErtaCacheError(f"unknown calibration config keys {sorted(unknown)}; known: {sorted(known)}")
         kwargs = dict(data)
-        if isinstance(kwargs.get("thresholds"), list):
-            kwargs["thresholds"] = tuple(kwargs["thresholds"])
+        for key in ("thresholds", "candidates"):
+            if isinstance(kwargs.get(key), list):
+                kwargs[key] = tuple(kwargs[key])
         return cls(**kwargs)
 
 
@@ -139,3 +159,22 @@ def check_threshold(lam: object) -> float:
             f"threshold lambda must be a finite number > 0 (typical 0.05-1.0), got {lam!r}"
         )
     return float(lam)
+
+
+def check_sources(candidates: object) -> tuple[str, ...]:
+    """Validate the candidate sources of a config; a legacy string becomes its tuple.
+
+    Raises:
+        ErtaCacheError: not a non-empty sequence of distinct names from :data:`SOURCES`.
+    """
+    if isinstance(candidates, str):
+        if candidates in LEGACY_CANDIDATES:
+            return LEGACY_CANDIDATES[candidates]
+        if candidates in SOURCES:
+            return (candidates,)
+    if isinstance(candidates, (str, bytes)) or not isinstance(candidates, (tuple, list)) or not candidates \
+            or any(not isinstance(c, str) or c not in SOURCES for c in candidates) \
+            or len(set(candidates)) != len(candidates):
+        raise ErtaCacheError(f"candidates must be a non-empty tuple of distinct sources from {SOURCES} "
+                             f"(e.g. ('threshold', 'uniform', 'search')), got {candidates!r}")
+    return tuple(candidates)

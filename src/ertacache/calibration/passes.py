@@ -23,6 +23,8 @@ from ..core import rectify
 from ..core.engine import Pass, StopPass, UnitCall, l1, ratio
 from ..core.grids import shrink_step
 from ..core.rectify import CHANNELS_FIRST, ChannelLayout, RectStats
+from ..errors import ErtaCacheError
+from .schedule import ErrorSketch
 
 
 class GroundTruth(Pass):
@@ -35,15 +37,21 @@ class GroundTruth(Pass):
 
     name = "ground truth"
 
-    def __init__(self) -> None:
+    def __init__(self, sketch: ErrorSketch | None = None) -> None:
         super().__init__()
         self.r_norms: dict[int, float] = {}
+        self.dv_norms: dict[int, float] = {}
         self.times: dict[int, float] = {}
         self.first_step: dict[object, int] = {}
+        self.sketch = sketch
 
     def decide(self, step: int, calls: list[UnitCall], grid: list[float]) -> list[float] | None:
         # added up: a pipeline records micro-batches one after another
         self.r_norms[step] = self.r_norms.get(step, 0.0) + self.sum([l1(c.r[c.fit]) for c in calls if c.r is not None])
+        self.dv_norms[step] = self.dv_norms.get(step, 0.0) + self.sum(
+            [l1((c.v - c.v_prev)[c.fit]) for c in calls if c.v is not None and c.v_prev is not None])
+        if self.sketch is not None:
+            self.sketch.observe(step, calls)
         self.times[step] = calls[0].t
         for c in calls:
             self.first_step.setdefault(c.unit, step)
@@ -51,6 +59,10 @@ class GroundTruth(Pass):
 
     def norms(self) -> tuple[float, ...]:
         return tuple(self.r_norms[i] for i in sorted(self.r_norms))
+
+    def velocity_changes(self) -> tuple[float, ...]:
+        """``||v_j - v_{j-1}||_1`` along the uncached trajectory (0 at step 0), over fitting rows and units."""
+        return tuple(self.dv_norms[i] for i in sorted(self.dv_norms))
 
     def switch_steps(self) -> list[int]:
         """Steps after step 0 where a unit is first called (Wan 2.2's second transformer): its cache is empty
@@ -121,7 +133,8 @@ class AdjustTimesteps(Pass):
 
     At a cached step j the true ``v_j`` runs beside ``v~_j``:
     ``phi_j = clip(1 - ||v~_j - v_j||_1 / ||v_j - v_{j-1}||_1, 0, 1)`` (v1; v2 divides
-    by ``||v_j||_1``; a zero denominator gives 1), norms summed over units and fitting
+    by ``||v_j||_1``; ``gt_velocity_change`` by the change along the uncached trajectory,
+    ``gt_changes[j]``; a zero denominator gives 1), norms summed over units and fitting
     rows, ``v_{j-1}`` the unit's true output at the step before. The step shrinks to
     ``phi_j dt_j`` (:func:`~ertacache.core.grids.shrink_step`) before the trajectory
     takes it, so later estimates see earlier adjustments.
@@ -132,10 +145,14 @@ class AdjustTimesteps(Pass):
 
     name = "timestep adjustment"
 
-    def __init__(self, cached_steps: Sequence[int], denominator: PhiDenominator = "velocity_change") -> None:
+    def __init__(self, cached_steps: Sequence[int], denominator: PhiDenominator = "velocity_change",
+                 gt_changes: Sequence[float] = ()) -> None:
         super().__init__()
         self.cached = set(cached_steps)
         self.denominator = denominator
+        self.gt_changes = list(gt_changes)
+        if denominator == "gt_velocity_change" and not self.gt_changes:
+            raise ErtaCacheError("phi_denominator='gt_velocity_change' needs the ground truth's velocity changes")
         self.phis: dict[int, float] = {}
         self.grid: list[float] = []
 
@@ -153,8 +170,9 @@ class AdjustTimesteps(Pass):
         if adjust:
             num = self.sum([l1((c.v_cached - c.v)[c.fit]) for c in calls if c.v_cached is not None
                             and c.v is not None])
-            den = self.sum([l1((c.v - c.v_prev if self.denominator == "velocity_change" else c.v)[c.fit])
-                            for c in calls if c.v is not None and c.v_prev is not None])
+            den = self.gt_changes[step] if self.denominator == "gt_velocity_change" else self.sum(
+                [l1((c.v - c.v_prev if self.denominator == "velocity_change" else c.v)[c.fit])
+                 for c in calls if c.v is not None and c.v_prev is not None])
             phi = 1.0 if den == 0 else min(1.0, max(0.0, 1.0 - ratio(num, den)))
             self.phis[step] = phi
             new = shrink_step(grid, step, phi)

@@ -36,10 +36,13 @@ class Candidate:
     cached_steps: tuple[int, ...]
     errors: dict[str, float] = field(default_factory=dict)
     variant: str = "plain"
+    rule: str | None = None
+    """The schedule search's reading of its error model (:data:`~.schedule.RULES`), for ``source='search'``."""
 
     def as_dict(self, T: int) -> dict[str, Any]:
         return {"source": self.source, "threshold": self.threshold, "nfe": T - len(self.cached_steps),
-                "cached_steps": list(self.cached_steps), "errors": dict(self.errors), "variant": self.variant}
+                "cached_steps": list(self.cached_steps), "errors": dict(self.errors), "variant": self.variant,
+                **({"rule": self.rule} if self.rule is not None else {})}
 
 
 def check_target_speedup(target_speedup: object, num_inference_steps: int) -> float:
@@ -124,8 +127,8 @@ def select_candidates(results: Sequence[SearchResult], num_inference_steps: int,
 
     From the threshold searches within the budget, the ``config.max_candidates``
     distinct sets with the most computed steps (ties: the smaller lambda), plus the
-    evenly spaced set within ``max_nfe`` when ``config.candidates`` asks for it or no
-    threshold set fits. Steps in ``computed`` (a transformer's first step, as at Wan
+    evenly spaced set within ``max_nfe`` when ``config.candidates`` holds ``"uniform"``,
+    or when neither a threshold set fits nor the schedule search is among the sources. Steps in ``computed`` (a transformer's first step, as at Wan
     2.2's expert switch) are never cached, and count in the NFE.
     """
     T = num_inference_steps
@@ -138,7 +141,7 @@ def select_candidates(results: Sequence[SearchResult], num_inference_steps: int,
         if r.cached_steps not in seen and len(seen) < config.max_candidates:
             seen[r.cached_steps] = Candidate("threshold", r.threshold, r.cached_steps)
     out = list(seen.values())
-    if config.candidates == "threshold_and_uniform" or not out:
+    if "uniform" in config.candidates or (not out and "search" not in config.candidates):
         uni: tuple[int, ...] = ()
         for nfe in range(max_nfe, 1, -1):  # the most evenly spaced computation that fits beside the forced steps
             uni = tuple(i for i in uniform_cached_steps(T, nfe) if i not in forced)

@@ -32,6 +32,7 @@ from .checkpoint import Checkpoint, digest
 from .distributed import check_shards
 from .drive import Driver
 from .passes import AdjustTimesteps, FitRectification, GroundTruth, ThresholdSearch
+from .schedule import ErrorSketch, propose
 from .select import Candidate, SearchResult, check_goal, select_candidates, sweep
 
 PassCallback = Callable[[str], None]
@@ -135,17 +136,24 @@ class CalibrationSession:
             result, tensors = hit
             self.gt_final = tensors["x"]
             self.grid, self.gt_norms = list(result["grid"]), tuple(result["norms"])
+            self.gt_changes = tuple(result["changes"])
             self.switch_steps = list(result["switch_steps"])
+            self.search_costs = {k[7:]: v for k, v in tensors.items() if k.startswith("search.")}
             self.driver.restore(result["driver"])
         else:
             self.log(f"ground truth on {self.n_fit} fitting and {self.n_hold} held-out samples")
-            gt = GroundTruth()
+            gt = GroundTruth(ErrorSketch() if "search" in self.config.candidates else None)
             self.gt_final = self._run("ground truth", key, gt, self.all, None)
             if len(gt.times) != self.T:
                 raise ErtaCacheError(f"the sampler ran {len(gt.times)} steps, not num_inference_steps={self.T}")
             self.grid, self.gt_norms, self.switch_steps = gt.grid(), gt.norms(), gt.switch_steps()
-            self._done(key, {"grid": self.grid, "norms": list(self.gt_norms), "switch_steps": self.switch_steps,
-                             "driver": self.driver.recorded()}, {"x": self.gt_final})
+            self.gt_changes = gt.velocity_changes()
+            self.search_costs = {} if gt.sketch is None else gt.sketch.costs(
+                self.grid, self.config.reuse, self.driver.reduce, self.config.rectification != "off",
+                self.driver.policy_fields(self.grid)["branches"])
+            self._done(key, {"grid": self.grid, "norms": list(self.gt_norms), "changes": list(self.gt_changes),
+                             "switch_steps": self.switch_steps, "driver": self.driver.recorded()},
+                       {"x": self.gt_final, **{f"search.{k}": v for k, v in self.search_costs.items()}})
         self.base: dict[str, Any] = dict(self.driver.policy_fields(self.grid), config=self.config)
 
     def search(self, threshold: float, max_nfe: int | None = None) -> SearchResult:
@@ -177,7 +185,7 @@ class CalibrationSession:
         hit = self._kept(key)
         if hit is not None:
             return list(hit[0]["grid"])
-        p = AdjustTimesteps(cached_steps, self.config.phi_denominator)
+        p = AdjustTimesteps(cached_steps, self.config.phi_denominator, self.gt_changes)
         self._run("timestep adjustment", key, p, self.fit, self.grid)
         self._done(key, {"grid": p.grid, "phis": {str(k): v for k, v in p.phis.items()}})
         return p.grid
@@ -276,11 +284,23 @@ class CalibrationSession:
             return [Candidate("threshold", threshold, self.search(threshold).cached_steps)]
         if max_nfe >= self.T:
             return [Candidate("all_compute", None, ())]
-        self.log(f"policy search over {len(self.config.thresholds)} thresholds (target NFE <= {max_nfe})")
-        enough = self.config.max_candidates if self.config.sweep_early_stop else None
-        self.searched = sweep(lambda lam: self.search(lam, max_nfe), self.T, self.config.thresholds, max_nfe=max_nfe,
-                              known=self.searched, enough=enough)
-        return select_candidates(self.searched, self.T, max_nfe, self.config, self.switch_steps)
+        if "threshold" in self.config.candidates:
+            self.log(f"policy search over {len(self.config.thresholds)} thresholds (target NFE <= {max_nfe})")
+            enough = self.config.max_candidates if self.config.sweep_early_stop else None
+            self.searched = sweep(lambda lam: self.search(lam, max_nfe), self.T, self.config.thresholds,
+                                  max_nfe=max_nfe, known=self.searched, enough=enough)
+        out = select_candidates(self.searched if "threshold" in self.config.candidates else [], self.T, max_nfe,
+                                self.config, self.switch_steps)
+        if "search" in self.config.candidates:
+            known = {c.cached_steps for c in out}
+            for rule, cached in propose(self.search_costs, max_nfe, self.switch_steps, self.config.search_candidates):
+                if cached not in known:
+                    known.add(cached)
+                    out.append(Candidate("search", None, cached, rule=rule))
+        if not out:  # the search found no set beside the forced steps: the evenly spaced one competes alone
+            out = select_candidates([], self.T, max_nfe, replace(self.config, candidates=("uniform",)),
+                                    self.switch_steps)
+        return out
 
     def _variants(self, cand: Candidate) -> dict[str, Policy]:
         """The candidate's policies, from fewest components to all that the config asks for."""
