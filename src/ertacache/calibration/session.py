@@ -245,9 +245,9 @@ class CalibrationSession:
         for cand in candidates:
             self.log(f"evaluating {cand.source} candidate, NFE {self.T - len(cand.cached_steps)}")
             variants = self._variants(cand)
-            cand.errors = {name: self.error(p) for name, p in variants.items()}
-            cand.variant = (min(cand.errors, key=cand.errors.__getitem__) if self.config.component_check
-                            else list(variants)[-1])
+            judged = variants if self.config.component_check else dict([list(variants.items())[-1]])
+            cand.errors = {name: self.error(p) for name, p in judged.items()}
+            cand.variant = min(cand.errors, key=cand.errors.__getitem__)
             if best is None or cand.errors[cand.variant] < best[0]:
                 best = (cand.errors[cand.variant], variants[cand.variant], cand)
                 self.variants = variants

@@ -1,0 +1,102 @@
+"""Which candidate source wins, and what each calibration costs: Algorithm 2, uniform, the schedule search.
+
+    python scripts/schedule_search.py --model digits --out docs/schedule_search_digits.json
+    python scripts/schedule_search.py --model moving-digits --out docs/schedule_search_moving-digits.json
+
+On a bundled model at its realistic settings (the benchmark's calibration set and
+held-out seeds 10000..), one calibration session (ground truth with the error model,
+Algorithm 2's sweep, every candidate's variants) is asked for a policy with each set
+of sources allowed; every policy is sampled on the held-out seeds and compared with
+the uncached samples (PSNR). Then two fresh calibrations at 2x are timed: the
+sources of ertacache 0.1 (threshold + uniform, every component judged) and the search
+alone in its fewest passes (one proposed set, no component check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+
+from ertacache import CalibrationConfig, sample, seeded_noise
+from ertacache.bench.methods import BenchSettings, Context
+from ertacache.calibration import core_session
+from ertacache.demo import labels_and_seeds
+from ertacache.io import atomic_write_text
+from ertacache.metrics import psnr
+from ertacache.models.bundled import bundled_model
+
+SOURCES = {
+    "Algorithm 2 (paper)": ("threshold",),
+    "uniform": ("uniform",),
+    "search": ("search",),
+    "all three (default)": ("threshold", "uniform", "search"),
+}
+FAST = {"search, fewest passes": dict(candidates=("search",), search_candidates=1, component_check=False,
+                                      timestep_adjustment=False),
+        "threshold + uniform (0.1 default)": dict(candidates=("threshold", "uniform"))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="digits")
+    p.add_argument("--targets", default="2,3")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    settings = BenchSettings.for_model(args.model)
+    bundled = bundled_model(args.model)
+    model = bundled.load(None)
+    ctx = Context(model, settings, None, bundled)
+    labels, seeds = labels_and_seeds(settings.heldout_per_class, 10_000)
+    noise = seeded_noise(seeds, bundled.latent_shape)
+    with torch.no_grad():
+        ref = sample(model, noise, labels, **ctx.kwargs(labels)).x
+    rows = []
+    base = CalibrationConfig()
+    with tempfile.TemporaryDirectory() as tmp:
+        session = core_session(model, ctx.cal_labels, ctx.cal_seeds, config=base, checkpoint_dir=tmp,
+                               **ctx.cal_kwargs())
+        for target in [float(s) for s in args.targets.split(",")]:
+            for name, sources in SOURCES.items():
+                session.config = replace(base, candidates=sources)
+                pol = session.policy(target_speedup=target)
+                with torch.no_grad():
+                    out = sample(model, noise, labels, policy=pol, **ctx.kwargs(labels)).x
+                row = {"model": args.model, "target": target, "sources": name, "nfe": pol.nfe,
+                       "selected": pol.provenance["selected"], "variant": pol.provenance["variant"],
+                       "rule": next((c.get("rule") for c in pol.provenance["candidates"]
+                                     if list(c["cached_steps"]) == list(pol.cached_steps)), None),
+                       "psnr": round(psnr(out, ref), 2)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    timing = []
+    for name, change in FAST.items():
+        start = time.perf_counter()
+        pol = core_session(model, ctx.cal_labels, ctx.cal_seeds, config=CalibrationConfig(**change),
+                           **ctx.cal_kwargs()).policy(target_speedup=2.0)
+        seconds = time.perf_counter() - start
+        with torch.no_grad():
+            out = sample(model, noise, labels, policy=pol, **ctx.kwargs(labels)).x
+        cost = pol.provenance["cost"]
+        row = {"model": args.model, "calibration": name, "passes": sum(v["passes"] for v in cost["by_pass"].values()),
+               "model_calls": cost["model_calls"], "seconds": round(seconds, 1), "nfe": pol.nfe,
+               "selected": pol.provenance["selected"], "variant": pol.provenance["variant"],
+               "psnr": round(psnr(out, ref), 2)}
+        print(json.dumps(row), flush=True)
+        timing.append(row)
+    meta = {"command": f"python scripts/schedule_search.py --model {args.model} --targets {args.targets} "
+                       f"--out {args.out}",
+            "settings": {"T": settings.num_inference_steps, "shift": settings.shift,
+                         "guidance_scale": settings.guidance_scale, "calibration": len(ctx.cal_seeds),
+                         "held_out": len(seeds)},
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+    atomic_write_text(args.out, json.dumps({"meta": meta, "sources": rows, "calibration": timing}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

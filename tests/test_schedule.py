@@ -1,0 +1,138 @@
+"""The schedule search: its error model, its shortest path, and its place among the candidate sources."""
+
+import itertools
+
+import pytest
+import torch
+
+from ertacache import CalibrationConfig, Policy, sample, seeded_noise
+from ertacache.calibration import core_session
+from ertacache.calibration.schedule import ErrorSketch, propose, shortest_schedule
+from ertacache.core.grids import time_grid
+from ertacache.errors import ErtaCacheError
+
+
+class PatternField:
+    """``v(x, t) = g(t) * P``: independent of ``x``, so a cached step's error does not propagate."""
+
+    def __init__(self, g, shape=(1, 4, 4), seed=0):
+        self.g = g
+        self.pattern = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    def __call__(self, x, t, cond):
+        return self.g(t).view(-1, *[1] * (x.ndim - 1)) * self.pattern.expand_as(x)
+
+
+def session(model, config, T=8, shift=1.0, n=4, shape=(1, 4, 4)):
+    return core_session(model, None, range(n), latent_shape=shape, num_inference_steps=T, shift=shift,
+                        config=config)
+
+
+def brute_force(cost, nfe, forced):
+    T = cost.shape[0]
+    best, arg = float("inf"), None
+    for inner in itertools.combinations(range(1, T - 1), nfe - 2):
+        computed = (0, *inner, T - 1)
+        if not set(forced) <= set(computed):
+            continue
+        total = sum(float(cost[i, k]) for i, k in zip(computed, computed[1:]))
+        if total < best:
+            best, arg = total, tuple(sorted(set(range(T)) - set(computed)))
+    return best, arg
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_shortest_schedule_is_the_brute_force_optimum(seed):
+    gen = torch.Generator().manual_seed(seed)
+    T = 9
+    cost = torch.rand(T, T, generator=gen, dtype=torch.float64).triu(1)
+    forced = [int(s) for s in torch.randint(1, T - 1, (seed % 3,), generator=gen)]
+    for nfe in range(2, T + 1):
+        got = shortest_schedule(cost, nfe, forced)
+        best, arg = brute_force(cost, nfe, forced)
+        if arg is None:
+            assert got is None or nfe >= T
+            continue
+        computed = sorted(set(range(T)) - set(got))
+        assert len(computed) == nfe and computed[0] == 0 and computed[-1] == T - 1 and set(forced) <= set(computed)
+        assert sum(float(cost[i, k]) for i, k in zip(computed, computed[1:])) == pytest.approx(best)
+
+
+def test_segment_cost_is_the_final_error_of_that_segment():
+    # v independent of x and velocity reuse: caching steps i+1..k-1 moves x_0 by exactly D(i, k)
+    model = PatternField(lambda t: torch.sin(5 * t) + t * t)
+    T, shift = 10, 3.0
+    s = session(model, CalibrationConfig(candidates=("search",), rectification="off", holdout_fraction=0.0), T, shift)
+    q = s.search_costs["raw"]
+    noise = seeded_noise(range(4), (1, 4, 4))
+    ref = sample(model, noise, num_inference_steps=T, shift=shift).x
+    for i, k in [(0, 3), (2, 7), (4, 9), (1, 2)]:
+        policy = Policy(num_inference_steps=T, grid=tuple(time_grid(T, shift)), cached_steps=tuple(range(i + 1, k)),
+                        shift=shift, reuse="velocity")
+        out = sample(model, noise, policy=policy).x
+        assert float(q[i, k]) == pytest.approx(float((out - ref).double().square().sum()), rel=1e-4, abs=1e-9)  # float32 sampling
+
+
+def test_the_search_caches_where_the_velocity_does_not_change():
+    # g is constant for t > 0.5 (steps 0-5 of 12): reusing there costs nothing, so every cached step lies there
+    model = PatternField(lambda t: torch.where(t > 0.5, torch.ones_like(t), torch.cos(9 * t)))
+    T = 12
+    s = session(model, CalibrationConfig(candidates=("search",), rectification="off", holdout_fraction=0.0), T)
+    grid = time_grid(T)
+    for nfe in (7, 8):
+        (rule, cached), *_ = propose(s.search_costs, nfe, (), 1)
+        assert len(cached) == T - nfe
+        assert all(grid[j] > 0.5 for j in cached), (rule, cached)
+
+
+def test_rectification_removes_a_proportional_error_from_the_model():
+    # v~ = g(t_i) P and v = g(t_j) P: eps = a v~ exactly, so every rectified segment costs nothing
+    model = PatternField(lambda t: 1 + t * t)
+    s = session(model, CalibrationConfig(candidates=("search",), holdout_fraction=0.0), T=10)
+    raw, rect = s.search_costs["raw"], s.search_costs["rectified"]
+    assert float(raw[0, 9]) > 1e-3 and float(rect.triu(1).max()) < 1e-9 * float(raw[0, 9])
+
+
+def test_count_sketch_estimates_large_latents():
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randn(3, 8192, generator=gen, dtype=torch.float64)
+    sketch = ErrorSketch(dim=2048)
+    s = sketch._sketch(y)
+    assert s.shape == (3, 2048)
+    assert float(s.square().sum()) == pytest.approx(float(y.square().sum()), rel=0.05)
+    assert torch.equal(ErrorSketch(dim=2048)._sketch(y), s)  # the same hash everywhere
+    assert torch.equal(ErrorSketch(dim=8192)._sketch(y), y)  # kept exactly when it fits
+
+
+def test_search_only_calibration_takes_at_most_five_passes():
+    model = PatternField(lambda t: torch.sin(4 * t))
+    config = CalibrationConfig(candidates=("search",), search_candidates=1, component_check=False)
+    pol = session(model, config, T=12).policy(target_speedup=2.0)
+    by_pass = pol.provenance["cost"]["by_pass"]
+    assert sum(v["passes"] for v in by_pass.values()) <= 5, by_pass
+    assert pol.provenance["selected"] == "search" and pol.nfe <= 6
+    assert pol.provenance["candidates"][0]["rule"]
+
+
+def test_every_source_competes_and_forced_steps_stay_computed():
+    model = PatternField(lambda t: torch.sin(4 * t) + t)
+    pol = session(model, CalibrationConfig(thresholds=(0.1, 0.3), max_candidates=1), T=12).policy(target_speedup=3.0)
+    sources = {c["source"] for c in pol.provenance["candidates"]}
+    assert sources == {"threshold", "uniform", "search"} or sources >= {"uniform", "search"}
+    assert all(c["nfe"] <= 4 for c in pol.provenance["candidates"])
+    assert shortest_schedule(torch.zeros(12, 12), 4, (3, 9)) is not None
+    cached = shortest_schedule(torch.zeros(12, 12), 4, (3, 9))
+    assert 3 not in cached and 9 not in cached
+    assert shortest_schedule(torch.zeros(12, 12), 3, (3, 9)) is None
+
+
+def test_candidate_sources_are_validated_and_legacy_strings_load():
+    assert CalibrationConfig(candidates="threshold_and_uniform").candidates == ("threshold", "uniform")
+    assert CalibrationConfig(candidates="threshold").candidates == ("threshold",)
+    c = CalibrationConfig(candidates=("search",))
+    assert CalibrationConfig.from_dict(c.to_dict()) == c
+    for bad in ((), ("search", "search"), ("greedy",), "uniform_and_search", 3):
+        with pytest.raises(ErtaCacheError, match="candidates"):
+            CalibrationConfig(candidates=bad)
+    with pytest.raises(ErtaCacheError, match="search_candidates"):
+        CalibrationConfig(search_candidates=0)
