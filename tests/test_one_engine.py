@@ -25,6 +25,8 @@ OPTIONS = {  # every value of every option appears at least once
     "block_residual-phi_velocity": {"reuse": "block_residual", "phi_denominator": "velocity"},
     "channel-sigmoid-all_components": {"granularity": "channel", "rectification": "sigmoid",
                                        "component_check": False},
+    "extrapolate-phi_gt-search_uniform": {"reuse": "extrapolate", "phi_denominator": "gt_velocity_change",
+                                          "candidates": ("search", "uniform")},
 }
 
 

@@ -136,3 +136,19 @@ def test_candidate_sources_are_validated_and_legacy_strings_load():
             CalibrationConfig(candidates=bad)
     with pytest.raises(ErtaCacheError, match="search_candidates"):
         CalibrationConfig(search_candidates=0)
+
+
+def test_extrapolation_is_exact_for_a_velocity_linear_in_time():
+    # v = (1 + 2t) P: the line through two computed outputs is v itself, so every cached step is exact
+    model = PatternField(lambda t: 1 + 2 * t)
+    T = 10
+    noise = seeded_noise(range(3), (1, 4, 4))
+    ref = sample(model, noise, num_inference_steps=T, shift=3.0).x
+    cached = (2, 3, 5, 6, 7)  # each after at least two computed steps (0, 1, then 4)
+    outs = {}
+    for mode in ("extrapolate", "velocity"):
+        policy = Policy(num_inference_steps=T, grid=tuple(time_grid(T, 3.0)), cached_steps=cached, shift=3.0,
+                        reuse=mode)
+        outs[mode] = sample(model, noise, policy=policy).x
+    assert torch.allclose(outs["extrapolate"], ref, atol=1e-5)
+    assert (outs["velocity"] - ref).abs().max() > 1e-2

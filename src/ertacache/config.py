@@ -9,13 +9,15 @@ from typing import Any, Literal, get_args
 from .core.reuse import get_reuse
 from .errors import ErtaCacheError
 
-ReuseMode = Literal["block_residual", "velocity", "latent_residual"]
+ReuseMode = Literal["block_residual", "velocity", "latent_residual", "extrapolate"]
 """What the cache keeps (NOTES.md section 1).
 
 - ``block_residual``: ``r = h_out - h_in`` of the block stack; a cached step runs the
   embedding and head only (needs a :class:`~ertacache.core.model.SplitVelocityModel`).
 - ``velocity``: ``v~_j = v_i``.
 - ``latent_residual``: ``r = v_i - x_i``, ``v~_j = x_j + r`` (Eq. 5-6 read literally).
+- ``extrapolate``: ``v~_j = v_i + (v_i - v_h)(t_j - t_i)/(t_i - t_h)`` from the last two
+  computed steps (TaylorSeer's order 1; not in the paper).
 """
 L1Denominator = Literal["gt", "current"]
 """Eq. 12's denominator: ``||r_gt_i||_1`` (v1 of the paper) or ``||r_i||_1`` (v2)."""

@@ -18,7 +18,7 @@ import torch
 
 from .core import rectify
 from .core.euler import compute, rebuild
-from .core.reuse import REUSE_MODES
+from .core.reuse import REUSE_MODES, History
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -45,11 +45,13 @@ def step_costs(model: Any, x: torch.Tensor, cond: torch.Tensor | None, repeats: 
             v, h_res = compute(model, m, x, t, cond)
             return m.keep(v, x, h_res)
 
+        history = History(0.4, 0.5, r, 0.6)  # for modes that extrapolate from two computed steps
+
         def cached_step(m: Any = mode, r: torch.Tensor = r) -> Any:
-            return rebuild(model, m, r, x, t, cond)
+            return rebuild(model, m, r, x, t, cond, history)
 
         def rectified_step(m: Any = mode, r: torch.Tensor = r) -> Any:
-            return rectify.apply(rebuild(model, m, r, x, t, cond), a, b, "linear")
+            return rectify.apply(rebuild(model, m, r, x, t, cond, history), a, b, "linear")
 
         computed = _median_seconds(computed_step, repeats)
         plain = _median_seconds(cached_step, repeats)

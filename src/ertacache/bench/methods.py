@@ -136,9 +136,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "reuse=latent_residual": {"reuse": "latent_residual"},
     "l1_denominator=current (v2)": {"l1_denominator": "current"},
     "phi_denominator=velocity (v2)": {"phi_denominator": "velocity"},
+    "phi_denominator=gt_velocity_change": {"phi_denominator": "gt_velocity_change"},
     "rectification=sigmoid": {"rectification": "sigmoid"},
     "granularity=channel": {"granularity": "channel"},
-    "candidates=threshold (paper)": {"candidates": "threshold"},
+    "candidates=threshold (paper)": {"candidates": ("threshold",)},
+    "candidates=threshold+uniform (0.1)": {"candidates": ("threshold", "uniform")},
+    "search only, fewest passes": {"candidates": ("search",), "search_candidates": 1, "component_check": False,
+                                   "timestep_adjustment": False},
     "component_check=off": {"component_check": False},
 }
 

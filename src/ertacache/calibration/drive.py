@@ -134,7 +134,7 @@ class CoreDriver:
         conds = [c if c is None else c[index] for c in (self.cond, self.null_cond)[: len(self.names)]]
         fit = torch.tensor(idx) < n_fit
         pass_.reduce = self.reduce
-        engine = Engine(pass_, self.grid if grid is None else grid)
+        engine = Engine(pass_, self.grid if grid is None else grid, self.reuse.needs_history)
         try:
             return euler(self.model, self.reuse, self.noise[index], conds, self.names, self.guidance_scale, engine,
                          fit, batch_size=self.batch_size, check_finite=True)

@@ -89,7 +89,10 @@ class CalibrationSession:
             from tqdm.auto import tqdm
 
             c = self.config
-            estimate = 1 + len(c.thresholds) + 6 + (c.max_candidates + 1) * 7
+            sweep_passes = len(c.thresholds) + 6 if "threshold" in c.candidates else 0
+            sets = (c.max_candidates if "threshold" in c.candidates else 0) + ("uniform" in c.candidates) \
+                + (c.search_candidates if "search" in c.candidates else 0)
+            estimate = 1 + sweep_passes + sets * (7 if c.component_check else 3)
             self.bar = tqdm(total=estimate, unit="pass", desc="calibration")
         self._ground_truth()
         self.searched: list[SearchResult] = []

@@ -27,6 +27,7 @@ from ..config import Rectification
 from ..errors import ErtaCacheError
 from . import rectify
 from .rectify import CHANNELS_FIRST, ChannelLayout
+from .reuse import History
 
 Reduce = Callable[[Tensor], Tensor]
 """Sums a statistics tensor over everything that shares a decision (identity in one process)."""
@@ -92,6 +93,9 @@ class UnitCall:
 class _UnitState:
     kept: Tensor | None = None
     v_prev: Tensor | None = None
+    t_kept: float | None = None
+    previous: Tensor | None = None  # kept at the computed step before (engines with history only)
+    t_previous: float | None = None
 
 
 class Pass:
@@ -147,10 +151,13 @@ class Engine:
         grid: the ``T + 1`` times the trajectory follows (timestep adjustment may
             change the times after a step), or None while unknown (ground truth on
             a pipeline, which records them).
+        history: also keep each unit's cache of the computed step before the latest
+            (reuse modes with ``needs_history``; :meth:`history`).
     """
 
-    def __init__(self, pass_: Pass, grid: Sequence[float] | None) -> None:
+    def __init__(self, pass_: Pass, grid: Sequence[float] | None, history: bool = False) -> None:
         self.pass_ = pass_
+        self.keeps_history = history
         self.grid = None if grid is None else [float(t) for t in grid]
         self.units: dict[Hashable, _UnitState] = {}
         self.pending: dict[int, list[UnitCall]] = {}
@@ -163,6 +170,13 @@ class Engine:
 
     def state(self, unit: Hashable) -> _UnitState:
         return self.units.setdefault(unit, _UnitState())
+
+    def history(self, unit: Hashable, t: float) -> History | None:
+        """The unit's :class:`~ertacache.core.reuse.History` for rebuilding at time ``t`` (None when its cache is empty)."""
+        st = self.state(unit)
+        if st.kept is None or st.t_kept is None:
+            return None
+        return History(t, st.t_kept, st.previous, st.t_previous)
 
     def needs_model(self, step: int, unit: Hashable) -> bool:
         """Whether ``unit`` must run the model at ``step``."""
@@ -209,7 +223,9 @@ class Engine:
                 c.out = given
             st = self.state(c.unit)
             if c.refresh and c.r is not None:
-                st.kept = c.r
+                if self.keeps_history:
+                    st.previous, st.t_previous = st.kept, st.t_kept
+                st.kept, st.t_kept = c.r, c.t
             if c.v is not None:
                 st.v_prev = c.v
         if grid is not None:

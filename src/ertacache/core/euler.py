@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,7 +20,7 @@ from ..errors import ErtaCacheError
 from .engine import Engine, FollowPolicy, UnitCall
 from .grids import check_grid, time_grid
 from .model import is_split
-from .reuse import Reuse, get_reuse
+from .reuse import History, Reuse, get_reuse
 
 StepCallback = Callable[[int, float, Tensor], None]
 
@@ -145,7 +145,7 @@ def _observe_chunk(model: Any, reuse: Reuse, engine: Engine, i: int, t: float, x
             check_finite_output(v_all, i, t, engine.pass_.name)
         r_all = reuse.keep(v_all, xb, h_res)
     if all(engine.wants_cached(i, u) for u in units):
-        vc_all = _rebuild(model, reuse, engine, units, xb, tb, cb)
+        vc_all = _rebuild(model, reuse, engine, units, xb, tb, cb, t)
     for k, (name, unit) in enumerate(zip(names, units)):
         engine.observe(UnitCall(i, t, unit, name, x, fit, v=_part(v_all, k, nb), r=_part(r_all, k, nb),
                                 v_cached=_part(vc_all, k, nb)))
@@ -156,23 +156,34 @@ def _part(v: Tensor | None, k: int, nb: int) -> Tensor | None:
 
 
 def _rebuild(model: Any, reuse: Reuse, engine: Engine, units: Sequence[Any], xb: Tensor, tb: Tensor,
-             cb: Tensor | None) -> Tensor:
-    kept = [engine.state(u).kept for u in units]
-    stacked = kept[0] if len(kept) == 1 else torch.cat(kept)  # type: ignore[arg-type]
-    return rebuild(model, reuse, stacked, xb, tb, cb)  # type: ignore[arg-type]
+             cb: Tensor | None, t: float) -> Tensor:
+    def cat(parts: list[Any]) -> Any:
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    stacked = cat([engine.state(u).kept for u in units])
+    history = None
+    if reuse.needs_history:  # the units of a micro-batch refresh together: one history for all
+        hs = [engine.history(u, t) for u in units]
+        previous = [h.previous if h is not None else None for h in hs]
+        first = hs[0]
+        if first is not None:
+            history = replace(first, previous=None if any(p is None for p in previous) else cat(previous))
+    return rebuild(model, reuse, stacked, xb, tb, cb, history)
 
 
-def rebuild(model: Any, reuse: Reuse, kept: Tensor, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
-    """``v~`` at a cached step from the stored ``kept`` (Eq. 6): the embedding and head only for ``block_residual``."""
+def rebuild(model: Any, reuse: Reuse, kept: Tensor, x: Tensor, t: Tensor, cond: Tensor | None,
+            history: History | None = None) -> Tensor:
+    """``v~`` at a cached step from the stored ``kept`` (Eq. 6): the embedding and head only for ``block_residual``;
+    ``history`` for modes that extrapolate (:class:`~ertacache.core.reuse.History`)."""
     if not reuse.needs_blocks:
-        return reuse.rebuild(kept, x, None)
+        return reuse.rebuild(kept, x, None, history)
     xb, tb, cb = x, t, cond
 
     def head(r: Tensor) -> Tensor:
         h_in, ctx = model.embed(xb, tb, cb)
         return torch.as_tensor(model.head(h_in + r, ctx))
 
-    return reuse.rebuild(kept, xb, head)
+    return reuse.rebuild(kept, xb, head, history)
 
 
 @dataclass
@@ -262,7 +273,8 @@ def sample(
         mode = get_reuse(policy.reuse)
     conds = [cond] if len(names) == 1 else [cond, null_cond]
     start = time.perf_counter()
-    x = euler(model, mode, noise, conds, names, guidance_scale, Engine(follow, grid), callback=callback,
+    x = euler(model, mode, noise, conds, names, guidance_scale, Engine(follow, grid, mode.needs_history),
+              callback=callback,
               progress=progress)
     stats = SampleStats(computed_steps=follow.stats.computed.get(names[0], []),
                         cached_steps=follow.stats.cached.get(names[0], []), nfe=follow.stats.nfe(),

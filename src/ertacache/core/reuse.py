@@ -9,6 +9,7 @@ An unknown name is refused everywhere through :func:`get_reuse`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -18,6 +19,23 @@ Head = Callable[[Tensor], Tensor]
 """Runs the model's cheap parts on ``h_in + r`` (input embedding, then output head) and returns ``v~``."""
 
 
+@dataclass(frozen=True)
+class History:
+    """A unit's cache over its last two refreshes, for modes that extrapolate.
+
+    Attributes:
+        t: the time of the cached step being rebuilt, in [0, 1] (t = 1 is noise).
+        t_kept: the time of the latest computed step (whose output is ``kept``).
+        previous: what was kept at the computed step before it, or None.
+        t_previous: that step's time, or None.
+    """
+
+    t: float
+    t_kept: float
+    previous: Tensor | None = None
+    t_previous: float | None = None
+
+
 class Reuse:
     """Base class of a reuse mode.
 
@@ -25,10 +43,13 @@ class Reuse:
         name: the registry key, stored in policies.
         needs_blocks: True when the mode caches inside the model (the driver must
             split the model into embedding, block stack and head).
+        needs_history: True when rebuilding needs the cache of the computed step before
+            the latest (:class:`History`); the engine then keeps it.
     """
 
     name: str = ""
     needs_blocks: bool = False
+    needs_history: bool = False
 
     def keep(self, v: Tensor, x: Tensor, block_residual: Tensor | None) -> Tensor:
         """What the cache stores after a computed step.
@@ -41,7 +62,7 @@ class Reuse:
         """
         raise NotImplementedError
 
-    def rebuild(self, kept: Tensor, x: Tensor, head: Head | None) -> Tensor:
+    def rebuild(self, kept: Tensor, x: Tensor, head: Head | None, history: History | None = None) -> Tensor:
         """``v~`` at a cached step from the stored ``kept`` and the current state ``x`` (Eq. 6)."""
         raise NotImplementedError
 
@@ -57,8 +78,31 @@ class VelocityReuse(Reuse):
     def keep(self, v: Tensor, x: Tensor, block_residual: Tensor | None) -> Tensor:
         return v
 
-    def rebuild(self, kept: Tensor, x: Tensor, head: Head | None) -> Tensor:
+    def rebuild(self, kept: Tensor, x: Tensor, head: Head | None, history: History | None = None) -> Tensor:
         return kept
+
+
+class ExtrapolateReuse(Reuse):
+    """First-order extrapolation from the last two computed outputs (TaylorSeer's order 1, on the velocity).
+
+    ``v~_j = v_i + (v_i - v_h) (t_j - t_i) / (t_i - t_h)``, ``i`` the latest computed
+    step and ``h`` the one before; with one computed step so far, ``v~_j = v_i``. Not in
+    the paper: a combination measured by this library (README, "The schedule search").
+    """
+
+    name = "extrapolate"
+    needs_history = True
+
+    def keep(self, v: Tensor, x: Tensor, block_residual: Tensor | None) -> Tensor:
+        return v
+
+    def rebuild(self, kept: Tensor, x: Tensor, head: Head | None, history: History | None = None) -> Tensor:
+        if history is None:
+            raise ErtaCacheError("extrapolate reuse needs the cache's history; the driver gave none")
+        if history.previous is None or history.t_previous is None or history.t_previous == history.t_kept:
+            return kept
+        slope = (history.t - history.t_kept) / (history.t_kept - history.t_previous)
+        return kept + (kept - history.previous) * slope
 
 
 class LatentResidualReuse(Reuse):
@@ -69,7 +113,7 @@ class LatentResidualReuse(Reuse):
     def keep(self, v: Tensor, x: Tensor, block_residual: Tensor | None) -> Tensor:
         return v - x
 
-    def rebuild(self, kept: Tensor, x: Tensor, head: Head | None) -> Tensor:
+    def rebuild(self, kept: Tensor, x: Tensor, head: Head | None, history: History | None = None) -> Tensor:
         return x + kept
 
 
@@ -84,7 +128,7 @@ class BlockResidualReuse(Reuse):
             raise ErtaCacheError("block_residual reuse needs the block stack's residual; the driver gave none")
         return block_residual
 
-    def rebuild(self, kept: Tensor, x: Tensor, head: Head | None) -> Tensor:
+    def rebuild(self, kept: Tensor, x: Tensor, head: Head | None, history: History | None = None) -> Tensor:
         if head is None:
             raise ErtaCacheError("block_residual reuse needs the model's embedding and head; the driver gave none")
         return head(kept)
@@ -112,5 +156,5 @@ def get_reuse(name: object) -> Reuse:
     return REUSE_MODES[name]
 
 
-for _mode in (VelocityReuse(), LatentResidualReuse(), BlockResidualReuse()):
+for _mode in (VelocityReuse(), LatentResidualReuse(), BlockResidualReuse(), ExtrapolateReuse()):
     register_reuse(_mode)

@@ -101,7 +101,7 @@ class PipelineDriver:
         if grid is None:  # ground truth decides nothing: micro-batches one after the other, sums reduced once
             return self._record(pass_, chunks, n_fit)
         pass_.reduce = self.reduce
-        engine = Engine(pass_, grid)
+        engine = Engine(pass_, grid, self.reuse.needs_history)
         run = PipelineRun(engine, self.family, self.reuse, chunks=len(chunks),
                           calls_per_step=len(chunks) * max(len(self.branches), 1), check_finite=True)
         try:
@@ -168,7 +168,7 @@ class PipelineDriver:
             seen.append(call_settings(self.pipe))
 
         for chunk in chunks:
-            engine = Engine(pass_, None)
+            engine = Engine(pass_, None, self.reuse.needs_history)
             run = PipelineRun(engine, self.family, self.reuse, check_finite=True, on_start=settings)
             outs.append(self._calls(run, [chunk], n_fit, None))
             calls += engine.model_calls
