@@ -44,6 +44,14 @@ class BenchSettings:
     quick: bool = False
     model: str = "digits"
 
+    @property
+    def calibration(self) -> CalibrationConfig:
+        """ERTACache's calibration config: the defaults; ``--quick`` lets only the schedule search's best set and
+        the uniform set compete (no lambda sweep), every component still judged."""
+        if self.quick:
+            return CalibrationConfig(candidates=("search", "uniform"), search_candidates=1)
+        return CalibrationConfig()
+
     @classmethod
     def for_model(cls, name: str, quick: bool = False) -> BenchSettings:
         """The settings for a bundled model: its family's sampler; the video model with a smaller held-out set."""
@@ -113,7 +121,8 @@ def ertacache(ctx: Context) -> list[Method]:
     """ERTACache with the library defaults, one policy per target speedup (one shared calibration session),
     and at 2x the paper's Table 3 ladder on the chosen cached set: uniform cache, offline policy,
     + timestep adjustment, + rectification (every component on)."""
-    session = core_session(ctx.model, ctx.cal_labels, ctx.cal_seeds, **ctx.cal_kwargs())
+    session = core_session(ctx.model, ctx.cal_labels, ctx.cal_seeds, config=ctx.settings.calibration,
+                           **ctx.cal_kwargs())
     out, ladder = [], []
     for s in ctx.settings.target_speedups:
         p = session.policy(target_speedup=s)
