@@ -70,7 +70,8 @@ def test_segment_cost_is_the_final_error_of_that_segment():
         policy = Policy(num_inference_steps=T, grid=tuple(time_grid(T, shift)), cached_steps=tuple(range(i + 1, k)),
                         shift=shift, reuse="velocity")
         out = sample(model, noise, policy=policy).x
-        assert float(q[i, k]) == pytest.approx(float((out - ref).double().square().sum()), rel=1e-4, abs=1e-9)  # float32 sampling
+        final_error = float((out - ref).double().square().sum())
+        assert float(q[i, k]) == pytest.approx(final_error, rel=1e-4, abs=1e-9)  # float32 sampling
 
 
 def test_the_search_caches_where_the_velocity_does_not_change():

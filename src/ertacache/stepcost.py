@@ -47,11 +47,11 @@ def step_costs(model: Any, x: torch.Tensor, cond: torch.Tensor | None, repeats: 
 
         history = History(0.4, 0.5, r, 0.6)  # for modes that extrapolate from two computed steps
 
-        def cached_step(m: Any = mode, r: torch.Tensor = r) -> Any:
-            return rebuild(model, m, r, x, t, cond, history)
+        def cached_step(m: Any = mode, r: torch.Tensor = r, h: History = history) -> Any:
+            return rebuild(model, m, r, x, t, cond, h)
 
-        def rectified_step(m: Any = mode, r: torch.Tensor = r) -> Any:
-            return rectify.apply(rebuild(model, m, r, x, t, cond, history), a, b, "linear")
+        def rectified_step(m: Any = mode, r: torch.Tensor = r, h: History = history) -> Any:
+            return rectify.apply(rebuild(model, m, r, x, t, cond, h), a, b, "linear")
 
         computed = _median_seconds(computed_step, repeats)
         plain = _median_seconds(cached_step, repeats)

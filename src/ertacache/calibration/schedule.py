@@ -106,7 +106,7 @@ class ErrorSketch:
 
     def costs(self, grid: Sequence[float], reuse: str, reduce: Callable[[Tensor], Tensor],
               rectified: bool, branches: Sequence[str]) -> dict[str, Tensor]:
-        """Segment costs ``Q (T, T)`` (``Q[i, k]``, ``i < k``: compute at i and k, cache between), summed over processes.
+        """Segment costs ``Q (T, T)`` (``Q[i, k]``, ``i < k``: compute at i and k, cache between), over processes.
 
         Args:
             grid: the ``T + 1`` times of the ground truth (``dt_j = grid[j+1] - grid[j]``).
@@ -131,7 +131,7 @@ class ErrorSketch:
             x = torch.stack([torch.cat(self.rows[(j, u)].x) for j in steps]) if steps else None
             stacked[u] = (steps, v, x)
         both = torch.zeros(T, T)  # some unit has a cache at i and runs at k (not across an expert switch)
-        for u, (steps, _, _) in stacked.items():
+        for steps, _, _ in stacked.values():
             present = torch.zeros(T, dtype=torch.bool)
             present[steps] = True
             both += (present[:, None] & present[None, :]).float()
@@ -182,8 +182,8 @@ class ErrorSketch:
                     if not len(js):
                         continue
                     if kind == "rectified":
-                        a, b = fits[self.branch[u]]
-                        e = e - a[i, js].view(-1, 1, 1) * vt - b[i, js].view(-1, 1, 1) * ones
+                        fit_a, fit_b = fits[self.branch[u]]
+                        e = e - fit_a[i, js].view(-1, 1, 1) * vt - fit_b[i, js].view(-1, 1, 1) * ones
                     drift = torch.cumsum(dt[js].view(-1, 1, 1) * e, dim=0)  # D(i, j + 1) for each j in js
                     ends = js + 1
                     keep = ends < T

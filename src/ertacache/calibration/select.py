@@ -128,8 +128,9 @@ def select_candidates(results: Sequence[SearchResult], num_inference_steps: int,
     From the threshold searches within the budget, the ``config.max_candidates``
     distinct sets with the most computed steps (ties: the smaller lambda), plus the
     evenly spaced set within ``max_nfe`` when ``config.candidates`` holds ``"uniform"``,
-    or when neither a threshold set fits nor the schedule search is among the sources. Steps in ``computed`` (a transformer's first step, as at Wan
-    2.2's expert switch) are never cached, and count in the NFE.
+    or when neither a threshold set fits nor the schedule search is among the sources.
+    Steps in ``computed`` (a transformer's first step, as at Wan 2.2's expert switch)
+    are never cached, and count in the NFE.
     """
     T = num_inference_steps
     forced = set(computed)

@@ -172,7 +172,7 @@ class Engine:
         return self.units.setdefault(unit, _UnitState())
 
     def history(self, unit: Hashable, t: float) -> History | None:
-        """The unit's :class:`~ertacache.core.reuse.History` for rebuilding at time ``t`` (None when its cache is empty)."""
+        """The unit's :class:`~ertacache.core.reuse.History` for rebuilding at time ``t`` (None: empty cache)."""
         st = self.state(unit)
         if st.kept is None or st.t_kept is None:
             return None

@@ -145,7 +145,8 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
     param = next(transformers[0].parameters(), None)
     follower = policy.follower(family.channels, device=None if param is None else param.device,
                                dtype=None if param is None else param.dtype)
-    run = PipelineRun(Engine(follower, policy.sampling_grid, reuse.needs_history), family, reuse, calls_per_step=len(policy.branches),
+    engine = Engine(follower, policy.sampling_grid, reuse.needs_history)
+    run = PipelineRun(engine, family, reuse, calls_per_step=len(policy.branches),
                       on_start=_checker(pipe, policy, strict), pipe=pipe)
     handle = ErtaCacheHandle(pipe, policy, family, run)
     handle.modules = register_hooks(transformers, run, family, with_blocks=reuse.needs_blocks)
