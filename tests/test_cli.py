@@ -93,3 +93,17 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(cli, "_calibrate", interrupted)
     assert main(["calibrate", "--target-speedup", "2", "--out", "p.safetensors"]) == 130
     assert capsys.readouterr().err.startswith("ertacache: interrupted")
+
+
+def test_calibrate_with_the_search_alone_and_extrapolation(tmp_path):
+    path = tmp_path / "search.safetensors"
+    assert main(["calibrate", "--num-inference-steps", "10", "--target-speedup", "2", "--calibration-per-class", "1",
+                 "--candidates", "search", "--reuse", "extrapolate", "--out", str(path)]) == 0
+    policy = Policy.load(path)
+    assert policy.reuse == "extrapolate" and policy.provenance["selected"] == "search" and policy.nfe == 5
+
+
+def test_calibrate_rejects_unknown_candidate_sources(tmp_path, capsys):
+    assert main(["calibrate", "--target-speedup", "2", "--candidates", "threshold,greedy",
+                 "--out", str(tmp_path / "p.safetensors")]) == 2
+    assert "candidates must be" in capsys.readouterr().err

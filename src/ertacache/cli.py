@@ -53,7 +53,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None,
                    help="keep each finished pass here; rerun the same command to resume after a crash")
     p.add_argument("--seed", type=int, default=0, help="first calibration seed")
-    p.add_argument("--reuse", choices=["block_residual", "velocity", "latent_residual"], default="velocity")
+    p.add_argument("--reuse", choices=["block_residual", "velocity", "latent_residual", "extrapolate"],
+                   default="velocity")
+    p.add_argument("--candidates", default="threshold,uniform,search",
+                   help="candidate sources that compete, comma-separated: threshold (Algorithm 2), uniform, search "
+                        "(the schedule search); 'search' alone is the fewest passes")
     p.add_argument("--rectification", choices=["linear", "sigmoid", "off"], default="linear")
     p.add_argument("--granularity", choices=["step", "channel"], default="step")
     p.add_argument("--no-timestep-adjustment", action="store_true")
@@ -116,7 +120,8 @@ def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
         raise ErtaCacheError("--pipeline needs --prompts FILE (one calibration prompt per line)")
     config = CalibrationConfig(reuse=args.reuse, rectification=args.rectification, granularity=args.granularity,
                                timestep_adjustment=not args.no_timestep_adjustment,
-                               component_check=not args.keep_all_components)
+                               component_check=not args.keep_all_components,
+                               candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()))
     return CalibrateSettings(
         out=args.out, config=config, target_speedup=args.target_speedup, threshold=args.threshold, seed=args.seed,
         num_inference_steps=args.num_inference_steps, shift=args.shift, guidance_scale=args.guidance_scale,
