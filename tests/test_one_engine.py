@@ -20,11 +20,11 @@ N = 6
 GUIDANCE = 3.0
 BASE = dict(thresholds=(0.1, 0.3), max_candidates=2, search_candidates=1)
 OPTIONS = {  # every value of every option appears at least once
-    "default": {},  # velocity reuse, l1 v1 (gt), phi v1 (velocity change), step granularity, linear
+    "default": {},  # extrapolate reuse, l1 v1 (gt), phi v1 (velocity change), step granularity, linear
     "latent_residual-l1_current": {"reuse": "latent_residual", "l1_denominator": "current"},
     "block_residual-phi_velocity": {"reuse": "block_residual", "phi_denominator": "velocity"},
-    "extrapolate-channel-sigmoid-all_components-phi_gt-search_uniform": {
-        "reuse": "extrapolate", "granularity": "channel", "rectification": "sigmoid", "component_check": False,
+    "velocity-channel-sigmoid-all_components-phi_gt-search_uniform": {
+        "reuse": "velocity", "granularity": "channel", "rectification": "sigmoid", "component_check": False,
         "phi_denominator": "gt_velocity_change", "candidates": ("search", "uniform")},
 }
 

@@ -54,7 +54,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="keep each finished pass here; rerun the same command to resume after a crash")
     p.add_argument("--seed", type=int, default=0, help="first calibration seed")
     p.add_argument("--reuse", choices=["block_residual", "velocity", "latent_residual", "extrapolate"],
-                   default="velocity")
+                   default="extrapolate")
     p.add_argument("--candidates", default="threshold,uniform,search",
                    help="candidate sources that compete, comma-separated: threshold (Algorithm 2), uniform, search "
                         "(the schedule search); 'search' alone is the fewest passes")

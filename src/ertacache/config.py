@@ -82,7 +82,7 @@ class CalibrationConfig:
         ErtaCacheError: a field outside its allowed values.
     """
 
-    reuse: ReuseMode = "velocity"
+    reuse: ReuseMode = "extrapolate"
     l1_denominator: L1Denominator = "gt"
     timestep_adjustment: bool = True
     phi_denominator: PhiDenominator = "velocity_change"
