@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from ertacache import sample, seeded_noise
+from ertacache import CalibrationConfig, sample, seeded_noise
 from ertacache.bench.methods import BenchSettings, Context
 from ertacache.calibration import AdjustTimesteps, core_session
 from ertacache.demo import labels_and_seeds
@@ -33,6 +33,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="digits")
     p.add_argument("--out", required=True)
+    p.add_argument("--reuse", default=None, help="reuse mode (default: the library's)")
     args = p.parse_args()
     torch.set_num_threads(2)
     settings = BenchSettings.for_model(args.model)
@@ -48,7 +49,8 @@ def main() -> None:
 
     with torch.no_grad():
         ref = sample(model, noise, labels, **ctx.kwargs(labels)).x
-    session = core_session(model, ctx.cal_labels, ctx.cal_seeds, **ctx.cal_kwargs())
+    config = CalibrationConfig() if args.reuse is None else CalibrationConfig(reuse=args.reuse)
+    session = core_session(model, ctx.cal_labels, ctx.cal_seeds, config=config, **ctx.cal_kwargs())
     chosen = session.policy(target_speedup=2.0)
     plain = session.variants["plain"]
     rows = [{"model": args.model, "reading": "none (S plain)", "psnr": score(plain)}]
@@ -72,7 +74,9 @@ def main() -> None:
     if rect is not None:
         rows.append({"model": args.model, "reading": "none, rectified", "psnr": score(rect)})
         print(json.dumps(rows[-1]), flush=True)
-    meta = {"command": f"python scripts/phi_readings.py --model {args.model} --out {args.out}",
+    reuse = f" --reuse {args.reuse}" if args.reuse else ""
+    meta = {"command": f"python scripts/phi_readings.py --model {args.model}{reuse} --out {args.out}",
+            "reuse": config.reuse,
             "S": list(plain.cached_steps), "nfe": plain.nfe, "selected": chosen.provenance["selected"],
             "settings": {"T": settings.num_inference_steps, "shift": settings.shift,
                          "guidance_scale": settings.guidance_scale, "calibration": len(ctx.cal_seeds),

@@ -45,6 +45,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="digits")
     p.add_argument("--targets", default="2,3")
+    p.add_argument("--reuse", default=None, help="reuse mode (default: the library's)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(2)
@@ -57,7 +58,7 @@ def main() -> None:
     with torch.no_grad():
         ref = sample(model, noise, labels, **ctx.kwargs(labels)).x
     rows = []
-    base = CalibrationConfig()
+    base = CalibrationConfig() if args.reuse is None else CalibrationConfig(reuse=args.reuse)
     with tempfile.TemporaryDirectory() as tmp:
         session = core_session(model, ctx.cal_labels, ctx.cal_seeds, config=base, checkpoint_dir=tmp,
                                **ctx.cal_kwargs())
@@ -77,7 +78,7 @@ def main() -> None:
     timing = []
     for name, change in FAST.items():
         start = time.perf_counter()
-        pol = core_session(model, ctx.cal_labels, ctx.cal_seeds, config=CalibrationConfig(**change),
+        pol = core_session(model, ctx.cal_labels, ctx.cal_seeds, config=replace(base, **change),
                            **ctx.cal_kwargs()).policy(target_speedup=2.0)
         seconds = time.perf_counter() - start
         with torch.no_grad():
@@ -89,8 +90,9 @@ def main() -> None:
                "psnr": round(psnr(out, ref), 2)}
         print(json.dumps(row), flush=True)
         timing.append(row)
-    meta = {"command": f"python scripts/schedule_search.py --model {args.model} --targets {args.targets} "
-                       f"--out {args.out}",
+    reuse = f" --reuse {args.reuse}" if args.reuse else ""
+    meta = {"command": f"python scripts/schedule_search.py --model {args.model} --targets {args.targets}{reuse} "
+                       f"--out {args.out}", "reuse": base.reuse,
             "settings": {"T": settings.num_inference_steps, "shift": settings.shift,
                          "guidance_scale": settings.guidance_scale, "calibration": len(ctx.cal_seeds),
                          "held_out": len(seeds)},
