@@ -59,7 +59,7 @@ class BenchSettings:
         base: dict[str, Any] = {**b.sampler, "model": name}
         if quick:
             return cls(**base, calibration_per_class=1, heldout_per_class=1 if b.video else 2, repeats=1,
-                       target_speedups=(1.5, 2.0, 3.0), options=False, quick=True)
+                       target_speedups=(2.0, 3.0) if b.video else (1.5, 2.0, 3.0), options=False, quick=True)
         if b.video:
             return cls(**base, calibration_per_class=2, heldout_per_class=2, repeats=1, options=False)
         return cls(**base)
