@@ -38,7 +38,7 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="bundled model: digits (image, FLUX architecture) or moving-digits (video, Wan)")
     p.add_argument("--weights", dest="model", default=None, help="other weights for the bundled model")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
-    p.add_argument("--repeats", type=int, default=None, help="timing repeats per method (median; default 5, video 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timing repeats per method (median; default 3, video 2)")
 
     p = sub.add_parser("calibrate", help="calibrate a policy and write it (one .safetensors file)")
     _add_sampler_args(p)

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from . import __version__, metrics
 from .calibration import calibrate_with_variants
+from .config import CalibrationConfig
 from .core.euler import sample, seeded_noise
 from .fingerprint import model_fingerprint
 from .io import atomic_write_text
@@ -41,10 +42,13 @@ class DemoSettings:
     target_speedup: float = 2.0
     calibration_per_class: int = 2
     heldout_per_class: int = 4
-    repeats: int = 5
+    repeats: int = 3
     calibration_seed_base: int = 0
     heldout_seed_base: int = 10_000
     model: str = "digits"
+    candidates: tuple[str, ...] = ("search", "uniform")
+    """The candidate sources calibration lets compete: the schedule search and the uniform set (no lambda sweep,
+    so that ``make demo`` fits in 10 minutes; ``ertacache calibrate`` lets Algorithm 2 compete too)."""
 
     @classmethod
     def for_model(cls, name: str) -> DemoSettings:
@@ -188,6 +192,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_pa
         num_inference_steps=settings.num_inference_steps,
         shift=settings.shift, guidance_scale=settings.guidance_scale, null_cond=torch.full_like(cal_labels, NULL_CLASS),
         target_speedup=settings.target_speedup, model_fingerprint=fingerprint, progress=progress,
+        config=CalibrationConfig(candidates=settings.candidates),
     )
     policy.save(out / "policy.safetensors")
     calibration_seconds = time.perf_counter() - start
