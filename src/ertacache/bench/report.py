@@ -75,7 +75,8 @@ def plot(rows: list[dict[str, Any]], path: Path, header: dict[str, Any]) -> None
     ax.axvspan(1.5, 3.0, color="0.93", zorder=0)
     ax.set_xlabel("wall-clock speedup over uncached (same run)")
     ax.set_ylabel("PSNR against uncached (dB)")
-    ax.set_title("held-out seeds, bundled digits model", fontsize=10)
+    ax.set_title(f"held-out seeds, {str(header.get('model', 'bundled model')).split(' (')[0]}; "
+                 f"{header.get('protocol', '').split(';')[0]}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.text(0.01, 0.005, f"{header['command']} | {header['machine']}", fontsize=6)
