@@ -15,15 +15,11 @@ import argparse
 import json
 from dataclasses import replace
 
-import torch
+from heldout import HeldOut
 
-from ertacache import CalibrationConfig, sample, seeded_noise
-from ertacache.bench.methods import BenchSettings, Context
+from ertacache import CalibrationConfig
 from ertacache.calibration import AdjustTimesteps, core_session
-from ertacache.demo import labels_and_seeds
 from ertacache.io import atomic_write_text
-from ertacache.metrics import psnr
-from ertacache.models.bundled import bundled_model
 
 READINGS = {"v1 (velocity_change)": "velocity_change", "v2 (velocity)": "velocity",
             "gt (gt_velocity_change)": "gt_velocity_change"}
@@ -35,22 +31,10 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--reuse", default=None, help="reuse mode (default: the library's)")
     args = p.parse_args()
-    torch.set_num_threads(2)
-    settings = BenchSettings.for_model(args.model)
-    bundled = bundled_model(args.model)
-    model = bundled.load(None)
-    ctx = Context(model, settings, None, bundled)
-    labels, seeds = labels_and_seeds(settings.heldout_per_class, 10_000)
-    noise = seeded_noise(seeds, bundled.latent_shape)
-
-    def score(policy):  # type: ignore[no-untyped-def]
-        with torch.no_grad():
-            return round(psnr(sample(model, noise, labels, policy=policy, **ctx.kwargs(labels)).x, ref), 2)
-
-    with torch.no_grad():
-        ref = sample(model, noise, labels, **ctx.kwargs(labels)).x
+    held = HeldOut(args.model)
+    ctx, settings, score = held.ctx, held.settings, held.score
     config = CalibrationConfig() if args.reuse is None else CalibrationConfig(reuse=args.reuse)
-    session = core_session(model, ctx.cal_labels, ctx.cal_seeds, config=config, **ctx.cal_kwargs())
+    session = core_session(held.model, ctx.cal_labels, ctx.cal_seeds, config=config, **ctx.cal_kwargs())
     chosen = session.policy(target_speedup=2.0)
     plain = session.variants["plain"]
     rows = [{"model": args.model, "reading": "none (S plain)", "psnr": score(plain)}]
@@ -80,7 +64,7 @@ def main() -> None:
             "S": list(plain.cached_steps), "nfe": plain.nfe, "selected": chosen.provenance["selected"],
             "settings": {"T": settings.num_inference_steps, "shift": settings.shift,
                          "guidance_scale": settings.guidance_scale, "calibration": len(ctx.cal_seeds),
-                         "held_out": len(seeds)}}
+                         "held_out": len(held.seeds)}}
     atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 

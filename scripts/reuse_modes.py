@@ -13,15 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
+from heldout import HeldOut
 
-from ertacache import CalibrationConfig, sample, seeded_noise
-from ertacache.bench.methods import BenchSettings, Context
+from ertacache import CalibrationConfig
 from ertacache.calibration import core_session
-from ertacache.demo import labels_and_seeds
 from ertacache.io import atomic_write_text
-from ertacache.metrics import psnr
-from ertacache.models.bundled import bundled_model
 
 
 def main() -> None:
@@ -31,33 +27,24 @@ def main() -> None:
     p.add_argument("--targets", default="2,3")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    torch.set_num_threads(2)
-    settings = BenchSettings.for_model(args.model)
-    bundled = bundled_model(args.model)
-    model = bundled.load(None)
-    ctx = Context(model, settings, None, bundled)
-    labels, seeds = labels_and_seeds(settings.heldout_per_class, 10_000)
-    noise = seeded_noise(seeds, bundled.latent_shape)
-    with torch.no_grad():
-        ref = sample(model, noise, labels, **ctx.kwargs(labels)).x
+    held = HeldOut(args.model)
+    ctx, settings = held.ctx, held.settings
     rows = []
     for mode in args.modes.split(","):
         config = CalibrationConfig(reuse=mode, candidates=("search", "uniform"))
-        session = core_session(model, ctx.cal_labels, ctx.cal_seeds, config=config, **ctx.cal_kwargs())
+        session = core_session(held.model, ctx.cal_labels, ctx.cal_seeds, config=config, **ctx.cal_kwargs())
         for target in [float(s) for s in args.targets.split(",")]:
             pol = session.policy(target_speedup=target)
-            with torch.no_grad():
-                out = sample(model, noise, labels, policy=pol, **ctx.kwargs(labels)).x
             row = {"model": args.model, "reuse": mode, "target": target, "nfe": pol.nfe,
                    "selected": pol.provenance["selected"], "variant": pol.provenance["variant"],
-                   "psnr": round(psnr(out, ref), 2)}
+                   "psnr": held.score(pol)}
             print(json.dumps(row), flush=True)
             rows.append(row)
     meta = {"command": f"python scripts/reuse_modes.py --model {args.model} --modes {args.modes} "
                        f"--targets {args.targets} --out {args.out}",
             "settings": {"T": settings.num_inference_steps, "shift": settings.shift,
                          "guidance_scale": settings.guidance_scale, "calibration": len(ctx.cal_seeds),
-                         "held_out": len(seeds)}}
+                         "held_out": len(held.seeds)}}
     atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 

@@ -21,14 +21,11 @@ import time
 from dataclasses import replace
 
 import torch
+from heldout import HeldOut
 
-from ertacache import CalibrationConfig, sample, seeded_noise
-from ertacache.bench.methods import BenchSettings, Context
+from ertacache import CalibrationConfig
 from ertacache.calibration import core_session
-from ertacache.demo import labels_and_seeds
 from ertacache.io import atomic_write_text
-from ertacache.metrics import psnr
-from ertacache.models.bundled import bundled_model
 
 SOURCES = {
     "Algorithm 2 (paper)": ("threshold",),
@@ -48,15 +45,8 @@ def main() -> None:
     p.add_argument("--reuse", default=None, help="reuse mode (default: the library's)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    torch.set_num_threads(2)
-    settings = BenchSettings.for_model(args.model)
-    bundled = bundled_model(args.model)
-    model = bundled.load(None)
-    ctx = Context(model, settings, None, bundled)
-    labels, seeds = labels_and_seeds(settings.heldout_per_class, 10_000)
-    noise = seeded_noise(seeds, bundled.latent_shape)
-    with torch.no_grad():
-        ref = sample(model, noise, labels, **ctx.kwargs(labels)).x
+    held = HeldOut(args.model)
+    model, ctx, settings = held.model, held.ctx, held.settings
     rows = []
     base = CalibrationConfig() if args.reuse is None else CalibrationConfig(reuse=args.reuse)
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,13 +56,11 @@ def main() -> None:
             for name, sources in SOURCES.items():
                 session.config = replace(base, candidates=sources)
                 pol = session.policy(target_speedup=target)
-                with torch.no_grad():
-                    out = sample(model, noise, labels, policy=pol, **ctx.kwargs(labels)).x
                 row = {"model": args.model, "target": target, "sources": name, "nfe": pol.nfe,
                        "selected": pol.provenance["selected"], "variant": pol.provenance["variant"],
                        "rule": next((c.get("rule") for c in pol.provenance["candidates"]
                                      if list(c["cached_steps"]) == list(pol.cached_steps)), None),
-                       "psnr": round(psnr(out, ref), 2)}
+                       "psnr": held.score(pol)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     timing = []
@@ -81,13 +69,11 @@ def main() -> None:
         pol = core_session(model, ctx.cal_labels, ctx.cal_seeds, config=replace(base, **change),
                            **ctx.cal_kwargs()).policy(target_speedup=2.0)
         seconds = time.perf_counter() - start
-        with torch.no_grad():
-            out = sample(model, noise, labels, policy=pol, **ctx.kwargs(labels)).x
         cost = pol.provenance["cost"]
         row = {"model": args.model, "calibration": name, "passes": sum(v["passes"] for v in cost["by_pass"].values()),
                "model_calls": cost["model_calls"], "seconds": round(seconds, 1), "nfe": pol.nfe,
                "selected": pol.provenance["selected"], "variant": pol.provenance["variant"],
-               "psnr": round(psnr(out, ref), 2)}
+               "psnr": held.score(pol)}
         print(json.dumps(row), flush=True)
         timing.append(row)
     reuse = f" --reuse {args.reuse}" if args.reuse else ""
@@ -95,7 +81,7 @@ def main() -> None:
                        f"--out {args.out}", "reuse": base.reuse,
             "settings": {"T": settings.num_inference_steps, "shift": settings.shift,
                          "guidance_scale": settings.guidance_scale, "calibration": len(ctx.cal_seeds),
-                         "held_out": len(seeds)},
+                         "held_out": len(held.seeds)},
             "torch": torch.__version__, "threads": torch.get_num_threads()}
     atomic_write_text(args.out, json.dumps({"meta": meta, "sources": rows, "calibration": timing}, indent=2) + "\n")
 
