@@ -109,9 +109,12 @@ def test_calibration_is_deterministic_and_meets_target(tiny):
     assert a.provenance["seeds"] == [0, 1, 2, 3, 4, 5] and a.provenance["calibration_size"] == 6
     cands = a.provenance["candidates"]
     best = min(min(c["errors"].values()) for c in cands)
-    chosen = next(c for c in cands if c["cached_steps"] == list(a.cached_steps))
+    chosen = cands[a.provenance["chosen"]]
+    assert chosen["cached_steps"] == list(a.cached_steps) and chosen.get("step_reuse", {}) == {
+        str(k): v for k, v in a.step_reuse.items()}
     assert chosen["errors"][chosen["variant"]] == best == min(chosen["errors"].values())
-    assert set(chosen["errors"]) == {"plain", "adjusted", "rectified", "full"}
+    base = next(c for c in cands if c["cached_steps"] == list(a.cached_steps))
+    assert set(base["errors"]) == {"plain", "adjusted", "rectified", "full"}  # a per-step refinement judges one
 
 
 def test_component_check_off_keeps_every_component(tiny):

@@ -68,6 +68,7 @@ def assert_same_policy(a, b):
 
 def assert_same_fields(a, b):
     assert a.cached_steps == b.cached_steps
+    assert a.step_reuse == b.step_reuse
     assert a.branches == b.branches == ("cond", "uncond")
     assert (a.adjusted_grid is None) == (b.adjusted_grid is None)
     if a.adjusted_grid is not None:

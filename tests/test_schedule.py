@@ -1,6 +1,7 @@
 """The schedule search: its error model, its shortest path, and its place among the candidate sources."""
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -107,10 +108,14 @@ def test_count_sketch_estimates_large_latents():
 
 def test_search_only_calibration_takes_at_most_five_passes():
     model = PatternField(lambda t: torch.sin(4 * t))
-    config = CalibrationConfig(candidates=("search",), search_candidates=1, component_check=False)
+    config = CalibrationConfig(candidates=("search",), search_candidates=1, component_check=False,
+                               step_reuse_choice=False)
     pol = session(model, config, T=12).policy(target_speedup=2.0)
     by_pass = pol.provenance["cost"]["by_pass"]
     assert sum(v["passes"] for v in by_pass.values()) <= 5, by_pass
+    # the per-step reuse choice adds at most an adjustment, a rectification fit and an evaluation
+    with_choice = session(model, replace(config, step_reuse_choice=True), T=12).policy(target_speedup=2.0)
+    assert sum(v["passes"] for v in with_choice.provenance["cost"]["by_pass"].values()) <= 8
     assert pol.provenance["selected"] == "search" and pol.nfe <= 6
     assert pol.provenance["candidates"][0]["rule"]
 
@@ -153,3 +158,67 @@ def test_extrapolation_is_exact_for_a_velocity_linear_in_time():
         outs[mode] = sample(model, noise, policy=policy).x
     assert torch.allclose(outs["extrapolate"], ref, atol=1e-5)
     assert (outs["velocity"] - ref).abs().max() > 1e-2
+
+
+def pair_brute_force(cost, nfe, forced):
+    T = cost.shape[0]
+    best, arg = float("inf"), None
+    for inner in itertools.combinations(range(1, T - 1), nfe - 2):
+        computed = (0, *inner, T - 1)
+        if not set(forced) <= set(computed):
+            continue
+        total = float(cost[0, 0, computed[1]]) + sum(
+            float(cost[h, i, k]) for h, i, k in zip(computed, computed[1:], computed[2:]))
+        if total < best:
+            best, arg = total, tuple(sorted(set(range(T)) - set(computed)))
+    return best, arg
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_pair_shortest_schedule_is_the_brute_force_optimum(seed):
+    gen = torch.Generator().manual_seed(seed)
+    T = 9
+    cost = torch.rand(T, T, T, generator=gen, dtype=torch.float64)
+    h, i, k = torch.meshgrid(torch.arange(T), torch.arange(T), torch.arange(T), indexing="ij")
+    cost[~(((h < i) | ((h == 0) & (i == 0))) & (i < k))] = torch.inf
+    forced = [int(s) for s in torch.randint(1, T - 1, (seed % 3,), generator=gen)]
+    for nfe in range(2, T):
+        got = shortest_schedule(cost, nfe, forced)
+        best, arg = pair_brute_force(cost, nfe, forced)
+        if arg is None:
+            assert got is None
+            continue
+        computed = sorted(set(range(T)) - set(got))
+        assert len(computed) == nfe and set(forced) <= set(computed)
+        total = float(cost[0, 0, computed[1]]) + sum(
+            float(cost[a, b, c]) for a, b, c in zip(computed, computed[1:], computed[2:]))
+        assert total == pytest.approx(best)
+
+
+def test_extrapolation_segment_cost_is_the_final_error_of_that_segment():
+    from ertacache.calibration.schedule import extrapolation_costs
+
+    model = PatternField(lambda t: torch.sin(5 * t) + t * t)
+    T, shift = 10, 3.0
+    s = session(model, CalibrationConfig(candidates=("search",), rectification="off", holdout_fraction=0.0,
+                                         reuse="extrapolate"), T, shift)
+    q = extrapolation_costs(s.search_costs["gram"], s.grid, rectified=False)
+    rect = extrapolation_costs(s.search_costs["gram"], s.grid, rectified=True)
+    noise = seeded_noise(range(4), (1, 4, 4))
+    ref = sample(model, noise, num_inference_steps=T, shift=shift).x
+    for i, k in [(0, 3), (2, 7), (4, 9), (1, 5)]:
+        policy = Policy(num_inference_steps=T, grid=tuple(time_grid(T, shift)), cached_steps=tuple(range(i + 1, k)),
+                        shift=shift, reuse="extrapolate")
+        final_error = float((sample(model, noise, policy=policy).x - ref).double().square().sum())
+        h = 0 if i == 0 else i - 1  # the computed step before i (none before step 0)
+        assert float(q[h, i, k]) == pytest.approx(final_error, rel=1e-4, abs=1e-9)
+        assert float(rect[h, i, k]) <= 1e-9 * float(q[h, i, k]) + 1e-12  # proportional errors rectify away
+    assert torch.isinf(q[3, 2, 5]) and torch.isinf(q[1, 1, 5]) and float(q[2, 4, 5]) == 0.0
+
+
+def test_extrapolate_reuse_searches_with_its_own_error_model():
+    model = PatternField(lambda t: torch.sin(4 * t) + t)
+    config = CalibrationConfig(candidates=("search",), search_candidates=2, reuse="extrapolate")
+    pol = session(model, config, T=12).policy(target_speedup=2.0)
+    rules = [c["rule"] for c in pol.provenance["candidates"] if c["source"] == "search" and "step_reuse" not in c]
+    assert rules and rules[0].startswith("extrapolation, ") and len(rules) <= 2

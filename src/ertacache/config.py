@@ -73,6 +73,12 @@ class CalibrationConfig:
         sweep_early_stop: stop the lambda sweep (increasing lambda) once ``max_candidates``
             distinct cached sets within the NFE budget are known (larger lambdas cache more
             and would not be candidates); False runs every lambda, as before.
+        step_reuse_choice: after the held-out choice, rebuild each cached step of the
+            winning set with the reuse mode of least modelled error (``velocity`` or
+            ``extrapolate``, for those two modes; :func:`~ertacache.calibration.schedule.choose_step_reuse`),
+            refit, and keep it when its held-out error is lower (at most 3 more passes;
+            needs ``"search"`` among the candidates, whose ground-truth log it reads).
+            Not in the paper.
         component_check: judge each candidate with and without timestep
             adjustment and rectification on the held-out samples, and keep the
             variant with the least error (a component that does not help is switched
@@ -95,12 +101,13 @@ class CalibrationConfig:
     max_candidates: int = 3
     component_check: bool = True
     sweep_early_stop: bool = True
+    step_reuse_choice: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.reuse, str):
             raise ErtaCacheError(f"reuse must be a reuse-mode name, got {self.reuse!r}")
         get_reuse(self.reuse)
-        for name in ("timestep_adjustment", "component_check", "sweep_early_stop"):
+        for name in ("timestep_adjustment", "component_check", "sweep_early_stop", "step_reuse_choice"):
             if not isinstance(getattr(self, name), bool):
                 raise ErtaCacheError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name, kind in (

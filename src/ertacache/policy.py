@@ -23,11 +23,15 @@ from .config import CalibrationConfig, ReuseMode
 from .core.engine import FollowPolicy
 from .core.grids import check_grid, time_grid
 from .core.rectify import CHANNELS_FIRST, ChannelLayout
-from .core.reuse import get_reuse
+from .core.reuse import check_step_reuse, get_reuse
 from .errors import ErtaCacheError, PolicyMismatchError
 from .io import atomic_write
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+"""The newest schema this library reads and writes. A policy is written with the oldest
+schema that holds it: 3 only when it has :attr:`Policy.step_reuse` (which a reader of
+schema 2 would silently ignore), else 2."""
+READABLE_SCHEMAS = (1, 2, 3)
 MAX_STEPS = 10_000
 MAX_COEFFICIENT = 1e3
 """Largest |a| or |b| a policy may hold: fitted coefficients are O(1); larger means a corrupted file."""
@@ -46,6 +50,11 @@ class Policy:
         grid: the original ``T + 1`` times, 1 -> 0.
         adjusted_grid: the grid after timestep adjustment (Eq. 13-14), or None.
         reuse: what the cache keeps (:data:`~ertacache.config.ReuseMode`).
+        step_reuse: ``{cached step: reuse mode}`` where a cached step rebuilds ``v~``
+            with another mode than ``reuse`` (one that keeps the same thing, e.g.
+            ``velocity`` inside an ``extrapolate`` policy); chosen per step by the
+            schedule search's error model (:func:`~ertacache.calibration.schedule.choose_step_reuse`).
+            Not in the paper.
         branches: guidance branch names, ``("cond",)`` or ``("cond", "uncond")``.
         rect_a, rect_b: rectification coefficients per branch, each ``(T, C)``
             float32 (C = 1 per step, or channels); zero where off. Eq. 21 with
@@ -86,6 +95,7 @@ class Policy:
     guidance: dict[str, float] = field(default_factory=dict)
     sample_size: dict[str, int] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    step_reuse: dict[int, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         T = self.num_inference_steps
@@ -107,6 +117,7 @@ class Policy:
         if not isinstance(self.reuse, str):
             raise ErtaCacheError(f"reuse must be a reuse-mode name, got {self.reuse!r}")
         get_reuse(self.reuse)
+        object.__setattr__(self, "step_reuse", check_step_reuse(self.step_reuse, self.reuse, cached))
         branches = self.branches
         if isinstance(branches, (str, bytes)) or not isinstance(branches, (tuple, list)) or not branches \
                 or not all(isinstance(b, str) and b for b in branches) or len(set(branches)) != len(branches):
@@ -214,7 +225,7 @@ class Policy:
                     table[(name, step)] = (self.rect_a[name][step].to(device=device, dtype=dtype),
                                            self.rect_b[name][step].to(device=device, dtype=dtype))
         return FollowPolicy(self.compute_mask, lambda branch, step: table.get((branch, step)),
-                            self.rect_form, layout)  # type: ignore[arg-type]
+                            self.rect_form, layout, self.step_reuse)  # type: ignore[arg-type]
 
     # ----- constructors ---------------------------------------------------------
     @classmethod
@@ -319,13 +330,13 @@ class Policy:
             raise ErtaCacheError(f"no policy file at {path}")
         doc, tensors = policy_file.decode(path.read_bytes(), path)
         version = doc.get("schema_version")
-        if not _is_int(version) or version not in (1, SCHEMA_VERSION):
+        if not _is_int(version) or version not in READABLE_SCHEMAS:
             library = doc.get("provenance", {}).get("library_version") if isinstance(doc.get("provenance"), dict) \
                 else None
             raise ErtaCacheError(
-                f"policy {path} has schema version {version!r}; this ertacache {__version__} reads versions 1 and "
-                f"{SCHEMA_VERSION}. Recalibrate, or install the ertacache version that wrote it "
-                f"({library or 'unknown'})."
+                f"policy {path} has schema version {version!r}; this ertacache {__version__} reads versions "
+                f"{', '.join(map(str, READABLE_SCHEMAS))}. Recalibrate, or install the ertacache version that wrote "
+                f"it ({library or 'unknown'})."
             )
         try:
             return cls._from_doc(doc, tensors)
@@ -361,13 +372,14 @@ class Policy:
     def _header(self) -> dict[str, Any]:
         return {
             "format": policy_file.FORMAT_NAME,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": 3 if self.step_reuse else 2,
             "num_inference_steps": self.num_inference_steps,
             "nfe": self.nfe,
             "cached_steps": list(self.cached_steps),
             "grid": list(self.grid),
             "adjusted_grid": None if self.adjusted_grid is None else list(self.adjusted_grid),
             "reuse": self.reuse,
+            **({"step_reuse": {str(k): v for k, v in self.step_reuse.items()}} if self.step_reuse else {}),
             "branches": list(self.branches),
             "rect_form": self.rect_form,
             "shift": self.shift,
@@ -404,12 +416,18 @@ class Policy:
         provenance = doc["provenance"]
         if not isinstance(provenance, dict):
             raise ErtaCacheError(f"provenance must be an object, got {type(provenance).__name__}")
+        step_reuse = doc.get("step_reuse", {})
+        if not isinstance(step_reuse, dict) or not all(isinstance(k, str) and k.isdigit() for k in step_reuse):
+            raise ErtaCacheError(f"step_reuse must map step numbers to reuse modes, got {step_reuse!r}")
+        if step_reuse and doc.get("schema_version") != 3:
+            raise ErtaCacheError("step_reuse needs schema version 3; the file is hand-edited or corrupted")
         return cls(
             num_inference_steps=doc["num_inference_steps"],
             cached_steps=tuple(doc["cached_steps"]),
             grid=tuple(doc["grid"]),
             adjusted_grid=None if adjusted is None else tuple(adjusted),
             reuse=doc["reuse"],
+            step_reuse={int(k): v for k, v in step_reuse.items()},
             branches=tuple(branches),
             rect_a={b: tensors[f"rect_a.{b}"] for b in branches if f"rect_a.{b}" in tensors},
             rect_b={b: tensors[f"rect_b.{b}"] for b in branches if f"rect_b.{b}" in tensors},
@@ -428,10 +446,11 @@ class Policy:
     def summary(self) -> str:
         """A human-readable description (``ertacache inspect``)."""
         lines = [
-            f"ertacache policy (schema {self.schema_version})",
+            f"ertacache policy (schema {3 if self.step_reuse else 2})",
             f"  steps T={self.num_inference_steps}, NFE={self.nfe} per branch "
             f"({self.nfe_speedup:.2f}x fewer forwards), reuse={self.reuse}",
             f"  cached steps: {list(self.cached_steps)}",
+            *([f"  per-step reuse: {self.step_reuse}"] if self.step_reuse else []),
             f"  shift={self.shift}, guidance_scale={self.guidance_scale}, branches={list(self.branches)}, "
             f"latent_shape={self.latent_shape}",
             f"  timestep adjustment: {'on' if self.adjusted_grid is not None else 'off'}",

@@ -96,6 +96,7 @@ def for_steps(policy: Policy, num_inference_steps: int) -> Policy:
         for name in policy.branches:
             rect["a"][name] = policy.rect_a[name][index] * enabled[policy.branches.index(name), :, None]
             rect["b"][name] = policy.rect_b[name][index] * enabled[policy.branches.index(name), :, None]
-    return replace(policy, num_inference_steps=T2, cached_steps=cached, grid=tuple(grid),
+    step_reuse = {j: policy.step_reuse[nearest[j]] for j in cached if nearest[j] in policy.step_reuse}
+    return replace(policy, num_inference_steps=T2, cached_steps=cached, grid=tuple(grid), step_reuse=step_reuse,
                    adjusted_grid=None if adjusted is None else tuple(adjusted), rect_a=rect["a"], rect_b=rect["b"],
                    rect_enabled=enabled, provenance={**policy.provenance, "mapped_from": {"num_inference_steps": T}})

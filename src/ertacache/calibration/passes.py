@@ -146,8 +146,8 @@ class AdjustTimesteps(Pass):
     name = "timestep adjustment"
 
     def __init__(self, cached_steps: Sequence[int], denominator: PhiDenominator = "velocity_change",
-                 gt_changes: Sequence[float] = ()) -> None:
-        super().__init__()
+                 gt_changes: Sequence[float] = (), step_reuse: dict[int, str] | None = None) -> None:
+        super().__init__(step_reuse)
         self.cached = set(cached_steps)
         self.denominator = denominator
         self.gt_changes = list(gt_changes)
@@ -199,8 +199,9 @@ class FitRectification(Pass):
     name = "rectification fit"
 
     def __init__(self, cached_steps: Sequence[int], form: Rectification, granularity: Granularity,
-                 has_holdout: bool, layout: ChannelLayout = CHANNELS_FIRST) -> None:
-        super().__init__()
+                 has_holdout: bool, layout: ChannelLayout = CHANNELS_FIRST,
+                 step_reuse: dict[int, str] | None = None) -> None:
+        super().__init__(step_reuse)
         self.cached = set(cached_steps)
         self.form, self.granularity, self.layout, self.has_holdout = form, granularity, layout, has_holdout
         self.coeffs: dict[str, dict[int, tuple[Tensor, Tensor, bool]]] = {}

@@ -29,6 +29,26 @@ is corrected for the way every candidate is: each proposed set is run as the who
 cached sampler (with adjustment and rectification) on the held-out samples, beside
 Algorithm 2's and the uniform sets, and the least final-output error wins.
 
+3. **Extrapolation** (``extrapolate`` reuse, not in the paper). A cached step's ``v~``
+   depends on the last *two* computed steps, so a segment's cost is ``Q(h, i, k)``:
+   compute at h, i and k, cache between i and k, each ``v~_j`` on the line through
+   ``v_h`` and ``v_i``. ``v~`` and the rectification residual are linear in the logged
+   outputs, so ``Q(h, i, k)`` is a quadratic form in each branch's Gram matrix
+   (:meth:`ErrorSketch.gram`, :func:`extrapolation_costs`), and the best computed set is
+   a shortest path whose state is the last two computed steps (:func:`shortest_schedule`
+   with a ``(T, T, T)`` cost, ``O(NFE T^3)``). Kept for ``T <= 200`` (memory ``T^3``);
+   above it the search models ``extrapolate`` as ``velocity``.
+4. **Per-step reuse** (not in the paper). For a chosen schedule, each cached step ``j``
+   (reusing computed step ``i``, ``h`` the computed step before it) may rebuild ``v~``
+   with any mode that keeps what the policy's mode keeps: ``velocity`` (``v_i``) or
+   ``extrapolate`` (``v_i + (v_i - v_h)(t_j - t_i)/(t_i - t_h)``). Both are linear in the
+   logged outputs, so their errors (raw, or the residual after the step's
+   rectification fit) follow from one Gram matrix of each branch's outputs over the
+   steps (:meth:`ErrorSketch.gram`), and :func:`choose_step_reuse` takes the mode of
+   least error at each step. It ignores what :math:`Q` ignores, and also that the
+   choice at one step changes the errors' sum over a segment (each step is chosen on
+   its own error); the held-out check keeps the choice only where it helps.
+
 Large latents are kept as a CountSketch: each row's ``n`` entries are hashed into
 ``dim`` signed buckets (a fixed seed), a linear map whose squared norms and inner
 products are unbiased estimates of the true ones. Latents of at most ``dim`` entries
@@ -194,12 +214,165 @@ class ErrorSketch:
         return out
 
 
+    def gram(self, T: int, branches: Sequence[str], reduce: Callable[[Tensor], Tensor]) -> Tensor:
+        """Per branch, inner products of the fitting rows' outputs over the steps, summed over rows and units.
+
+        Returns:
+            ``(n_branches, T + 1, T + 1)`` float64, over processes: entry ``[b, a, c]`` is
+            ``sum over rows of <v_a, v_c>`` for steps ``a, c < T``; index ``T`` stands for the
+            all-ones vector (``[b, a, T] = sum <v_a, 1>``, ``[b, T, T]`` = entries counted).
+            Exact for latents of at most ``dim`` entries, unbiased otherwise.
+        """
+        branches = list(branches)
+        g = torch.zeros(len(branches), T + 1, T + 1, dtype=torch.float64)
+        counted = torch.zeros(len(branches), T, dtype=torch.float64)  # entries per branch and step
+        ones = self.ones()
+        units = sorted({u for (_, u) in self.rows}, key=repr)
+        for u in units:
+            steps = [j for j in range(T) if (j, u) in self.rows]
+            if not steps:
+                continue
+            v = torch.stack([torch.cat(self.rows[(j, u)].v) for j in steps])  # (S, R, D)
+            k = branches.index(self.branch[u])
+            idx = torch.tensor(steps)
+            g[k, idx[:, None], idx[None, :]] += torch.einsum("ard,crd->ac", v, v)
+            o = (v @ ones).sum(1)
+            g[k, idx, T] += o
+            g[k, T, idx] += o
+            counted[k, idx] += float(v.shape[1] * (self.n or 1))
+        g[:, T, T] = counted.max(1).values
+        return reduce(g)
+
+
+MAX_TRIPLE_STEPS = 200
+"""Above this T the schedule search models ``extrapolate`` as ``velocity`` (its exact cost tensor is ``T^3``)."""
+
+
+def extrapolation_costs(gram: Tensor, grid: Sequence[float], rectified: bool) -> Tensor:
+    """Segment costs of ``extrapolate`` reuse, ``Q (T, T, T)``: ``Q[h, i, k]`` for ``h < i < k``.
+
+    ``Q[h, i, k] = sum over branches of ||sum_{i<j<k} dt_j r_j||^2`` with ``r_j`` the error of
+    ``v~_j = v_i + (v_i - v_h)(t_j - t_i)/(t_i - t_h)`` (with ``rectified``, its residual
+    after the step's least-squares fit). ``Q[0, 0, k]`` is the first segment, which has
+    no earlier computed step (``v~_j = v_0``). Everything else is ``inf``.
+
+    Args:
+        gram: :meth:`ErrorSketch.gram`, ``(n_branches, T + 1, T + 1)``.
+        grid: the ``T + 1`` times.
+    """
+    T = gram.shape[-1] - 1
+    t = torch.tensor([float(x) for x in grid], dtype=torch.float64)
+    dt = t[1:] - t[:-1]
+    q = torch.full((T, T, T), torch.inf, dtype=torch.float64)
+    ones = torch.zeros(T + 1, dtype=torch.float64)
+    ones[T] = 1.0
+    for i in range(T - 1):
+        js = torch.arange(i + 1, T)
+        for h in range(i) if i > 0 else [None]:
+            w = torch.zeros(len(js), T + 1, dtype=torch.float64)  # v~_j as coefficients
+            if h is None:
+                w[:, i] = 1.0
+            else:
+                slope = (t[js] - t[i]) / (t[i] - t[h])
+                w[:, i], w[:, h] = 1 + slope, -slope
+            c = w.clone()
+            c[torch.arange(len(js)), js] -= 1.0  # e_j = v~_j - v_j
+            drift = torch.zeros(len(js), T + 1, dtype=torch.float64)
+            total = torch.zeros(len(js), dtype=torch.float64)
+            for g in gram:
+                r = c
+                if rectified:  # per step: least squares of e on (v~, 1), r = e - a v~ - b
+                    basis = torch.stack([w, ones.expand_as(w)], dim=1)  # (J, 2, T+1)
+                    m = basis @ g @ basis.transpose(1, 2)  # (J, 2, 2)
+                    rhs = (basis @ g @ c[:, :, None])[..., 0]  # (J, 2)
+                    m = m + 1e-12 * m.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-300)[:, None, None] * torch.eye(2)
+                    coef = torch.linalg.solve(m, rhs[..., None])[..., 0]
+                    r = c - coef[:, :1] * w - coef[:, 1:] * ones
+                drift = torch.cumsum(dt[js, None] * r, dim=0)  # D(i, j + 1)
+                total = total + ((drift @ g) * drift).sum(-1)
+            ends = js + 1
+            keep = ends < T
+            q[i if h is None else h, i, ends[keep]] = total[keep]
+            q[i if h is None else h, i, i + 1] = 0.0
+    return q
+
+
+def _reuse_coefficients(grid: Sequence[float], mode: str, h: int | None, i: int, j: int, T: int) -> Tensor:
+    """``v~_j`` as coefficients over the Gram basis (steps, then ones) for a mode that keeps ``v``."""
+    w = torch.zeros(T + 1, dtype=torch.float64)
+    if mode == "extrapolate" and h is not None and grid[i] != grid[h]:
+        s = (grid[j] - grid[i]) / (grid[i] - grid[h])
+        w[i], w[h] = 1 + s, -s
+    else:
+        w[i] = 1.0
+    return w
+
+
+def reuse_error(gram: Tensor, grid: Sequence[float], mode: str, h: int | None, i: int, j: int,
+                rectified: bool) -> float:
+    """Squared error ``sum ||v~_j - v_j||^2`` of rebuilding step j from computed step i (h before it), all branches.
+
+    With ``rectified``, the residual after each branch's least-squares fit
+    ``e ~ a v~ + b`` (Eq. 17, one ``(a, b)`` per step and branch).
+
+    Args:
+        gram: :meth:`ErrorSketch.gram`, ``(n_branches, T + 1, T + 1)``.
+        grid: the ``T + 1`` times.
+        mode: ``velocity`` or ``extrapolate``.
+    """
+    T = gram.shape[-1] - 1
+    w = _reuse_coefficients(grid, mode, h, i, j, T)
+    c = w.clone()
+    c[j] -= 1.0  # e = v~_j - v_j
+    total = 0.0
+    for g in gram:
+        err = float(c @ g @ c)
+        if rectified:
+            basis = torch.stack([w, torch.zeros(T + 1, dtype=torch.float64).index_fill_(0, torch.tensor([T]), 1.0)])
+            m = basis @ g @ basis.T  # normal equations of (a, b)
+            rhs = basis @ g @ c
+            coef = torch.linalg.lstsq(m, rhs[:, None]).solution[:, 0] if bool(m.abs().sum() > 0) else torch.zeros(2)
+            err = max(0.0, err - float(coef @ rhs))
+        total += err
+    return total
+
+
+def choose_step_reuse(gram: Tensor, grid: Sequence[float], cached_steps: Sequence[int], modes: Sequence[str],
+                      rectified: bool) -> dict[int, str]:
+    """Each cached step's reuse mode of least modelled error (:func:`reuse_error`), among ``modes``.
+
+    Args:
+        gram: :meth:`ErrorSketch.gram`.
+        grid: the ``T + 1`` times.
+        cached_steps: the schedule's cached steps.
+        modes: modes that keep ``v`` (``velocity``, ``extrapolate``), the policy's own first
+            (it wins ties).
+
+    Returns:
+        ``{cached step: mode}`` for every cached step.
+    """
+    T = len(grid) - 1
+    cached = set(cached_steps)
+    computed = [k for k in range(T) if k not in cached]
+    out: dict[int, str] = {}
+    for j in sorted(cached):
+        before = [k for k in computed if k < j]
+        i = before[-1]
+        h = before[-2] if len(before) > 1 else None
+        errors = {m: reuse_error(gram, grid, m, h, i, j, rectified) for m in modes}
+        out[j] = min(modes, key=lambda m: (errors[m], modes.index(m)))
+    return out
+
+
 def shortest_schedule(cost: Tensor, nfe: int, forced: Sequence[int] = ()) -> tuple[int, ...] | None:
     """The cached steps of the computed set with ``nfe`` steps and the least summed segment cost.
 
     Args:
-        cost: ``(T, T)``; ``cost[i, k]`` for ``i < k`` is the cost of computing at i and k
-            and caching the steps between (``cost[i, i+1]`` is 0 in practice).
+        cost: ``(T, T)``, ``cost[i, k]`` for ``i < k`` the cost of computing at i and k
+            and caching the steps between (``cost[i, i+1]`` is 0 in practice); or
+            ``(T, T, T)``, ``cost[h, i, k]`` the same segment when h is the computed
+            step before i (``cost[0, 0, k]``: the first segment), as
+            :func:`extrapolation_costs` gives.
         nfe: computed steps, first (0) and last (T - 1) included, in [2, T].
         forced: steps that must be computed.
 
@@ -217,7 +390,10 @@ def shortest_schedule(cost: Tensor, nfe: int, forced: Sequence[int] = ()) -> tup
     valid = idx[:, None] < idx[None, :]
     for s in forced:  # a segment may not skip a forced step
         valid &= ~((idx[:, None] < s) & (s < idx[None, :]))
-    c = torch.where(valid, cost.double(), torch.full_like(cost, torch.inf, dtype=torch.float64))
+    inf = torch.full((), torch.inf, dtype=torch.float64)
+    if cost.ndim == 3:
+        return _pair_path(torch.where(valid[None], cost.double(), inf), nfe, T)
+    c = torch.where(valid, cost.double(), inf)
     f = torch.full((T,), torch.inf, dtype=torch.float64)
     f[0] = 0.0
     parents = []
@@ -231,6 +407,28 @@ def shortest_schedule(cost: Tensor, nfe: int, forced: Sequence[int] = ()) -> tup
     for parent in reversed(parents):
         k = int(parent[k])
         computed.append(k)
+    return tuple(sorted(set(range(T)) - set(computed)))
+
+
+def _pair_path(c: Tensor, nfe: int, T: int) -> tuple[int, ...] | None:
+    """The DP of :func:`shortest_schedule` whose state is the last two computed steps ``(h, i)``."""
+    f = torch.full((T, T), torch.inf, dtype=torch.float64)
+    f[0, 1:] = c[0, 0, 1:]  # one edge: 0 -> i
+    parents = []
+    for _ in range(nfe - 2):  # f[i, k]: least cost of a path from 0 ending h=i -> k, one more edge each time
+        total = f[:, :, None] + c  # (h, i, k)
+        f, parent = total.min(0)
+        parents.append(parent)
+    last = f[:, T - 1]
+    if not bool(torch.isfinite(last).any()):
+        return None
+    i = int(last.argmin())
+    computed = [T - 1, i]
+    k = T - 1
+    for parent in reversed(parents):
+        h = int(parent[i, k])
+        computed.append(h)
+        i, k = h, i
     return tuple(sorted(set(range(T)) - set(computed)))
 
 

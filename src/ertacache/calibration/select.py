@@ -38,11 +38,14 @@ class Candidate:
     variant: str = "plain"
     rule: str | None = None
     """The schedule search's reading of its error model (:data:`~.schedule.RULES`), for ``source='search'``."""
+    step_reuse: dict[int, str] = field(default_factory=dict)
+    """Cached steps that rebuild with another reuse mode than the config's (:attr:`ertacache.Policy.step_reuse`)."""
 
     def as_dict(self, T: int) -> dict[str, Any]:
         return {"source": self.source, "threshold": self.threshold, "nfe": T - len(self.cached_steps),
                 "cached_steps": list(self.cached_steps), "errors": dict(self.errors), "variant": self.variant,
-                **({"rule": self.rule} if self.rule is not None else {})}
+                **({"rule": self.rule} if self.rule is not None else {}),
+                **({"step_reuse": {str(k): v for k, v in self.step_reuse.items()}} if self.step_reuse else {})}
 
 
 def check_target_speedup(target_speedup: object, num_inference_steps: int) -> float:

@@ -32,7 +32,7 @@ from .checkpoint import Checkpoint, digest
 from .distributed import check_shards
 from .drive import Driver
 from .passes import AdjustTimesteps, FitRectification, GroundTruth, ThresholdSearch
-from .schedule import ErrorSketch, propose
+from .schedule import MAX_TRIPLE_STEPS, ErrorSketch, choose_step_reuse, extrapolation_costs, propose
 from .select import Candidate, SearchResult, check_goal, select_candidates, sweep
 
 PassCallback = Callable[[str], None]
@@ -92,7 +92,7 @@ class CalibrationSession:
             sweep_passes = len(c.thresholds) + 6 if "threshold" in c.candidates else 0
             sets = (c.max_candidates if "threshold" in c.candidates else 0) + ("uniform" in c.candidates) \
                 + (c.search_candidates if "search" in c.candidates else 0)
-            estimate = 1 + sweep_passes + sets * (7 if c.component_check else 3)
+            estimate = 1 + sweep_passes + sets * (7 if c.component_check else 3) + 3 * c.step_reuse_choice
             self.bar = tqdm(total=estimate, unit="pass", desc="calibration")
         self._ground_truth()
         self.searched: list[SearchResult] = []
@@ -151,9 +151,11 @@ class CalibrationSession:
                 raise ErtaCacheError(f"the sampler ran {len(gt.times)} steps, not num_inference_steps={self.T}")
             self.grid, self.gt_norms, self.switch_steps = gt.grid(), gt.norms(), gt.switch_steps()
             self.gt_changes = gt.velocity_changes()
-            self.search_costs = {} if gt.sketch is None else gt.sketch.costs(
-                self.grid, self.config.reuse, self.driver.reduce, self.config.rectification != "off",
-                self.driver.policy_fields(self.grid)["branches"])
+            branches = self.driver.policy_fields(self.grid)["branches"]
+            self.search_costs = {} if gt.sketch is None else {
+                **gt.sketch.costs(self.grid, self.config.reuse, self.driver.reduce,
+                                  self.config.rectification != "off", branches),
+                "gram": gt.sketch.gram(self.T, branches, self.driver.reduce)}
             self._done(key, {"grid": self.grid, "norms": list(self.gt_norms), "changes": list(self.gt_changes),
                              "switch_steps": self.switch_steps, "driver": self.driver.recorded()},
                        {"x": self.gt_final, **{f"search.{k}": v for k, v in self.search_costs.items()}})
@@ -182,28 +184,29 @@ class CalibrationSession:
             result = hit[0]
         return SearchResult(threshold, tuple(result["cached_steps"]), tuple(result["l1_rel"]), result["complete"])
 
-    def adjust(self, cached_steps: tuple[int, ...]) -> list[float]:
-        """Eq. 13-14's adjusted grid of a cached set, on the fitting rows."""
-        key = f"timestep adjustment S={list(cached_steps)}"
+    def adjust(self, cached_steps: tuple[int, ...], step_reuse: dict[int, str] | None = None) -> list[float]:
+        """Eq. 13-14's adjusted grid of a cached set (with per-step reuse modes), on the fitting rows."""
+        key = f"timestep adjustment S={list(cached_steps)}" + (f" reuse={step_reuse}" if step_reuse else "")
         hit = self._kept(key)
         if hit is not None:
             return list(hit[0]["grid"])
-        p = AdjustTimesteps(cached_steps, self.config.phi_denominator, self.gt_changes)
+        p = AdjustTimesteps(cached_steps, self.config.phi_denominator, self.gt_changes, step_reuse)
         self._run("timestep adjustment", key, p, self.fit, self.grid)
         self._done(key, {"grid": p.grid, "phis": {str(k): v for k, v in p.phis.items()}})
         return p.grid
 
-    def rectify(self, cached_steps: tuple[int, ...], grid: Sequence[float], branches: Sequence[str]
-                ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+    def rectify(self, cached_steps: tuple[int, ...], grid: Sequence[float], branches: Sequence[str],
+                step_reuse: dict[int, str] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
         """Eq. 15-21's fit along a cached set's trajectory on ``grid``: ``(rect_a, rect_b, enabled)``."""
-        key = f"rectification fit S={list(cached_steps)} grid={digest(list(grid))}"
+        key = f"rectification fit S={list(cached_steps)} grid={digest(list(grid))}" + (
+            f" reuse={step_reuse}" if step_reuse else "")
         hit = self._kept(key)
         if hit is not None:
             t = hit[1]
             return ({b: t[f"a.{b}"] for b in branches}, {b: t[f"b.{b}"] for b in branches}, t["enabled"].bool())
         c = self.config
         p = FitRectification(cached_steps, c.rectification, c.granularity, has_holdout=self.n_hold > 0,
-                             layout=self.driver.layout)
+                             layout=self.driver.layout, step_reuse=step_reuse)
         self._run("rectification fit", key, p, self.all, grid)
         a, b, enabled = p.tensors(branches, self.T)
         self._done(key, {}, {**{f"a.{k}": v for k, v in a.items()}, **{f"b.{k}": v for k, v in b.items()},
@@ -220,7 +223,8 @@ class CalibrationSession:
         tensors = [policy.rect_a[b] for b in policy.rect_a] + [policy.rect_b[b] for b in policy.rect_b] if on else []
         key = "evaluation " + digest(list(policy.cached_steps), list(policy.sampling_grid),
                                      policy.rect_form if on else "off",
-                                     policy.rect_enabled.int() if on else None, *tensors)  # type: ignore[union-attr]
+                                     policy.rect_enabled.int() if on else None, *tensors,  # type: ignore[union-attr]
+                                     *([policy.step_reuse] if policy.step_reuse else []))
         if key in self.errors:
             return self.errors[key]
         hit = self._kept(key)
@@ -256,13 +260,18 @@ class CalibrationSession:
                 self.variants = variants
         if best is None:  # pragma: no cover - _candidates never returns an empty list
             raise ErtaCacheError("calibration produced no candidate policy")
+        refined = self._per_step_reuse(best[2])
+        if refined is not None:
+            candidates.append(refined[2])
+            if refined[0] < best[0]:
+                best = refined
         if self.bar is not None:
             self.bar.close()
         chosen = best[2]
         info = provenance(
             calibration_size=self.driver.size, holdout_size=self.n_hold, target_speedup=target_speedup,
             threshold=chosen.threshold, selected=chosen.source, variant=chosen.variant,
-            candidates=[c.as_dict(self.T) for c in candidates],
+            candidates=[c.as_dict(self.T) for c in candidates], chosen=candidates.index(chosen),
             timestep_adjustment=("on" if self.config.timestep_adjustment else "off (config)")
             if self.driver.adjustment_off is None else f"off: {self.driver.adjustment_off}",
             cost=self.cost_summary(), **self.driver.provenance(),
@@ -296,8 +305,12 @@ class CalibrationSession:
                                 self.config, self.switch_steps)
         if "search" in self.config.candidates:
             known = {c.cached_steps for c in out}
-            for rule, cached in propose(self.search_costs, max_nfe, self.switch_steps, self.config.search_candidates):
-                if cached not in known:
+            limit = self.config.search_candidates
+            proposed = [(f"extrapolation, {rule}", cached) for rule, cached in
+                        propose(self._extrapolation_costs(), max_nfe, self.switch_steps, limit)]
+            proposed += propose(self.search_costs, max_nfe, self.switch_steps, limit)
+            for rule, cached in proposed:
+                if cached not in known and sum(c.source == "search" for c in out) < limit:
                     known.add(cached)
                     out.append(Candidate("search", None, cached, rule=rule))
         if not out:  # the search found no set beside the forced steps: the evenly spaced one competes alone
@@ -305,23 +318,65 @@ class CalibrationSession:
                                     self.switch_steps)
         return out
 
-    def _variants(self, cand: Candidate) -> dict[str, Policy]:
-        """The candidate's policies, from fewest components to all that the config asks for."""
+    def _extrapolation_costs(self) -> dict[str, Tensor]:
+        """The schedule search's segment costs ``(T, T, T)`` for ``extrapolate`` reuse (empty for other modes,
+        without the ground truth's Gram matrix, or above :data:`~.schedule.MAX_TRIPLE_STEPS` steps)."""
+        gram = self.search_costs.get("gram")
+        if self.config.reuse != "extrapolate" or gram is None or self.T > MAX_TRIPLE_STEPS:
+            return {}
+        if not hasattr(self, "_triple_costs"):
+            kinds = ("raw", "rectified") if self.config.rectification != "off" else ("raw",)
+            self._triple_costs = {k: extrapolation_costs(gram, self.grid, k == "rectified") for k in kinds}
+        return self._triple_costs
+
+    def _per_step_reuse(self, winner: Candidate) -> tuple[float, Policy, Candidate] | None:
+        """The winning set with each cached step's reuse mode chosen by the error model, judged on held-out error.
+
+        Only the winner's variant is built (at most an adjustment pass, a rectification
+        fit and an evaluation); None when the config does not ask for it, the
+        ground truth logged no error model (``search`` not among the sources), the
+        reuse mode has no alternative, or every step keeps the policy's mode.
+        """
         config = self.config
-        plain = Policy(cached_steps=cand.cached_steps, **self.base)  # type: ignore[arg-type]
+        gram = self.search_costs.get("gram")
+        modes = [m for m in (config.reuse, "velocity", "extrapolate") if config.reuse in ("velocity", "extrapolate")]
+        if not config.step_reuse_choice or gram is None or not modes or not winner.cached_steps:
+            return None
+        modes = list(dict.fromkeys(modes))
+        chosen = choose_step_reuse(gram, self.grid, winner.cached_steps, modes, config.rectification != "off")
+        step_reuse = {j: m for j, m in chosen.items() if m != config.reuse}
+        if not step_reuse:
+            return None
+        cand = Candidate(winner.source, winner.threshold, winner.cached_steps, rule=winner.rule, step_reuse=step_reuse)
+        self.log(f"evaluating per-step reuse on the {winner.source} set: {step_reuse}")
+        variants = self._variants(cand, only=winner.variant)
+        cand.variant = winner.variant
+        cand.errors = {winner.variant: self.error(variants[winner.variant])}
+        return cand.errors[winner.variant], variants[winner.variant], cand
+
+    def _variants(self, cand: Candidate, only: str | None = None) -> dict[str, Policy]:
+        """The candidate's policies, from fewest components to all that the config asks for (or ``only`` one)."""
+        config = self.config
+        plain = Policy(cached_steps=cand.cached_steps, step_reuse=cand.step_reuse, **self.base)  # type: ignore[arg-type]
         out = {"plain": plain}
         if not cand.cached_steps:
             return out
+
+        def wanted(name: str) -> bool:
+            return only is None or name == only or (name == "adjusted" and only == "full")
+
         adjusted: list[float] | None = None
-        if config.timestep_adjustment and self.driver.adjustment_off is None:
-            adjusted = self.adjust(cand.cached_steps)
+        if config.timestep_adjustment and self.driver.adjustment_off is None and wanted("adjusted"):
+            adjusted = self.adjust(cand.cached_steps, cand.step_reuse)
             out["adjusted"] = replace(plain, adjusted_grid=tuple(adjusted))
         if config.rectification != "off":
             grids: list[tuple[str, list[float]]] = [("rectified", self.grid)]
             if adjusted is not None:
                 grids = (grids if config.component_check else []) + [("full", adjusted)]
             for name, g in grids:
-                a, b, enabled = self.rectify(cand.cached_steps, g, plain.branches)
+                if not wanted(name):
+                    continue
+                a, b, enabled = self.rectify(cand.cached_steps, g, plain.branches, cand.step_reuse)
                 out[name] = replace(out["adjusted"] if name == "full" else plain, rect_a=a, rect_b=b,
                                     rect_enabled=enabled, rect_form=config.rectification)
         return out

@@ -27,7 +27,7 @@ from ..config import Rectification
 from ..errors import ErtaCacheError
 from . import rectify
 from .rectify import CHANNELS_FIRST, ChannelLayout
-from .reuse import History
+from .reuse import History, Reuse, get_reuse
 
 Reduce = Callable[[Tensor], Tensor]
 """Sums a statistics tensor over everything that shares a decision (identity in one process)."""
@@ -103,12 +103,15 @@ class Pass:
 
     Subclasses override :meth:`needs_model`, :meth:`needs_cached`, :meth:`provisional`
     and :meth:`decide`. ``reduce`` sums statistics over processes (identity here).
+    ``step_reuse`` (``{step: reuse mode name}``) rebuilds those steps with another mode
+    than the driver's (one that keeps the same thing; :attr:`ertacache.Policy.step_reuse`).
     """
 
     name = "pass"
 
-    def __init__(self) -> None:
+    def __init__(self, step_reuse: dict[int, str] | None = None) -> None:
         self.reduce: Reduce = lambda x: x
+        self.step_reuse: dict[int, str] = dict(step_reuse or {})
 
     def reset(self) -> None:
         """A new trajectory starts (a pipeline called again); passes with per-run records clear them."""
@@ -152,12 +155,13 @@ class Engine:
             change the times after a step), or None while unknown (ground truth on
             a pipeline, which records them).
         history: also keep each unit's cache of the computed step before the latest
-            (reuse modes with ``needs_history``; :meth:`history`).
+            (reuse modes with ``needs_history``; :meth:`history`). It is kept anyway
+            when one of the pass's ``step_reuse`` modes needs it.
     """
 
     def __init__(self, pass_: Pass, grid: Sequence[float] | None, history: bool = False) -> None:
         self.pass_ = pass_
-        self.keeps_history = history
+        self.keeps_history = history or any(get_reuse(m).needs_history for m in pass_.step_reuse.values())
         self.grid = None if grid is None else [float(t) for t in grid]
         self.units: dict[Hashable, _UnitState] = {}
         self.pending: dict[int, list[UnitCall]] = {}
@@ -177,6 +181,11 @@ class Engine:
         if st.kept is None or st.t_kept is None:
             return None
         return History(t, st.t_kept, st.previous, st.t_previous)
+
+    def reuse(self, step: int, default: Reuse) -> Reuse:
+        """The reuse mode that rebuilds ``v~`` at ``step``: the pass's ``step_reuse`` there, else ``default``."""
+        name = self.pass_.step_reuse.get(step)
+        return default if name is None else get_reuse(name)
 
     def needs_model(self, step: int, unit: Hashable) -> bool:
         """Whether ``unit`` must run the model at ``step``."""
@@ -258,14 +267,16 @@ class FollowPolicy(Pass):
         rectification: ``(branch, step) -> (a, b)`` or None where off.
         form: the rectification form.
         layout: where the output's channels are (per-channel coefficients).
+        step_reuse: ``{cached step: reuse mode}`` where it differs from the driver's.
     """
 
     name = "inference"
 
     def __init__(self, compute_mask: Sequence[bool],
                  rectification: Callable[[str, int], tuple[Tensor, Tensor] | None] | None = None,
-                 form: Rectification = "off", layout: ChannelLayout = CHANNELS_FIRST) -> None:
-        super().__init__()
+                 form: Rectification = "off", layout: ChannelLayout = CHANNELS_FIRST,
+                 step_reuse: dict[int, str] | None = None) -> None:
+        super().__init__(step_reuse)
         self.mask = list(compute_mask)
         self.rectification, self.form, self.layout = rectification, form, layout
         self.stats = RunStats()

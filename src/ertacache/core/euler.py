@@ -145,7 +145,7 @@ def _observe_chunk(model: Any, reuse: Reuse, engine: Engine, i: int, t: float, x
             check_finite_output(v_all, i, t, engine.pass_.name)
         r_all = reuse.keep(v_all, xb, h_res)
     if all(engine.wants_cached(i, u) for u in units):
-        vc_all = _rebuild(model, reuse, engine, units, xb, tb, cb, t)
+        vc_all = _rebuild(model, engine.reuse(i, reuse), engine, units, xb, tb, cb, t)
     for k, (name, unit) in enumerate(zip(names, units)):
         engine.observe(UnitCall(i, t, unit, name, x, fit, v=_part(v_all, k, nb), r=_part(r_all, k, nb),
                                 v_cached=_part(vc_all, k, nb)))

@@ -45,11 +45,15 @@ class Reuse:
             split the model into embedding, block stack and head).
         needs_history: True when rebuilding needs the cache of the computed step before
             the latest (:class:`History`); the engine then keeps it.
+        keeps: what :meth:`keep` stores (``"v"``, ``"v - x"``, ``"block residual"``);
+            modes that keep the same thing can be mixed step by step in one policy
+            (:attr:`ertacache.Policy.step_reuse`).
     """
 
     name: str = ""
     needs_blocks: bool = False
     needs_history: bool = False
+    keeps: str = ""
 
     def keep(self, v: Tensor, x: Tensor, block_residual: Tensor | None) -> Tensor:
         """What the cache stores after a computed step.
@@ -74,6 +78,7 @@ class VelocityReuse(Reuse):
     """``v~_j = v_i``: the output itself (TeaCache-style plain reuse)."""
 
     name = "velocity"
+    keeps = "v"
 
     def keep(self, v: Tensor, x: Tensor, block_residual: Tensor | None) -> Tensor:
         return v
@@ -92,6 +97,7 @@ class ExtrapolateReuse(Reuse):
 
     name = "extrapolate"
     needs_history = True
+    keeps = "v"
 
     def keep(self, v: Tensor, x: Tensor, block_residual: Tensor | None) -> Tensor:
         return v
@@ -109,6 +115,7 @@ class LatentResidualReuse(Reuse):
     """``r = v_i - x_i``, ``v~_j = x_j + r`` (Eq. 5-6 read literally on the latent)."""
 
     name = "latent_residual"
+    keeps = "v - x"
 
     def keep(self, v: Tensor, x: Tensor, block_residual: Tensor | None) -> Tensor:
         return v - x
@@ -122,6 +129,7 @@ class BlockResidualReuse(Reuse):
 
     name = "block_residual"
     needs_blocks = True
+    keeps = "block residual"
 
     def keep(self, v: Tensor, x: Tensor, block_residual: Tensor | None) -> Tensor:
         if block_residual is None:
@@ -143,6 +151,35 @@ def register_reuse(mode: Reuse) -> Reuse:
         raise ErtaCacheError(f"a reuse mode needs a name, got {mode!r}")
     REUSE_MODES[mode.name] = mode
     return mode
+
+
+def check_step_reuse(step_reuse: object, base: str, cached_steps: tuple[int, ...] | None = None) -> dict[int, str]:
+    """Validate per-step reuse modes ``{cached step: mode name}`` beside the policy's ``base`` mode.
+
+    Entries equal to ``base`` are dropped (they change nothing), so equal choices give
+    equal dicts.
+
+    Raises:
+        ErtaCacheError: not a dict of int steps to mode names, a step not in
+            ``cached_steps``, an unknown mode, or a mode that keeps something other
+            than ``base`` does (its :attr:`Reuse.keeps`), which one cache cannot serve.
+    """
+    if not isinstance(step_reuse, dict):
+        raise ErtaCacheError(f"step_reuse must be a dict {{cached step: reuse mode}}, got {step_reuse!r}")
+    main = get_reuse(base)
+    out: dict[int, str] = {}
+    for step, name in step_reuse.items():
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ErtaCacheError(f"step_reuse keys must be int step indices, got {step!r}")
+        if cached_steps is not None and step not in cached_steps:
+            raise ErtaCacheError(f"step_reuse names step {step}, which is not a cached step ({list(cached_steps)})")
+        mode = get_reuse(name)
+        if mode.keeps != main.keeps:
+            raise ErtaCacheError(f"step_reuse: step {step} uses '{mode.name}', which keeps {mode.keeps!r}, but the "
+                                 f"policy's reuse '{main.name}' keeps {main.keeps!r}; one cache cannot serve both")
+        if mode.name != main.name:
+            out[step] = mode.name
+    return dict(sorted(out.items()))
 
 
 def get_reuse(name: object) -> Reuse:

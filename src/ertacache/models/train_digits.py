@@ -61,8 +61,11 @@ def fit(model: torch.nn.Module, batch: Callable[[torch.Generator, int], tuple[to
         model: ``model(x_t, t, labels)`` predicts ``noise - x_0``.
         batch: ``batch(generator, n) -> (x_0, labels)``.
         args: steps, batch_size, lr, ema, label_dropout, seed, threads, save_every,
-            out, and optionally minutes (a wall-clock budget: training stops there and
-            the schedule is cut short, the meta records where).
+            out, and optionally minutes (a wall-clock budget: the cosine learning-rate
+            schedule follows whichever of steps and minutes runs out first, so a run
+            cut by the clock still anneals; the meta records the steps done) and
+            compile (train through ``torch.compile``; the saved weights are the same
+            module's).
     """
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -71,22 +74,27 @@ def fit(model: torch.nn.Module, batch: Callable[[torch.Generator, int], tuple[to
     gen = torch.Generator().manual_seed(args.seed)
     out = Path(args.out)
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
-    start = 0
+    start, spent = 0, 0.0
     if ckpt.is_file():
         state = load_file(str(ckpt))
         model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
         ema = {k[4:]: v for k, v in state.items() if k.startswith("ema.")}
         opt_state = {k[4:]: v for k, v in state.items() if k.startswith("opt.")}
         start = int(state["step"].item())
+        spent = float(state["seconds"].item()) if "seconds" in state else 0.0
         gen.set_state(state["gen"])
         torch.set_rng_state(state["rng"])
         _load_opt(opt, opt_state)
         print(f"resumed from {ckpt} at step {start}")
-    t_start = time.time()
+    t_start = time.time() - spent
     budget = getattr(args, "minutes", None)
+    forward = torch.compile(model) if getattr(args, "compile", False) else model
     step = start
     for step in range(start, args.steps):
-        lr = args.lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        progress = step / args.steps
+        if budget is not None:
+            progress = max(progress, (time.time() - t_start) / (60 * budget))
+        lr = args.lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
         for group in opt.param_groups:
             group["lr"] = lr
         x0, labels = batch(gen, args.batch_size)
@@ -95,7 +103,7 @@ def fit(model: torch.nn.Module, batch: Callable[[torch.Generator, int], tuple[to
         t = torch.sigmoid(torch.randn(args.batch_size, generator=gen))
         tb = t.view(-1, *[1] * (x0.ndim - 1))
         x_t = (1 - tb) * x0 + tb * noise
-        loss = (model(x_t, t, labels) - (noise - x0)).square().mean()
+        loss = (forward(x_t, t, labels) - (noise - x0)).square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -107,7 +115,7 @@ def fit(model: torch.nn.Module, batch: Callable[[torch.Generator, int], tuple[to
         if step % 50 == 0 or step == args.steps - 1:
             print(f"step {step:5d} loss {loss.item():.4f} lr {lr:.2e} {time.time() - t_start:.0f}s", flush=True)
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            _checkpoint(model, ema, opt, step + 1, gen, ckpt)
+            _checkpoint(model, ema, opt, step + 1, gen, ckpt, time.time() - t_start)
         if budget is not None and time.time() - t_start > 60 * budget:
             print(f"stopping at step {step + 1}: the {budget}-minute budget is spent", flush=True)
             break
@@ -119,11 +127,12 @@ def fit(model: torch.nn.Module, batch: Callable[[torch.Generator, int], tuple[to
     print(f"wrote {out} and {out.with_suffix('.json')}")
 
 
-def _checkpoint(model, ema, opt, step, gen, path: Path) -> None:  # type: ignore[no-untyped-def]
+def _checkpoint(model, ema, opt, step, gen, path: Path, seconds: float) -> None:  # type: ignore[no-untyped-def]
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     state.update({f"ema.{k}": v for k, v in ema.items()})
     state.update({f"opt.{k}": v for k, v in _flatten_opt(opt).items()})
     state["step"] = torch.tensor(step)
+    state["seconds"] = torch.tensor(seconds, dtype=torch.float64)
     state["gen"] = gen.get_state()
     state["rng"] = torch.get_rng_state()
     _save(state, path)

@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--compile", action="store_true", help="train through torch.compile (about 25%% faster on CPU)")
     p.add_argument("--out", default="src/ertacache/weights/moving_digits_wan.safetensors")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return moving_digits(sprites[idx], gen), labels[idx].clone()
 
     command = ("python -m ertacache.models.train_moving_digits "
-               + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out" and v is not None)
+               + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                          for k, v in vars(args).items() if k != "out" and v is not None and v is not False)
                + f" --out {args.out}")
     config = {**TRANSFORMER_CONFIG, "patch_size": list(TRANSFORMER_CONFIG["patch_size"])}
     fit(MovingDigitsWan(TRANSFORMER_CONFIG), batch, args, {

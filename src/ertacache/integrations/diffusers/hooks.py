@@ -351,7 +351,7 @@ class PipelineRun:
         kept = engine.state(unit).kept
         if kept is not None and engine.wants_cached(step, unit):
             shape = v.shape if v is not None else kept.shape
-            v_cached = self.reuse.rebuild(kept, self._latent(hidden, shape),
+            v_cached = engine.reuse(step, self.reuse).rebuild(kept, self._latent(hidden, shape),
                                           lambda res: hook.forward_head(args, kwargs, res), engine.history(unit, t))
         done = v if v is not None else v_cached
         x = hidden if done is None else self._latent(hidden, done.shape)
