@@ -6,10 +6,12 @@
 On a bundled model at its realistic settings (the benchmark's calibration set and
 held-out seeds 10000..), one calibration session (ground truth with the error model,
 Algorithm 2's sweep, every candidate's variants) is asked for a policy with each set
-of sources allowed; every policy is sampled on the held-out seeds and compared with
-the uncached samples (PSNR). Then two fresh calibrations at 2x are timed: the
-sources of ertacache 0.1 (threshold + uniform, every component judged) and the search
-alone in its fewest passes (one proposed set, no component check).
+of sources allowed (and, for ``extrapolate`` reuse, the search with the velocity error
+model it used before, and the per-step reuse choice on and off); every policy is
+sampled on the held-out seeds and compared with the uncached samples (PSNR). Then fresh
+calibrations at 2x are timed: the sources of ertacache 0.1 (threshold + uniform, every
+component judged) and the search alone in its fewest passes (one proposed set, no
+component check), without and with the per-step reuse choice.
 """
 
 from __future__ import annotations
@@ -27,15 +29,20 @@ from ertacache import CalibrationConfig
 from ertacache.calibration import core_session
 from ertacache.io import atomic_write_text
 
+ALL = ("threshold", "uniform", "search")
 SOURCES = {
-    "Algorithm 2 (paper)": ("threshold",),
-    "uniform": ("uniform",),
-    "search": ("search",),
-    "all three (default)": ("threshold", "uniform", "search"),
+    "Algorithm 2 (paper)": dict(candidates=("threshold",), step_reuse_choice=False),
+    "uniform": dict(candidates=("uniform",), step_reuse_choice=False),
+    "search, velocity error model": dict(candidates=("search",), step_reuse_choice=False),
+    "search": dict(candidates=("search",), step_reuse_choice=False),
+    "all three, no per-step reuse": dict(candidates=ALL, step_reuse_choice=False),
+    "all three + per-step reuse (default)": dict(candidates=ALL, step_reuse_choice=True),
 }
 FAST = {"search, fewest passes": dict(candidates=("search",), search_candidates=1, component_check=False,
-                                      timestep_adjustment=False),
-        "threshold + uniform (0.1 default)": dict(candidates=("threshold", "uniform"))}
+                                      timestep_adjustment=False, step_reuse_choice=False),
+        "search + per-step reuse, fewest passes": dict(candidates=("search",), search_candidates=1,
+                                                       component_check=False, timestep_adjustment=False),
+        "threshold + uniform (0.1 default)": dict(candidates=("threshold", "uniform"), step_reuse_choice=False)}
 
 
 def main() -> None:
@@ -53,13 +60,18 @@ def main() -> None:
         session = core_session(model, ctx.cal_labels, ctx.cal_seeds, config=base, checkpoint_dir=tmp,
                                **ctx.cal_kwargs())
         for target in [float(s) for s in args.targets.split(",")]:
-            for name, sources in SOURCES.items():
-                session.config = replace(base, candidates=sources)
+            for name, change in SOURCES.items():
+                if name.startswith("search") and base.reuse != "extrapolate" and name != "search":
+                    continue
+                session.config = replace(base, **change)
+                if name == "search, velocity error model":
+                    session._triple_costs = {}  # as before the extrapolation model: velocity's costs
                 pol = session.policy(target_speedup=target)
+                session.__dict__.pop("_triple_costs", None)
+                chosen = pol.provenance["candidates"][pol.provenance["chosen"]]
                 row = {"model": args.model, "target": target, "sources": name, "nfe": pol.nfe,
                        "selected": pol.provenance["selected"], "variant": pol.provenance["variant"],
-                       "rule": next((c.get("rule") for c in pol.provenance["candidates"]
-                                     if list(c["cached_steps"]) == list(pol.cached_steps)), None),
+                       "rule": chosen.get("rule"), "step_reuse": chosen.get("step_reuse", {}),
                        "psnr": held.score(pol)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
@@ -73,7 +85,7 @@ def main() -> None:
         row = {"model": args.model, "calibration": name, "passes": sum(v["passes"] for v in cost["by_pass"].values()),
                "model_calls": cost["model_calls"], "seconds": round(seconds, 1), "nfe": pol.nfe,
                "selected": pol.provenance["selected"], "variant": pol.provenance["variant"],
-               "psnr": held.score(pol)}
+               "step_reuse": pol.step_reuse, "psnr": held.score(pol)}
         print(json.dumps(row), flush=True)
         timing.append(row)
     reuse = f" --reuse {args.reuse}" if args.reuse else ""

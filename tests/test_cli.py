@@ -101,6 +101,12 @@ def test_calibrate_with_the_search_alone_and_extrapolation(tmp_path):
                  "--candidates", "search", "--reuse", "extrapolate", "--out", str(path)]) == 0
     policy = Policy.load(path)
     assert policy.reuse == "extrapolate" and policy.provenance["selected"] == "search" and policy.nfe == 5
+    assert policy.config.step_reuse_choice
+    assert main(["calibrate", "--num-inference-steps", "10", "--target-speedup", "2", "--calibration-per-class", "1",
+                 "--candidates", "search", "--no-step-reuse-choice", "--out", str(path)]) == 0
+    policy = Policy.load(path)
+    assert not policy.config.step_reuse_choice and not policy.step_reuse
+    assert all("step_reuse" not in c for c in policy.provenance["candidates"])
 
 
 def test_calibrate_rejects_unknown_candidate_sources(tmp_path, capsys):

@@ -40,7 +40,7 @@ def test_modelled_reuse_error_is_the_exact_step_error():
     gv = [float(g(torch.tensor(t, dtype=torch.float64))) for t in grid[:-1]]
     for h, i, j in [(0, 2, 3), (1, 4, 7), (3, 5, 6), (None, 0, 2)]:
         exact_v = n * p2 * (gv[i] - gv[j]) ** 2
-        assert reuse_error(gram, grid, "velocity", h, i, j, False) == pytest.approx(exact_v, rel=1e-5)  # float32 outputs
+        assert reuse_error(gram, grid, "velocity", h, i, j, False) == pytest.approx(exact_v, rel=1e-5)
         if h is not None:
             slope = (grid[j] - grid[i]) / (grid[i] - grid[h])
             exact_x = n * p2 * (gv[i] + (gv[i] - gv[h]) * slope - gv[j]) ** 2

@@ -63,6 +63,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-timestep-adjustment", action="store_true")
     p.add_argument("--keep-all-components", action="store_true",
                    help="keep adjustment and rectification even where held-out error says they do not help")
+    p.add_argument("--no-step-reuse-choice", action="store_true",
+                   help="one reuse mode for every cached step (default: the winning set is also tried with each "
+                        "step's mode chosen by the error model, and kept where held-out error drops)")
 
     p = sub.add_parser("generate", help="sample digits, with a policy or uncached")
     _add_sampler_args(p)
@@ -121,6 +124,7 @@ def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
     config = CalibrationConfig(reuse=args.reuse, rectification=args.rectification, granularity=args.granularity,
                                timestep_adjustment=not args.no_timestep_adjustment,
                                component_check=not args.keep_all_components,
+                               step_reuse_choice=not args.no_step_reuse_choice,
                                candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()))
     return CalibrateSettings(
         out=args.out, config=config, target_speedup=args.target_speedup, threshold=args.threshold, seed=args.seed,
