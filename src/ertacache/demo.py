@@ -16,7 +16,7 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,8 +73,9 @@ def methods_for(policy: Policy, variants: dict[str, Policy]) -> dict[str, Policy
 
     ``uniform``: evenly spaced computed steps at the same NFE and reuse mode;
     ``offline_policy``: the chosen set S alone; ``timestep_adjustment``: + the adjusted
-    grid; ``rectification``: + rectification (every component on); ``ertacache``: the
-    policy calibration returns, which keeps a component only where it lowered the
+    grid; ``rectification``: + rectification (every component on); ``per_step_reuse``
+    (when calibration kept per-step reuse modes): the set alone with them; ``ertacache``:
+    the policy calibration returns, which keeps a component only where it lowered the
     held-out calibration error.
     """
     uniform = Policy.uniform(policy.num_inference_steps, policy.nfe, shift=policy.shift, reuse=policy.reuse,
@@ -83,6 +84,8 @@ def methods_for(policy: Policy, variants: dict[str, Policy]) -> dict[str, Policy
     ladder = {"offline_policy": "plain", "timestep_adjustment": "adjusted", "rectification": "full"}
     out: dict[str, Policy | None] = {"none": None, "uniform": uniform}
     out.update({row: variants[key] for row, key in ladder.items() if key in variants})
+    if policy.step_reuse and "plain" in variants:
+        out["per_step_reuse"] = replace(variants["plain"], step_reuse=policy.step_reuse)
     out["ertacache"] = policy
     return out
 

@@ -126,7 +126,8 @@ def ertacache(ctx: Context) -> list[Method]:
     out, ladder = [], []
     for s in ctx.settings.target_speedups:
         p = session.policy(target_speedup=s)
-        out.append(Method("ertacache", f"target={s}x ({p.provenance['selected']}, {p.provenance['variant']})",
+        per_step = ", per-step reuse" if p.step_reuse else ""
+        out.append(Method("ertacache", f"target={s}x ({p.provenance['selected']}{per_step}, {p.provenance['variant']})",
                           ctx.policy_runner(p)))
         if s == 2.0:
             v = session.variants
@@ -135,6 +136,8 @@ def ertacache(ctx: Context) -> list[Method]:
             ladder = [("uniform cache", uni), ("offline policy", v["plain"])]
             ladder += [(name, v[key]) for name, key in (("+ timestep adjustment", "adjusted"),
                                                           ("+ rectification", "full")) if key in v]
+            if p.step_reuse:  # the per-step reuse modes calibration kept, on the plain set
+                ladder.append(("offline policy + per-step reuse", replace(v["plain"], step_reuse=p.step_reuse)))
             ladder.append((f"ertacache ({p.provenance['variant']})", p))
     return out + [Method("ablation", name, ctx.policy_runner(p), group="ablation") for name, p in ladder]
 
@@ -151,7 +154,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "candidates=threshold (paper)": {"candidates": ("threshold",)},
     "candidates=threshold+uniform (0.1)": {"candidates": ("threshold", "uniform")},
     "search only, fewest passes": {"candidates": ("search",), "search_candidates": 1, "component_check": False,
-                                   "timestep_adjustment": False},
+                                   "timestep_adjustment": False, "step_reuse_choice": False},
+    "step_reuse_choice=off": {"step_reuse_choice": False},
     "component_check=off": {"component_check": False},
 }
 

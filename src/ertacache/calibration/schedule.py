@@ -337,6 +337,10 @@ def reuse_error(gram: Tensor, grid: Sequence[float], mode: str, h: int | None, i
     return total
 
 
+SWITCH_MARGIN = 1e-3
+"""Relative modelled-error gain a mode needs to replace the policy's own at a step."""
+
+
 def choose_step_reuse(gram: Tensor, grid: Sequence[float], cached_steps: Sequence[int], modes: Sequence[str],
                       rectified: bool) -> dict[int, str]:
     """Each cached step's reuse mode of least modelled error (:func:`reuse_error`), among ``modes``.
@@ -345,8 +349,12 @@ def choose_step_reuse(gram: Tensor, grid: Sequence[float], cached_steps: Sequenc
         gram: :meth:`ErrorSketch.gram`.
         grid: the ``T + 1`` times.
         cached_steps: the schedule's cached steps.
-        modes: modes that keep ``v`` (``velocity``, ``extrapolate``), the policy's own first
-            (it wins ties).
+        modes: modes that keep ``v`` (``velocity``, ``extrapolate``), the policy's own first.
+            Another mode replaces it only where its modelled error is lower by more than
+            ``SWITCH_MARGIN`` (relative), so round-off in the Gram (micro-batching, the
+            order of a sum) cannot flip a tie; where a mode rebuilds ``v~_j`` with the same
+            coefficients as the first (extrapolation with one computed step before j),
+            the first is kept.
 
     Returns:
         ``{cached step: mode}`` for every cached step.
@@ -359,8 +367,15 @@ def choose_step_reuse(gram: Tensor, grid: Sequence[float], cached_steps: Sequenc
         before = [k for k in computed if k < j]
         i = before[-1]
         h = before[-2] if len(before) > 1 else None
-        errors = {m: reuse_error(gram, grid, m, h, i, j, rectified) for m in modes}
-        out[j] = min(modes, key=lambda m: (errors[m], modes.index(m)))
+        own = _reuse_coefficients(grid, modes[0], h, i, j, T)
+        best, best_error = modes[0], reuse_error(gram, grid, modes[0], h, i, j, rectified)
+        for m in modes[1:]:
+            if torch.equal(_reuse_coefficients(grid, m, h, i, j, T), own):
+                continue
+            err = reuse_error(gram, grid, m, h, i, j, rectified)
+            if err < best_error * (1 - SWITCH_MARGIN):
+                best, best_error = m, err
+        out[j] = best
     return out
 
 
