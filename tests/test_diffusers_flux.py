@@ -39,9 +39,14 @@ def run(pipe, model, labels, noise, steps=T, **kwargs):
 
 @pytest.fixture(scope="module")
 def policy(model):
+    """A calibrated policy (the schedule search alone: the fewest passes; the default competition is
+    test_calibrate_on_the_pipeline's and test_calibration's)."""
+    from ertacache.config import CalibrationConfig
+
     labels = torch.arange(10)
     return calibrate(model, labels, range(10), latent_shape=(1, 16, 16), num_inference_steps=T, guidance_scale=3.0,
                      null_cond=torch.full_like(labels, NULL_CLASS), target_speedup=2.0,
+                     config=CalibrationConfig(candidates=("search",)),
                      model_fingerprint=model_fingerprint(model.transformer))
 
 
@@ -178,7 +183,8 @@ def test_adjusted_grid_goes_in_through_the_scheduler(pipe, model):
     labels = torch.arange(10)
     policy = calibrate(model, labels, range(10), latent_shape=(1, 16, 16), num_inference_steps=T, guidance_scale=3.0,
                        null_cond=torch.full_like(labels, NULL_CLASS), target_speedup=2.0,
-                       config=CalibrationConfig(component_check=False, phi_denominator="velocity"),
+                       config=CalibrationConfig(component_check=False, phi_denominator="velocity",
+                                                candidates=("search",)),
                        model_fingerprint=model_fingerprint(model.transformer))
     assert policy.adjusted_grid is not None and policy.adjusted_grid != policy.grid
     labels, noise = torch.tensor([1, 6]), seeded_noise([21, 22], (1, 16, 16))

@@ -15,7 +15,9 @@ from .settings import CalibrateSettings, GenerateSettings, PipelineBenchSettings
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-inference-steps", type=int, default=30, help="T (default 30)")
     p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    p.add_argument("--shift", type=float, default=1.0, help="time shift of the grid (default 1; bundled model)")
+    p.add_argument("--shift", type=float, default=3.0,
+                   help="time shift of the grid, bundled model (default 3, its FLUX-like setting; a pipeline uses its "
+                        "scheduler's)")
     p.add_argument("--model", default=None, help="digits weights (.safetensors); default: the bundled model")
     p.add_argument("--pipeline", default=None, help="a diffusers pipeline: hub id or local folder (from_pretrained)")
     p.add_argument("--height", type=int, default=None, help="pipeline output height")
