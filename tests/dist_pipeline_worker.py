@@ -21,7 +21,7 @@ def calibrate(n=8, batch_size=None):
     model = load_digits_model()
     pipe = digits_flux_pipeline(model)
     return calibrate_pipeline(pipe, None, num_inference_steps=8, target_speedup=2.0, seeds=range(n),
-                              config=CalibrationConfig(thresholds=(0.1, 0.3), max_candidates=2),
+                              config=CalibrationConfig(thresholds=(0.1, 0.3), max_candidates=2, search_candidates=1),
                               batch_size=batch_size, **pipe_kwargs(model, n))
 
 

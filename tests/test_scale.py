@@ -13,7 +13,7 @@ from ertacache.models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model
 
 T = 8
 N = 6
-CONFIG = CalibrationConfig(thresholds=(0.1, 0.3), max_candidates=2)
+CONFIG = CalibrationConfig(thresholds=(0.1, 0.3), max_candidates=2, search_candidates=1)
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,15 @@ def assert_same(a, b, tol=1e-5):
 
 @pytest.fixture(scope="module")
 def whole(model):
-    return run(model, config=CalibrationConfig(thresholds=(0.1, 0.3), max_candidates=2, component_check=False))
+    return run(model, config=CalibrationConfig(thresholds=(0.1, 0.3), max_candidates=2, search_candidates=1,
+                                               component_check=False))
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, N])
 def test_micro_batches_give_the_same_policy(model, whole, batch_size):
     p = run(model, batch_size=batch_size,
-            config=CalibrationConfig(thresholds=(0.1, 0.3), max_candidates=2, component_check=False))
+            config=CalibrationConfig(thresholds=(0.1, 0.3), max_candidates=2, search_candidates=1,
+                                     component_check=False))
     assert whole.adjusted_grid is not None and whole.rect_form == "linear"  # every component is compared
     assert_same(p, whole)
 
@@ -94,13 +96,14 @@ def test_checkpoint_of_another_calibration_is_refused(model, tmp_path):
     with pytest.raises(ErtaCacheError, match=r"another calibration: .*num_inference_steps: checkpoint 8, now 10"):
         run(model, checkpoint_dir=tmp_path, num_inference_steps=10)
     with pytest.raises(ErtaCacheError, match=r"another calibration: config"):
-        run(model, checkpoint_dir=tmp_path, config=CalibrationConfig(thresholds=(0.2,)))
+        run(model, checkpoint_dir=tmp_path, config=CalibrationConfig(thresholds=(0.2,), search_candidates=1))
 
 
 def test_sweep_early_stop_keeps_the_policy_and_saves_searches(model):
     lambdas = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
-    full = run(model, config=CalibrationConfig(thresholds=lambdas, max_candidates=2, sweep_early_stop=False))
-    early = run(model, config=CalibrationConfig(thresholds=lambdas, max_candidates=2))
+    full = run(model, config=CalibrationConfig(thresholds=lambdas, max_candidates=2, search_candidates=1,
+                                               sweep_early_stop=False))
+    early = run(model, config=CalibrationConfig(thresholds=lambdas, max_candidates=2, search_candidates=1))
     assert_same(early, full, tol=0)
     assert early.provenance["cost"]["by_pass"]["policy search"]["passes"] < \
         full.provenance["cost"]["by_pass"]["policy search"]["passes"]
