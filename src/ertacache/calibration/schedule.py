@@ -339,6 +339,8 @@ def reuse_error(gram: Tensor, grid: Sequence[float], mode: str, h: int | None, i
 
 SWITCH_MARGIN = 1e-3
 """Relative modelled-error gain a mode needs to replace the policy's own at a step."""
+SWITCH_FLOOR = 1e-6
+"""...and absolute, as a fraction of the step's ``sum ||v_j||^2`` (both errors may be round-off)."""
 
 
 def choose_step_reuse(gram: Tensor, grid: Sequence[float], cached_steps: Sequence[int], modes: Sequence[str],
@@ -351,10 +353,10 @@ def choose_step_reuse(gram: Tensor, grid: Sequence[float], cached_steps: Sequenc
         cached_steps: the schedule's cached steps.
         modes: modes that keep ``v`` (``velocity``, ``extrapolate``), the policy's own first.
             Another mode replaces it only where its modelled error is lower by more than
-            ``SWITCH_MARGIN`` (relative), so round-off in the Gram (micro-batching, the
-            order of a sum) cannot flip a tie; where a mode rebuilds ``v~_j`` with the same
-            coefficients as the first (extrapolation with one computed step before j),
-            the first is kept.
+            ``SWITCH_MARGIN`` (relative) plus ``SWITCH_FLOOR`` (of ``sum ||v_j||^2``), so
+            round-off in the Gram (micro-batching, the order of a sum) cannot flip a tie;
+            where a mode rebuilds ``v~_j`` with the same coefficients as the first
+            (extrapolation with one computed step before j), the first is kept.
 
     Returns:
         ``{cached step: mode}`` for every cached step.
@@ -368,12 +370,13 @@ def choose_step_reuse(gram: Tensor, grid: Sequence[float], cached_steps: Sequenc
         i = before[-1]
         h = before[-2] if len(before) > 1 else None
         own = _reuse_coefficients(grid, modes[0], h, i, j, T)
+        energy = float(gram[:, j, j].sum())  # sum ||v_j||^2: the scale of round-off in the errors
         best, best_error = modes[0], reuse_error(gram, grid, modes[0], h, i, j, rectified)
         for m in modes[1:]:
             if torch.equal(_reuse_coefficients(grid, m, h, i, j, T), own):
                 continue
             err = reuse_error(gram, grid, m, h, i, j, rectified)
-            if err < best_error * (1 - SWITCH_MARGIN):
+            if err < best_error * (1 - SWITCH_MARGIN) - SWITCH_FLOOR * energy:
                 best, best_error = m, err
         out[j] = best
     return out
