@@ -20,20 +20,17 @@ from ertacache import sample, seeded_noise
 from ertacache.models.moving_digits import (
     LATENT_SHAPE,
     NULL_CLASS,
+    clip_scores,
     digit_sprites,
     load_moving_digits_model,
     moving_digits,
-    read_clips,
 )
 
 
 def report(name: str, clips: torch.Tensor, labels: torch.Tensor) -> None:
-    classes, centres = read_clips(clips)
-    moves = (centres[:, 1:] - centres[:, :-1]).norm(dim=-1)
-    frames = (classes == labels[:, None]).float().mean().item()
-    majority = (classes.mode(1).values == labels).float().mean().item()
-    print(f"{name}: frames read as the label {frames:.3f}, clips by majority {majority:.3f}, "
-          f"moves > 4 px {(moves > 4).float().mean().item():.3f}, largest move {moves.max().item():.1f} px")
+    s = clip_scores(clips, labels)
+    print(f"{name}: frames read as the label {s['frames']:.3f}, clips by majority {s['clips']:.3f}, "
+          f"moves > 4 px {s['jumps']:.3f}, largest move {s['largest_move']:.1f} px")
 
 
 def main() -> None:

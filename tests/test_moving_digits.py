@@ -16,14 +16,16 @@ from ertacache.models.moving_digits import (
     SPRITE,
     WEIGHTS,
     bounce,
+    clip_scores,
     digit_sprites,
     load_moving_digits_model,
     moving_digits,
     read_clips,
 )
 
-# Measured on the bundled weights (README, "The bundled video model"): 0.59 of frames read as the requested
-# digit, 0.70 of clips by majority, 16% of frame-to-frame moves over 4 px (the previous weights: 0.24 of frames).
+# Measured on the bundled weights, these 10 clips: 0.59 of frames read as the requested digit, 0.70 of clips by
+# majority, 16% of frame-to-frame moves over 4 px (README, 40 clips: 0.62 / 0.75 / 11%; the previous weights:
+# 0.24 of frames).
 # The reader itself, on real clips: 0.95 of frames, no move over 3.1 px.
 FRAME_ACCURACY = 0.5
 CLIP_ACCURACY = 0.6
@@ -65,20 +67,15 @@ def test_samples_are_the_requested_digit_moving_smoothly(model):
     the nearest training sprite (checked here on real clips first): mostly the requested class, moving like the
     training clips (at most 3 px a frame there) with few jumps. Chance is 0.1 of frames."""
     sprites, sprite_labels = digit_sprites()
-    real = moving_digits(sprites[-100:], torch.Generator().manual_seed(5))
-    classes, centres = read_clips(real)
-    assert (classes == sprite_labels[-100:, None]).float().mean() >= 0.9
-    assert float((centres[:, 1:] - centres[:, :-1]).norm(dim=-1).max()) <= 3.5
+    real = clip_scores(moving_digits(sprites[-100:], torch.Generator().manual_seed(5)), sprite_labels[-100:])
+    assert real["frames"] >= 0.9 and real["largest_move"] <= 3.5
 
     labels = torch.arange(10)
     noise = seeded_noise(range(900, 910), LATENT_SHAPE)
     x = sample(model, noise, labels, num_inference_steps=50, shift=5.0, guidance_scale=4.0,
                null_cond=torch.full_like(labels, NULL_CLASS)).x
-    classes, centres = read_clips(x)
-    assert (classes == labels[:, None]).float().mean() >= FRAME_ACCURACY
-    assert (classes.mode(1).values == labels).float().mean() >= CLIP_ACCURACY
-    steps = (centres[:, 1:] - centres[:, :-1]).norm(dim=-1)
-    assert (steps > 4.0).float().mean() <= JUMPS
+    scores = clip_scores(x, labels)
+    assert scores["frames"] >= FRAME_ACCURACY and scores["clips"] >= CLIP_ACCURACY and scores["jumps"] <= JUMPS
 
 
 def test_trained_model_fits_held_out_clips(model):

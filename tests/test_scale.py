@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -42,15 +43,12 @@ def assert_same(a, b, tol=1e-5):
 
 @pytest.fixture(scope="module")
 def whole(model):
-    return run(model, config=CalibrationConfig(thresholds=(0.1, 0.3), max_candidates=2, search_candidates=1,
-                                               component_check=False))
+    return run(model, config=replace(CONFIG, component_check=False))
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, N])
 def test_micro_batches_give_the_same_policy(model, whole, batch_size):
-    p = run(model, batch_size=batch_size,
-            config=CalibrationConfig(thresholds=(0.1, 0.3), max_candidates=2, search_candidates=1,
-                                     component_check=False))
+    p = run(model, batch_size=batch_size, config=replace(CONFIG, component_check=False))
     assert whole.adjusted_grid is not None and whole.rect_form == "linear"  # every component is compared
     assert_same(p, whole)
 
@@ -96,14 +94,13 @@ def test_checkpoint_of_another_calibration_is_refused(model, tmp_path):
     with pytest.raises(ErtaCacheError, match=r"another calibration: .*num_inference_steps: checkpoint 8, now 10"):
         run(model, checkpoint_dir=tmp_path, num_inference_steps=10)
     with pytest.raises(ErtaCacheError, match=r"another calibration: config"):
-        run(model, checkpoint_dir=tmp_path, config=CalibrationConfig(thresholds=(0.2,), search_candidates=1))
+        run(model, checkpoint_dir=tmp_path, config=replace(CONFIG, thresholds=(0.2,)))
 
 
 def test_sweep_early_stop_keeps_the_policy_and_saves_searches(model):
     lambdas = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
-    full = run(model, config=CalibrationConfig(thresholds=lambdas, max_candidates=2, search_candidates=1,
-                                               sweep_early_stop=False))
-    early = run(model, config=CalibrationConfig(thresholds=lambdas, max_candidates=2, search_candidates=1))
+    full = run(model, config=replace(CONFIG, thresholds=lambdas, sweep_early_stop=False))
+    early = run(model, config=replace(CONFIG, thresholds=lambdas))
     assert_same(early, full, tol=0)
     assert early.provenance["cost"]["by_pass"]["policy search"]["passes"] < \
         full.provenance["cost"]["by_pass"]["policy search"]["passes"]

@@ -110,6 +110,21 @@ def read_clips(clips: Tensor) -> tuple[Tensor, Tensor]:
     return classes, torch.stack([rows, cols], dim=-1)
 
 
+
+def clip_scores(clips: Tensor, labels: Tensor) -> dict[str, float]:
+    """How well clips ``(B, 1, F, H, W)`` show digit ``labels (B,)`` moving smoothly, by :func:`read_clips`.
+
+    Returns:
+        ``frames``: fraction of frames read as the label; ``clips``: fraction of clips whose
+        majority reading is the label; ``jumps``: fraction of frame-to-frame moves over 4 px
+        (the training clips move 1-3 px a frame); ``largest_move``: in px.
+    """
+    classes, centres = read_clips(clips)
+    moves = (centres[:, 1:] - centres[:, :-1]).norm(dim=-1)
+    return {"frames": (classes == labels[:, None]).float().mean().item(),
+            "clips": (classes.mode(1).values == labels).float().mean().item(),
+            "jumps": (moves > 4.0).float().mean().item(), "largest_move": moves.max().item()}
+
 @dataclass
 class _Ctx:
     encoder_hidden_states: Tensor
