@@ -200,3 +200,31 @@ def test_calibrate_many_equals_separate_calls(tiny):
         alone = _calibrate(tiny, target_speedup=target)
         assert policy.cached_steps == alone.cached_steps and policy.adjusted_grid == alone.adjusted_grid
         assert policy.nfe <= 10 / target
+
+
+class ScaledField:
+    """``v(x, t, c) = c * sin(5 t) * P``: each sample's cached error scales with its condition ``c``."""
+
+    def __init__(self, shape=(1, 3, 3)):
+        self.pattern = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+
+    def __call__(self, x, t, cond):
+        return (cond * torch.sin(5 * t)).view(-1, *[1] * (x.ndim - 1)) * self.pattern.expand_as(x)
+
+
+def test_held_out_error_is_the_geometric_mean_of_each_samples_mse():
+    """One hard sample must not decide: the error ranks policies as the mean PSNR over samples does."""
+    from ertacache.calibration import core_session
+
+    model, T, shape = ScaledField(), 12, (1, 3, 3)
+    cond = torch.tensor([1.0, 2.0, 0.5, 1.0, 0.1, 30.0])  # held out (the last half): 0.1 ... 30
+    config = CalibrationConfig(candidates=("uniform",), holdout_fraction=0.5)
+    s = core_session(model, cond, range(6), latent_shape=shape, num_inference_steps=T, shift=3.0, config=config)
+    policy = Policy(cached_steps=(2, 4, 6, 8, 10), **s.base)
+    noise = seeded_noise(range(6), shape)[3:]
+    kw = dict(num_inference_steps=T, shift=3.0)
+    per_sample = (sample(model, noise, cond[3:], policy=policy, **kw).x
+                  - sample(model, noise, cond[3:], **kw).x).double().square().flatten(1).mean(1)
+    assert per_sample.max() > 1e4 * per_sample.min() > 0
+    assert s.error(policy) == pytest.approx(float(per_sample.log().mean().exp()), rel=1e-6)
+    assert s.error(policy) < 0.1 * float(per_sample.mean())  # the pooled MSE (before) is the largest sample's

@@ -29,7 +29,8 @@ class SearchResult:
 
 @dataclass
 class Candidate:
-    """One cached-step set competing for the policy, with each variant's held-out error (MSE at t = 0)."""
+    """One cached-step set competing for the policy, with each variant's held-out error (the geometric mean over
+    held-out samples of each one's MSE at t = 0; :meth:`~.session.CalibrationSession.error`)."""
 
     source: str
     threshold: float | None

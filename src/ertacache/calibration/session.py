@@ -14,6 +14,7 @@ a checkpoint folder, kept as it finishes so that a killed calibration resumes.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -37,6 +38,8 @@ from .select import Candidate, SearchResult, check_goal, select_candidates, swee
 
 PassCallback = Callable[[str], None]
 """Called with a pass' name after it has finished (and been kept, with a checkpoint folder)."""
+MSE_FLOOR = 1e-30
+"""A sample's MSE below this counts as this (an exact match, e.g. a policy that caches nothing)."""
 
 
 class CalibrationSession:
@@ -214,14 +217,19 @@ class CalibrationSession:
         return a, b, enabled
 
     def error(self, policy: Policy) -> float:
-        """Mean squared error at t = 0 of ``policy`` against the uncached run, on the held-out rows.
+        """Held-out error of ``policy``: the geometric mean over held-out samples of each one's MSE at t = 0.
 
-        Policies that sample alike share one evaluation (a variant whose rectification
-        fits all failed the held-out check is its base policy).
+        Each sample's MSE is against its uncached run (NOTES.md section 2.5). The geometric
+        mean ranks policies as the mean PSNR over samples does (the figure the benchmark
+        and the paper report); the pooled MSE it replaced let one hard sample decide
+        (measured, moving digits at 3x: pooled MSE chose a set 6.6 dB worse on held-out
+        seeds than the one the geometric mean chooses). Policies that sample alike share
+        one evaluation (a variant whose rectification fits all failed the held-out check
+        is its base policy).
         """
         on = policy.rect_form != "off" and policy.rect_enabled is not None and bool(policy.rect_enabled.any())
         tensors = [policy.rect_a[b] for b in policy.rect_a] + [policy.rect_b[b] for b in policy.rect_b] if on else []
-        key = "evaluation " + digest(list(policy.cached_steps), list(policy.sampling_grid),
+        key = "evaluation (geometric mean) " + digest(list(policy.cached_steps), list(policy.sampling_grid),
                                      policy.rect_form if on else "off",
                                      policy.rect_enabled.int() if on else None, *tensors,  # type: ignore[union-attr]
                                      *([policy.step_reuse] if policy.step_reuse else []))
@@ -234,10 +242,10 @@ class CalibrationSession:
         final = self._run("evaluation", key, policy.follower(self.driver.layout), self.hold, policy.sampling_grid)
         where = {i: k for k, i in enumerate(self.driver.local(self.all))}
         ref: Tensor = self.gt_final[[where[i] for i in self.driver.local(self.hold)]]
-        sums = torch.stack([(final - ref).double().square().sum(),
-                            torch.tensor(float(final.numel()), dtype=torch.float64)])
+        per_sample = (final - ref).double().square().flatten(1).mean(1).clamp_min(MSE_FLOOR)
+        sums = torch.stack([per_sample.log().sum(), torch.tensor(float(per_sample.numel()), dtype=torch.float64)])
         total = self.driver.reduce(sums)
-        err = float(total[0] / total[1])
+        err = math.exp(float(total[0] / total[1]))
         self._done(key, {"error": err})
         self.errors[key] = err
         return err
