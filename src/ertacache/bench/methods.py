@@ -117,6 +117,12 @@ def uniform(ctx: Context) -> list[Method]:
     return out
 
 
+LADDER_NAMES = {"uniform": "uniform cache", "offline_policy": "offline policy",
+                "timestep_adjustment": "+ timestep adjustment", "rectification": "+ rectification",
+                "per_step_reuse": "offline policy + per-step reuse"}
+"""The benchmark's row names for :func:`ertacache.demo.methods_for`'s ablation ladder."""
+
+
 def ertacache(ctx: Context) -> list[Method]:
     """ERTACache with the library defaults, one policy per target speedup (one shared calibration session),
     and at 2x the paper's Table 3 ladder on the chosen cached set: uniform cache, offline policy,
@@ -130,15 +136,10 @@ def ertacache(ctx: Context) -> list[Method]:
         out.append(Method("ertacache", f"target={s}x ({p.provenance['selected']}{per_step}, {p.provenance['variant']})",
                           ctx.policy_runner(p)))
         if s == 2.0:
-            v = session.variants
-            uni = Policy.uniform(p.num_inference_steps, p.nfe, shift=p.shift, reuse=p.reuse, branches=p.branches,
-                                 guidance_scale=p.guidance_scale)
-            ladder = [("uniform cache", uni), ("offline policy", v["plain"])]
-            ladder += [(name, v[key]) for name, key in (("+ timestep adjustment", "adjusted"),
-                                                          ("+ rectification", "full")) if key in v]
-            if p.step_reuse:  # the per-step reuse modes calibration kept, on the plain set
-                ladder.append(("offline policy + per-step reuse", replace(v["plain"], step_reuse=p.step_reuse)))
-            ladder.append((f"ertacache ({p.provenance['variant']})", p))
+            from ..demo import methods_for
+
+            ladder = [(LADDER_NAMES.get(name, f"ertacache ({p.provenance['variant']})"), q)
+                      for name, q in methods_for(p, session.variants).items() if name != "none"]
     return out + [Method("ablation", name, ctx.policy_runner(p), group="ablation") for name, p in ladder]
 
 
