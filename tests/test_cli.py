@@ -11,8 +11,10 @@ from ertacache.cli import main
 @pytest.fixture(scope="module")
 def policy_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "policy.safetensors"
+    # the search alone with extrapolation (the default config's sources are tested in test_calibration.py;
+    # here the command line's flags and files, at a quarter of the default calibration's cost)
     code = main(["calibrate", "--num-inference-steps", "10", "--target-speedup", "2", "--calibration-per-class", "1",
-                 "--out", str(path)])
+                 "--candidates", "search", "--reuse", "extrapolate", "--out", str(path)])
     assert code == 0
     return path
 
@@ -95,13 +97,11 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("ertacache: interrupted")
 
 
-def test_calibrate_with_the_search_alone_and_extrapolation(tmp_path):
-    path = tmp_path / "search.safetensors"
-    assert main(["calibrate", "--num-inference-steps", "10", "--target-speedup", "2", "--calibration-per-class", "1",
-                 "--candidates", "search", "--reuse", "extrapolate", "--out", str(path)]) == 0
-    policy = Policy.load(path)
+def test_calibrate_with_the_search_alone_and_extrapolation(policy_path, tmp_path):
+    policy = Policy.load(policy_path)
     assert policy.reuse == "extrapolate" and policy.provenance["selected"] == "search" and policy.nfe == 5
-    assert policy.config.step_reuse_choice
+    assert policy.config.step_reuse_choice and policy.config.candidates == ("search",)
+    path = tmp_path / "search.safetensors"
     assert main(["calibrate", "--num-inference-steps", "10", "--target-speedup", "2", "--calibration-per-class", "1",
                  "--candidates", "search", "--no-step-reuse-choice", "--out", str(path)]) == 0
     policy = Policy.load(path)
