@@ -229,10 +229,10 @@ class CalibrationSession:
         """
         on = policy.rect_form != "off" and policy.rect_enabled is not None and bool(policy.rect_enabled.any())
         tensors = [policy.rect_a[b] for b in policy.rect_a] + [policy.rect_b[b] for b in policy.rect_b] if on else []
-        key = "evaluation (geometric mean) " + digest(list(policy.cached_steps), list(policy.sampling_grid),
-                                     policy.rect_form if on else "off",
-                                     policy.rect_enabled.int() if on else None, *tensors,  # type: ignore[union-attr]
-                                     *([policy.step_reuse] if policy.step_reuse else []))
+        key = "evaluation (geometric mean) " + digest(
+            list(policy.cached_steps), list(policy.sampling_grid), policy.rect_form if on else "off",
+            policy.rect_enabled.int() if on else None, *tensors,  # type: ignore[union-attr]
+            *([policy.step_reuse] if policy.step_reuse else []))
         if key in self.errors:
             return self.errors[key]
         hit = self._kept(key)
