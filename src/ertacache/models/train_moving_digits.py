@@ -8,6 +8,8 @@ The committed weights come from exactly::
 
 (4769 steps in the 44-minute budget on 2 CPU cores; the cosine learning rate follows
 the larger of step and wall-clock progress, so it decays fully when time runs out.)
+``--patch-size`` and ``--num-layers`` try other architectures in the same budget (the
+README's table of what was tried).
 
 The loss, label dropout, EMA and resuming are those of the image model
 (:func:`ertacache.models.train_digits.fit`); each batch is new clips of random digits
@@ -20,8 +22,32 @@ import argparse
 
 import torch
 
-from .moving_digits import TRANSFORMER_CONFIG, MovingDigitsWan, digit_sprites, moving_digits
+from .moving_digits import CANVAS, FRAMES, TRANSFORMER_CONFIG, MovingDigitsWan, digit_sprites, moving_digits
 from .train_digits import fit
+
+
+def architecture(patch_size: str | None, num_layers: int | None) -> dict:
+    """``TRANSFORMER_CONFIG`` with the ``--patch-size T,H,W`` and ``--num-layers`` overrides.
+
+    Raises:
+        SystemExit: a patch size that is not three positive integers dividing the clip
+            ``(8, 32, 32)``, or fewer than one block.
+    """
+    config = dict(TRANSFORMER_CONFIG)
+    if patch_size is not None:
+        try:
+            patch = tuple(int(p) for p in patch_size.split(","))
+        except ValueError:
+            patch = ()
+        if len(patch) != 3 or any(p < 1 or n % p for p, n in zip(patch, (FRAMES, CANVAS, CANVAS))):
+            raise SystemExit(f"--patch-size must be T,H,W dividing the clip ({FRAMES}, {CANVAS}, {CANVAS}); "
+                             f"got {patch_size!r}")
+        config["patch_size"] = patch
+    if num_layers is not None:
+        if num_layers < 1:
+            raise SystemExit(f"--num-layers must be at least 1; got {num_layers}")
+        config["num_layers"] = num_layers
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +62,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--save-every", type=int, default=100)
     p.add_argument("--compile", action="store_true", help="train through torch.compile (about 25%% faster on CPU)")
+    p.add_argument("--patch-size", default=None, metavar="T,H,W",
+                   help="override the transformer's patch size (default %s); recorded in the weights' JSON"
+                   % ",".join(map(str, TRANSFORMER_CONFIG["patch_size"])))
+    p.add_argument("--num-layers", type=int, default=None,
+                   help=f"override the number of blocks (default {TRANSFORMER_CONFIG['num_layers']})")
     p.add_argument("--out", default="src/ertacache/weights/moving_digits_wan.safetensors")
     args = p.parse_args(argv)
+    transformer_config = architecture(args.patch_size, args.num_layers)
     torch.manual_seed(args.seed)
     sprites, labels = digit_sprites()
 
@@ -49,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
                           for k, v in vars(args).items() if k != "out" and v is not None and v is not False)
                + f" --out {args.out}")
-    config = {**TRANSFORMER_CONFIG, "patch_size": list(TRANSFORMER_CONFIG["patch_size"])}
-    fit(MovingDigitsWan(TRANSFORMER_CONFIG), batch, args, {
+    config = {**transformer_config, "patch_size": list(transformer_config["patch_size"])}
+    fit(MovingDigitsWan(transformer_config), batch, args, {
         "transformer_config": config, "command": command,
         "data": "sklearn.datasets.load_digits, bilinear 8x8 -> 16x16 sprites moving 1-3 px/frame and bouncing on a "
                 "32x32 canvas, 8 frames, in [-1, 1]",
