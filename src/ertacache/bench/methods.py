@@ -246,6 +246,11 @@ def cache_dit_peers(ctx: Context) -> list[Method]:
     ``enable_separate_cfg`` (both pipelines call the transformer once per branch), and
     DBCache + the TaylorSeer calibrator (order 1). The pipeline's scheduler is set to
     the sampler's grid, so its uncached output is the reference's.
+
+    cache-dit runs on its own copy of the model: ``cache_dit.disable_cache`` (1.5.x)
+    leaves its patched FLUX transformer forward in place, which breaks the hooks of
+    the methods measured after it (diffusers' FirstBlockCache raised ``TypeError``
+    there) and would time them through cache-dit's forward.
     """
     try:
         import cache_dit
@@ -257,12 +262,15 @@ def cache_dit_peers(ctx: Context) -> list[Method]:
 
     logging.getLogger("cache_dit").setLevel(logging.WARNING)
     s = ctx.settings
-    pipe = ctx.bundled.pipeline(ctx.model, s.shift)
+    import copy
+
+    model = copy.deepcopy(ctx.model)  # same weights, so the same uncached output; cache-dit's patches stay on it
+    pipe = ctx.bundled.pipeline(model, s.shift)
     from ..core.grids import time_grid
     from ..integrations.diffusers.scheduler import set_scheduler_grid
 
     set_scheduler_grid(pipe.scheduler, time_grid(s.num_inference_steps, s.shift))
-    counted = ctx.bundled.counted(ctx.model)
+    counted = ctx.bundled.counted(model)
     calls = [0]
     counted.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     thresholds = (0.08, 0.2) if s.quick else (0.08, 0.12, 0.2, 0.3, 0.5)
@@ -277,7 +285,7 @@ def cache_dit_peers(ctx: Context) -> list[Method]:
             cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
             try:
                 calls[0] = 0
-                x = ctx.bundled.pipeline_sample(pipe, ctx.model, noise, labels, s.num_inference_steps,
+                x = ctx.bundled.pipeline_sample(pipe, model, noise, labels, s.num_inference_steps,
                                                 s.guidance_scale)
                 return x, calls[0] // 2  # forwards per branch (one call per branch and step)
             finally:
