@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="train through torch.compile (about 25%% faster on CPU)")
     default_patch = ",".join(map(str, TRANSFORMER_CONFIG["patch_size"]))
     p.add_argument("--patch-size", default=None, metavar="T,H,W",
-                   help=f"override the transformer's patch size (default {default_patch}); recorded in the weights' JSON")
+                   help=f"override the patch size (default {default_patch}); recorded in the weights' JSON")
     p.add_argument("--num-layers", type=int, default=None,
                    help=f"override the number of blocks (default {TRANSFORMER_CONFIG['num_layers']})")
     p.add_argument("--out", default="src/ertacache/weights/moving_digits_wan.safetensors")
