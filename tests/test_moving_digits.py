@@ -127,18 +127,20 @@ def test_runs_as_a_wan_pipeline_matching_the_core_sampler(model):
 
 
 def test_training_with_another_architecture_loads_back_as_that_architecture(tmp_path):
-    """``--patch-size``/``--num-layers`` are recorded in the weights' JSON, and the loader builds that network."""
+    """``--patch-size``/``--num-layers``/``--heads`` are recorded in the weights' JSON; the loader builds that net."""
     from ertacache.models.train_moving_digits import main
 
     out = tmp_path / "w.safetensors"
-    assert main(["--steps", "2", "--batch-size", "2", "--patch-size", "4,4,4", "--num-layers", "1",
+    assert main(["--steps", "2", "--batch-size", "2", "--patch-size", "4,4,4", "--num-layers", "1", "--heads", "2",
                  "--save-every", "100", "--out", str(out)]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert "--patch-size 4,4,4 --num-layers 1" in meta["command"]
+    assert "--patch-size 4,4,4 --num-layers 1 --heads 2" in meta["command"]
     model = load_moving_digits_model(out)
     assert tuple(model.transformer.config.patch_size) == (4, 4, 4) and len(model.transformer.blocks) == 1
+    assert model.transformer.config.num_attention_heads == 2 and model.transformer.config.attention_head_dim == 48
     x = seeded_noise([0], LATENT_SHAPE)
     assert model(x, torch.tensor([0.5]), torch.tensor([3])).shape == x.shape
-    for bad in (["--patch-size", "3,4,4"], ["--patch-size", "2,4"], ["--num-layers", "0"]):
-        with pytest.raises(SystemExit, match="patch-size|num-layers"):
+    for bad in (["--patch-size", "3,4,4"], ["--patch-size", "2,4"], ["--num-layers", "0"], ["--heads", "5"],
+                ["--heads", "32"]):
+        with pytest.raises(SystemExit, match="patch-size|num-layers|heads"):
             main(["--steps", "1", *bad, "--out", str(tmp_path / "x.safetensors")])

@@ -33,7 +33,7 @@ SAMPLER = {"num_inference_steps": 50, "shift": 5.0, "guidance_scale": 4.0}
 """Wan's sampling settings (shift 5 at 480p; T = 50), used by the demo and the benchmark."""
 
 TRANSFORMER_CONFIG: dict[str, Any] = dict(
-    patch_size=(2, 4, 4), num_attention_heads=4, attention_head_dim=24, in_channels=1, out_channels=1, text_dim=32,
+    patch_size=(2, 4, 4), num_attention_heads=2, attention_head_dim=48, in_channels=1, out_channels=1, text_dim=32,
     freq_dim=64, ffn_dim=256, num_layers=4, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
     rope_max_seq_len=64,
 )
