@@ -131,13 +131,14 @@ def test_training_with_another_architecture_loads_back_as_that_architecture(tmp_
     from ertacache.models.train_moving_digits import main
 
     out = tmp_path / "w.safetensors"
-    assert main(["--steps", "2", "--batch-size", "2", "--patch-size", "4,4,4", "--num-layers", "1", "--heads", "2",
+    assert main(["--steps", "2", "--batch-size", "2", "--patch-size", "4,4,4", "--num-layers", "1", "--heads", "4",
                  "--save-every", "100", "--out", str(out)]) == 0
     meta = json.loads(out.with_suffix(".json").read_text())
-    assert "--patch-size 4,4,4 --num-layers 1 --heads 2" in meta["command"]
+    assert "--patch-size 4,4,4 --num-layers 1 --heads 4" in meta["command"]
     model = load_moving_digits_model(out)
     assert tuple(model.transformer.config.patch_size) == (4, 4, 4) and len(model.transformer.blocks) == 1
-    assert model.transformer.config.num_attention_heads == 2 and model.transformer.config.attention_head_dim == 48
+    # the default is 2 heads of 48 (the committed weights), so 4 heads of 24 shows the override took effect
+    assert model.transformer.config.num_attention_heads == 4 and model.transformer.config.attention_head_dim == 24
     x = seeded_noise([0], LATENT_SHAPE)
     assert model(x, torch.tensor([0.5]), torch.tensor([3])).shape == x.shape
     for bad in (["--patch-size", "3,4,4"], ["--patch-size", "2,4"], ["--num-layers", "0"], ["--heads", "5"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -262,8 +263,6 @@ def cache_dit_peers(ctx: Context) -> list[Method]:
 
     logging.getLogger("cache_dit").setLevel(logging.WARNING)
     s = ctx.settings
-    import copy
-
     model = copy.deepcopy(ctx.model)  # same weights, so the same uncached output; cache-dit's patches stay on it
     pipe = ctx.bundled.pipeline(model, s.shift)
     from ..core.grids import time_grid
