@@ -55,16 +55,18 @@ def pipe(tmp_path_factory):
 @pytest.fixture(scope="module")
 def policy(pipe):
     return calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(4),
-                              config=CalibrationConfig(thresholds=(0.05, 0.2, 0.5)),
+                              config=CalibrationConfig.thorough(thresholds=(0.05, 0.2, 0.5)),
                               prompt_embeds=EMB, negative_prompt_embeds=NEG, **KW)
 
 
 def test_calibrated_on_the_pipeline(policy):
     assert policy.branches == ("cond", "uncond") and policy.nfe <= T // 2
-    # Wan takes no sigmas=: the adjusted variants went in through the scheduler
+    # Wan takes no sigmas=: the chosen set's adjusted variants went in through the scheduler
     # (a per-step reuse refinement builds only the winner's variant)
-    candidates = [c for c in policy.provenance["candidates"] if not c.get("step_reuse")]
-    assert candidates and all({"plain", "adjusted", "rectified", "full"} <= set(c["errors"]) for c in candidates)
+    chosen = policy.provenance["candidates"][policy.provenance["chosen"]]
+    base = next(c for c in policy.provenance["candidates"] if c["cached_steps"] == chosen["cached_steps"]
+                and not c.get("step_reuse"))
+    assert {"plain", "adjusted", "rectified", "full"} <= set(base["errors"])
     assert policy.latent_shape == (4, 2, 2, 2) and policy.guidance_scale == 4.0
     assert policy.grid[0] == pytest.approx(1.0) and policy.grid[-1] == 0.0
 

@@ -19,8 +19,9 @@ T = 8
 N = 6
 GUIDANCE = 3.0
 BASE = dict(thresholds=(0.1, 0.3), max_candidates=2, search_candidates=1)
-OPTIONS = {  # every value of every option appears at least once
-    "default": {},  # extrapolate reuse, l1 v1 (gt), phi v1 (velocity change), step granularity, linear
+OPTIONS = {  # every value of every option appears at least once; all but "default" on the thorough competition
+    "default": {},  # the cheap default: search and uniform sets, rectification judged leave-one-out
+    "thorough": {},  # extrapolate reuse, l1 v1 (gt), phi v1 (velocity change), step granularity, linear
     "latent_residual-l1_current": {"reuse": "latent_residual", "l1_denominator": "current"},
     "block_residual-phi_velocity": {"reuse": "block_residual", "phi_denominator": "velocity"},
     "velocity-channel-sigmoid-all_components-phi_gt-search_uniform": {
@@ -93,7 +94,8 @@ def test_same_initial_noise_and_ground_truth(model, pipe):
 
 @pytest.mark.parametrize("option", list(OPTIONS), ids=list(OPTIONS))
 def test_core_and_pipeline_choose_the_same_policy(model, pipe, option):
-    config = CalibrationConfig(**BASE, **OPTIONS[option])
+    config = CalibrationConfig(**BASE) if option == "default" else CalibrationConfig.thorough(**BASE,
+                                                                                            **OPTIONS[option])
     core, piped = sessions(model, pipe, config)
     for goal in ({"target_speedup": 2.0}, {"threshold": 0.2}):
         a, b = core.policy(**goal), piped.policy(**goal)
@@ -118,7 +120,7 @@ def test_public_entry_points_agree(model, pipe):
 @pytest.mark.parametrize("reuse", ["velocity", "block_residual"])
 def test_pipeline_micro_batches_meet_at_every_step(model, pipe, reuse):
     """Micro-batches of 2 rows run as concurrent pipeline calls whose hooks meet at each step: the same policy."""
-    config = CalibrationConfig(**BASE, reuse=reuse, component_check=False)  # every component is compared
+    config = CalibrationConfig.thorough(**BASE, reuse=reuse, component_check=False)  # every component is compared
     core, piped = sessions(model, pipe, config, batch_size=2)
     a, b = core.policy(target_speedup=2.0), piped.policy(target_speedup=2.0)
     assert b.adjusted_grid is not None and b.rect_form == "linear"
@@ -127,7 +129,7 @@ def test_pipeline_micro_batches_meet_at_every_step(model, pipe, reuse):
 
 
 def test_pipeline_calibration_resumes_from_its_checkpoint(model, pipe, tmp_path):
-    config = CalibrationConfig(**BASE)
+    config = CalibrationConfig.thorough(**BASE)
 
     def session(**kw):
         driver = PipelineDriver(pipe, None, range(N), T, config.reuse, pipe_kwargs(model))

@@ -14,7 +14,7 @@ from ertacache.models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model
 
 T = 8
 N = 6
-CONFIG = CalibrationConfig(thresholds=(0.1, 0.3), max_candidates=2, search_candidates=1)
+CONFIG = CalibrationConfig.thorough(thresholds=(0.1, 0.3), max_candidates=2, search_candidates=1)
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +84,14 @@ def test_killed_calibration_resumes_to_the_same_policy_with_fewer_calls(model, t
     resumed = run(model, checkpoint_dir=tmp_path)
     assert_same(resumed, fresh, tol=0)
     assert resumed.provenance["cost"]["resumed_passes"] == 1
-    assert resumed.provenance["cost"]["model_calls"] == fresh.provenance["cost"]["model_calls"] - N * T * 2
-    again = run(model, checkpoint_dir=tmp_path)  # everything is kept now: no model call at all
-    assert_same(again, fresh, tol=0) and again.provenance["cost"]["model_calls"] == 0
+    # the calls made before the interrupt are part of the calibration's cost
+    assert resumed.provenance["cost"]["model_calls"] == fresh.provenance["cost"]["model_calls"]
+    assert resumed.provenance["cost"]["ground_truth"]["model_calls"] == N * T * 2
+    again = run(model, checkpoint_dir=tmp_path)  # everything is kept now: no pass runs, the cost is as recorded
+    assert_same(again, fresh, tol=0)
+    assert again.provenance["cost"]["model_calls"] == fresh.provenance["cost"]["model_calls"]
+    assert again.provenance["cost"]["resumed_passes"] == sum(
+        p["passes"] for p in fresh.provenance["cost"]["by_pass"].values())
 
 
 def test_checkpoint_of_another_calibration_is_refused(model, tmp_path):

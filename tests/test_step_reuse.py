@@ -1,5 +1,7 @@
 """Per-step reuse modes: the error model that chooses them, the policy field that carries them, both drivers."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -120,21 +122,25 @@ def test_step_reuse_round_trips_and_needs_schema_3(tmp_path):
     assert mixed.for_steps(20).step_reuse and set(mixed.for_steps(20).step_reuse.values()) == {"velocity"}
 
 
-def test_calibration_refines_the_winner_where_held_out_error_drops():
+def test_the_search_sets_per_step_version_competes_and_wins_where_it_is_exact():
     from ertacache.calibration.select import Candidate
 
     model = PatternField(kink)
     config = CalibrationConfig(candidates=("uniform", "search"), rectification="off", timestep_adjustment=False)
     s = session(model, config)
-    winner = Candidate("uniform", None, (2, 4, 6, 8, 10), variant="plain")
-    error, policy, refined = s._per_step_reuse(winner)
-    assert policy.step_reuse == refined.step_reuse == {8: "velocity"} and policy.reuse == "extrapolate"
-    pure = s.error(Policy(cached_steps=(2, 4, 6, 8, 10), **s.base))
-    assert pure > 1e-5 and error < 1e-6 * pure  # every cached step is now exact: the held-out check keeps it
-    assert refined.as_dict(12)["step_reuse"] == {"8": "velocity"}
+    base = Candidate("search", None, (2, 4, 6, 8, 10), rule="a rule")
+    refined = s._per_step_candidate(base)
+    assert refined.step_reuse == {8: "velocity"} and refined.cached_steps == base.cached_steps
+    assert refined.as_dict(12)["step_reuse"] == {"8": "velocity"} and refined.rule == "a rule, per-step reuse"
+    pure = s.error(Policy(cached_steps=base.cached_steps, **s.base))
+    mixed = s.error(Policy(cached_steps=base.cached_steps, step_reuse=refined.step_reuse, **s.base))
+    assert pure > 1e-5 and mixed < 1e-6 * pure  # every cached step is now exact
+    pol = s.policy(target_speedup=2.0)
+    cands = pol.provenance["candidates"]
+    searched = [c for c in cands if c["source"] == "search" and "step_reuse" not in c]
+    best = min(searched, key=lambda c: c["errors"]["plain"])
+    assert all(c["cached_steps"] == best["cached_steps"] for c in cands if "step_reuse" in c)
 
-    off = session(model, CalibrationConfig(**{**config.to_dict(), "candidates": ("uniform", "search"),
-                                              "thresholds": config.thresholds, "step_reuse_choice": False}))
-    assert off._per_step_reuse(winner) is None
+    off = session(model, replace(config, step_reuse_choice=False))
     pol = off.policy(target_speedup=2.0)
     assert not pol.step_reuse and all("step_reuse" not in c for c in pol.provenance["candidates"])

@@ -57,17 +57,23 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="first calibration seed")
     p.add_argument("--reuse", choices=["block_residual", "velocity", "latent_residual", "extrapolate"],
                    default="extrapolate")
-    p.add_argument("--candidates", default="threshold,uniform,search",
+    p.add_argument("--thorough", action="store_true",
+                   help="the full competition (Algorithm 2's lambda sweep, timestep adjustment, per-step reuse): "
+                        "about 5-10 times the default's model calls; see --dry-run")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the passes, model calls and estimated wall time (one model call is timed), then exit")
+    p.add_argument("--candidates", default=None,
                    help="candidate sources that compete, comma-separated: threshold (Algorithm 2), uniform, search "
-                        "(the schedule search); 'search' alone is the fewest passes")
+                        "(the schedule search); default search,uniform (--thorough: all three)")
     p.add_argument("--rectification", choices=["linear", "sigmoid", "off"], default="linear")
     p.add_argument("--granularity", choices=["step", "channel"], default="step")
-    p.add_argument("--no-timestep-adjustment", action="store_true")
+    p.add_argument("--timestep-adjustment", action=argparse.BooleanOptionalAction, default=None,
+                   help="estimate Eq. 13-14's adjusted grid and keep it where it wins (default: off; --thorough: on)")
     p.add_argument("--keep-all-components", action="store_true",
-                   help="keep adjustment and rectification even where held-out error says they do not help")
-    p.add_argument("--no-step-reuse-choice", action="store_true",
-                   help="one reuse mode for every cached step (default: the winning set is also tried with each "
-                        "step's mode chosen by the error model, and kept where held-out error drops)")
+                   help="keep adjustment and rectification even where the calibration samples say they do not help")
+    p.add_argument("--step-reuse-choice", action=argparse.BooleanOptionalAction, default=None,
+                   help="also try the chosen set with each cached step's reuse mode chosen by the error model "
+                        "(default: off; --thorough: on)")
 
     p = sub.add_parser("generate", help="sample digits, with a policy or uncached")
     _add_sampler_args(p)
@@ -123,17 +129,21 @@ def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
     pipeline = _pipeline_settings(args)
     if pipeline is not None and not args.prompts:
         raise ErtaCacheError("--pipeline needs --prompts FILE (one calibration prompt per line)")
-    config = CalibrationConfig(reuse=args.reuse, rectification=args.rectification, granularity=args.granularity,
-                               timestep_adjustment=not args.no_timestep_adjustment,
-                               component_check=not args.keep_all_components,
-                               step_reuse_choice=not args.no_step_reuse_choice,
-                               candidates=tuple(c.strip() for c in args.candidates.split(",") if c.strip()))
+    options: dict[str, object] = dict(reuse=args.reuse, rectification=args.rectification,
+                                      granularity=args.granularity, component_check=not args.keep_all_components)
+    if args.timestep_adjustment is not None:
+        options["timestep_adjustment"] = args.timestep_adjustment
+    if args.step_reuse_choice is not None:
+        options["step_reuse_choice"] = args.step_reuse_choice
+    if args.candidates is not None:
+        options["candidates"] = tuple(c.strip() for c in args.candidates.split(",") if c.strip())
+    config = CalibrationConfig.thorough(**options) if args.thorough else CalibrationConfig(**options)  # type: ignore[arg-type]
     return CalibrateSettings(
         out=args.out, config=config, target_speedup=args.target_speedup, threshold=args.threshold, seed=args.seed,
         num_inference_steps=args.num_inference_steps, shift=args.shift, guidance_scale=args.guidance_scale,
         model=args.model, calibration_per_class=args.calibration_per_class, pipeline=pipeline,
         prompts=read_prompts(args.prompts) if pipeline is not None else (), batch_size=args.batch_size,
-        checkpoint_dir=args.checkpoint_dir)
+        checkpoint_dir=args.checkpoint_dir, dry_run=args.dry_run)
 
 
 def _calibrate(settings: CalibrateSettings) -> int:
@@ -160,6 +170,17 @@ def _calibrate_here(settings: CalibrateSettings) -> int:
 
     model = load_digits_model(settings.model)
     labels, seeds = labels_and_seeds(settings.calibration_per_class, settings.seed)
+    if settings.dry_run:
+        from .calibration import estimate
+
+        if settings.target_speedup is None:
+            raise ErtaCacheError("--dry-run estimates a --target-speedup calibration; give one")
+        plan = estimate(model, labels, seeds, target_speedups=[settings.target_speedup], latent_shape=LATENT_SHAPE,
+                        num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                        null_cond=torch.full_like(labels, NULL_CLASS), config=settings.config)
+        print(f"{len(seeds)} calibration samples, T = {settings.num_inference_steps}, 2 guidance branches")
+        print(plan.describe(len(seeds) * 2))
+        return 0
     policy = calibrate(model, labels, seeds, latent_shape=LATENT_SHAPE,
                        num_inference_steps=settings.num_inference_steps, shift=settings.shift,
                        guidance_scale=settings.guidance_scale,
@@ -269,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ertacache: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("ertacache: interrupted (with --checkpoint-dir, the same command resumes a calibration)",
+        print("\nertacache: interrupted (with --checkpoint-dir, the same command resumes a calibration)",
               file=sys.stderr)
         return 130
     return 0

@@ -49,8 +49,14 @@ DEFAULT_THRESHOLDS: tuple[float, ...] = (
 class CalibrationConfig:
     """Options of offline calibration (Algorithm 2 and Eq. 12-21).
 
-    Defaults are what the library's own benchmark measured best on the bundled model
-    (README, "Options"); each reading of the paper stays available here.
+    The defaults are the cheap calibration (``docs/calibration.md``): the schedule
+    search's set and the evenly spaced set compete, rectification is fitted and judged
+    leave-one-out, and every decision is a paired comparison over all calibration
+    samples. A default calibration costs at most 5 uncached generations of the
+    calibration set for one target (1 + at most 4 per target in
+    :func:`~ertacache.calibrate_many`). :meth:`thorough` is the full competition of
+    earlier releases (Algorithm 2's lambda sweep, timestep adjustment, per-step reuse),
+    about 5-10 times the cost. Each reading of the paper stays available here.
 
     Attributes:
         reuse: what the cache keeps; see :data:`ReuseMode`.
@@ -65,24 +71,26 @@ class CalibrationConfig:
         search_candidates: how many distinct sets the schedule search proposes (its
             error model read four ways, best first); in 1..4.
         thresholds: the lambda sweep, each > 0.
-        holdout_fraction: part of the calibration set (taken from its end) that
-            judges candidates and switches off rectification fits that do not help;
-            in [0, 0.9]. 0 judges on the fitting samples themselves.
+        holdout_fraction: 0 (default): every calibration sample both fits and judges
+            (rectification is judged leave-one-out, the cached sets on every sample);
+            otherwise the part of the set (taken from its end, in (0, 0.9]) that alone
+            judges, as releases before 0.4 did.
         max_candidates: how many threshold candidates (those with the most
             computed steps within the budget) are fully evaluated.
         sweep_early_stop: stop the lambda sweep (increasing lambda) once ``max_candidates``
             distinct cached sets within the NFE budget are known (larger lambdas cache more
             and would not be candidates); False runs every lambda, as before.
-        step_reuse_choice: after the held-out choice, rebuild each cached step of the
-            winning set with the reuse mode of least modelled error (``velocity`` or
-            ``extrapolate``, for those two modes; :func:`~ertacache.calibration.schedule.choose_step_reuse`),
-            refit, and keep it when its held-out error is lower (at most 3 more passes;
-            needs ``"search"`` among the candidates, whose ground-truth log it reads).
-            Not in the paper.
-        component_check: judge each candidate with and without timestep
-            adjustment and rectification on the held-out samples, and keep the
-            variant with the least error (a component that does not help is switched
-            off, and the policy says so). False keeps every component the config asks for.
+        step_reuse_choice: the schedule search's best set (by its evaluation) also
+            competes with each cached step rebuilt by the reuse mode of least modelled
+            error (``velocity`` or ``extrapolate``, for those two modes;
+            :func:`~ertacache.calibration.schedule.choose_step_reuse`): one more
+            evaluation at the set's NFE; needs ``"search"`` among the candidates, whose
+            ground-truth log it reads. Not in the paper.
+        component_check: judge the chosen set with and without timestep adjustment
+            and rectification, and keep a component only where it wins a paired
+            comparison over the calibration samples by more than its standard error
+            (a component that does not help is switched off, and the policy's
+            provenance gives the margin). False keeps every component the config asks for.
 
     Raises:
         ErtaCacheError: a field outside its allowed values.
@@ -90,18 +98,31 @@ class CalibrationConfig:
 
     reuse: ReuseMode = "extrapolate"
     l1_denominator: L1Denominator = "gt"
-    timestep_adjustment: bool = True
+    timestep_adjustment: bool = False
     phi_denominator: PhiDenominator = "velocity_change"
     rectification: Rectification = "linear"
     granularity: Granularity = "step"
-    candidates: tuple[str, ...] = ("threshold", "uniform", "search")
+    candidates: tuple[str, ...] = ("search", "uniform")
     search_candidates: int = 2
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
-    holdout_fraction: float = 0.25
+    holdout_fraction: float = 0.0
     max_candidates: int = 3
     component_check: bool = True
     sweep_early_stop: bool = True
     step_reuse_choice: bool = True
+
+    @classmethod
+    def thorough(cls, **overrides: Any) -> CalibrationConfig:
+        """The full competition: Algorithm 2's lambda sweep beside the schedule search's sets and the uniform
+        set; timestep adjustment (Eq. 13-14) tried on the chosen set.
+
+        It judges as the default does (every sample, paired comparisons); ``docs/calibration.md`` gives its
+        measured cost and quality beside the default's.
+        ``overrides`` replace fields, e.g. ``thorough(reuse="velocity")``.
+        """
+        base: dict[str, Any] = dict(timestep_adjustment=True, candidates=("threshold", "uniform", "search"),
+                                    search_candidates=2)
+        return cls(**{**base, **overrides})
 
     def __post_init__(self) -> None:
         if not isinstance(self.reuse, str):

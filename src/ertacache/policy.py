@@ -234,10 +234,45 @@ class Policy:
         return cls(num_inference_steps, (), tuple(time_grid(num_inference_steps, shift)), shift=shift, **kwargs)
 
     @classmethod
-    def uniform(cls, num_inference_steps: int, nfe: int, shift: float = 1.0, **kwargs: Any) -> Policy:
-        """Evenly spaced computed steps (first and last included): uniform caching at ``nfe``."""
-        return cls(num_inference_steps, uniform_cached_steps(num_inference_steps, nfe),
-                   tuple(time_grid(num_inference_steps, shift)), shift=shift, **kwargs)
+    def uniform(cls, num_inference_steps: int, nfe: int, shift: float = 1.0, *, like: Policy | None = None,
+                **kwargs: Any) -> Policy:
+        """Evenly spaced computed steps (first and last included): uniform caching at ``nfe``, the baseline a
+        calibrated set is compared with.
+
+        Args:
+            num_inference_steps: T.
+            nfe: computed steps, in 2..T.
+            shift: the grid's time shift (ignored with ``like``).
+            like: a calibrated policy whose settings it takes (grid, shift, reuse mode,
+                guidance, branches, latent shape, model fingerprint): that policy's own
+                evenly spaced baseline.
+            kwargs: other :class:`Policy` fields. ``reuse`` defaults to calibration's
+                (:attr:`CalibrationConfig.reuse`, ``extrapolate``). Without ``like`` and
+                without ``branches``, ``guidance_scale`` or ``guidance``, the guidance is
+                the call's: the policy is used with any guidance setting (it holds no
+                per-branch data).
+
+        Raises:
+            ErtaCacheError: ``nfe`` outside 2..T, or an invalid field.
+        """
+        cached = uniform_cached_steps(num_inference_steps, nfe)
+        if like is not None:
+            if like.num_inference_steps != num_inference_steps:
+                raise ErtaCacheError(f"like: that policy has T={like.num_inference_steps}, not {num_inference_steps}")
+            keep = dict(grid=like.grid, shift=like.shift, reuse=like.reuse, branches=like.branches,
+                        guidance_scale=like.guidance_scale, guidance=dict(like.guidance),
+                        latent_shape=like.latent_shape, model_fingerprint=like.model_fingerprint,
+                        sample_size=dict(like.sample_size), config=like.config)
+            return cls(num_inference_steps, cached, **{**keep, **kwargs})
+        kwargs.setdefault("reuse", CalibrationConfig().reuse)
+        if not {"branches", "guidance_scale", "guidance"} & set(kwargs):
+            kwargs["provenance"] = {**kwargs.get("provenance", {}), "guidance": GUIDANCE_OF_THE_CALL}
+        return cls(num_inference_steps, cached, tuple(time_grid(num_inference_steps, shift)), shift=shift, **kwargs)
+
+    @property
+    def any_guidance(self) -> bool:
+        """True for a policy built without guidance settings (:meth:`uniform`): it follows the call's."""
+        return self.provenance.get("guidance") == GUIDANCE_OF_THE_CALL
 
     def ablate(self, *, timestep_adjustment: bool = True, rectification: bool = True) -> Policy:
         """A copy with components switched off (the paper's Table 3 ablation)."""
@@ -279,9 +314,10 @@ class Policy:
             diffs.append(f"num_inference_steps: policy {self.num_inference_steps}, got {num_inference_steps}")
         if shift is not None and not math.isclose(shift, self.shift, rel_tol=1e-6):
             diffs.append(f"shift: policy {self.shift}, got {shift}")
-        if guidance_scale is not None and not math.isclose(guidance_scale, self.guidance_scale, rel_tol=1e-6):
+        if guidance_scale is not None and not self.any_guidance \
+                and not math.isclose(guidance_scale, self.guidance_scale, rel_tol=1e-6):
             diffs.append(f"guidance_scale: policy {self.guidance_scale}, got {guidance_scale}")
-        if branches is not None and tuple(branches) != self.branches:
+        if branches is not None and not self.any_guidance and tuple(branches) != self.branches:
             diffs.append(f"guidance branches: policy {self.branches}, got {tuple(branches)}")
         if latent_shape is not None and self.latent_shape is not None and tuple(latent_shape) != self.latent_shape:
             diffs.append(f"latent shape: policy {self.latent_shape}, got {tuple(latent_shape)}")
@@ -470,6 +506,10 @@ class Policy:
             lines.append(f"  calibration cost: {cost['model_calls']} model calls ({cost.get('uncached_generations')} "
                          f"uncached generations of the set), {cost.get('seconds')} s")
         return "\n".join(lines)
+
+
+GUIDANCE_OF_THE_CALL = "the call's"
+"""``provenance["guidance"]`` of a policy that follows the call's guidance (:meth:`Policy.uniform`)."""
 
 
 def uniform_cached_steps(num_inference_steps: int, nfe: int) -> tuple[int, ...]:

@@ -111,6 +111,7 @@ class CalibrateSettings(CommandSettings):
     prompts: tuple[str, ...] = ()
     batch_size: int | None = None
     checkpoint_dir: str | None = None
+    dry_run: bool = False
 
     def __post_init__(self) -> None:
         from .calibration.drive import check_batch_size

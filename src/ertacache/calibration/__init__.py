@@ -8,6 +8,7 @@ The method lives once, in :class:`~.session.CalibrationSession` and the passes o
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,15 @@ from ..errors import ErtaCacheError
 from ..policy import Policy
 from .drive import CoreDriver, Driver, check_calibration_inputs
 from .passes import AdjustTimesteps, FitRectification, GroundTruth, ThresholdSearch
+from .plan import Plan, plan, time_one_call
 from .select import VARIANTS, Candidate, SearchResult, check_goal, check_target_speedup, select_candidates, sweep
-from .session import CalibrationSession, PassCallback
+from .session import CalibrationSession, Margin, PassCallback
 
 __all__ = [
     "VARIANTS", "AdjustTimesteps", "CalibrationSession", "Candidate", "CoreDriver", "Driver", "FitRectification",
-    "GroundTruth", "SearchResult", "ThresholdSearch", "calibrate", "calibrate_many", "calibrate_with_variants",
-    "check_calibration_inputs", "check_goal", "check_target_speedup", "core_session", "select_candidates", "sweep",
+    "GroundTruth", "Margin", "Plan", "SearchResult", "ThresholdSearch", "calibrate", "calibrate_many",
+    "calibrate_with_variants", "check_calibration_inputs", "check_goal", "check_target_speedup", "core_session",
+    "estimate", "plan", "select_candidates", "sweep", "time_one_call",
 ]
 
 
@@ -35,12 +38,43 @@ def core_session(model: Any, cond: Tensor | None, seeds: Sequence[int], *, laten
                  model_fingerprint: str | None = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", progress: bool = False,
                  batch_size: int | None = None, checkpoint_dir: str | Path | None = None,
-                 callback: PassCallback | None = None) -> CalibrationSession:
-    """A :class:`CalibrationSession` of a velocity model under the core Euler loop (arguments of :func:`calibrate`)."""
+                 callback: PassCallback | None = None, targets: Sequence[float] | None = None) -> CalibrationSession:
+    """A :class:`CalibrationSession` of a velocity model under the core Euler loop (arguments of :func:`calibrate`;
+    ``targets``: the target speedups that will be asked for, to size the progress bar)."""
     config = config or CalibrationConfig()
     driver = CoreDriver(model, cond, seeds, latent_shape, num_inference_steps, shift, guidance_scale, null_cond,
                         config.reuse, model_fingerprint, dtype, device, batch_size)
-    return CalibrationSession(driver, config, progress=progress, checkpoint_dir=checkpoint_dir, callback=callback)
+    return CalibrationSession(driver, config, progress=progress, checkpoint_dir=checkpoint_dir, callback=callback,
+                              targets=targets)
+
+
+def estimate(model: Any, cond: Tensor | None, seeds: Sequence[int], *, target_speedups: Sequence[float],
+             latent_shape: Sequence[int], num_inference_steps: int, guidance_scale: float = 1.0,
+             null_cond: Tensor | None = None, config: CalibrationConfig | None = None,
+             dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", **_: Any) -> Plan:
+    """What :func:`calibrate_many` (or :func:`calibrate`, one target) would cost, without running it (a dry run).
+
+    Counts the passes and model calls of ``config`` (:func:`~.plan.plan`, an upper bound)
+    and times one model call on one calibration row, so :attr:`Plan.seconds` estimates
+    the wall time. Takes :func:`calibrate`'s arguments (those that do not change the cost
+    are accepted and ignored).
+
+    Raises:
+        ErtaCacheError: an empty or inconsistent calibration set, an invalid target.
+    """
+    from ..core.euler import branches_for, seeded_noise
+
+    config = config or CalibrationConfig()
+    check_calibration_inputs(cond, seeds, null_cond)
+    for s in target_speedups:
+        check_goal(s, None, num_inference_steps)
+    rows = len(seeds) * len(branches_for(guidance_scale, null_cond))
+    x = seeded_noise([int(seeds[0])], latent_shape, dtype, device)
+    t = torch.ones(1, dtype=dtype, device=device)
+    c = None if cond is None else cond[:1].to(device)
+    with torch.no_grad():
+        seconds = time_one_call(lambda: model(x, t, c))
+    return replace(plan(config, num_inference_steps, target_speedups, rows), seconds_per_call=seconds)
 
 
 def calibrate(model: Any, cond: Tensor | None, seeds: Sequence[int], *, target_speedup: float | None = None,
@@ -105,13 +139,17 @@ def calibrate_with_variants(model: Any, cond: Tensor | None, seeds: Sequence[int
 
 def calibrate_many(model: Any, cond: Tensor | None, seeds: Sequence[int], *, target_speedups: Sequence[float],
                    **kwargs: Any) -> list[Policy]:
-    """:func:`calibrate` for several target speedups, sharing ground truth and the lambda sweep.
+    """:func:`calibrate` for several target speedups, sharing the ground truth (and every pass two targets share).
 
-    Returns one policy per target, in order. The sweep is shared, so lambdas bisected
-    for one target are candidates for the next too: a policy can differ from what
+    Returns one policy per target, in the order given. Targets are calibrated from the
+    smallest NFE budget up, and each budget's choice (and the schedule search's set that
+    adds steps to it) competes for the larger ones: on the calibration samples a larger
+    budget's policy is never rated below a smaller one's. A policy can differ from what
     :func:`calibrate` picks for its target alone only by having seen more candidates.
+    Each policy's ``provenance["cost"]`` gives its own target's passes beside the
+    shared ground truth.
     """
     for s in target_speedups:
         check_goal(s, None, kwargs["num_inference_steps"])
-    session = core_session(model, cond, seeds, **kwargs)
-    return [session.policy(s, None) for s in target_speedups]
+    session = core_session(model, cond, seeds, targets=list(target_speedups), **kwargs)
+    return session.policies(target_speedups)

@@ -74,14 +74,15 @@ def shard(rows: range, rank: int, world_size: int) -> list[int]:
 
 
 def check_shards(parts: Sequence[range], world_size: int) -> None:
-    """Every rank must hold at least one row of every part (fitting, held-out), or the ranks' passes diverge.
+    """Every rank must hold at least one row of every part (all samples; with a held-out split, each side),
+    or the ranks' passes diverge. Checked before the first model call.
 
     Raises:
-        ErtaCacheError: naming the part and the sizes.
+        ErtaCacheError: naming the part, its size and the minimum.
     """
     for part in parts:
         if len(part) and min(len(shard(part, r, world_size)) for r in range(world_size)) == 0:
             raise ErtaCacheError(
-                f"a calibration part of {len(part)} samples cannot give each of {world_size} processes one sample; "
-                "use more calibration samples or fewer processes"
+                f"{world_size} processes need at least {world_size} calibration samples (one each), but a part of "
+                f"the set has {len(part)}; give at least {world_size} samples (prompts), or run fewer processes"
             )

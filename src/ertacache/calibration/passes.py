@@ -184,13 +184,22 @@ class AdjustTimesteps(Pass):
 
 
 class FitRectification(Pass):
-    """Eq. 15-21 along the cached trajectory of a fixed S and grid, with the held-out check.
+    """Eq. 15-21 along the cached trajectory of a fixed S and grid, judged as it is fitted.
 
     At each cached step the true ``v`` runs beside ``v~``. Per branch, the sufficient
     statistics of ``eps = v~ - v`` on the fitting rows of every unit are summed and
-    solved (:meth:`RectStats.solve`); the fit stays on when ``||v^ - v||^2`` on the
-    held-out rows (all rows when none is held out) is below ``||v~ - v||^2``. The
-    output used (``v^`` or ``v~``) advances the trajectory, so later fits see earlier ones.
+    solved (:meth:`RectStats.solve`): those are the policy's coefficients.
+
+    How the fit is judged (``has_holdout``):
+
+    - False (every row fits and judges): **leave-one-out**. Each row is rectified with
+      the coefficients solved from every *other* row's statistics (the sums are additive,
+      so this is exact and costs no model call), and advances with that output; a step's
+      fit stays on when the rows' leave-one-out ``sum ||v^ - v||^2`` is below
+      ``sum ||v~ - v||^2``. Each row's ``x`` at t = 0 is then an honest sample of the
+      rectified sampler on a sample it was not fitted on (one sample alone: no fit).
+    - True: the fit stays on when ``||v^ - v||^2`` on the held-out rows is below
+      ``||v~ - v||^2``, and every row advances with the full fit.
 
     Attributes:
         coeffs: ``{branch: {step: (a, b, enabled)}}`` after the run; ``a``, ``b`` of shape ``(C,)``.
@@ -209,20 +218,38 @@ class FitRectification(Pass):
     def needs_cached(self, step: int) -> bool:
         return step in self.cached
 
+    def _row_stats(self, vt: Tensor, v: Tensor, fit: Tensor) -> list[RectStats | None]:
+        """Each row's statistics (None for a row that does not fit)."""
+        return [RectStats.of(vt[r:r + 1], (vt - v)[r:r + 1], self.granularity, self.layout) if bool(fit[r]) else None
+                for r in range(vt.shape[0])]
+
     def decide(self, step: int, calls: list[UnitCall], grid: list[float]) -> list[float] | None:
         if not (step in self.cached and all(c.v_cached is not None and c.v is not None for c in calls)):
             return super().decide(step, calls, grid)
         for branch in dict.fromkeys(c.branch for c in calls):
             mine = [c for c in calls if c.branch == branch]
             pairs = [(c.v_cached, c.v) for c in mine if c.v_cached is not None and c.v is not None]
-            stats = [RectStats.of(vt[c.fit], (vt - v)[c.fit], self.granularity, self.layout)
-                     for c, (vt, v) in zip(mine, pairs)]
-            total = RectStats.from_tensor(self.reduce(torch.stack([s.as_tensor() for s in stats]).sum(0)))
+            rows = [self._row_stats(vt, v, c.fit) for c, (vt, v) in zip(mine, pairs)]
+            local = [s.as_tensor() for per in rows for s in per if s is not None]
+            width = local[0].shape[1] if local else (1 if self.granularity == "step" else pairs[0][0].shape[1])
+            summed = torch.stack(local).sum(0) if local else torch.zeros(5, width, dtype=torch.float64)
+            total = RectStats.from_tensor(self.reduce(summed))
             a, b = total.solve()
-            hats = [rectify.apply(vt, a, b, self.form, self.layout) for vt, _ in pairs]
-            rows = [c.hold if self.has_holdout else c.fit for c in mine]
-            err_hat = self.sum([(h - v)[m].double().square().sum() for h, (_, v), m in zip(hats, pairs, rows)])
-            err_raw = self.sum([(vt - v)[m].double().square().sum() for (vt, v), m in zip(pairs, rows)])
+            if self.has_holdout:
+                hats = [rectify.apply(vt, a, b, self.form, self.layout) for vt, _ in pairs]
+                judged = [c.hold for c in mine]
+            else:  # leave-one-out: row r is rectified with the fit of every other row
+                hats = []
+                for (vt, _), per in zip(pairs, rows):
+                    out = []
+                    for r, s in enumerate(per):
+                        others = None if s is None else RectStats.from_tensor(total.as_tensor() - s.as_tensor())
+                        ar, br = (a, b) if others is None else others.solve()
+                        out.append(rectify.apply(vt[r:r + 1], ar, br, self.form, self.layout))
+                    hats.append(torch.cat(out))
+                judged = [c.fit for c in mine]
+            err_hat = self.sum([(h - v)[m].double().square().sum() for h, (_, v), m in zip(hats, pairs, judged)])
+            err_raw = self.sum([(vt - v)[m].double().square().sum() for (vt, v), m in zip(pairs, judged)])
             better = err_hat < err_raw
             self.coeffs.setdefault(branch, {})[step] = (a, b, better)
             for c, h, (vt, _) in zip(mine, hats, pairs):

@@ -42,6 +42,11 @@ class Candidate:
     step_reuse: dict[int, str] = field(default_factory=dict)
     """Cached steps that rebuild with another reuse mode than the config's (:attr:`ertacache.Policy.step_reuse`)."""
 
+    def label(self, T: int) -> str:
+        """A short name for decisions, e.g. ``search set (NFE 15)``."""
+        extra = ", per-step reuse" if self.step_reuse else ""
+        return f"{self.source} set (NFE {T - len(self.cached_steps)}{extra})"
+
     def as_dict(self, T: int) -> dict[str, Any]:
         return {"source": self.source, "threshold": self.threshold, "nfe": T - len(self.cached_steps),
                 "cached_steps": list(self.cached_steps), "errors": dict(self.errors), "variant": self.variant,

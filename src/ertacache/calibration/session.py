@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,40 +37,71 @@ from .schedule import MAX_TRIPLE_STEPS, ErrorSketch, choose_step_reuse, extrapol
 from .select import Candidate, SearchResult, check_goal, select_candidates, sweep
 
 PassCallback = Callable[[str], None]
+DB = 10.0 / math.log(10.0)
+"""dB per unit of natural-log MSE."""
 """Called with a pass' name after it has finished (and been kept, with a checkpoint folder)."""
 MSE_FLOOR = 1e-30
 """A sample's MSE below this counts as this (an exact match, e.g. a policy that caches nothing)."""
 
 
-class CalibrationSession:
-    """One calibration set on one model: its fit/held-out split, ground truth and lambda sweep.
+@dataclass(frozen=True)
+class Margin:
+    """A paired comparison of two policies over the calibration samples.
 
-    Build it once, then ask for policies at several targets; ground truth and every
-    threshold search already run are reused.
+    ``gain_db`` is the mean over samples of ``10 log10(MSE_old / MSE_new)`` (each sample's
+    MSE at t = 0 against its uncached run), ``se_db`` its standard error
+    (``std / sqrt(n)``; 0 for one sample), ``n`` the samples.
+    """
+
+    gain_db: float
+    se_db: float
+    n: int
+
+    @property
+    def significant(self) -> bool:
+        """The new policy wins by more than the standard error (with one sample: wins at all)."""
+        return self.gain_db > self.se_db if self.n >= 2 else self.gain_db > 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"gain_db": round(self.gain_db, 3), "se_db": round(self.se_db, 3), "n": self.n,
+                "kept": self.significant}
+
+
+class CalibrationSession:
+    """One calibration set on one model: its ground truth, its candidates' evaluations, and the choices.
+
+    Build it once, then ask for policies at several targets; ground truth, every pass and
+    every evaluation already run are reused. Targets asked for in increasing NFE budget
+    are *nested*: the best set of a smaller budget, and the schedule search's set that
+    adds steps to it, compete for a larger one, so a larger budget never gets a policy
+    the calibration samples rate below a smaller budget's.
 
     Args:
         driver: walks trajectories of the calibration set.
         config: the calibration options.
         log: progress messages (``print``-like) or None.
-        progress: one tqdm bar over the passes, naming the current one.
+        progress: one tqdm bar (in model calls) over the ground truth and every target of ``targets``.
         checkpoint_dir: keep each finished pass there and reuse what is already there.
         callback: called after each pass (tests stop a calibration with it).
+        targets: the target speedups that will be asked for (sizes the progress bar; None: one target).
 
     Attributes:
         variants: the component variants of the cached set chosen by the latest
             :meth:`policy` call (see :func:`~ertacache.calibration.calibrate_with_variants`).
         grid: the ``T + 1`` times the driver's trajectories follow.
         cost: per pass kind, ``{"passes", "model_calls", "seconds"}``; model calls are
-            transformer forwards per sample and branch (summed over processes in the policy).
+            transformer forwards per sample and branch (summed over processes in the policy),
+            passes kept by a checkpoint included.
 
     Raises:
-        ErtaCacheError: a split of the set the processes cannot share, a checkpoint of
-            another calibration, or a sampler that ran another step count.
+        ErtaCacheError: a set the processes cannot share, a checkpoint of another
+            calibration, or a sampler that ran another step count.
     """
 
     def __init__(self, driver: Driver, config: CalibrationConfig | None = None,
                  log: Callable[[str], None] | None = None, *, progress: bool = False,
-                 checkpoint_dir: str | Path | None = None, callback: PassCallback | None = None) -> None:
+                 checkpoint_dir: str | Path | None = None, callback: PassCallback | None = None,
+                 targets: Sequence[float] | None = None) -> None:
         self.driver, self.config = driver, config or CalibrationConfig()
         self.T, n = driver.num_inference_steps, driver.size
         self.n_hold = round(n * self.config.holdout_fraction) if n >= 2 else 0
@@ -83,28 +114,40 @@ class CalibrationSession:
         self.callback = callback
         self.cost: dict[str, dict[str, float]] = {}
         self.errors: dict[str, float] = {}
+        self.scores: dict[str, Tensor] = {}  # per held-out sample (this process' rows): log MSE at t = 0
         self.resumed = 0
+        self.winners: list[Candidate] = []  # the chosen set of each target so far
         self.checkpoint = None if checkpoint_dir is None else Checkpoint(
             checkpoint_dir, {**driver.identity(), "config": self.config.to_dict(), "library": __version__,
                              "world_size": world}, getattr(driver, "rank", 0), world)
         self.bar: Any = None
+        self.targets_left = max(1, len(targets or ()))
         if progress:
             from tqdm.auto import tqdm
 
-            c = self.config
-            sweep_passes = len(c.thresholds) + 6 if "threshold" in c.candidates else 0
-            sets = (c.max_candidates if "threshold" in c.candidates else 0) + ("uniform" in c.candidates) \
-                + (c.search_candidates if "search" in c.candidates else 0)
-            estimate = 1 + sweep_passes + sets * (7 if c.component_check else 3) + 3 * c.step_reuse_choice
-            self.bar = tqdm(total=estimate, unit="pass", desc="calibration")
+            from .plan import plan
+
+            self.targets = list(targets or [2.0])
+            branches = len(getattr(driver, "names", ("cond", "uncond")))  # a pipeline's are known after ground truth
+            estimate = plan(self.config, self.T, self.targets, self.driver.size * branches).model_calls
+            self.bar = tqdm(total=estimate, unit="call", unit_scale=True, desc="calibration", mininterval=1.0)
         self._ground_truth()
+        if self.bar is not None:
+            self.bar.total = plan(self.config, self.T, self.targets,
+                                  self.driver.size * len(self.base["branches"])).model_calls
+            self.bar.refresh()
         self.searched: list[SearchResult] = []
         self.variants: dict[str, Policy] = {}
 
     # ----- passes, each kept and counted -----------------------------------------
+    def _tick(self, calls: int) -> None:
+        if self.bar is not None and calls:
+            self.bar.update(min(calls, max(0, self.bar.total - self.bar.n)))
+
     def _run(self, kind: str, key: str, pass_: Pass, rows: slice, grid: Sequence[float] | None) -> Tensor:
         if self.bar is not None:
-            self.bar.set_description(f"calibration: {key}")
+            self.bar.set_description(f"calibration: {kind}")
+            pass_.progress = self._tick
         start = time.perf_counter()
         self.driver.last_model_calls = 0
         try:
@@ -114,16 +157,13 @@ class CalibrationSession:
             c["passes"] += 1
             c["model_calls"] += self.driver.last_model_calls
             c["seconds"] += time.perf_counter() - start
+            self._last = (kind, self.driver.last_model_calls, time.perf_counter() - start)
 
     def _done(self, key: str, result: dict[str, Any], tensors: dict[str, Tensor] | None = None) -> None:
         if self.checkpoint is not None:
-            self.checkpoint.put(key, result, tensors)
-        if self.bar is not None:
-            self.bar.update(1)
-            done = sum(c["model_calls"] for c in self.cost.values())
-            runs = max(1, sum(c["passes"] for c in self.cost.values()))
-            left = max(0, self.bar.total - self.bar.n) * done / runs  # passes left x model calls a pass so far
-            self.bar.set_postfix(model_calls=int(done), left_about=int(left))
+            kind, calls, seconds = getattr(self, "_last", ("", 0, 0.0))
+            self.checkpoint.put(key, {**result, "_cost": {"kind": kind, "model_calls": calls, "seconds": seconds}},
+                                tensors)
         if self.callback is not None:
             self.callback(key)
 
@@ -131,8 +171,13 @@ class CalibrationSession:
         hit = None if self.checkpoint is None else self.checkpoint.get(key)
         if hit is not None:
             self.resumed += 1
-            if self.bar is not None:
-                self.bar.update(1)
+            spent = hit[0].get("_cost")
+            if spent:  # the calls made before the interrupt are part of this calibration's cost
+                c = self.cost.setdefault(spent["kind"], {"passes": 0, "model_calls": 0, "seconds": 0.0})
+                c["passes"] += 1
+                c["model_calls"] += spent["model_calls"]
+                c["seconds"] += spent["seconds"]
+                self._tick(int(spent["model_calls"]))
         return hit
 
     def _ground_truth(self) -> None:
@@ -147,7 +192,8 @@ class CalibrationSession:
             self.search_costs = {k[7:]: v for k, v in tensors.items() if k.startswith("search.")}
             self.driver.restore(result["driver"])
         else:
-            self.log(f"ground truth on {self.n_fit} fitting and {self.n_hold} held-out samples")
+            self.log(f"ground truth on {self.driver.size} samples" + (
+                f" ({self.n_hold} of them held out)" if self.n_hold else ""))
             gt = GroundTruth(ErrorSketch() if "search" in self.config.candidates else None)
             self.gt_final = self._run("ground truth", key, gt, self.all, None)
             if len(gt.times) != self.T:
@@ -163,6 +209,7 @@ class CalibrationSession:
                              "switch_steps": self.switch_steps, "driver": self.driver.recorded()},
                        {"x": self.gt_final, **{f"search.{k}": v for k, v in self.search_costs.items()}})
         self.base: dict[str, Any] = dict(self.driver.policy_fields(self.grid), config=self.config)
+        self.gt_cost = {k: dict(v) for k, v in self.cost.items()}
 
     def search(self, threshold: float, max_nfe: int | None = None) -> SearchResult:
         """Algorithm 2's search for one lambda on the fitting rows; with ``max_nfe`` it stops once over it."""
@@ -199,105 +246,201 @@ class CalibrationSession:
         return p.grid
 
     def rectify(self, cached_steps: tuple[int, ...], grid: Sequence[float], branches: Sequence[str],
-                step_reuse: dict[int, str] | None = None) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-        """Eq. 15-21's fit along a cached set's trajectory on ``grid``: ``(rect_a, rect_b, enabled)``."""
+                step_reuse: dict[int, str] | None = None
+                ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor | None]:
+        """Eq. 15-21's fit along a cached set's trajectory on ``grid``: ``(rect_a, rect_b, enabled, log_mse)``.
+
+        ``log_mse``: with every sample judging (``holdout_fraction=0``), each sample's log MSE at t = 0 of
+        its leave-one-out rectified trajectory (this process' rows), the fit's own honest evaluation; else None.
+        """
         key = f"rectification fit S={list(cached_steps)} grid={digest(list(grid))}" + (
             f" reuse={step_reuse}" if step_reuse else "")
         hit = self._kept(key)
         if hit is not None:
             t = hit[1]
-            return ({b: t[f"a.{b}"] for b in branches}, {b: t[f"b.{b}"] for b in branches}, t["enabled"].bool())
+            return ({b: t[f"a.{b}"] for b in branches}, {b: t[f"b.{b}"] for b in branches}, t["enabled"].bool(),
+                    t.get("log_mse"))
         c = self.config
         p = FitRectification(cached_steps, c.rectification, c.granularity, has_holdout=self.n_hold > 0,
                              layout=self.driver.layout, step_reuse=step_reuse)
-        self._run("rectification fit", key, p, self.all, grid)
+        final = self._run("rectification fit", key, p, self.all, grid)
         a, b, enabled = p.tensors(branches, self.T)
+        log_mse = None if self.n_hold else self._log_mse(final, self.all)
         self._done(key, {}, {**{f"a.{k}": v for k, v in a.items()}, **{f"b.{k}": v for k, v in b.items()},
-                             "enabled": enabled.to(torch.uint8)})
-        return a, b, enabled
+                             "enabled": enabled.to(torch.uint8), **({"log_mse": log_mse} if log_mse is not None
+                                                                     else {})})
+        return a, b, enabled, log_mse
 
-    def error(self, policy: Policy) -> float:
-        """Held-out error of ``policy``: the geometric mean over held-out samples of each one's MSE at t = 0.
+    def _log_mse(self, final: Tensor, rows: slice) -> Tensor:
+        """Each sample's log MSE at t = 0 against its uncached run (this process' part of ``rows``, float64)."""
+        where = {i: k for k, i in enumerate(self.driver.local(self.all))}
+        ref: Tensor = self.gt_final[[where[i] for i in self.driver.local(rows)]]
+        return (final.to(ref) - ref).double().square().flatten(1).mean(1).clamp_min(MSE_FLOOR).log().cpu()
 
-        Each sample's MSE is against its uncached run (NOTES.md section 2.5). The geometric
-        mean ranks policies as the mean PSNR over samples does (the figure the benchmark
-        and the paper report); the pooled MSE it replaced let one hard sample decide
-        (measured, moving digits at 3x: pooled MSE chose a set 6.6 dB worse on held-out
-        seeds than the one the geometric mean chooses). Policies that sample alike share
-        one evaluation (a variant whose rectification fits all failed the held-out check
-        is its base policy).
-        """
+    def _key(self, policy: Policy) -> str:
         on = policy.rect_form != "off" and policy.rect_enabled is not None and bool(policy.rect_enabled.any())
         tensors = [policy.rect_a[b] for b in policy.rect_a] + [policy.rect_b[b] for b in policy.rect_b] if on else []
-        key = "evaluation (geometric mean) " + digest(
+        return "evaluation (per sample) " + digest(
             list(policy.cached_steps), list(policy.sampling_grid), policy.rect_form if on else "off",
             policy.rect_enabled.int() if on else None, *tensors,  # type: ignore[union-attr]
             *([policy.step_reuse] if policy.step_reuse else []))
+
+    def _score(self, key: str, log_mse: Tensor) -> float:
+        self.scores[key] = log_mse
+        total = self.driver.reduce(torch.stack([log_mse.sum(), torch.tensor(float(log_mse.numel()),
+                                                                              dtype=torch.float64)]))
+        self.errors[key] = math.exp(float(total[0] / total[1]))
+        return self.errors[key]
+
+    def error(self, policy: Policy, log_mse: Tensor | None = None) -> float:
+        """The calibration error of ``policy``: the geometric mean over the judging samples of each one's MSE at t = 0.
+
+        Each sample's MSE is against its uncached run; the judging samples are every
+        calibration sample (``holdout_fraction=0``) or the held-out part. The geometric mean
+        ranks policies as the mean PSNR over samples does (the figure the benchmark and
+        the paper report); a pooled MSE lets one hard sample decide. Policies that sample
+        alike share one evaluation. ``log_mse`` (each sample's, e.g. the rectification
+        fit's leave-one-out run) is recorded instead of running the policy.
+        """
+        key = self._key(policy)
         if key in self.errors:
             return self.errors[key]
+        if log_mse is not None:
+            return self._score(key, log_mse)
         hit = self._kept(key)
         if hit is not None:
-            self.errors[key] = float(hit[0]["error"])
-            return self.errors[key]
+            return self._score(key, hit[1]["log_mse"])
         final = self._run("evaluation", key, policy.follower(self.driver.layout), self.hold, policy.sampling_grid)
-        where = {i: k for k, i in enumerate(self.driver.local(self.all))}
-        ref: Tensor = self.gt_final[[where[i] for i in self.driver.local(self.hold)]]
-        per_sample = (final - ref).double().square().flatten(1).mean(1).clamp_min(MSE_FLOOR)
-        sums = torch.stack([per_sample.log().sum(), torch.tensor(float(per_sample.numel()), dtype=torch.float64)])
-        total = self.driver.reduce(sums)
-        err = math.exp(float(total[0] / total[1]))
-        self._done(key, {"error": err})
-        self.errors[key] = err
-        return err
+        log_mse = self._log_mse(final, self.hold)
+        self._done(key, {}, {"log_mse": log_mse})
+        return self._score(key, log_mse)
+
+    def margin(self, old: Policy, new: Policy) -> Margin:
+        """The paired comparison of ``new`` against ``old`` over the judging samples (both evaluated)."""
+        self.error(old), self.error(new)
+        d = (self.scores[self._key(old)] - self.scores[self._key(new)]) * DB
+        sums = self.driver.reduce(torch.stack([d.sum(), d.square().sum(), torch.tensor(float(d.numel()),
+                                                                                      dtype=torch.float64)]))
+        n = int(sums[2])
+        mean = float(sums[0]) / n
+        var = max(0.0, (float(sums[1]) - n * mean * mean) / (n - 1)) if n > 1 else 0.0
+        return Margin(mean, math.sqrt(var / n), n)
 
     # ----- the method --------------------------------------------------------------
     @torch.no_grad()
     def policy(self, target_speedup: float | None = None, threshold: float | None = None) -> Policy:
         """The policy for a target speedup or a threshold (exactly one); see :func:`~ertacache.calibrate`."""
         max_nfe = check_goal(target_speedup, threshold, self.T)
+        before = {k: dict(v) for k, v in self.cost.items()}
         candidates = self._candidates(threshold, max_nfe)
-        best: tuple[float, Policy, Candidate] | None = None
+        plain = {id(c): Policy(cached_steps=c.cached_steps, step_reuse=c.step_reuse, **self.base)  # type: ignore[arg-type]
+                 for c in candidates}
         for cand in candidates:
-            self.log(f"evaluating {cand.source} candidate, NFE {self.T - len(cand.cached_steps)}")
-            variants = self._variants(cand)
-            judged = variants if self.config.component_check else dict([list(variants.items())[-1]])
-            cand.errors = {name: self.error(p) for name, p in judged.items()}
-            cand.variant = min(cand.errors, key=cand.errors.__getitem__)
-            if best is None or cand.errors[cand.variant] < best[0]:
-                best = (cand.errors[cand.variant], variants[cand.variant], cand)
-                self.variants = variants
-        if best is None:  # pragma: no cover - _candidates never returns an empty list
-            raise ErtaCacheError("calibration produced no candidate policy")
-        refined = self._per_step_reuse(best[2])
-        if refined is not None:
-            candidates.append(refined[2])
-            if refined[0] < best[0]:
-                best = refined
-        if self.bar is not None:
+            self.log(f"evaluating {cand.source} set, NFE {self.T - len(cand.cached_steps)}")
+            cand.errors = {"plain": self.error(plain[id(cand)])}
+        searched = [c for c in candidates if c.source == "search" and not c.step_reuse]
+        if self.config.step_reuse_choice and searched and threshold is None:
+            extra = self._per_step_candidate(min(searched, key=lambda c: c.errors["plain"]))
+            if extra is not None and all(c.step_reuse != extra.step_reuse or c.cached_steps != extra.cached_steps
+                                         for c in candidates):
+                plain[id(extra)] = Policy(cached_steps=extra.cached_steps, step_reuse=extra.step_reuse,
+                                          **self.base)  # type: ignore[arg-type]
+                self.log(f"evaluating per-step reuse on the search set: {extra.step_reuse}")
+                extra.errors = {"plain": self.error(plain[id(extra)])}
+                candidates.append(extra)
+        decisions: list[dict[str, Any]] = []
+        chosen = self._choose_set(candidates, plain, decisions)
+        variants = self._variants(chosen)
+        policy, chosen.variant = self._choose_variant(chosen, variants, decisions)
+        self.variants = variants
+        if threshold is None and max_nfe < self.T:
+            self.winners.append(chosen)
+        self.targets_left -= 1
+        if self.bar is not None and self.targets_left <= 0:
+            self.bar.total = self.bar.n  # the plan is an upper bound: end at 100 %
+            self.bar.refresh()
             self.bar.close()
-        chosen = best[2]
         info = provenance(
-            calibration_size=self.driver.size, holdout_size=self.n_hold, target_speedup=target_speedup,
+            calibration_size=self.driver.size, judged_on=("every sample (rectification leave-one-out)"
+                                                          if not self.n_hold else f"{self.n_hold} held-out samples"),
+            holdout_size=self.n_hold, target_speedup=target_speedup,
             threshold=chosen.threshold, selected=chosen.source, variant=chosen.variant,
             candidates=[c.as_dict(self.T) for c in candidates], chosen=candidates.index(chosen),
+            decisions=decisions,
             timestep_adjustment=("on" if self.config.timestep_adjustment else "off (config)")
             if self.driver.adjustment_off is None else f"off: {self.driver.adjustment_off}",
-            cost=self.cost_summary(), **self.driver.provenance(),
+            cost=self.cost_summary(before), **self.driver.provenance(),
         )
-        return replace(best[1], provenance=info)
+        return replace(policy, provenance=info)
 
-    def cost_summary(self) -> dict[str, Any]:
-        """Model calls (summed over processes) and wall time by pass kind, and in uncached generations of the set."""
-        kinds = sorted(self.cost)
-        calls = self.driver.reduce(torch.tensor([self.cost[k]["model_calls"] for k in kinds] or [0.0],
-                                                dtype=torch.float64))
+    def _choose_set(self, candidates: list[Candidate], plain: dict[int, Policy],
+                    decisions: list[dict[str, Any]]) -> Candidate:
+        """The evenly spaced set (or the first candidate), unless another wins the paired comparison against it."""
+        base = next((c for c in candidates if c.source == "uniform" and c.rule is None), candidates[0])
+        for cand in sorted(candidates, key=lambda c: c.errors["plain"]):
+            if cand is base or cand.errors["plain"] >= base.errors["plain"]:
+                break
+            m = self.margin(plain[id(base)], plain[id(cand)])
+            decisions.append({"decision": f"{cand.label(self.T)} over {base.label(self.T)}", **m.as_dict()})
+            if m.significant:
+                return cand
+        return base
+
+    def _choose_variant(self, cand: Candidate, variants: dict[str, Policy],
+                        decisions: list[dict[str, Any]]) -> tuple[Policy, str]:
+        """The set's variant: plain, unless one with more components wins the paired comparison against it."""
+        names = [n for n in variants if n != "plain"]
+        if not self.config.component_check:
+            name = names[-1] if names else "plain"
+            cand.errors[name] = self.error(variants[name])
+            return variants[name], name
+        for name in names:
+            cand.errors[name] = self.error(variants[name])
+        best = "plain"
+        for name in sorted(names, key=lambda n: cand.errors[n]):
+            if cand.errors[name] >= cand.errors["plain"]:
+                break
+            m = self.margin(variants["plain"], variants[name])
+            decisions.append({"decision": f"{name} over plain", **m.as_dict()})
+            if m.significant:
+                best = name
+                break
+        return variants[best], best
+
+    def policies(self, target_speedups: Sequence[float]) -> list[Policy]:
+        """One policy per target (in the order given), calibrated from the smallest NFE budget up (nested)."""
+        order = sorted(range(len(target_speedups)), key=lambda k: -float(target_speedups[k]))
+        out: dict[int, Policy] = {}
+        for k in order:
+            out[k] = self.policy(target_speedups[k], None)
+        return [out[k] for k in range(len(target_speedups))]
+
+    def cost_summary(self, before: dict[str, dict[str, float]] | None = None) -> dict[str, Any]:
+        """This policy's cost: the ground truth (shared by every target of the session) and the passes run for its
+        own target since ``before``; model calls summed over processes, also in uncached generations of the set."""
         per_generation = self.driver.size * len(self.base["branches"]) * self.T
-        by_pass = {k: {"passes": int(self.cost[k]["passes"]), "model_calls": int(calls[i]),
-                       "seconds": round(self.cost[k]["seconds"], 2)} for i, k in enumerate(kinds)}
-        total = int(sum(v["model_calls"] for v in by_pass.values()))
-        seconds = round(sum(self.cost[k]["seconds"] for k in kinds), 2)
-        return {"by_pass": by_pass, "model_calls": total, "seconds": seconds,
-                "uncached_generations": round(total / per_generation, 2), "resumed_passes": self.resumed}
+        before = self.gt_cost if before is None else before
+
+        def part(costs: dict[str, dict[str, float]]) -> dict[str, Any]:
+            kinds = sorted(k for k in costs if costs[k]["passes"])
+            calls = self.driver.reduce(torch.tensor([costs[k]["model_calls"] for k in kinds] or [0.0],
+                                                    dtype=torch.float64))
+            by_pass = {k: {"passes": int(costs[k]["passes"]), "model_calls": int(calls[i]),
+                           "seconds": round(costs[k]["seconds"], 2)} for i, k in enumerate(kinds)}
+            total = int(sum(v["model_calls"] for v in by_pass.values()))
+            return {"by_pass": by_pass, "passes": sum(v["passes"] for v in by_pass.values()), "model_calls": total,
+                    "seconds": round(sum(costs[k]["seconds"] for k in kinds), 2),
+                    "uncached_generations": round(total / per_generation, 2)}
+
+        own = {k: {m: v[m] - before.get(k, {}).get(m, 0) for m in ("passes", "model_calls", "seconds")}
+               for k, v in self.cost.items() if k != "ground truth"}
+        gt, target = part({k: v for k, v in self.gt_cost.items()}), part(own)
+        both = {k: dict(v) for k, v in own.items()}
+        for k, v in self.gt_cost.items():
+            both[k] = {m: both.get(k, {}).get(m, 0) + v[m] for m in ("passes", "model_calls", "seconds")}
+        return {**part(both), "ground_truth": {k: gt[k] for k in ("passes", "model_calls", "uncached_generations")},
+                "target": {k: target[k] for k in ("passes", "model_calls", "seconds", "uncached_generations")},
+                "resumed_passes": self.resumed}
 
     def _candidates(self, threshold: float | None, max_nfe: int) -> list[Candidate]:
         if threshold is not None:
@@ -311,16 +454,34 @@ class CalibrationSession:
                                   max_nfe=max_nfe, known=self.searched, enough=enough)
         out = select_candidates(self.searched if "threshold" in self.config.candidates else [], self.T, max_nfe,
                                 self.config, self.switch_steps)
+        known = {(c.cached_steps, tuple(sorted(c.step_reuse.items()))) for c in out}
+
+        def add(cand: Candidate) -> None:
+            if (cand.cached_steps, tuple(sorted(cand.step_reuse.items()))) not in known:
+                known.add((cand.cached_steps, tuple(sorted(cand.step_reuse.items()))))
+                out.append(cand)
+
+        smaller = [w for w in self.winners if self.T - len(w.cached_steps) <= max_nfe]
+        previous = max(smaller, key=lambda w: self.T - len(w.cached_steps)) if smaller else None
         if "search" in self.config.candidates:
-            known = {c.cached_steps for c in out}
             limit = self.config.search_candidates
             proposed = [(f"extrapolation, {rule}", cached) for rule, cached in
                         propose(self._extrapolation_costs(), max_nfe, self.switch_steps, limit)]
             proposed += propose(self.search_costs, max_nfe, self.switch_steps, limit)
-            for rule, cached in proposed:
-                if cached not in known and sum(c.source == "search" for c in out) < limit:
-                    known.add(cached)
-                    out.append(Candidate("search", None, cached, rule=rule))
+            for rule, cached in proposed[:limit]:
+                add(Candidate("search", None, cached, rule=rule))
+            if previous is not None and self.T - len(previous.cached_steps) < max_nfe:
+                computed = [i for i in range(self.T) if i not in previous.cached_steps]
+                triple = self._extrapolation_costs()
+                nested = propose(triple or self.search_costs, max_nfe, sorted({*self.switch_steps, *computed}), 1)
+                for rule, cached in nested:
+                    rule = f"extrapolation, {rule}" if triple else rule
+                    add(Candidate("search", None, cached,
+                                  rule=f"{rule}, adding steps to the NFE-{len(computed)} set"))
+        if previous is not None:  # a smaller budget's choice fits this one
+            add(Candidate(previous.source, previous.threshold, previous.cached_steps,
+                          rule=f"the NFE-{self.T - len(previous.cached_steps)} target's set",
+                          step_reuse=dict(previous.step_reuse)))
         if not out:  # the search found no set beside the forced steps: the evenly spaced one competes alone
             out = select_candidates([], self.T, max_nfe, replace(self.config, candidates=("uniform",)),
                                     self.switch_steps)
@@ -337,33 +498,27 @@ class CalibrationSession:
             self._triple_costs = {k: extrapolation_costs(gram, self.grid, k == "rectified") for k in kinds}
         return self._triple_costs
 
-    def _per_step_reuse(self, winner: Candidate) -> tuple[float, Policy, Candidate] | None:
-        """The winning set with each cached step's reuse mode chosen by the error model, judged on held-out error.
-
-        Only the winner's variant is built (at most an adjustment pass, a rectification
-        fit and an evaluation); None when the config does not ask for it, the
-        ground truth logged no error model (``search`` not among the sources), the
-        reuse mode has no alternative, or every step keeps the policy's mode.
-        """
+    def _per_step_candidate(self, base: Candidate) -> Candidate | None:
+        """``base``'s set with each cached step's reuse mode chosen by the error model
+        (:func:`~.schedule.choose_step_reuse`), as a candidate of its own; None when the ground truth logged no
+        error model (``search`` not among the sources), the reuse mode has no alternative, or every step keeps the
+        policy's mode."""
         config = self.config
         gram = self.search_costs.get("gram")
-        modes = [m for m in (config.reuse, "velocity", "extrapolate") if config.reuse in ("velocity", "extrapolate")]
-        if not config.step_reuse_choice or gram is None or not modes or not winner.cached_steps:
+        if gram is None or config.reuse not in ("velocity", "extrapolate") or not base.cached_steps or base.step_reuse:
             return None
-        modes = list(dict.fromkeys(modes))
-        chosen = choose_step_reuse(gram, self.grid, winner.cached_steps, modes, config.rectification != "off")
+        modes = list(dict.fromkeys([config.reuse, "velocity", "extrapolate"]))
+        chosen = choose_step_reuse(gram, self.grid, base.cached_steps, modes, config.rectification != "off")
         step_reuse = {j: m for j, m in chosen.items() if m != config.reuse}
         if not step_reuse:
             return None
-        cand = Candidate(winner.source, winner.threshold, winner.cached_steps, rule=winner.rule, step_reuse=step_reuse)
-        self.log(f"evaluating per-step reuse on the {winner.source} set: {step_reuse}")
-        variants = self._variants(cand, only=winner.variant)
-        cand.variant = winner.variant
-        cand.errors = {winner.variant: self.error(variants[winner.variant])}
-        return cand.errors[winner.variant], variants[winner.variant], cand
+        return Candidate(base.source, base.threshold, base.cached_steps, rule=f"{base.rule}, per-step reuse"
+                         if base.rule else "per-step reuse", step_reuse=step_reuse)
 
     def _variants(self, cand: Candidate, only: str | None = None) -> dict[str, Policy]:
-        """The candidate's policies, from fewest components to all that the config asks for (or ``only`` one)."""
+        """The candidate's policies, from fewest components to all that the config asks for (or ``only`` one).
+
+        A rectified variant fitted leave-one-out is evaluated by its fitting run (no further pass)."""
         config = self.config
         plain = Policy(cached_steps=cand.cached_steps, step_reuse=cand.step_reuse, **self.base)  # type: ignore[arg-type]
         out = {"plain": plain}
@@ -384,9 +539,11 @@ class CalibrationSession:
             for name, g in grids:
                 if not wanted(name):
                     continue
-                a, b, enabled = self.rectify(cand.cached_steps, g, plain.branches, cand.step_reuse)
+                a, b, enabled, log_mse = self.rectify(cand.cached_steps, g, plain.branches, cand.step_reuse)
                 out[name] = replace(out["adjusted"] if name == "full" else plain, rect_a=a, rect_b=b,
                                     rect_enabled=enabled, rect_form=config.rectification)
+                if log_mse is not None and bool(enabled.any()):
+                    self.error(out[name], log_mse)  # the leave-one-out run is the variant's evaluation
         return out
 
 

@@ -112,6 +112,8 @@ class Pass:
     def __init__(self, step_reuse: dict[int, str] | None = None) -> None:
         self.reduce: Reduce = lambda x: x
         self.step_reuse: dict[int, str] = dict(step_reuse or {})
+        self.progress: Callable[[int], None] | None = None
+        """Called after each decided step with the model calls (rows) made since the last call (progress bars)."""
 
     def reset(self) -> None:
         """A new trajectory starts (a pipeline called again); passes with per-run records clear them."""
@@ -166,6 +168,7 @@ class Engine:
         self.units: dict[Hashable, _UnitState] = {}
         self.pending: dict[int, list[UnitCall]] = {}
         self.model_calls = 0  # rows the model ran on (per sample and branch), over the engine's life
+        self._reported = 0
 
     def reset(self) -> None:
         """Forget every unit's cache (a new trajectory starts)."""
@@ -239,6 +242,9 @@ class Engine:
                 st.v_prev = c.v
         if grid is not None:
             self.grid = [float(t) for t in grid]
+        if self.pass_.progress is not None:
+            self.pass_.progress(self.model_calls - self._reported)
+            self._reported = self.model_calls
         return calls
 
 

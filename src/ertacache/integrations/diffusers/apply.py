@@ -69,7 +69,7 @@ def _checker(pipe: Any, policy: Policy, strict: bool) -> Any:
     warned: set[tuple[int, ...]] = set()
 
     def on_start(hidden: Tensor, branch: str) -> None:
-        if branch not in policy.branches:
+        if branch not in policy.branches and not policy.any_guidance:
             raise PolicyMismatchError(
                 f"the pipeline runs guidance branch {branch!r}, the policy was calibrated for branches "
                 f"{policy.branches}: the guidance setting differs; recalibrate for it")

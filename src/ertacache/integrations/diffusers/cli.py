@@ -100,6 +100,18 @@ def calibrate(settings: CalibrateSettings) -> int:
         raise ErtaCacheError("calibrate on a pipeline needs --pipeline")
     check_call_arguments(pipeline_class(settings.pipeline), settings.pipeline)
     pipe = load_pipeline(settings.pipeline)
+    if settings.dry_run:
+        from .calibrate import estimate_pipeline
+
+        if settings.target_speedup is None:
+            raise ErtaCacheError("--dry-run estimates a --target-speedup calibration; give one")
+        steps = settings.pipeline.num_inference_steps
+        plan = estimate_pipeline(pipe, list(settings.prompts), num_inference_steps=steps,
+                                 target_speedups=[settings.target_speedup], config=settings.config,
+                                 **settings.pipeline.call_kwargs())
+        print(f"{len(settings.prompts)} calibration prompts, T = {settings.pipeline.num_inference_steps}")
+        print(plan.describe(len(settings.prompts)))
+        return 0
     policy = calibrate_pipeline(pipe, list(settings.prompts), num_inference_steps=settings.pipeline.num_inference_steps,
                                 target_speedup=settings.target_speedup, threshold=settings.threshold,
                                 seeds=range(settings.seed, settings.seed + len(settings.prompts)),

@@ -1,0 +1,100 @@
+"""Held-out quality and cost of calibration over shifts, targets and calibration sizes, on a bundled model.
+
+    python scripts/calibration_grid.py --model digits --config default --out docs/calibration/grid_digits_default.json
+
+For each grid shift, the uncached samples of the held-out seeds (10000..) are the
+reference. For each calibration size N (the first N of classes 0..9 repeated, seeds
+0..N-1), one :func:`ertacache.calibrate_many` over the targets (ground truth shared)
+gives a policy per target; each policy, and evenly spaced computation at its NFE with
+the same reuse mode, is sampled on the held-out seeds and scored (mean PSNR, dB).
+Rows: model, shift, N, target, NFE, PSNR, uniform PSNR at that NFE, calibration
+model calls and their count in uncached generations of the set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from ertacache import CalibrationConfig, Policy, calibrate_many, sample, seeded_noise
+from ertacache.demo import labels_and_seeds
+from ertacache.io import atomic_write_text
+from ertacache.metrics import psnr
+from ertacache.models.bundled import bundled_model
+from ertacache.models.digits import NULL_CLASS
+
+CONFIGS = {
+    "default": lambda: CalibrationConfig(),
+    "thorough": lambda: CalibrationConfig.thorough(),  # type: ignore[attr-defined]
+    "search": lambda: CalibrationConfig(candidates=("search",), search_candidates=1, component_check=False,
+                                        timestep_adjustment=False, step_reuse_choice=False),
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="digits")
+    p.add_argument("--config", default="default", choices=sorted(CONFIGS))
+    p.add_argument("--shifts", default="1,3,5")
+    p.add_argument("--targets", default="1.5,2,3,4")
+    p.add_argument("--sizes", default="20", help="calibration sizes N, comma-separated")
+    p.add_argument("--heldout-per-class", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    bundled = bundled_model(args.model)
+    model = bundled.load(None)
+    T, cfg = bundled.num_inference_steps, bundled.guidance_scale
+    labels, seeds = labels_and_seeds(args.heldout_per_class, 10_000)
+    noise = seeded_noise(seeds, bundled.latent_shape)
+    null = torch.full_like(labels, NULL_CLASS)
+    rows: list[dict[str, Any]] = []
+    targets = [float(s) for s in args.targets.split(",")]
+
+    for shift in [float(s) for s in args.shifts.split(",")]:
+        kw = dict(num_inference_steps=T, shift=shift, guidance_scale=cfg, null_cond=null)
+
+        def score(policy: Policy | None, ref: torch.Tensor | None, kw: dict[str, Any] = kw) -> Any:
+            with torch.no_grad():
+                x = sample(model, noise, labels, policy=policy, **kw).x
+            return x if ref is None else round(psnr(x, ref), 2)
+
+        ref = score(None, None)
+        uniform: dict[tuple[str, int], float] = {}
+        for n in [int(s) for s in args.sizes.split(",")]:
+            cal_labels = torch.arange(n) % 10
+            start = time.perf_counter()
+            config = CONFIGS[args.config]()
+            policies = calibrate_many(model, cal_labels, list(range(n)), target_speedups=targets,
+                                      latent_shape=bundled.latent_shape, num_inference_steps=T, shift=shift,
+                                      guidance_scale=cfg, null_cond=torch.full_like(cal_labels, NULL_CLASS),
+                                      config=config)
+            seconds = time.perf_counter() - start
+            for target, pol in zip(targets, policies):
+                key = (pol.reuse, pol.nfe)
+                if key not in uniform:
+                    uni = Policy.uniform(T, pol.nfe, shift=shift, reuse=pol.reuse, branches=pol.branches,
+                                         guidance_scale=cfg)
+                    uniform[key] = score(uni, ref)
+                cost = pol.provenance.get("cost", {})
+                row = {"model": args.model, "config": args.config, "shift": shift, "N": n, "target": target,
+                       "nfe": pol.nfe, "psnr": score(pol, ref), "uniform_psnr": uniform[key],
+                       "selected": pol.provenance.get("selected"), "variant": pol.provenance.get("variant"),
+                       "model_calls": cost.get("target", cost).get("model_calls"),
+                       "generations": cost.get("target", cost).get("uncached_generations"),
+                       "calibrate_many_seconds": round(seconds, 1)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    meta = {"command": "python scripts/calibration_grid.py " + " ".join(
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("threads",)),
+            "T": T, "guidance_scale": cfg, "held_out": len(seeds), "date": time.strftime("%Y-%m-%d")}
+    atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""What a calibration will cost before it runs: passes and model calls by the config, and the wall time they take.
+
+A *pass* walks the whole calibration set once (a pass at every step computes the model
+at all T steps: ground truth, Algorithm 2's search, the adjustment and rectification
+fits; an evaluation computes at the NFE steps of the set it judges). The counts are
+upper bounds: a search that stops over its budget, a set smaller than the budget, a
+pass shared with an earlier target or kept by a checkpoint costs less.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import CalibrationConfig
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The cost of a calibration, in whole-set passes and model calls.
+
+    Attributes:
+        passes: whole-set passes (an evaluation at NFE counts ``NFE / T`` of one).
+        model_calls: transformer forwards, one per sample, branch and step (the unit of
+            :attr:`ertacache.Policy.provenance` ``["cost"]``).
+        per_target: ``[(target_speedup, passes, model_calls)]`` beside the shared ground truth.
+        seconds_per_call: measured time of one model call on one row, or None.
+    """
+
+    passes: float
+    model_calls: int
+    per_target: list[tuple[float, float, int]] = field(default_factory=list)
+    seconds_per_call: float | None = None
+
+    @property
+    def seconds(self) -> float | None:
+        """Estimated wall time: model calls times the measured time of one (batching makes it faster)."""
+        return None if self.seconds_per_call is None else self.model_calls * self.seconds_per_call
+
+    def describe(self, rows: int) -> str:
+        """A few lines for a user: passes, calls per branch and sample, the time estimate."""
+        lines = [f"calibration plan: at most {self.passes:.1f} whole-set passes, {self.model_calls} model calls "
+                 f"({self.model_calls / max(rows, 1):.0f} per sample and branch)",
+                 "  ground truth: 1 pass (shared by every target)"]
+        for target, passes, calls in self.per_target:
+            lines.append(f"  target {target:g}x: at most {passes:.1f} passes, {calls} model calls")
+        if self.seconds_per_call is not None and self.seconds is not None:
+            lines.append(f"  one model call (one row): {self.seconds_per_call * 1e3:.1f} ms; estimated wall time at "
+                         f"most {_duration(self.seconds)} (batched calls are faster per row)")
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def target_passes(config: CalibrationConfig, T: int, max_nfe: int, first: bool) -> float:
+    """Whole-set passes of one target (beside the ground truth), an upper bound.
+
+    Args:
+        first: the session's first target (later ones reuse the lambda sweep, and add the nested candidate).
+    """
+    c = config
+    frac = min(max_nfe, T) / T
+    search = "search" in c.candidates
+    sets = (c.search_candidates if search else 0) + ("uniform" in c.candidates) \
+        + (c.max_candidates if "threshold" in c.candidates else 0) + (0 if first or not search else 1) \
+        + (1 if search and c.step_reuse_choice else 0)
+    passes = sets * frac
+    if "threshold" in c.candidates:
+        passes += (len(c.thresholds) + 6) if first else 6
+    judged_apart = c.holdout_fraction > 0  # else the rectification fit judges itself (leave-one-out)
+    if c.rectification != "off":
+        passes += 1 + frac * judged_apart
+    if c.timestep_adjustment:
+        passes += 1 + frac + (1 + frac * judged_apart if c.rectification != "off" else 0)
+    return passes
+
+
+def plan(config: CalibrationConfig, num_inference_steps: int, target_speedups: Sequence[float], rows: int) -> Plan:
+    """The cost of calibrating ``target_speedups`` in one session (ground truth shared).
+
+    Args:
+        config: the calibration options.
+        num_inference_steps: T.
+        target_speedups: the targets (``T / NFE``), as :func:`ertacache.calibrate_many` takes them.
+        rows: calibration samples times guidance branches.
+    """
+    T = num_inference_steps
+    total = 1.0
+    per: list[tuple[float, float, int]] = []
+    budgets = sorted(((math.floor(T / s + 1e-9), s) for s in target_speedups), key=lambda b: b[0])
+    for k, (max_nfe, s) in enumerate(budgets):
+        passes = target_passes(config, T, max_nfe, first=k == 0)
+        per.append((s, passes, math.ceil(passes * rows * T)))
+        total += passes
+    order = {s: i for i, s in enumerate(target_speedups)}
+    per.sort(key=lambda p: order.get(p[0], 0))
+    return Plan(total, math.ceil(total * rows * T), per)
+
+
+def time_one_call(call: Callable[[], Any], repeats: int = 3) -> float:
+    """Seconds of one model call: ``call()`` once to warm up, then the fastest of ``repeats``."""
+    call()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - start)
+    return best

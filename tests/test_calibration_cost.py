@@ -1,0 +1,129 @@
+"""Calibration a user can afford and trust: leave-one-out judging, the cost before and after, the progress bar."""
+
+import math
+
+import pytest
+import torch
+
+from ertacache import CalibrationConfig, Policy, calibrate, calibrate_many, sample, seeded_noise
+from ertacache.calibration import core_session, estimate, plan
+from ertacache.calibration.distributed import check_shards
+from ertacache.errors import ErtaCacheError
+from ertacache.models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model
+
+T = 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_digits_model()
+
+
+def kwargs(n, **kw):
+    return dict(latent_shape=LATENT_SHAPE, num_inference_steps=T, guidance_scale=3.0, shift=3.0,
+                null_cond=torch.full((n,), NULL_CLASS), **kw)
+
+
+def test_leave_one_out_on_identical_samples_is_the_full_fit(model):
+    """Each sample's leave-one-out fit uses the others' statistics; on identical samples that is the full fit,
+    so the fitting run's outputs are the policy's own samples and its recorded error is the policy's error."""
+    n = 3
+    labels = torch.full((n,), 7)
+    session = core_session(model, labels, [5] * n, **kwargs(n))
+    cached = (2, 4, 6, 7)
+    base = Policy(cached_steps=cached, **session.base)
+    a, b, enabled, log_mse = session.rectify(cached, session.grid, base.branches)
+    assert log_mse is not None and bool(enabled.any())
+    rectified = Policy(cached_steps=cached, rect_a=a, rect_b=b, rect_enabled=enabled, rect_form="linear",
+                       **{k: v for k, v in session.base.items()})
+    with torch.no_grad():
+        x = sample(model, seeded_noise([5] * n, LATENT_SHAPE), labels, policy=rectified,
+                   **{k: v for k, v in kwargs(n).items() if k != "latent_shape"}).x
+    own = (x - session.gt_final).double().square().flatten(1).mean(1).log()
+    torch.testing.assert_close(log_mse, own, rtol=0, atol=1e-4)
+
+
+def test_one_sample_cannot_judge_a_fit_so_rectification_stays_off(model):
+    policy = calibrate(model, torch.tensor([3]), [0], target_speedup=2.0, **kwargs(1))
+    assert policy.provenance["variant"] == "plain" and policy.provenance["calibration_size"] == 1
+    for d in policy.provenance["decisions"]:
+        assert d["n"] == 1 and d["se_db"] == 0.0 and d["kept"] == (d["gain_db"] > 0)
+
+
+def test_default_cost_is_at_most_five_passes_and_the_plan_bounds_it(model):
+    n = 4
+    labels = torch.arange(n)
+    generation = n * 2 * T  # model calls of one uncached generation of the set (2 guidance branches)
+    one = calibrate(model, labels, range(n), target_speedup=2.0, **kwargs(n))
+    assert one.provenance["cost"]["model_calls"] <= 5 * generation
+    assert one.provenance["cost"]["model_calls"] <= plan(CalibrationConfig(), T, [2.0], n * 2).model_calls
+    targets = [1.5, 2.0, 3.0, 4.0]
+    many = calibrate_many(model, labels, range(n), target_speedups=targets, **kwargs(n))
+    gt = many[0].provenance["cost"]["ground_truth"]["model_calls"]
+    assert gt == generation and all(p.provenance["cost"]["ground_truth"]["model_calls"] == gt for p in many)
+    own = [p.provenance["cost"]["target"]["model_calls"] for p in many]
+    assert all(c <= 4 * generation for c in own)  # 1 + at most 4 passes per target
+    assert sum(own) + gt <= plan(CalibrationConfig(), T, targets, n * 2).model_calls
+    assert all(p.provenance["cost"]["model_calls"] == p.provenance["cost"]["target"]["model_calls"] + gt
+               for p in many)
+    thorough = plan(CalibrationConfig.thorough(), T, [2.0], n * 2)
+    assert thorough.model_calls > 3 * plan(CalibrationConfig(), T, [2.0], n * 2).model_calls
+
+
+def test_estimate_times_one_call_and_runs_no_pass(model):
+    calls = []
+
+    def counted(x, t, cond):
+        calls.append(x.shape[0])
+        return model(x, t, cond)
+
+    p = estimate(counted, torch.arange(4), range(4), target_speedups=[2.0], **kwargs(4))
+    assert len(calls) == 4 and set(calls) == {1}  # a warm-up and three timed calls of one row
+    assert p.seconds_per_call is not None and p.seconds_per_call > 0
+    assert p.seconds == pytest.approx(p.model_calls * p.seconds_per_call)
+    assert "whole-set passes" in p.describe(8) and "estimated wall time" in p.describe(8)
+    with pytest.raises(ErtaCacheError, match="target_speedup"):
+        estimate(counted, torch.arange(4), range(4), target_speedups=[9.0], **kwargs(4))
+
+
+def test_one_progress_bar_over_every_target_ends_at_100_percent(model, capsys):
+    n = 2
+    session = core_session(model, torch.arange(n), range(n), progress=True, targets=[2.0, 3.0], **kwargs(n))
+    session.policy(3.0)
+    assert not session.bar.disable  # still open while the next target runs
+    session.policy(2.0)
+    assert session.bar.n == session.bar.total and session.bar.disable
+    err = capsys.readouterr().err
+    assert "100%" in err.splitlines()[-1].split("\r")[-1] or "100%" in err[-300:]
+
+
+def test_uniform_policy_takes_the_calls_guidance_and_calibrations_reuse(model):
+    n = 2
+    labels = torch.arange(n)
+    noise = seeded_noise([9, 10], LATENT_SHAPE)
+    args = {k: v for k, v in kwargs(n).items() if k != "latent_shape"}
+    uniform = Policy.uniform(T, 5, shift=3.0)
+    assert uniform.reuse == CalibrationConfig().reuse == "extrapolate"
+    out = sample(model, noise, labels, policy=uniform, **args)  # CFG 3 with two branches: accepted
+    assert out.stats.nfe == {"cond": 5, "uncond": 5}
+    calibrated = calibrate(model, labels, range(n), target_speedup=2.0, **kwargs(n))
+    like = Policy.uniform(T, 5, like=calibrated)
+    assert (like.reuse, like.branches, like.guidance_scale, like.grid) == (
+        calibrated.reuse, calibrated.branches, calibrated.guidance_scale, calibrated.grid)
+    torch.testing.assert_close(sample(model, noise, labels, policy=like, **args).x, out.x, rtol=0, atol=0)
+    with pytest.raises(ErtaCacheError, match="guidance_scale"):
+        sample(model, noise, labels, policy=like, **{**args, "guidance_scale": 4.0})
+
+
+def test_any_set_of_at_least_world_size_samples_splits():
+    check_shards([range(8), range(8)], 8)
+    with pytest.raises(ErtaCacheError, match="at least 8 calibration samples"):
+        check_shards([range(5)], 8)
+
+
+def test_margin_significance_rule():
+    from ertacache.calibration import Margin
+
+    assert Margin(0.5, 0.4, 10).significant and not Margin(0.5, 0.6, 10).significant
+    assert Margin(0.1, 0.0, 1).significant and not Margin(-0.1, 0.0, 1).significant
+    assert math.isclose(Margin(1.0, 0.25, 4).as_dict()["gain_db"], 1.0)
