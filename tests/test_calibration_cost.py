@@ -127,3 +127,22 @@ def test_margin_significance_rule():
     assert Margin(0.5, 0.4, 10).significant and not Margin(0.5, 0.6, 10).significant
     assert Margin(0.1, 0.0, 1).significant and not Margin(-0.1, 0.0, 1).significant
     assert math.isclose(Margin(1.0, 0.25, 4).as_dict()["gain_db"], 1.0)
+
+
+def test_pipeline_estimate_counts_the_calls_guidance_branches(model):
+    from ertacache.integrations.diffusers.calibrate import estimate_pipeline
+    from ertacache.models.digits import digits_flux_pipeline
+
+    pipe = digits_flux_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    n = 3
+    labels = torch.arange(n)
+    tokens, pooled = model.prompt_embeds(labels)
+    null_tokens, null_pooled = model.prompt_embeds(torch.full((n,), NULL_CLASS))
+    hooks = (len(pipe.transformer._forward_pre_hooks), len(pipe.transformer._forward_hooks))
+    p = estimate_pipeline(pipe, None, num_inference_steps=T, target_speedups=[2.0], prompt_embeds=tokens,
+                          pooled_prompt_embeds=pooled, negative_prompt_embeds=null_tokens,
+                          negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=3.0, height=16, width=16)
+    assert p.model_calls == plan(CalibrationConfig(), T, [2.0], n * 2).model_calls  # true CFG: 2 rows a sample
+    assert p.seconds_per_call is not None and p.seconds_per_call > 0
+    assert (len(pipe.transformer._forward_pre_hooks), len(pipe.transformer._forward_hooks)) == hooks

@@ -113,3 +113,37 @@ def test_calibrate_rejects_unknown_candidate_sources(tmp_path, capsys):
     assert main(["calibrate", "--target-speedup", "2", "--candidates", "threshold,greedy",
                  "--out", str(tmp_path / "p.safetensors")]) == 2
     assert "candidates must be" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "p.safetensors"
+    assert main(["calibrate", "--num-inference-steps", "10", "--target-speedup", "2", "--calibration-per-class", "1",
+                 "--out", str(out), "--dry-run"]) == 0
+    default = capsys.readouterr().out
+    assert not out.exists()
+    assert "10 calibration samples" in default and "ground truth: 1 pass" in default
+    assert "estimated wall time" in default and "one model call (one row)" in default
+    assert main(["calibrate", "--num-inference-steps", "10", "--target-speedup", "2", "--calibration-per-class", "1",
+                 "--out", str(out), "--dry-run", "--thorough"]) == 0
+    thorough = capsys.readouterr().out
+
+    def calls(text):
+        return int(text.split(" model calls")[0].split()[-1])
+
+    assert calls(thorough) > 3 * calls(default) and not out.exists()
+
+
+def test_thorough_and_component_flags_build_the_config():
+    from ertacache.cli import _build_parser, calibrate_settings
+
+    def config(*flags):
+        args = _build_parser().parse_args(["calibrate", "--target-speedup", "2", "--out", "p.safetensors", *flags])
+        return calibrate_settings(args).config
+
+    assert config().candidates == ("search", "uniform") and not config().timestep_adjustment
+    assert config("--thorough").candidates == ("threshold", "uniform", "search")
+    assert config("--thorough").timestep_adjustment
+    assert not config("--thorough", "--no-timestep-adjustment").timestep_adjustment
+    assert config("--timestep-adjustment").timestep_adjustment
+    assert not config("--no-step-reuse-choice").step_reuse_choice
+    assert config("--candidates", "search").candidates == ("search",)

@@ -195,7 +195,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_pa
         num_inference_steps=settings.num_inference_steps,
         shift=settings.shift, guidance_scale=settings.guidance_scale, null_cond=torch.full_like(cal_labels, NULL_CLASS),
         target_speedup=settings.target_speedup, model_fingerprint=fingerprint, progress=progress,
-        config=CalibrationConfig(candidates=settings.candidates),
+        config=CalibrationConfig(candidates=settings.candidates, timestep_adjustment=True),  # the whole ladder
     )
     policy.save(out / "policy.safetensors")
     calibration_seconds = time.perf_counter() - start

@@ -47,11 +47,9 @@ class BenchSettings:
 
     @property
     def calibration(self) -> CalibrationConfig:
-        """ERTACache's calibration config: the defaults; ``--quick`` lets only the schedule search's best set and
-        the uniform set compete (no lambda sweep), every component still judged."""
-        if self.quick:
-            return CalibrationConfig(candidates=("search", "uniform"), search_candidates=1)
-        return CalibrationConfig()
+        """ERTACache's calibration config (full and ``--quick``): the library's default, with timestep adjustment
+        (Eq. 13-14) estimated too so that the ablation ladder has every component; each is kept only where it wins."""
+        return CalibrationConfig(timestep_adjustment=True)
 
     @classmethod
     def for_model(cls, name: str, quick: bool = False) -> BenchSettings:
@@ -158,6 +156,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "search only, fewest passes": {"candidates": ("search",), "search_candidates": 1, "component_check": False,
                                    "timestep_adjustment": False, "step_reuse_choice": False},
     "step_reuse_choice=off": {"step_reuse_choice": False},
+    "thorough (CalibrationConfig.thorough())": {"candidates": ("threshold", "uniform", "search"),
+                                                "timestep_adjustment": True},
     "component_check=off": {"component_check": False},
 }
 
