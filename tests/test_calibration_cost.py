@@ -146,3 +146,11 @@ def test_pipeline_estimate_counts_the_calls_guidance_branches(model):
     assert p.model_calls == plan(CalibrationConfig(), T, [2.0], n * 2).model_calls  # true CFG: 2 rows a sample
     assert p.seconds_per_call is not None and p.seconds_per_call > 0
     assert (len(pipe.transformer._forward_pre_hooks), len(pipe.transformer._forward_hooks)) == hooks
+
+
+def test_summary_gives_each_decision_and_this_targets_cost(model):
+    many = calibrate_many(model, torch.arange(3), range(3), target_speedups=[2.0, 3.0], **kwargs(3))
+    text = many[0].summary()
+    decisions = many[0].provenance["decisions"]
+    assert decisions and all(f"{d['gain_db']:+.2f} dB" in text for d in decisions)
+    assert "standard error, 3 samples" in text and "this target:" in text and "judged on: every sample" in text

@@ -501,10 +501,23 @@ class Policy:
                     "date"):
             if key in self.provenance:
                 lines.append(f"  {key}: {self.provenance[key]}")
+        if "judged_on" in self.provenance:
+            lines.append(f"  judged on: {self.provenance['judged_on']}")
+        for d in self.provenance.get("decisions", []) if isinstance(self.provenance.get("decisions"), list) else []:
+            numbers = isinstance(d, dict) and all(isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)
+                                                  for k in ("gain_db", "se_db"))
+            if numbers and {"decision", "n", "kept"} <= set(d):
+                lines.append(f"  {d['decision']}: {d['gain_db']:+.2f} dB +- {d['se_db']:.2f} (standard error, "
+                             f"{d['n']} samples): {'kept' if d['kept'] else 'not kept'}")
         cost = self.provenance.get("cost")
         if isinstance(cost, dict) and "model_calls" in cost:
             lines.append(f"  calibration cost: {cost['model_calls']} model calls ({cost.get('uncached_generations')} "
                          f"uncached generations of the set), {cost.get('seconds')} s")
+            target, gt = cost.get("target"), cost.get("ground_truth")
+            if isinstance(target, dict) and isinstance(gt, dict):
+                lines.append(f"    this target: {target.get('model_calls')} model calls "
+                             f"({target.get('uncached_generations')} generations); ground truth (shared by every "
+                             f"target of the session): {gt.get('model_calls')}")
         return "\n".join(lines)
 
 

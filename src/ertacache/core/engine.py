@@ -113,7 +113,7 @@ class Pass:
         self.reduce: Reduce = lambda x: x
         self.step_reuse: dict[int, str] = dict(step_reuse or {})
         self.progress: Callable[[int], None] | None = None
-        """Called after each decided step with the model calls (rows) made since the last call (progress bars)."""
+        """Called after each model call with the model calls (rows) made since the last report (progress bars)."""
 
     def reset(self) -> None:
         """A new trajectory starts (a pipeline called again); passes with per-run records clear them."""
@@ -205,6 +205,7 @@ class Engine:
         call.kept, call.v_prev = st.kept, st.v_prev
         if call.v is not None:
             self.model_calls += int(call.v.shape[0])
+            self._report()
         call.out = self.pass_.provisional(call)
         self.pending.setdefault(call.step, []).append(call)
         return call.out
@@ -242,10 +243,12 @@ class Engine:
                 st.v_prev = c.v
         if grid is not None:
             self.grid = [float(t) for t in grid]
-        if self.pass_.progress is not None:
-            self.pass_.progress(self.model_calls - self._reported)
-            self._reported = self.model_calls
         return calls
+
+    def _report(self) -> None:
+        if self.pass_.progress is not None and self.model_calls > self._reported:
+            done, self._reported = self.model_calls - self._reported, self.model_calls
+            self.pass_.progress(done)
 
 
 @dataclass
