@@ -94,7 +94,8 @@ def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "_calibrate", interrupted)
     assert main(["calibrate", "--target-speedup", "2", "--out", "p.safetensors"]) == 130
-    assert capsys.readouterr().err.startswith("ertacache: interrupted")
+    err = capsys.readouterr().err
+    assert err.startswith("\nertacache: interrupted") and err.count("\n") == 2  # on its own line, after a bar
 
 
 def test_calibrate_with_the_search_alone_and_extrapolation(policy_path, tmp_path):

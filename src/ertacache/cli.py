@@ -49,7 +49,9 @@ def _build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--threshold", type=float, help="lambda of Algorithm 2, e.g. 0.2")
     p.add_argument("--out", required=True, help="policy path, e.g. policy.safetensors")
     p.add_argument("--prompts", default=None, help="with --pipeline: a text file, one calibration prompt per line")
-    p.add_argument("--calibration-per-class", type=int, default=2, help="calibration samples per digit class")
+    p.add_argument("--calibration-per-class", type=int, default=1,
+                   help="calibration samples per digit class (default 1: 10 samples; docs/calibration.md, "
+                        "'How many prompts')")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per model call (micro-batches; default: the whole set); the policy does not change")
     p.add_argument("--checkpoint-dir", default=None,

@@ -107,7 +107,7 @@ class CalibrateSettings(CommandSettings):
     config: CalibrationConfig = field(default_factory=CalibrationConfig)
     target_speedup: float | None = None
     threshold: float | None = None
-    calibration_per_class: int = 2
+    calibration_per_class: int = 1
     prompts: tuple[str, ...] = ()
     batch_size: int | None = None
     checkpoint_dir: str | None = None
