@@ -60,8 +60,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse", choices=["block_residual", "velocity", "latent_residual", "extrapolate"],
                    default="extrapolate")
     p.add_argument("--thorough", action="store_true",
-                   help="the full competition (Algorithm 2's lambda sweep, timestep adjustment, per-step reuse): "
-                        "about 5-10 times the default's model calls; see --dry-run")
+                   help="the full competition (Algorithm 2's lambda sweep and timestep adjustment beside the "
+                        "default's sets): several times the default's model calls; see --dry-run")
     p.add_argument("--dry-run", action="store_true",
                    help="print the passes, model calls and estimated wall time (one model call is timed), then exit")
     p.add_argument("--candidates", default=None,
@@ -74,8 +74,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-all-components", action="store_true",
                    help="keep adjustment and rectification even where the calibration samples say they do not help")
     p.add_argument("--step-reuse-choice", action=argparse.BooleanOptionalAction, default=None,
-                   help="also try the chosen set with each cached step's reuse mode chosen by the error model "
-                        "(default: off; --thorough: on)")
+                   help="also try the schedule search's best set with each cached step's reuse mode chosen by the "
+                        "error model (default: on)")
 
     p = sub.add_parser("generate", help="sample digits, with a policy or uncached")
     _add_sampler_args(p)
@@ -175,13 +175,11 @@ def _calibrate_here(settings: CalibrateSettings) -> int:
     if settings.dry_run:
         from .calibration import estimate
 
-        if settings.target_speedup is None:
-            raise ErtaCacheError("--dry-run estimates a --target-speedup calibration; give one")
-        plan = estimate(model, labels, seeds, target_speedups=[settings.target_speedup], latent_shape=LATENT_SHAPE,
+        plan = estimate(model, labels, seeds, target_speedups=settings.targets, latent_shape=LATENT_SHAPE,
                         num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
                         null_cond=torch.full_like(labels, NULL_CLASS), config=settings.config)
         print(f"{len(seeds)} calibration samples, T = {settings.num_inference_steps}, 2 guidance branches")
-        print(plan.describe(len(seeds) * 2))
+        print(plan.describe())
         return 0
     policy = calibrate(model, labels, seeds, latent_shape=LATENT_SHAPE,
                        num_inference_steps=settings.num_inference_steps, shift=settings.shift,

@@ -117,9 +117,16 @@ class CalibrateSettings(CommandSettings):
         from .calibration.drive import check_batch_size
 
         check_batch_size(self.batch_size)
+        if self.dry_run and self.target_speedup is None:
+            raise ErtaCacheError("--dry-run estimates a --target-speedup calibration; give one")
         if Path(self.out).suffix == ".json":
             raise ErtaCacheError(f"--out: policies are one .safetensors file; use "
                                  f"{Path(self.out).with_suffix('.safetensors')}")
+
+    @property
+    def targets(self) -> list[float]:
+        """The target speedup as a list (empty for a threshold goal), as the estimates take it."""
+        return [] if self.target_speedup is None else [self.target_speedup]
 
 
 @dataclass(frozen=True)

@@ -231,8 +231,10 @@ class FitRectification(Pass):
             pairs = [(c.v_cached, c.v) for c in mine if c.v_cached is not None and c.v is not None]
             rows = [self._row_stats(vt, v, c.fit) for c, (vt, v) in zip(mine, pairs)]
             local = [s.as_tensor() for per in rows for s in per if s is not None]
-            width = local[0].shape[1] if local else (1 if self.granularity == "step" else pairs[0][0].shape[1])
-            summed = torch.stack(local).sum(0) if local else torch.zeros(5, width, dtype=torch.float64)
+            if not local:  # no fitting row here: zero statistics of the right width (the layout's channel count)
+                vt0 = pairs[0][0][:0]
+                local = [RectStats.of(vt0, vt0, self.granularity, self.layout).as_tensor()]
+            summed = torch.stack(local).sum(0)
             total = RectStats.from_tensor(self.reduce(summed))
             a, b = total.solve()
             if self.has_holdout:

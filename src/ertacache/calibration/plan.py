@@ -26,12 +26,14 @@ class Plan:
         passes: whole-set passes (an evaluation at NFE counts ``NFE / T`` of one).
         model_calls: transformer forwards, one per sample, branch and step (the unit of
             :attr:`ertacache.Policy.provenance` ``["cost"]``).
+        rows: calibration samples times guidance branches (the rows of one pass).
         per_target: ``[(target_speedup, passes, model_calls)]`` beside the shared ground truth.
         seconds_per_call: measured time of one model call on one row, or None.
     """
 
     passes: float
     model_calls: int
+    rows: int
     per_target: list[tuple[float, float, int]] = field(default_factory=list)
     seconds_per_call: float | None = None
 
@@ -40,10 +42,10 @@ class Plan:
         """Estimated wall time: model calls times the measured time of one (batching makes it faster)."""
         return None if self.seconds_per_call is None else self.model_calls * self.seconds_per_call
 
-    def describe(self, rows: int) -> str:
+    def describe(self) -> str:
         """A few lines for a user: passes, calls per branch and sample, the time estimate."""
         lines = [f"calibration plan: at most {self.passes:.1f} whole-set passes, {self.model_calls} model calls "
-                 f"({self.model_calls / max(rows, 1):.0f} per sample and branch)",
+                 f"({self.model_calls / max(self.rows, 1):.0f} per sample and branch)",
                  "  ground truth: 1 pass (shared by every target)"]
         for target, passes, calls in self.per_target:
             lines.append(f"  target {target:g}x: at most {passes:.1f} passes, {calls} model calls")
@@ -103,7 +105,7 @@ def plan(config: CalibrationConfig, num_inference_steps: int, target_speedups: S
         total += passes
     order = {s: i for i, s in enumerate(target_speedups)}
     per.sort(key=lambda p: order.get(p[0], 0))
-    return Plan(total, math.ceil(total * rows * T), per)
+    return Plan(total, math.ceil(total * rows * T), rows, per)
 
 
 def time_one_call(call: Callable[[], Any], repeats: int = 3) -> float:

@@ -42,6 +42,11 @@ class Candidate:
     step_reuse: dict[int, str] = field(default_factory=dict)
     """Cached steps that rebuild with another reuse mode than the config's (:attr:`ertacache.Policy.step_reuse`)."""
 
+    @property
+    def identity(self) -> tuple[tuple[int, ...], tuple[tuple[int, str], ...]]:
+        """What makes two candidates sample alike: the cached steps and the per-step reuse modes."""
+        return self.cached_steps, tuple(sorted(self.step_reuse.items()))
+
     def label(self, T: int) -> str:
         """A short name for decisions, e.g. ``search set (NFE 15)``."""
         extra = ", per-step reuse" if self.step_reuse else ""

@@ -37,9 +37,9 @@ from .schedule import MAX_TRIPLE_STEPS, ErrorSketch, choose_step_reuse, extrapol
 from .select import Candidate, SearchResult, check_goal, select_candidates, sweep
 
 PassCallback = Callable[[str], None]
+"""Called with a pass' name after it has finished (and been kept, with a checkpoint folder)."""
 DB = 10.0 / math.log(10.0)
 """dB per unit of natural-log MSE."""
-"""Called with a pass' name after it has finished (and been kept, with a checkpoint folder)."""
 MSE_FLOOR = 1e-30
 """A sample's MSE below this counts as this (an exact match, e.g. a policy that caches nothing)."""
 
@@ -116,6 +116,7 @@ class CalibrationSession:
         self.errors: dict[str, float] = {}
         self.scores: dict[str, Tensor] = {}  # per held-out sample (this process' rows): log MSE at t = 0
         self.resumed = 0
+        self._last: dict[str, Any] = {"kind": "", "model_calls": 0, "seconds": 0.0}  # the latest pass' cost
         self.winners: list[Candidate] = []  # the chosen set of each target so far
         self.checkpoint = None if checkpoint_dir is None else Checkpoint(
             checkpoint_dir, {**driver.identity(), "config": self.config.to_dict(), "library": __version__,
@@ -153,17 +154,20 @@ class CalibrationSession:
         try:
             return self.driver.run(pass_, rows, self.n_fit, grid)
         finally:  # a pass that stops early (StopPass) is counted too
-            c = self.cost.setdefault(kind, {"passes": 0, "model_calls": 0, "seconds": 0.0})
-            c["passes"] += 1
-            c["model_calls"] += self.driver.last_model_calls
-            c["seconds"] += time.perf_counter() - start
-            self._last = (kind, self.driver.last_model_calls, time.perf_counter() - start)
+            self._last = {"kind": kind, "model_calls": self.driver.last_model_calls,
+                          "seconds": time.perf_counter() - start}
+            self._count(self._last)
+
+    def _count(self, spent: dict[str, Any]) -> None:
+        """Add one pass' ``{"kind", "model_calls", "seconds"}`` to :attr:`cost`."""
+        c = self.cost.setdefault(spent["kind"], {"passes": 0, "model_calls": 0, "seconds": 0.0})
+        c["passes"] += 1
+        c["model_calls"] += spent["model_calls"]
+        c["seconds"] += spent["seconds"]
 
     def _done(self, key: str, result: dict[str, Any], tensors: dict[str, Tensor] | None = None) -> None:
-        if self.checkpoint is not None:
-            kind, calls, seconds = getattr(self, "_last", ("", 0, 0.0))
-            self.checkpoint.put(key, {**result, "_cost": {"kind": kind, "model_calls": calls, "seconds": seconds}},
-                                tensors)
+        if self.checkpoint is not None:  # with the cost of the pass just run (_run), for a resumed calibration
+            self.checkpoint.put(key, {**result, "_cost": self._last}, tensors)
         if self.callback is not None:
             self.callback(key)
 
@@ -173,10 +177,7 @@ class CalibrationSession:
             self.resumed += 1
             spent = hit[0].get("_cost")
             if spent:  # the calls made before the interrupt are part of this calibration's cost
-                c = self.cost.setdefault(spent["kind"], {"passes": 0, "model_calls": 0, "seconds": 0.0})
-                c["passes"] += 1
-                c["model_calls"] += spent["model_calls"]
-                c["seconds"] += spent["seconds"]
+                self._count(spent)
                 self._tick(int(spent["model_calls"]))
         return hit
 
@@ -333,23 +334,18 @@ class CalibrationSession:
         max_nfe = check_goal(target_speedup, threshold, self.T)
         before = {k: dict(v) for k, v in self.cost.items()}
         candidates = self._candidates(threshold, max_nfe)
-        plain = {id(c): Policy(cached_steps=c.cached_steps, step_reuse=c.step_reuse, **self.base)  # type: ignore[arg-type]
-                 for c in candidates}
         for cand in candidates:
             self.log(f"evaluating {cand.source} set, NFE {self.T - len(cand.cached_steps)}")
-            cand.errors = {"plain": self.error(plain[id(cand)])}
+            cand.errors = {"plain": self.error(self._plain(cand))}
         searched = [c for c in candidates if c.source == "search" and not c.step_reuse]
         if self.config.step_reuse_choice and searched and threshold is None:
             extra = self._per_step_candidate(min(searched, key=lambda c: c.errors["plain"]))
-            if extra is not None and all(c.step_reuse != extra.step_reuse or c.cached_steps != extra.cached_steps
-                                         for c in candidates):
-                plain[id(extra)] = Policy(cached_steps=extra.cached_steps, step_reuse=extra.step_reuse,
-                                          **self.base)  # type: ignore[arg-type]
+            if extra is not None and extra.identity not in {c.identity for c in candidates}:
                 self.log(f"evaluating per-step reuse on the search set: {extra.step_reuse}")
-                extra.errors = {"plain": self.error(plain[id(extra)])}
+                extra.errors = {"plain": self.error(self._plain(extra))}
                 candidates.append(extra)
         decisions: list[dict[str, Any]] = []
-        chosen = self._choose_set(candidates, plain, decisions)
+        chosen = self._choose_set(candidates, decisions)
         variants = self._variants(chosen)
         policy, chosen.variant = self._choose_variant(chosen, variants, decisions)
         self.variants = variants
@@ -373,14 +369,17 @@ class CalibrationSession:
         )
         return replace(policy, provenance=info)
 
-    def _choose_set(self, candidates: list[Candidate], plain: dict[int, Policy],
-                    decisions: list[dict[str, Any]]) -> Candidate:
+    def _plain(self, cand: Candidate) -> Policy:
+        """The candidate's set alone: no adjustment, no rectification."""
+        return Policy(cached_steps=cand.cached_steps, step_reuse=cand.step_reuse, **self.base)  # type: ignore[arg-type]
+
+    def _choose_set(self, candidates: list[Candidate], decisions: list[dict[str, Any]]) -> Candidate:
         """The evenly spaced set (or the first candidate), unless another wins the paired comparison against it."""
         base = next((c for c in candidates if c.source == "uniform" and c.rule is None), candidates[0])
         for cand in sorted(candidates, key=lambda c: c.errors["plain"]):
             if cand is base or cand.errors["plain"] >= base.errors["plain"]:
                 break
-            m = self.margin(plain[id(base)], plain[id(cand)])
+            m = self.margin(self._plain(base), self._plain(cand))
             decisions.append({"decision": f"{cand.label(self.T)} over {base.label(self.T)}", **m.as_dict()})
             if m.significant:
                 return cand
@@ -434,7 +433,7 @@ class CalibrationSession:
 
         own = {k: {m: v[m] - before.get(k, {}).get(m, 0) for m in ("passes", "model_calls", "seconds")}
                for k, v in self.cost.items() if k != "ground truth"}
-        gt, target = part({k: v for k, v in self.gt_cost.items()}), part(own)
+        gt, target = part(self.gt_cost), part(own)
         both = {k: dict(v) for k, v in own.items()}
         for k, v in self.gt_cost.items():
             both[k] = {m: both.get(k, {}).get(m, 0) + v[m] for m in ("passes", "model_calls", "seconds")}
@@ -454,11 +453,11 @@ class CalibrationSession:
                                   max_nfe=max_nfe, known=self.searched, enough=enough)
         out = select_candidates(self.searched if "threshold" in self.config.candidates else [], self.T, max_nfe,
                                 self.config, self.switch_steps)
-        known = {(c.cached_steps, tuple(sorted(c.step_reuse.items()))) for c in out}
+        known = {c.identity for c in out}
 
         def add(cand: Candidate) -> None:
-            if (cand.cached_steps, tuple(sorted(cand.step_reuse.items()))) not in known:
-                known.add((cand.cached_steps, tuple(sorted(cand.step_reuse.items()))))
+            if cand.identity not in known:
+                known.add(cand.identity)
                 out.append(cand)
 
         smaller = [w for w in self.winners if self.T - len(w.cached_steps) <= max_nfe]
@@ -515,21 +514,17 @@ class CalibrationSession:
         return Candidate(base.source, base.threshold, base.cached_steps, rule=f"{base.rule}, per-step reuse"
                          if base.rule else "per-step reuse", step_reuse=step_reuse)
 
-    def _variants(self, cand: Candidate, only: str | None = None) -> dict[str, Policy]:
-        """The candidate's policies, from fewest components to all that the config asks for (or ``only`` one).
+    def _variants(self, cand: Candidate) -> dict[str, Policy]:
+        """The candidate's policies, from fewest components to all that the config asks for.
 
         A rectified variant fitted leave-one-out is evaluated by its fitting run (no further pass)."""
         config = self.config
-        plain = Policy(cached_steps=cand.cached_steps, step_reuse=cand.step_reuse, **self.base)  # type: ignore[arg-type]
+        plain = self._plain(cand)
         out = {"plain": plain}
         if not cand.cached_steps:
             return out
-
-        def wanted(name: str) -> bool:
-            return only is None or name == only or (name == "adjusted" and only == "full")
-
         adjusted: list[float] | None = None
-        if config.timestep_adjustment and self.driver.adjustment_off is None and wanted("adjusted"):
+        if config.timestep_adjustment and self.driver.adjustment_off is None:
             adjusted = self.adjust(cand.cached_steps, cand.step_reuse)
             out["adjusted"] = replace(plain, adjusted_grid=tuple(adjusted))
         if config.rectification != "off":
@@ -537,8 +532,6 @@ class CalibrationSession:
             if adjusted is not None:
                 grids = (grids if config.component_check else []) + [("full", adjusted)]
             for name, g in grids:
-                if not wanted(name):
-                    continue
                 a, b, enabled, log_mse = self.rectify(cand.cached_steps, g, plain.branches, cand.step_reuse)
                 out[name] = replace(out["adjusted"] if name == "full" else plain, rect_a=a, rect_b=b,
                                     rect_enabled=enabled, rect_form=config.rectification)

@@ -248,6 +248,19 @@ def check_pipeline_config(pipe: Any, config: CalibrationConfig) -> None:
             block_stack(tf, family)
 
 
+def set_size(prompts: Sequence[str] | None, pipe_kwargs: dict[str, Any]) -> int:
+    """The calibration set's size: the prompts, or the rows of ``prompt_embeds``.
+
+    Raises:
+        ErtaCacheError: neither is given.
+    """
+    if prompts is not None:
+        return len(prompts)
+    if isinstance(pipe_kwargs.get("prompt_embeds"), Tensor):
+        return int(pipe_kwargs["prompt_embeds"].shape[0])
+    raise ErtaCacheError("give the calibration prompts, or prompt_embeds with one row per sample")
+
+
 def calibrate_pipeline(
     pipe: Any,
     prompts: Sequence[str] | None,
@@ -292,12 +305,7 @@ def calibrate_pipeline(
     """
     config = config or CalibrationConfig()
     check_goal(target_speedup, threshold, num_inference_steps)
-    if prompts is not None:
-        n = len(prompts)
-    elif isinstance(pipe_kwargs.get("prompt_embeds"), Tensor):
-        n = int(pipe_kwargs["prompt_embeds"].shape[0])
-    else:
-        raise ErtaCacheError("give the calibration prompts, or prompt_embeds with one row per sample")
+    n = set_size(prompts, pipe_kwargs)
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
     if n == 0 or len(seeds) != n:
         raise ErtaCacheError(f"the calibration set is empty or its seeds do not match: {n} samples, {len(seeds)} seeds")
@@ -332,12 +340,7 @@ def estimate_pipeline(pipe: Any, prompts: Sequence[str] | None, *, num_inference
     config = config or CalibrationConfig()
     for s in target_speedups:
         check_goal(s, None, num_inference_steps)
-    if prompts is not None:
-        n = len(prompts)
-    elif isinstance(pipe_kwargs.get("prompt_embeds"), Tensor):
-        n = int(pipe_kwargs["prompt_embeds"].shape[0])
-    else:
-        raise ErtaCacheError("give the calibration prompts, or prompt_embeds with one row per sample")
+    n = set_size(prompts, pipe_kwargs)
     if n == 0:
         raise ErtaCacheError("the calibration set is empty: give at least one prompt")
     family = family_for(pipe)

@@ -103,14 +103,12 @@ def calibrate(settings: CalibrateSettings) -> int:
     if settings.dry_run:
         from .calibrate import estimate_pipeline
 
-        if settings.target_speedup is None:
-            raise ErtaCacheError("--dry-run estimates a --target-speedup calibration; give one")
         steps = settings.pipeline.num_inference_steps
         plan = estimate_pipeline(pipe, list(settings.prompts), num_inference_steps=steps,
-                                 target_speedups=[settings.target_speedup], config=settings.config,
+                                 target_speedups=settings.targets, config=settings.config,
                                  **settings.pipeline.call_kwargs())
         print(f"{len(settings.prompts)} calibration prompts, T = {settings.pipeline.num_inference_steps}")
-        print(plan.describe(len(settings.prompts)))
+        print(plan.describe())
         return 0
     policy = calibrate_pipeline(pipe, list(settings.prompts), num_inference_steps=settings.pipeline.num_inference_steps,
                                 target_speedup=settings.target_speedup, threshold=settings.threshold,
