@@ -154,3 +154,29 @@ def test_summary_gives_each_decision_and_this_targets_cost(model):
     decisions = many[0].provenance["decisions"]
     assert decisions and all(f"{d['gain_db']:+.2f} dB" in text for d in decisions)
     assert "standard error, 3 samples" in text and "this target:" in text and "judged on: every sample" in text
+
+
+def test_the_budget_holds_at_shifted_30_step_targets_and_runner_up_components_compete(model):
+    """At T = 30 the 1.5x target evaluates its sets at NFE 20 (2/3 of a pass each): the budget of 4 passes per
+    target, beside the shared ground truth, skips what would go over it. Where the budget allows, the runner-up
+    set's rectified variant is judged too, and every kept decision is a win by more than its standard error."""
+    n, steps = 3, 30
+    labels = torch.arange(n)
+    generation = n * 2 * steps
+    kw = {**kwargs(n), "num_inference_steps": steps}
+    many = calibrate_many(model, labels, range(n), target_speedups=[1.5, 2.0, 3.0], **kw)
+    for p in many:
+        assert p.provenance["cost"]["target"]["model_calls"] <= 4 * generation
+    at_2x = many[1].provenance
+    rectified = [c for c in at_2x["candidates"] if "rectified" in c["errors"]]
+    assert len(rectified) == 2  # the best set and the runner-up (or the evenly spaced set)
+    chosen = at_2x["candidates"][at_2x["chosen"]]
+    uniform = next(c for c in at_2x["candidates"] if c["source"] == "uniform" and "rule" not in c)
+    assert chosen["errors"][at_2x["variant"]] <= uniform["errors"]["plain"]
+    for d in at_2x["decisions"]:
+        assert d["kept"] == (d["gain_db"] > d["se_db"])
+    tight = calibrate(model, labels, range(n), target_speedup=2.0, config=CalibrationConfig(max_passes=1.5), **kw)
+    assert tight.provenance["cost"]["target"]["model_calls"] <= 1.5 * generation
+    assert sum("rectified" in c["errors"] for c in tight.provenance["candidates"]) <= 1
+    with pytest.raises(ErtaCacheError, match="max_passes"):
+        CalibrationConfig(max_passes=0)

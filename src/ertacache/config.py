@@ -91,6 +91,14 @@ class CalibrationConfig:
             comparison over the calibration samples by more than its standard error
             (a component that does not help is switched off, and the policy's
             provenance gives the margin). False keeps every component the config asks for.
+        max_passes: whole-set passes each target may spend on evaluations and component
+            fits beside the shared ground truth and Algorithm 2's sweep (an evaluation at
+            NFE counts ``NFE / T`` of a pass; a fit at every step one). In
+            priority order (the evenly spaced set, the previous target's set, the schedule
+            search's sets, the per-step-reuse set; then the components of the best set and
+            of the runner-up) what would go over it is skipped, keeping room for the
+            components of two sets. The evenly spaced set is always judged. None: no limit
+            (:meth:`thorough`).
 
     Raises:
         ErtaCacheError: a field outside its allowed values.
@@ -110,6 +118,7 @@ class CalibrationConfig:
     component_check: bool = True
     sweep_early_stop: bool = True
     step_reuse_choice: bool = True
+    max_passes: float | None = 4.0
 
     @classmethod
     def thorough(cls, **overrides: Any) -> CalibrationConfig:
@@ -121,7 +130,7 @@ class CalibrationConfig:
         ``overrides`` replace fields, e.g. ``thorough(reuse="velocity")``.
         """
         base: dict[str, Any] = dict(timestep_adjustment=True, candidates=("threshold", "uniform", "search"),
-                                    search_candidates=2)
+                                    search_candidates=2, max_passes=None)
         return cls(**{**base, **overrides})
 
     def __post_init__(self) -> None:
@@ -155,6 +164,11 @@ class CalibrationConfig:
         if isinstance(self.max_candidates, bool) or not isinstance(self.max_candidates, int) \
                 or not 1 <= self.max_candidates <= 1000:
             raise ErtaCacheError(f"max_candidates must be an int in 1..1000, got {self.max_candidates}")
+        if self.max_passes is not None and (isinstance(self.max_passes, bool)
+                                            or not isinstance(self.max_passes, (int, float))
+                                            or not math.isfinite(self.max_passes) or self.max_passes <= 0):
+            raise ErtaCacheError(f"max_passes must be a number of passes > 0 or None (no limit), "
+                                 f"got {self.max_passes!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -63,8 +63,27 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def variant_passes(config: CalibrationConfig, frac: float) -> float:
+    """Whole-set passes of one set's components (adjustment and rectification fits and their evaluations).
+
+    Args:
+        frac: the set's NFE / T (what an evaluation of it costs).
+    """
+    c = config
+    judged_apart = c.holdout_fraction > 0  # else the rectification fit judges itself (leave-one-out)
+    passes = 0.0
+    if c.rectification != "off":
+        passes += 1 + frac * judged_apart
+    if c.timestep_adjustment:
+        passes += 1 + frac + (1 + frac * judged_apart if c.rectification != "off" else 0)
+    return passes
+
+
 def target_passes(config: CalibrationConfig, T: int, max_nfe: int, first: bool) -> float:
     """Whole-set passes of one target (beside the ground truth), an upper bound.
+
+    The sets' evaluations, the components of the two sets that compete with them (the best
+    and the runner-up), at most ``config.max_passes``; Algorithm 2's sweep where asked for.
 
     Args:
         first: the session's first target (later ones reuse the lambda sweep, and add the nested candidate).
@@ -75,14 +94,11 @@ def target_passes(config: CalibrationConfig, T: int, max_nfe: int, first: bool) 
     sets = (c.search_candidates if search else 0) + ("uniform" in c.candidates) \
         + (c.max_candidates if "threshold" in c.candidates else 0) + (0 if first or not search else 1) \
         + (1 if search and c.step_reuse_choice else 0)
-    passes = sets * frac
-    if "threshold" in c.candidates:
+    passes = sets * frac + variant_passes(c, frac) * min(2, sets)
+    if c.max_passes is not None:
+        passes = min(passes, max(c.max_passes, frac))  # the evenly spaced set is judged in any case
+    if "threshold" in c.candidates:  # Algorithm 2's sweep, beside the budget
         passes += (len(c.thresholds) + 6) if first else 6
-    judged_apart = c.holdout_fraction > 0  # else the rectification fit judges itself (leave-one-out)
-    if c.rectification != "off":
-        passes += 1 + frac * judged_apart
-    if c.timestep_adjustment:
-        passes += 1 + frac + (1 + frac * judged_apart if c.rectification != "off" else 0)
     return passes
 
 

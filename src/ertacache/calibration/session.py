@@ -33,6 +33,7 @@ from .checkpoint import Checkpoint, digest
 from .distributed import check_shards
 from .drive import Driver
 from .passes import AdjustTimesteps, FitRectification, GroundTruth, ThresholdSearch
+from .plan import variant_passes
 from .schedule import MAX_TRIPLE_STEPS, ErrorSketch, choose_step_reuse, extrapolation_costs, propose
 from .select import Candidate, SearchResult, check_goal, select_candidates, sweep
 
@@ -139,6 +140,9 @@ class CalibrationSession:
             self.bar.refresh()
         self.searched: list[SearchResult] = []
         self.variants: dict[str, Policy] = {}
+        self._charged: set[str] = set()  # passes charged to a target's budget (each once per session)
+        self._spent = 0.0  # whole-set passes the current target has spent (config.max_passes)
+        self._rect: dict[str, tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor | None]] = {}
 
     # ----- passes, each kept and counted -----------------------------------------
     def _tick(self, calls: int) -> None:
@@ -170,6 +174,20 @@ class CalibrationSession:
             self.checkpoint.put(key, {**result, "_cost": self._last}, tensors)
         if self.callback is not None:
             self.callback(key)
+
+    def _charge(self, key: str, passes: float) -> None:
+        """Count ``passes`` against the current target's budget, once per key in the session.
+
+        The count depends only on what is asked for, not on what a checkpoint already holds,
+        so that a resumed calibration takes the same decisions on every process."""
+        if key not in self._charged:
+            self._charged.add(key)
+            self._spent += passes
+
+    def _affords(self, passes: float) -> bool:
+        """Whether ``passes`` more fit in the current target's :attr:`CalibrationConfig.max_passes`."""
+        budget = self.config.max_passes
+        return budget is None or self._spent + passes <= budget + 1e-9
 
     def _kept(self, key: str) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
         hit = None if self.checkpoint is None else self.checkpoint.get(key)
@@ -238,6 +256,7 @@ class CalibrationSession:
     def adjust(self, cached_steps: tuple[int, ...], step_reuse: dict[int, str] | None = None) -> list[float]:
         """Eq. 13-14's adjusted grid of a cached set (with per-step reuse modes), on the fitting rows."""
         key = f"timestep adjustment S={list(cached_steps)}" + (f" reuse={step_reuse}" if step_reuse else "")
+        self._charge(key, 1.0)
         hit = self._kept(key)
         if hit is not None:
             return list(hit[0]["grid"])
@@ -254,13 +273,17 @@ class CalibrationSession:
         ``log_mse``: with every sample judging (``holdout_fraction=0``), each sample's log MSE at t = 0 of
         its leave-one-out rectified trajectory (this process' rows), the fit's own honest evaluation; else None.
         """
-        key = f"rectification fit S={list(cached_steps)} grid={digest(list(grid))}" + (
-            f" reuse={step_reuse}" if step_reuse else "")
+        key = self._rect_key(cached_steps, grid, step_reuse)
+        self._charge(key, 1.0)
+        if key in self._rect:
+            a_, b_, enabled_, log_mse_ = self._rect[key]
+            return {b: a_[b] for b in branches}, {b: b_[b] for b in branches}, enabled_, log_mse_
         hit = self._kept(key)
         if hit is not None:
             t = hit[1]
-            return ({b: t[f"a.{b}"] for b in branches}, {b: t[f"b.{b}"] for b in branches}, t["enabled"].bool(),
-                    t.get("log_mse"))
+            self._rect[key] = ({b: t[f"a.{b}"] for b in branches}, {b: t[f"b.{b}"] for b in branches},
+                               t["enabled"].bool(), t.get("log_mse"))
+            return self._rect[key]
         c = self.config
         p = FitRectification(cached_steps, c.rectification, c.granularity, has_holdout=self.n_hold > 0,
                              layout=self.driver.layout, step_reuse=step_reuse)
@@ -270,7 +293,13 @@ class CalibrationSession:
         self._done(key, {}, {**{f"a.{k}": v for k, v in a.items()}, **{f"b.{k}": v for k, v in b.items()},
                              "enabled": enabled.to(torch.uint8), **({"log_mse": log_mse} if log_mse is not None
                                                                      else {})})
+        self._rect[key] = (a, b, enabled, log_mse)
         return a, b, enabled, log_mse
+
+    @staticmethod
+    def _rect_key(cached_steps: tuple[int, ...], grid: Sequence[float], step_reuse: dict[int, str] | None) -> str:
+        return f"rectification fit S={list(cached_steps)} grid={digest(list(grid))}" + (
+            f" reuse={step_reuse}" if step_reuse else "")
 
     def _log_mse(self, final: Tensor, rows: slice) -> Tensor:
         """Each sample's log MSE at t = 0 against its uncached run (this process' part of ``rows``, float64)."""
@@ -308,6 +337,7 @@ class CalibrationSession:
             return self.errors[key]
         if log_mse is not None:
             return self._score(key, log_mse)
+        self._charge(key, self._evaluation_passes(policy))
         hit = self._kept(key)
         if hit is not None:
             return self._score(key, hit[1]["log_mse"])
@@ -315,6 +345,11 @@ class CalibrationSession:
         log_mse = self._log_mse(final, self.hold)
         self._done(key, {}, {"log_mse": log_mse})
         return self._score(key, log_mse)
+
+    def _evaluation_passes(self, policy: Policy) -> float:
+        """What judging ``policy`` costs in whole-set passes: its NFE / T, on the judging part of the set."""
+        share = self.n_hold / self.driver.size if self.n_hold else 1.0
+        return (self.T - len(policy.cached_steps)) / self.T * share
 
     def margin(self, old: Policy, new: Policy) -> Margin:
         """The paired comparison of ``new`` against ``old`` over the judging samples (both evaluated)."""
@@ -330,25 +365,42 @@ class CalibrationSession:
     # ----- the method --------------------------------------------------------------
     @torch.no_grad()
     def policy(self, target_speedup: float | None = None, threshold: float | None = None) -> Policy:
-        """The policy for a target speedup or a threshold (exactly one); see :func:`~ertacache.calibrate`."""
+        """The policy for a target speedup or a threshold (exactly one); see :func:`~ertacache.calibrate`.
+
+        The sets are judged plain (budget permitting, :attr:`CalibrationConfig.max_passes`); the
+        best and the runner-up (the evenly spaced set when it is not the best) also with their
+        components (rectification, adjustment); from the evenly spaced set without components,
+        a policy replaces the one kept so far only when it wins the paired comparison over
+        the calibration samples by more than its standard error.
+        """
         max_nfe = check_goal(target_speedup, threshold, self.T)
         before = {k: dict(v) for k, v in self.cost.items()}
-        candidates = self._candidates(threshold, max_nfe)
-        for cand in candidates:
-            self.log(f"evaluating {cand.source} set, NFE {self.T - len(cand.cached_steps)}")
-            cand.errors = {"plain": self.error(self._plain(cand))}
-        searched = [c for c in candidates if c.source == "search" and not c.step_reuse]
-        if self.config.step_reuse_choice and searched and threshold is None:
-            extra = self._per_step_candidate(min(searched, key=lambda c: c.errors["plain"]))
-            if extra is not None and extra.identity not in {c.identity for c in candidates}:
-                self.log(f"evaluating per-step reuse on the search set: {extra.step_reuse}")
-                extra.errors = {"plain": self.error(self._plain(extra))}
-                candidates.append(extra)
+        self._spent = 0.0
+        candidates = self._judge_sets(self._candidates(threshold, max_nfe), threshold, max_nfe)
+        base = next((c for c in candidates if c.source == "uniform" and c.rule is None), candidates[0])
         decisions: list[dict[str, Any]] = []
-        chosen = self._choose_set(candidates, decisions)
-        variants = self._variants(chosen)
-        policy, chosen.variant = self._choose_variant(chosen, variants, decisions)
-        self.variants = variants
+        variants: dict[int, dict[str, Policy]] = {}
+        if not self.config.component_check:
+            chosen = self._choose_set(candidates, base, decisions)
+            variants[id(chosen)] = self._variants(chosen)
+            names = list(variants[id(chosen)])
+            chosen.variant = names[-1]
+            if chosen.variant != "plain":
+                chosen.errors[chosen.variant] = self.error(variants[id(chosen)][chosen.variant])
+            policy = variants[id(chosen)][chosen.variant]
+        else:
+            for cand in self._shortlist(candidates, base):
+                if self._affords(self._variant_cost(cand)):
+                    variants[id(cand)] = self._variants(cand)
+                    for name, p in variants[id(cand)].items():
+                        cand.errors[name] = self.error(p)
+                else:
+                    self.log(f"{cand.label(self.T)}: no room for its components in max_passes="
+                             f"{self.config.max_passes}")
+            chosen, name = self._choose(candidates, base, variants, decisions)
+            chosen.variant = name
+            policy = variants[id(chosen)][name] if name != "plain" else self._plain(chosen)
+        self.variants = variants.get(id(chosen), {"plain": self._plain(chosen)})
         if threshold is None and max_nfe < self.T:
             self.winners.append(chosen)
         self.targets_left -= 1
@@ -369,13 +421,59 @@ class CalibrationSession:
         )
         return replace(policy, provenance=info)
 
+    def _judge_sets(self, candidates: list[Candidate], threshold: float | None, max_nfe: int) -> list[Candidate]:
+        """Each candidate set's plain evaluation, in priority order, while the budget leaves room for the components
+        of the two sets that will compete with them; the first (the evenly spaced set where it competes) is judged
+        in any case. Returns the judged ones (the evenly spaced set first), with the per-step-reuse version of the
+        best search set appended where it is judged too."""
+        # room for the components of two sets (the best and the runner-up) once a second set is judged
+        reserve = 2 * variant_passes(self.config, min(max_nfe, self.T) / self.T) if self.config.component_check \
+            else variant_passes(self.config, min(max_nfe, self.T) / self.T)
+        judged: list[Candidate] = []
+
+        def judge(cand: Candidate) -> None:
+            plain = self._plain(cand)
+            cost = 0.0 if self._key(plain) in self._charged else self._evaluation_passes(plain)
+            if judged and not self._affords(cost + reserve):
+                self.log(f"{cand.label(self.T)} not judged: over max_passes={self.config.max_passes}")
+                return
+            self.log(f"evaluating {cand.source} set, NFE {self.T - len(cand.cached_steps)}")
+            cand.errors = {"plain": self.error(plain)}
+            judged.append(cand)
+
+        base = [c for c in candidates if c.source == "uniform" and c.rule is None][:1]
+        for cand in base + [c for c in candidates if c not in base]:
+            judge(cand)
+        searched = [c for c in judged if c.source == "search" and not c.step_reuse]
+        if self.config.step_reuse_choice and searched and threshold is None:
+            extra = self._per_step_candidate(min(searched, key=lambda c: c.errors["plain"]))
+            if extra is not None and extra.identity not in {c.identity for c in candidates}:
+                judge(extra)
+        return judged
+
     def _plain(self, cand: Candidate) -> Policy:
         """The candidate's set alone: no adjustment, no rectification."""
         return Policy(cached_steps=cand.cached_steps, step_reuse=cand.step_reuse, **self.base)  # type: ignore[arg-type]
 
-    def _choose_set(self, candidates: list[Candidate], decisions: list[dict[str, Any]]) -> Candidate:
+    def _shortlist(self, candidates: list[Candidate], base: Candidate) -> list[Candidate]:
+        """The sets whose components are fitted: the best by plain evaluation, then the evenly spaced set (or, when
+        that is the best, the next best)."""
+        ranked = sorted(candidates, key=lambda c: c.errors["plain"])
+        second = base if ranked[0] is not base else next((c for c in ranked if c is not base), None)
+        return [ranked[0]] + ([second] if second is not None else [])
+
+    def _variant_cost(self, cand: Candidate) -> float:
+        """Passes the set's components still cost (a rectification fit an earlier target ran is free)."""
+        frac = (self.T - len(cand.cached_steps)) / self.T
+        cost = variant_passes(self.config, frac)
+        if self.config.rectification != "off" and self._rect_key(cand.cached_steps, self.grid,
+                                                                  cand.step_reuse) in self._charged:
+            cost -= 1.0
+        return max(cost, 0.0)
+
+    def _choose_set(self, candidates: list[Candidate], base: Candidate,
+                    decisions: list[dict[str, Any]]) -> Candidate:
         """The evenly spaced set (or the first candidate), unless another wins the paired comparison against it."""
-        base = next((c for c in candidates if c.source == "uniform" and c.rule is None), candidates[0])
         for cand in sorted(candidates, key=lambda c: c.errors["plain"]):
             if cand is base or cand.errors["plain"] >= base.errors["plain"]:
                 break
@@ -385,26 +483,32 @@ class CalibrationSession:
                 return cand
         return base
 
-    def _choose_variant(self, cand: Candidate, variants: dict[str, Policy],
-                        decisions: list[dict[str, Any]]) -> tuple[Policy, str]:
-        """The set's variant: plain, unless one with more components wins the paired comparison against it."""
-        names = [n for n in variants if n != "plain"]
-        if not self.config.component_check:
-            name = names[-1] if names else "plain"
-            cand.errors[name] = self.error(variants[name])
-            return variants[name], name
-        for name in names:
-            cand.errors[name] = self.error(variants[name])
-        best = "plain"
-        for name in sorted(names, key=lambda n: cand.errors[n]):
-            if cand.errors[name] >= cand.errors["plain"]:
-                break
-            m = self.margin(variants["plain"], variants[name])
-            decisions.append({"decision": f"{name} over plain", **m.as_dict()})
-            if m.significant:
-                best = name
-                break
-        return variants[best], best
+    def _choose(self, candidates: list[Candidate], base: Candidate, variants: dict[int, dict[str, Policy]],
+                decisions: list[dict[str, Any]]) -> tuple[Candidate, str]:
+        """From the evenly spaced set without components, move to a judged policy of smaller error only on a
+        paired win by more than its standard error, until none wins: every policy kept beat the one it replaced."""
+        def policy_of(option: tuple[Candidate, str]) -> Policy:
+            cand, name = option
+            return variants[id(cand)][name] if name != "plain" else self._plain(cand)
+
+        def label(option: tuple[Candidate, str]) -> str:
+            cand, name = option
+            return cand.label(self.T) + ("" if name == "plain" else f", {name}")
+
+        options = [(c, "plain") for c in candidates] + [(c, n) for c in candidates for n in variants.get(id(c), {})
+                                                       if n != "plain"]
+        current = (base, "plain")
+        while True:
+            better = sorted((o for o in options if o[0].errors[o[1]] < current[0].errors[current[1]]),
+                            key=lambda o: o[0].errors[o[1]])
+            for option in better:
+                m = self.margin(policy_of(current), policy_of(option))
+                decisions.append({"decision": f"{label(option)} over {label(current)}", **m.as_dict()})
+                if m.significant:
+                    current = option
+                    break
+            else:
+                return current
 
     def policies(self, target_speedups: Sequence[float]) -> list[Policy]:
         """One policy per target (in the order given), calibrated from the smallest NFE budget up (nested)."""
@@ -462,25 +566,28 @@ class CalibrationSession:
 
         smaller = [w for w in self.winners if self.T - len(w.cached_steps) <= max_nfe]
         previous = max(smaller, key=lambda w: self.T - len(w.cached_steps)) if smaller else None
+        if previous is not None:  # a smaller budget's choice fits this one (already judged: free)
+            add(Candidate(previous.source, previous.threshold, previous.cached_steps,
+                          rule=f"the NFE-{self.T - len(previous.cached_steps)} target's set",
+                          step_reuse=dict(previous.step_reuse)))
         if "search" in self.config.candidates:
             limit = self.config.search_candidates
             proposed = [(f"extrapolation, {rule}", cached) for rule, cached in
                         propose(self._extrapolation_costs(), max_nfe, self.switch_steps, limit)]
             proposed += propose(self.search_costs, max_nfe, self.switch_steps, limit)
-            for rule, cached in proposed[:limit]:
-                add(Candidate("search", None, cached, rule=rule))
+            nested: list[Candidate] = []
             if previous is not None and self.T - len(previous.cached_steps) < max_nfe:
                 computed = [i for i in range(self.T) if i not in previous.cached_steps]
                 triple = self._extrapolation_costs()
-                nested = propose(triple or self.search_costs, max_nfe, sorted({*self.switch_steps, *computed}), 1)
-                for rule, cached in nested:
+                for rule, cached in propose(triple or self.search_costs, max_nfe,
+                                            sorted({*self.switch_steps, *computed}), 1):
                     rule = f"extrapolation, {rule}" if triple else rule
-                    add(Candidate("search", None, cached,
-                                  rule=f"{rule}, adding steps to the NFE-{len(computed)} set"))
-        if previous is not None:  # a smaller budget's choice fits this one
-            add(Candidate(previous.source, previous.threshold, previous.cached_steps,
-                          rule=f"the NFE-{self.T - len(previous.cached_steps)} target's set",
-                          step_reuse=dict(previous.step_reuse)))
+                    nested.append(Candidate("search", None, cached,
+                                            rule=f"{rule}, adding steps to the NFE-{len(computed)} set"))
+            # priority (what a budget keeps): the search's first set, the nested set, the search's others
+            ordered = [Candidate("search", None, cached, rule=rule) for rule, cached in proposed[:limit]]
+            for cand in ordered[:1] + nested + ordered[1:]:
+                add(cand)
         if not out:  # the search found no set beside the forced steps: the evenly spaced one competes alone
             out = select_candidates([], self.T, max_nfe, replace(self.config, candidates=("uniform",)),
                                     self.switch_steps)
