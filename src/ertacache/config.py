@@ -95,10 +95,9 @@ class CalibrationConfig:
             fits beside the shared ground truth and Algorithm 2's sweep (an evaluation at
             NFE counts ``NFE / T`` of a pass; a fit at every step one). In
             priority order (the evenly spaced set, the previous target's set, the schedule
-            search's sets, the per-step-reuse set; then the components of the best set and
-            of the runner-up) what would go over it is skipped, keeping room for the
-            components of two sets. The evenly spaced set is always judged. None: no limit
-            (:meth:`thorough`).
+            search's sets, the components of the best set, those of the runner-up, the
+            per-step-reuse set) what would go over it is skipped. The evenly spaced set is
+            always judged. None: no limit (:meth:`thorough`).
 
     Raises:
         ErtaCacheError: a field outside its allowed values.

@@ -422,19 +422,19 @@ class CalibrationSession:
         return replace(policy, provenance=info)
 
     def _judge_sets(self, candidates: list[Candidate], threshold: float | None, max_nfe: int) -> list[Candidate]:
-        """Each candidate set's plain evaluation, in priority order, while the budget leaves room for the components
-        of the two sets that will compete with them; the first (the evenly spaced set where it competes) is judged
-        in any case. Returns the judged ones (the evenly spaced set first), with the per-step-reuse version of the
-        best search set appended where it is judged too."""
-        # room for the components of two sets (the best and the runner-up) once a second set is judged
-        reserve = 2 * variant_passes(self.config, min(max_nfe, self.T) / self.T) if self.config.component_check \
-            else variant_passes(self.config, min(max_nfe, self.T) / self.T)
+        """Each candidate set's plain evaluation, in priority order, while the budget leaves room for the best set's
+        components (the per-step-reuse set: for the runner-up's too); the first (the evenly spaced set where it
+        competes) is judged in any case. Returns the judged ones (the evenly spaced set first), with the
+        per-step-reuse version of the best search set appended where it is judged too."""
+        # the sets keep room for the best set's components; the per-step-reuse set, last in priority, also for the
+        # runner-up's
+        fit = variant_passes(self.config, min(max_nfe, self.T) / self.T)
         judged: list[Candidate] = []
 
-        def judge(cand: Candidate) -> None:
+        def judge(cand: Candidate, fits: int = 1) -> None:
             plain = self._plain(cand)
             cost = 0.0 if self._key(plain) in self._charged else self._evaluation_passes(plain)
-            if judged and not self._affords(cost + reserve):
+            if judged and not self._affords(cost + fits * fit):
                 self.log(f"{cand.label(self.T)} not judged: over max_passes={self.config.max_passes}")
                 return
             self.log(f"evaluating {cand.source} set, NFE {self.T - len(cand.cached_steps)}")
@@ -448,7 +448,7 @@ class CalibrationSession:
         if self.config.step_reuse_choice and searched and threshold is None:
             extra = self._per_step_candidate(min(searched, key=lambda c: c.errors["plain"]))
             if extra is not None and extra.identity not in {c.identity for c in candidates}:
-                judge(extra)
+                judge(extra, fits=2 if self.config.component_check else 1)
         return judged
 
     def _plain(self, cand: Candidate) -> Policy:
@@ -486,7 +486,8 @@ class CalibrationSession:
     def _choose(self, candidates: list[Candidate], base: Candidate, variants: dict[int, dict[str, Policy]],
                 decisions: list[dict[str, Any]]) -> tuple[Candidate, str]:
         """From the evenly spaced set without components, move to a judged policy of smaller error only on a
-        paired win by more than its standard error, until none wins: every policy kept beat the one it replaced."""
+        paired win by more than its standard error, until none wins: every policy kept beat the one it replaced,
+        and a set's component (rectification, adjustment) also beat the set without it."""
         def policy_of(option: tuple[Candidate, str]) -> Policy:
             cand, name = option
             return variants[id(cand)][name] if name != "plain" else self._plain(cand)
@@ -504,6 +505,10 @@ class CalibrationSession:
             for option in better:
                 m = self.margin(policy_of(current), policy_of(option))
                 decisions.append({"decision": f"{label(option)} over {label(current)}", **m.as_dict()})
+                if m.significant and option[1] != "plain" and option[0] is not current[0]:
+                    own = (option[0], "plain")  # a component is kept only where it wins on its own set too
+                    m = self.margin(policy_of(own), policy_of(option))
+                    decisions.append({"decision": f"{label(option)} over {label(own)}", **m.as_dict()})
                 if m.significant:
                     current = option
                     break
