@@ -175,6 +175,12 @@ def test_the_budget_holds_at_shifted_30_step_targets_and_runner_up_components_co
     assert chosen["errors"][at_2x["variant"]] <= uniform["errors"]["plain"]
     for d in at_2x["decisions"]:
         assert d["kept"] == (d["gain_db"] > d["se_db"])
+    # more compute never gets a policy the calibration samples rate below a smaller budget's (by construction:
+    # the smaller budget's policy is where the larger one starts)
+    chosen_errors = [(p.nfe, p.provenance["candidates"][p.provenance["chosen"]]["errors"][p.provenance["variant"]])
+                     for p in many]
+    chosen_errors.sort()
+    assert all(b <= a for (_, a), (_, b) in zip(chosen_errors, chosen_errors[1:]))
     tight = calibrate(model, labels, range(n), target_speedup=2.0, config=CalibrationConfig(max_passes=1.5), **kw)
     assert tight.provenance["cost"]["target"]["model_calls"] <= 1.5 * generation
     assert sum("rectified" in c["errors"] for c in tight.provenance["candidates"]) <= 1

@@ -41,6 +41,8 @@ class Candidate:
     """The schedule search's reading of its error model (:data:`~.schedule.RULES`), for ``source='search'``."""
     step_reuse: dict[int, str] = field(default_factory=dict)
     """Cached steps that rebuild with another reuse mode than the config's (:attr:`ertacache.Policy.step_reuse`)."""
+    inherited: str | None = None
+    """For a smaller budget's chosen set competing for a larger one: the variant that budget kept."""
 
     @property
     def identity(self) -> tuple[tuple[int, ...], tuple[tuple[int, str], ...]]:
@@ -56,7 +58,8 @@ class Candidate:
         return {"source": self.source, "threshold": self.threshold, "nfe": T - len(self.cached_steps),
                 "cached_steps": list(self.cached_steps), "errors": dict(self.errors), "variant": self.variant,
                 **({"rule": self.rule} if self.rule is not None else {}),
-                **({"step_reuse": {str(k): v for k, v in self.step_reuse.items()}} if self.step_reuse else {})}
+                **({"step_reuse": {str(k): v for k, v in self.step_reuse.items()}} if self.step_reuse else {}),
+                **({"inherited": self.inherited} if self.inherited is not None else {})}
 
 
 def check_target_speedup(target_speedup: object, num_inference_steps: int) -> float:

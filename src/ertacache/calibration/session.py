@@ -143,6 +143,7 @@ class CalibrationSession:
         self._charged: set[str] = set()  # passes charged to a target's budget (each once per session)
         self._spent = 0.0  # whole-set passes the current target has spent (config.max_passes)
         self._rect: dict[str, tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor | None]] = {}
+        self._adjusted: dict[str, list[float]] = {}
 
     # ----- passes, each kept and counted -----------------------------------------
     def _tick(self, calls: int) -> None:
@@ -257,12 +258,16 @@ class CalibrationSession:
         """Eq. 13-14's adjusted grid of a cached set (with per-step reuse modes), on the fitting rows."""
         key = f"timestep adjustment S={list(cached_steps)}" + (f" reuse={step_reuse}" if step_reuse else "")
         self._charge(key, 1.0)
+        if key in self._adjusted:
+            return list(self._adjusted[key])
         hit = self._kept(key)
         if hit is not None:
+            self._adjusted[key] = list(hit[0]["grid"])
             return list(hit[0]["grid"])
         p = AdjustTimesteps(cached_steps, self.config.phi_denominator, self.gt_changes, step_reuse)
         self._run("timestep adjustment", key, p, self.fit, self.grid)
         self._done(key, {"grid": p.grid, "phis": {str(k): v for k, v in p.phis.items()}})
+        self._adjusted[key] = list(p.grid)
         return p.grid
 
     def rectify(self, cached_steps: tuple[int, ...], grid: Sequence[float], branches: Sequence[str],
@@ -380,6 +385,18 @@ class CalibrationSession:
         base = next((c for c in candidates if c.source == "uniform" and c.rule is None), candidates[0])
         decisions: list[dict[str, Any]] = []
         variants: dict[int, dict[str, Policy]] = {}
+        start = (base, "plain")
+        inherited = next((c for c in candidates if c.inherited is not None), None)
+        if inherited is not None and self.config.component_check:
+            # a larger budget starts from the smaller budget's policy where it is the better one: more compute never
+            # gets a policy the calibration samples rate below a smaller budget's (its fits are already paid)
+            name = inherited.inherited or "plain"
+            if name != "plain":
+                variants[id(inherited)] = self._variants(inherited)
+                for n, p in variants[id(inherited)].items():
+                    inherited.errors[n] = self.error(p)
+            if name in inherited.errors and inherited.errors[name] < base.errors["plain"]:
+                start = (inherited, name)
         if not self.config.component_check:
             chosen = self._choose_set(candidates, base, decisions)
             variants[id(chosen)] = self._variants(chosen)
@@ -390,6 +407,8 @@ class CalibrationSession:
             policy = variants[id(chosen)][chosen.variant]
         else:
             for cand in self._shortlist(candidates, base):
+                if id(cand) in variants:
+                    continue
                 if self._affords(self._variant_cost(cand)):
                     variants[id(cand)] = self._variants(cand)
                     for name, p in variants[id(cand)].items():
@@ -397,7 +416,7 @@ class CalibrationSession:
                 else:
                     self.log(f"{cand.label(self.T)}: no room for its components in max_passes="
                              f"{self.config.max_passes}")
-            chosen, name = self._choose(candidates, base, variants, decisions)
+            chosen, name = self._choose(candidates, start, variants, decisions)
             chosen.variant = name
             policy = variants[id(chosen)][name] if name != "plain" else self._plain(chosen)
         self.variants = variants.get(id(chosen), {"plain": self._plain(chosen)})
@@ -483,11 +502,12 @@ class CalibrationSession:
                 return cand
         return base
 
-    def _choose(self, candidates: list[Candidate], base: Candidate, variants: dict[int, dict[str, Policy]],
-                decisions: list[dict[str, Any]]) -> tuple[Candidate, str]:
-        """From the evenly spaced set without components, move to a judged policy of smaller error only on a
-        paired win by more than its standard error, until none wins: every policy kept beat the one it replaced,
-        and a set's component (rectification, adjustment) also beat the set without it."""
+    def _choose(self, candidates: list[Candidate], start: tuple[Candidate, str],
+                variants: dict[int, dict[str, Policy]], decisions: list[dict[str, Any]]) -> tuple[Candidate, str]:
+        """From ``start`` (the evenly spaced set without components, or a smaller budget's policy where that is
+        the better), move to a judged policy of smaller error only on a paired win by more than its standard
+        error, until none wins: every policy kept beat the one it replaced, and a set's component
+        (rectification, adjustment) also beat the set without it."""
         def policy_of(option: tuple[Candidate, str]) -> Policy:
             cand, name = option
             return variants[id(cand)][name] if name != "plain" else self._plain(cand)
@@ -498,7 +518,7 @@ class CalibrationSession:
 
         options = [(c, "plain") for c in candidates] + [(c, n) for c in candidates for n in variants.get(id(c), {})
                                                        if n != "plain"]
-        current = (base, "plain")
+        current = start
         while True:
             better = sorted((o for o in options if o[0].errors[o[1]] < current[0].errors[current[1]]),
                             key=lambda o: o[0].errors[o[1]])
@@ -574,7 +594,7 @@ class CalibrationSession:
         if previous is not None:  # a smaller budget's choice fits this one (already judged: free)
             add(Candidate(previous.source, previous.threshold, previous.cached_steps,
                           rule=f"the NFE-{self.T - len(previous.cached_steps)} target's set",
-                          step_reuse=dict(previous.step_reuse)))
+                          step_reuse=dict(previous.step_reuse), inherited=previous.variant))
         if "search" in self.config.candidates:
             limit = self.config.search_candidates
             proposed = [(f"extrapolation, {rule}", cached) for rule, cached in
