@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import ErtaCacheError
+from .models.bundled import MODELS
 from .settings import CalibrateSettings, GenerateSettings, PipelineBenchSettings, PipelineSettings, read_prompts
 
 
@@ -36,8 +37,9 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="calibrate, then compare uncached, uniform and ERTACache on held-out seeds")
-    p.add_argument("--model", dest="bundled", choices=["digits", "moving-digits"], default="digits",
-                   help="bundled model: digits (image, FLUX architecture) or moving-digits (video, Wan)")
+    p.add_argument("--model", dest="bundled", choices=list(MODELS), default="digits",
+                   help="bundled model: digits or photos (image, FLUX architecture), moving-digits or moving-photos "
+                        "(video, Wan)")
     p.add_argument("--weights", dest="model", default=None, help="other weights for the bundled model")
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--repeats", type=int, default=None, help="timing repeats per method (median; default 3, video 2)")
@@ -91,9 +93,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("policy", help="policy file, folder or hub id")
 
     p = sub.add_parser("bench", help="ERTACache against every peer method on the bundled model")
-    p.add_argument("--model", dest="bundled", choices=["digits", "moving-digits"], default="digits",
-                   help="bundled model, sampled with its family's settings (digits: T=30, shift 3; moving-digits: "
-                        "T=50, shift 5)")
+    p.add_argument("--model", dest="bundled", choices=list(MODELS), default="digits",
+                   help="bundled model, sampled with its family's settings (digits, photos: T=30, shift 3; "
+                        "moving-digits, moving-photos: T=50, shift 5)")
     p.add_argument("--quick", action="store_true", help="fewer settings and samples (under 5 minutes on 2 cores)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--docs", default=None, help="folder for table, plot and grid (default docs/benchmarks[/quick])")

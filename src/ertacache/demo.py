@@ -62,9 +62,9 @@ class DemoSettings:
         return cls(**base)
 
 
-def labels_and_seeds(per_class: int, seed_base: int) -> tuple[Tensor, list[int]]:
-    """Classes 0..9 repeated ``per_class`` times, with seeds ``seed_base, seed_base + 1, ...``."""
-    labels = torch.arange(10).repeat(per_class)
+def labels_and_seeds(per_class: int, seed_base: int, num_classes: int = 10) -> tuple[Tensor, list[int]]:
+    """Classes ``0..num_classes - 1`` repeated ``per_class`` times, with seeds ``seed_base, seed_base + 1, ...``."""
+    labels = torch.arange(num_classes).repeat(per_class)
     return labels, [seed_base + i for i in range(labels.numel())]
 
 
@@ -94,7 +94,9 @@ def run_methods(model: Any, methods: dict[str, Policy | None], noise: Tensor, la
                 settings: DemoSettings, fingerprint: str | None) -> tuple[dict[str, Tensor], dict[str, list[float]],
                                                                             dict[str, int]]:
     """Sample every method ``settings.repeats`` times, interleaved; return outputs, times and NFE."""
-    null = torch.full_like(labels, 10)  # NULL_CLASS of both bundled models
+    from .models.bundled import bundled_model
+
+    null = torch.full_like(labels, bundled_model(settings.model).null_class)
     outputs: dict[str, Tensor] = {}
     times: dict[str, list[float]] = {name: [] for name in methods}
     nfe: dict[str, int] = {}
@@ -180,7 +182,6 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_pa
              progress: bool = True) -> list[dict[str, Any]]:
     """Run the demo; write ``results.json``, ``results.md``, ``grid.png`` and ``policy.safetensors`` to ``out_dir``."""
     from .models.bundled import bundled_model
-    from .models.digits import NULL_CLASS
 
     settings = settings or DemoSettings()
     bundled = bundled_model(settings.model)
@@ -189,17 +190,19 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_pa
     start = time.perf_counter()
     model = bundled.load(model_path)
     fingerprint = model_fingerprint(model)
-    cal_labels, cal_seeds = labels_and_seeds(settings.calibration_per_class, settings.calibration_seed_base)
+    cal_labels, cal_seeds = labels_and_seeds(settings.calibration_per_class, settings.calibration_seed_base,
+                                             bundled.num_classes)
     policy, variants = calibrate_with_variants(
         model, cal_labels, cal_seeds, latent_shape=bundled.latent_shape,
         num_inference_steps=settings.num_inference_steps,
-        shift=settings.shift, guidance_scale=settings.guidance_scale, null_cond=torch.full_like(cal_labels, NULL_CLASS),
+        shift=settings.shift, guidance_scale=settings.guidance_scale,
+        null_cond=torch.full_like(cal_labels, bundled.null_class),
         target_speedup=settings.target_speedup, model_fingerprint=fingerprint, progress=progress,
         config=CalibrationConfig(candidates=settings.candidates, timestep_adjustment=True),  # the whole ladder
     )
     policy.save(out / "policy.safetensors")
     calibration_seconds = time.perf_counter() - start
-    labels, seeds = labels_and_seeds(settings.heldout_per_class, settings.heldout_seed_base)
+    labels, seeds = labels_and_seeds(settings.heldout_per_class, settings.heldout_seed_base, bundled.num_classes)
     noise = seeded_noise(seeds, bundled.latent_shape)
     outputs, times, nfe = run_methods(model, methods_for(policy, variants), noise, labels, settings, fingerprint)
     rows = score(outputs, times, nfe)

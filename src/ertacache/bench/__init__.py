@@ -159,13 +159,14 @@ def run_bench(docs_dir: str | Path, settings: m.BenchSettings, json_path: str | 
     methods = build_methods(ctx, log)
     from ..demo import labels_and_seeds
 
-    labels, seeds = labels_and_seeds(settings.heldout_per_class, 10_000)
+    labels, seeds = labels_and_seeds(settings.heldout_per_class, 10_000, bundled.num_classes)
     noise = seeded_noise(seeds, bundled.latent_shape)
     log(f"{len(methods)} method settings on {labels.numel()} held-out samples, {settings.repeats} repeats")
     rows = measure(methods, noise, labels, settings.repeats, log)
     from ..stepcost import step_costs
 
-    costs = step_costs(model, torch.cat([noise, noise]), torch.cat([labels, torch.full_like(labels, 10)]),
+    costs = step_costs(model, torch.cat([noise, noise]),
+                       torch.cat([labels, torch.full_like(labels, bundled.null_class)]),
                        repeats=5 if settings.quick else 20)
     elapsed = time.perf_counter() - start
     header = {

@@ -57,7 +57,8 @@ class BenchSettings:
         b = bundled_model(name)
         base: dict[str, Any] = {**b.sampler, "model": name}
         if quick:
-            return cls(**base, calibration_per_class=1, heldout_per_class=1 if b.video else 2, repeats=1,
+            return cls(**base, calibration_per_class=1, heldout_per_class=1 if b.video or b.num_classes > 10 else 2,
+                       repeats=1,
                        target_speedups=(2.0, 3.0) if b.video else (1.5, 2.0, 3.0), options=False, quick=True)
         if b.video:
             return cls(**base, calibration_per_class=2, heldout_per_class=2, repeats=1, options=False)
@@ -74,13 +75,13 @@ class Context:
     def __init__(self, model: Any, settings: BenchSettings, fingerprint: str | None,
                  bundled: BundledModel | None = None) -> None:
         from ..demo import labels_and_seeds
-        from ..models.digits import NULL_CLASS
 
         self.model, self.settings, self.fingerprint = model, settings, fingerprint
         self.bundled = bundled or bundled_model(settings.model)
         self.latent_shape = self.bundled.latent_shape
-        self.cal_labels, self.cal_seeds = labels_and_seeds(settings.calibration_per_class, 0)
-        self.null = NULL_CLASS
+        self.cal_labels, self.cal_seeds = labels_and_seeds(settings.calibration_per_class, 0,
+                                                           self.bundled.num_classes)
+        self.null = self.bundled.null_class
 
     def kwargs(self, labels: Tensor) -> dict[str, Any]:
         s = self.settings

@@ -84,29 +84,33 @@ class DigitsFlux(nn.Module):
 
     Args:
         transformer_config: keyword arguments of ``FluxTransformer2DModel``.
+        num_classes: conditioning classes; label ``num_classes`` is the null class of CFG.
+        image_size: side of the square images in pixels (a multiple of 2).
     """
 
-    def __init__(self, transformer_config: dict[str, Any] | None = None) -> None:
+    def __init__(self, transformer_config: dict[str, Any] | None = None, num_classes: int = NUM_CLASSES,
+                 image_size: int = IMAGE_SIZE) -> None:
         super().__init__()
+        self.num_classes, self.null_class, self.image_size = num_classes, num_classes, image_size
         from diffusers import FluxTransformer2DModel
 
         config = dict(TRANSFORMER_CONFIG if transformer_config is None else transformer_config)
         self.transformer: Any = FluxTransformer2DModel(**config)
         joint = config["joint_attention_dim"]
-        self.text_tokens = nn.Embedding(NUM_CLASSES + 1, TEXT_TOKENS * joint)
-        self.pooled = nn.Embedding(NUM_CLASSES + 1, config["pooled_projection_dim"])
+        self.text_tokens = nn.Embedding(num_classes + 1, TEXT_TOKENS * joint)
+        self.pooled = nn.Embedding(num_classes + 1, config["pooled_projection_dim"])
         nn.init.normal_(self.text_tokens.weight, std=0.5)
         nn.init.normal_(self.pooled.weight, std=0.5)
-        self.register_buffer("img_ids", image_ids(), persistent=False)
+        self.register_buffer("img_ids", image_ids(image_size, image_size), persistent=False)
         self.register_buffer("txt_ids", torch.zeros(TEXT_TOKENS, 3), persistent=False)
         self._rotary: tuple[Tensor, Tensor] | None = None
 
     def prompt_embeds(self, labels: Tensor) -> tuple[Tensor, Tensor]:
         """FLUX-style ``(prompt_embeds (B, 4, 64), pooled_prompt_embeds (B, 64))`` for class labels."""
         labels = labels.long()
-        if labels.min() < 0 or labels.max() > NULL_CLASS:
+        if labels.min() < 0 or labels.max() > self.null_class:
             raise ErtaCacheError(
-                f"class labels must be in 0..{NULL_CLASS} ({NULL_CLASS} is the null class); "
+                f"class labels must be in 0..{self.null_class} ({self.null_class} is the null class); "
                 f"got values {labels.min().item()}..{labels.max().item()}"
             )
         tokens = self.text_tokens(labels).view(labels.shape[0], TEXT_TOKENS, -1)
@@ -122,7 +126,7 @@ class DigitsFlux(nn.Module):
     def embed(self, x: Tensor, t: Tensor, cond: Tensor | None) -> tuple[Tensor, _Ctx]:
         """Input embedding: ``x (B, 1, 16, 16)``, ``t (B,)`` in [0, 1], ``cond (B,)`` labels."""
         tf = self.transformer
-        labels = cond if cond is not None else torch.full((x.shape[0],), NULL_CLASS, device=x.device)
+        labels = cond if cond is not None else torch.full((x.shape[0],), self.null_class, device=x.device)
         tokens, pooled = self.prompt_embeds(labels)
         h = tf.x_embedder(pack(x))
         temb = tf.time_text_embed(t.to(h.dtype) * 1000, pooled)
@@ -141,7 +145,7 @@ class DigitsFlux(nn.Module):
     def head(self, h: Tensor, ctx: _Ctx) -> Tensor:
         """Final norm and projection, unpacked to ``(B, 1, 16, 16)``."""
         tf = self.transformer
-        return unpack(tf.proj_out(tf.norm_out(h, ctx.temb)))
+        return unpack(tf.proj_out(tf.norm_out(h, ctx.temb)), self.image_size, self.image_size)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         h, ctx = self.embed(x, t, cond)
@@ -153,11 +157,11 @@ class DigitsFlux(nn.Module):
         Hooks that diffusers registers on the transformer or its blocks (its cache
         methods) see exactly the call a ``FluxPipeline`` makes.
         """
-        labels = cond if cond is not None else torch.full((x.shape[0],), NULL_CLASS, device=x.device)
+        labels = cond if cond is not None else torch.full((x.shape[0],), self.null_class, device=x.device)
         tokens, pooled = self.prompt_embeds(labels)
         out = self.transformer(hidden_states=pack(x), encoder_hidden_states=tokens, pooled_projections=pooled,
                                timestep=t, img_ids=self.img_ids, txt_ids=self.txt_ids, return_dict=False)[0]
-        return unpack(out)
+        return unpack(out, self.image_size, self.image_size)
 
 
 def digits_images(size: int = IMAGE_SIZE) -> tuple[Tensor, Tensor]:
@@ -214,7 +218,8 @@ def digits_flux_pipeline(model: DigitsFlux) -> Any:
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
-    vae = AutoencoderKL(in_channels=1, out_channels=1, latent_channels=1, block_out_channels=(4,),
+    channels = model.transformer.config.in_channels // 4
+    vae = AutoencoderKL(in_channels=channels, out_channels=channels, latent_channels=channels, block_out_channels=(4,),
                         down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
                         layers_per_block=1, norm_num_groups=1)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)

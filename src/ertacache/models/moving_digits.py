@@ -22,8 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import ErtaCacheError
-from .digits import NULL_CLASS, NUM_CLASSES
+from .digits import NUM_CLASSES
 
+NULL_CLASS = NUM_CLASSES
 FRAMES = 8
 CANVAS = 32
 SPRITE = 16
@@ -143,29 +144,30 @@ class MovingDigitsWan(nn.Module):
     transformer's own forward in three parts).
     """
 
-    def __init__(self, transformer_config: dict[str, Any] | None = None) -> None:
+    def __init__(self, transformer_config: dict[str, Any] | None = None, num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
         from diffusers import WanTransformer3DModel
 
         config = dict(TRANSFORMER_CONFIG if transformer_config is None else transformer_config)
         self.transformer: Any = WanTransformer3DModel(**config)
-        self.text_tokens = nn.Embedding(NUM_CLASSES + 1, TEXT_TOKENS * config["text_dim"])
+        self.num_classes, self.null_class = num_classes, num_classes
+        self.text_tokens = nn.Embedding(num_classes + 1, TEXT_TOKENS * config["text_dim"])
         nn.init.normal_(self.text_tokens.weight, std=0.5)
 
     def prompt_embeds(self, labels: Tensor) -> Tensor:
-        """Wan-style ``prompt_embeds (B, 4, text_dim)`` of class labels (``NULL_CLASS``: unconditional).
+        """Wan-style ``prompt_embeds (B, 4, text_dim)`` of class labels (``num_classes``: unconditional).
 
         Raises:
-            ErtaCacheError: a label outside 0..10.
+            ErtaCacheError: a label outside 0..num_classes.
         """
         labels = labels.long()
-        if labels.numel() and (labels.min() < 0 or labels.max() > NULL_CLASS):
-            raise ErtaCacheError(f"class labels must be in 0..{NULL_CLASS} ({NULL_CLASS} is the null class); got "
-                                 f"{labels.min().item()}..{labels.max().item()}")
+        if labels.numel() and (labels.min() < 0 or labels.max() > self.null_class):
+            raise ErtaCacheError(f"class labels must be in 0..{self.null_class} ({self.null_class} is the null class); "
+                                 f"got {labels.min().item()}..{labels.max().item()}")
         return self.text_tokens(labels).view(labels.shape[0], TEXT_TOKENS, -1)
 
     def _labels(self, x: Tensor, cond: Tensor | None) -> Tensor:
-        return cond if cond is not None else torch.full((x.shape[0],), NULL_CLASS, device=x.device)
+        return cond if cond is not None else torch.full((x.shape[0],), self.null_class, device=x.device)
 
     def forward(self, x: Tensor, t: Tensor, cond: Tensor | None) -> Tensor:
         return self.transformer(hidden_states=x, timestep=t * 1000, return_dict=False,

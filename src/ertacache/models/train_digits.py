@@ -75,6 +75,7 @@ def fit(model: torch.nn.Module, batch: Callable[[torch.Generator, int], tuple[to
     out = Path(args.out)
     ckpt = out.with_name(out.stem + ".ckpt.safetensors")
     start, spent = 0, 0.0
+    null_class = getattr(model, "null_class", NULL_CLASS)
     if ckpt.is_file():
         state = load_file(str(ckpt))
         model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
@@ -98,7 +99,7 @@ def fit(model: torch.nn.Module, batch: Callable[[torch.Generator, int], tuple[to
         for group in opt.param_groups:
             group["lr"] = lr
         x0, labels = batch(gen, args.batch_size)
-        labels[torch.rand(args.batch_size, generator=gen) < args.label_dropout] = NULL_CLASS
+        labels[torch.rand(args.batch_size, generator=gen) < args.label_dropout] = null_class
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.sigmoid(torch.randn(args.batch_size, generator=gen))
         tb = t.view(-1, *[1] * (x0.ndim - 1))
