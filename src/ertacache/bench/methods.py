@@ -129,17 +129,19 @@ def ertacache(ctx: Context) -> list[Method]:
     + timestep adjustment, + rectification (every component on)."""
     session = core_session(ctx.model, ctx.cal_labels, ctx.cal_seeds, config=ctx.settings.calibration,
                            **ctx.cal_kwargs())
-    out, ladder = [], []
-    for s in ctx.settings.target_speedups:
-        p = session.policy(target_speedup=s)
-        per_step = ", per-step reuse" if p.step_reuse else ""
-        out.append(Method("ertacache", f"target={s}x ({p.provenance['selected']}{per_step}, {p.provenance['variant']})",
-                          ctx.policy_runner(p)))
+    out, ladder, policies = [], [], {}
+    for s in sorted(ctx.settings.target_speedups, reverse=True):  # the smallest NFE budget first, as calibrate_many
+        policies[s] = p = session.policy(target_speedup=s)
         if s == 2.0:
             from ..demo import methods_for
 
             ladder = [(LADDER_NAMES.get(name, f"ertacache ({p.provenance['variant']})"), q)
                       for name, q in methods_for(p, session.variants).items() if name != "none"]
+    for s in ctx.settings.target_speedups:
+        p = policies[s]
+        per_step = ", per-step reuse" if p.step_reuse else ""
+        out.append(Method("ertacache", f"target={s}x ({p.provenance['selected']}{per_step}, {p.provenance['variant']})",
+                          ctx.policy_runner(p)))
     return out + [Method("ablation", name, ctx.policy_runner(p), group="ablation") for name, p in ladder]
 
 
