@@ -167,9 +167,10 @@ def test_the_budget_holds_at_shifted_30_step_targets_and_runner_up_components_co
     many = calibrate_many(model, labels, range(n), target_speedups=[1.5, 2.0, 3.0], **kw)
     for p in many:
         assert p.provenance["cost"]["target"]["model_calls"] <= 4 * generation
-    at_2x = many[1].provenance
-    rectified = [c for c in at_2x["candidates"] if "rectified" in c["errors"]]
+    at_3x = many[2].provenance  # evaluations at NFE 10 cost 1/3 of a pass: the runner-up's fit fits too
+    rectified = [c for c in at_3x["candidates"] if "rectified" in c["errors"]]
     assert len(rectified) == 2  # the best set and the runner-up (or the evenly spaced set)
+    at_2x = many[1].provenance
     chosen = at_2x["candidates"][at_2x["chosen"]]
     uniform = next(c for c in at_2x["candidates"] if c["source"] == "uniform" and "rule" not in c)
     assert chosen["errors"][at_2x["variant"]] <= uniform["errors"]["plain"]

@@ -95,9 +95,10 @@ class CalibrationConfig:
             fits beside the shared ground truth and Algorithm 2's sweep (an evaluation at
             NFE counts ``NFE / T`` of a pass; a fit at every step one). In
             priority order (the evenly spaced set, the previous target's set, the schedule
-            search's sets, the components of the best set, those of the runner-up, the
-            per-step-reuse set) what would go over it is skipped. The evenly spaced set is
-            always judged. None: no limit (:meth:`thorough`).
+            search's first set, its per-step-reuse version, the nested set, the search's
+            other sets, keeping room for the best set's components; then the runner-up's
+            components) what would go over it is skipped. The evenly spaced set is always
+            judged. None: no limit (:meth:`thorough`).
 
     Raises:
         ErtaCacheError: a field outside its allowed values.

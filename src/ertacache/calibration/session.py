@@ -441,19 +441,19 @@ class CalibrationSession:
         return replace(policy, provenance=info)
 
     def _judge_sets(self, candidates: list[Candidate], threshold: float | None, max_nfe: int) -> list[Candidate]:
-        """Each candidate set's plain evaluation, in priority order, while the budget leaves room for the best set's
-        components (the per-step-reuse set: for the runner-up's too); the first (the evenly spaced set where it
-        competes) is judged in any case. Returns the judged ones (the evenly spaced set first), with the
-        per-step-reuse version of the best search set appended where it is judged too."""
-        # the sets keep room for the best set's components; the per-step-reuse set, last in priority, also for the
-        # runner-up's
+        """Each candidate set's plain evaluation, in priority order, while the budget leaves room for the best
+        set's components; the first (the evenly spaced set where it competes) is judged in any case.
+
+        Priority: the evenly spaced set, the smaller budget's set (already judged), the schedule search's first
+        set, its per-step-reuse version, the nested set, the search's other sets. Returns the judged ones in
+        that order."""
         fit = variant_passes(self.config, min(max_nfe, self.T) / self.T)
         judged: list[Candidate] = []
 
-        def judge(cand: Candidate, fits: int = 1) -> None:
+        def judge(cand: Candidate) -> None:
             plain = self._plain(cand)
             cost = 0.0 if self._key(plain) in self._charged else self._evaluation_passes(plain)
-            if judged and not self._affords(cost + fits * fit):
+            if judged and not self._affords(cost + fit):
                 self.log(f"{cand.label(self.T)} not judged: over max_passes={self.config.max_passes}")
                 return
             self.log(f"evaluating {cand.source} set, NFE {self.T - len(cand.cached_steps)}")
@@ -461,13 +461,15 @@ class CalibrationSession:
             judged.append(cand)
 
         base = [c for c in candidates if c.source == "uniform" and c.rule is None][:1]
+        per_step = self.config.step_reuse_choice and threshold is None
         for cand in base + [c for c in candidates if c not in base]:
             judge(cand)
-        searched = [c for c in judged if c.source == "search" and not c.step_reuse]
-        if self.config.step_reuse_choice and searched and threshold is None:
-            extra = self._per_step_candidate(min(searched, key=lambda c: c.errors["plain"]))
-            if extra is not None and extra.identity not in {c.identity for c in candidates}:
-                judge(extra, fits=2 if self.config.component_check else 1)
+            if per_step and cand in judged and cand.source == "search" and cand.inherited is None:
+                per_step = False  # once, on the best search set judged so far
+                searched = [c for c in judged if c.source == "search" and not c.step_reuse and c.inherited is None]
+                extra = self._per_step_candidate(min(searched, key=lambda c: c.errors["plain"]))
+                if extra is not None and extra.identity not in {c.identity for c in candidates + judged}:
+                    judge(extra)
         return judged
 
     def _plain(self, cand: Candidate) -> Policy:
