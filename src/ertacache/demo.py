@@ -198,7 +198,8 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_pa
         shift=settings.shift, guidance_scale=settings.guidance_scale,
         null_cond=torch.full_like(cal_labels, bundled.null_class),
         target_speedup=settings.target_speedup, model_fingerprint=fingerprint, progress=progress,
-        config=CalibrationConfig(candidates=settings.candidates, timestep_adjustment=True),  # the whole ladder
+        config=CalibrationConfig(candidates=settings.candidates, timestep_adjustment=True,  # the whole ladder
+                                 max_passes=None),
     )
     policy.save(out / "policy.safetensors")
     calibration_seconds = time.perf_counter() - start

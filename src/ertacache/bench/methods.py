@@ -47,9 +47,10 @@ class BenchSettings:
 
     @property
     def calibration(self) -> CalibrationConfig:
-        """ERTACache's calibration config (full and ``--quick``): the library's default, with timestep adjustment
-        (Eq. 13-14) estimated too so that the ablation ladder has every component; each is kept only where it wins."""
-        return CalibrationConfig(timestep_adjustment=True)
+        """ERTACache's calibration config (full and ``--quick``): the library's default candidates and rules, with
+        timestep adjustment (Eq. 13-14) estimated too so that the ablation ladder has every component (each is
+        kept only where it wins), and no pass budget (the adjustment's fits alone would take the default's)."""
+        return CalibrationConfig(timestep_adjustment=True, max_passes=None)
 
     @classmethod
     def for_model(cls, name: str, quick: bool = False) -> BenchSettings:
