@@ -45,11 +45,11 @@ def test_training_crops_are_the_photographs_and_lfw_is_not_used():
 
 
 def test_samples_show_the_photograph_asked_for(model):
-    """FLUX's sampler (T = 30, shift 3, CFG 3.5), two unseen seeds per photograph, classified by the nearest
+    """FLUX's sampler (T = 30, shift 3, CFG 3.5), one unseen seed per photograph, classified by the nearest
     centroid of colour and texture statistics of training crops. Chance is 1/16 (0.06); fresh training crops
     reach the ceiling ``crops_accuracy``. The bar, a third of that ceiling and at least 4x chance, holds a model
     that renders each photograph's colours and textures, not one that draws a generic image for every label."""
-    labels = torch.arange(NUM_CLASSES).repeat(2)
+    labels = torch.arange(NUM_CLASSES)  # measured: 0.69 of these 16 (0.66 of 32), fresh crops 0.64
     noise = seeded_noise(range(900, 900 + labels.numel()), LATENT_SHAPE)
     with torch.no_grad():
         x = sample(model, noise, labels, num_inference_steps=30, shift=3.0, guidance_scale=3.5,
