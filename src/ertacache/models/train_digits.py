@@ -53,6 +53,14 @@ def train(args: argparse.Namespace) -> None:
     })
 
 
+def command_line(module: str, args: argparse.Namespace) -> str:
+    """The command that reproduces a training run: ``python -m ertacache.models.<module>`` with every option set
+    (flags bare, unset options left out), ``--out`` last."""
+    options = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+                       for k, v in vars(args).items() if k != "out" and v is not None and v is not False)
+    return f"python -m ertacache.models.{module} {options} --out {args.out}"
+
+
 def fit(model: torch.nn.Module, batch: Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]],
         args: argparse.Namespace, meta: dict[str, Any]) -> None:
     """Rectified-flow training with label dropout and EMA; resumable; writes the EMA weights and ``meta``.

@@ -23,7 +23,7 @@ import argparse
 import torch
 
 from .moving_digits import CANVAS, FRAMES, TRANSFORMER_CONFIG, MovingDigitsWan, digit_sprites, moving_digits
-from .train_digits import fit
+from .train_digits import command_line, fit
 
 
 def architecture(patch_size: str | None, num_layers: int | None, heads: int | None = None) -> dict:
@@ -91,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         idx = torch.randint(0, sprites.shape[0], (n,), generator=gen)
         return moving_digits(sprites[idx], gen), labels[idx].clone()
 
-    command = ("python -m ertacache.models.train_moving_digits "
-               + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-                          for k, v in vars(args).items() if k != "out" and v is not None and v is not False)
-               + f" --out {args.out}")
+    command = command_line("train_moving_digits", args)
     config = {**transformer_config, "patch_size": list(transformer_config["patch_size"])}
     fit(MovingDigitsWan(transformer_config), batch, args, {
         "transformer_config": config, "command": command,

@@ -15,7 +15,7 @@ import torch
 
 from .moving_photos import TRANSFORMER_CONFIG, MovingPhotosWan, panning_clips
 from .photos import NUM_CLASSES, photographs
-from .train_digits import fit
+from .train_digits import command_line, fit
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,10 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
         return panning_clips(labels, gen), labels
 
-    command = ("python -m ertacache.models.train_moving_photos "
-               + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-                          for k, v in vars(args).items() if k != "out" and v is not None and v is not False)
-               + f" --out {args.out}")
+    command = command_line("train_moving_photos", args)
     fit(MovingPhotosWan(config), batch, args, {
         "transformer_config": {**config, "patch_size": list(config["patch_size"])}, "command": command,
         "data": "8-frame 32x32 RGB clips of a window panning 1-3 px a frame (random direction) across 16 "

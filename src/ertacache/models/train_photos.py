@@ -17,7 +17,7 @@ import argparse
 import torch
 
 from .photos import NUM_CLASSES, TRANSFORMER_CONFIG, PhotosFlux, photo_crops, photographs
-from .train_digits import fit
+from .train_digits import command_line, fit
 
 
 def architecture(width: int | None, num_layers: int | None, num_single_layers: int | None) -> dict:
@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
         return photo_crops(labels, gen), labels
 
-    command = ("python -m ertacache.models.train_photos "
-               + " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-                          for k, v in vars(args).items() if k != "out" and v is not None and v is not False)
-               + f" --out {args.out}")
+    command = command_line("train_photos", args)
     fit(PhotosFlux(config), batch, args, {
         "transformer_config": {**config, "axes_dims_rope": list(config["axes_dims_rope"])}, "command": command,
         "data": "random square crops (side 32-192 px, log-uniform; short side scaled to 256) and flips of 16 "
