@@ -64,7 +64,8 @@ WAN_TINY = dict(WAN_1_3B, num_attention_heads=2, attention_head_dim=16, text_dim
 # vae_scale_factor 1, so height=128 is the 128x128 latent of a 1024x1024 image; Wan without a
 # VAE assumes its own 4x temporal and 8x spatial compression, so the pixel size is passed.
 CALLS = {
-    "flux": dict(real=dict(height=128, width=128, guidance_scale=3.5), tiny=dict(height=16, width=16, guidance_scale=3.5),
+    "flux": dict(real=dict(height=128, width=128, guidance_scale=3.5),
+                 tiny=dict(height=16, width=16, guidance_scale=3.5),
                  text=(512, 4096, 768), tiny_text=(8, 32, 32), shift=3.0, label="FLUX.1-dev, 1024x1024"),
     "wan": dict(real=dict(height=480, width=832, num_frames=81, guidance_scale=5.0),
                 tiny=dict(height=32, width=32, num_frames=5, guidance_scale=5.0),
@@ -244,8 +245,8 @@ def table(result: dict[str, Any]) -> str:
 
     lines = [f"device: {result['device']}; torch {result['torch']}, diffusers {result['diffusers']}; "
              f"T = {result['steps']} (timing), {result['calibration_steps']} (calibration)", "",
-             "| model | uncached step (ms) | computed step, cached run (ms) | cached step (ms) | compiled computed step (ms) "
-             "| syncs per uncached step | syncs per cached step | peak memory uncached / cached / calibration (GiB) |",
+             "| model | uncached step (ms) | computed step, cached run (ms) | cached step (ms) "
+             "| compiled computed step (ms) | syncs per uncached step | syncs per cached step | peak memory uncached / cached / calibration (GiB) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in result["models"].values():
         lines.append(f"| {row['label']} | {ms(row['uncached'], 'computed')} | {ms(row['cached'], 'computed')} "

@@ -23,7 +23,7 @@ class HeldOut:
         bundled = bundled_model(name)
         self.model = bundled.load(None)
         self.ctx = Context(self.model, self.settings, None, bundled)
-        self.labels, self.seeds = labels_and_seeds(self.settings.heldout_per_class, 10_000)
+        self.labels, self.seeds = labels_and_seeds(self.settings.heldout_per_class, 10_000, bundled.num_classes)
         self.noise = seeded_noise(self.seeds, bundled.latent_shape)
         self.ref = self.sample(None)
 
