@@ -246,7 +246,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"device: {result['device']}; torch {result['torch']}, diffusers {result['diffusers']}; "
              f"T = {result['steps']} (timing), {result['calibration_steps']} (calibration)", "",
              "| model | uncached step (ms) | computed step, cached run (ms) | cached step (ms) "
-             "| compiled computed step (ms) | syncs per uncached step | syncs per cached step | peak memory uncached / cached / calibration (GiB) |",
+             "| compiled computed step (ms) | syncs per uncached step | syncs per cached step "
+             "| peak memory uncached / cached / calibration (GiB) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in result["models"].values():
         lines.append(f"| {row['label']} | {ms(row['uncached'], 'computed')} | {ms(row['cached'], 'computed')} "
