@@ -148,3 +148,18 @@ def test_thorough_and_component_flags_build_the_config():
     assert config("--timestep-adjustment").timestep_adjustment
     assert not config("--no-step-reuse-choice").step_reuse_choice
     assert config("--candidates", "search").candidates == ("search",)
+
+
+def test_model_takes_a_bundled_name_with_its_sampler(tmp_path, capsys):
+    """`--model` names a bundled model as in demo and bench (it was read as a weights file name); its family's
+    sampler is the default (moving-digits: T = 50, 16 classes for photos)."""
+    assert main(["calibrate", "--model", "moving-digits", "--target-speedup", "2", "--out",
+                 str(tmp_path / "p.safetensors"), "--dry-run"]) == 0
+    assert "10 calibration samples, T = 50" in capsys.readouterr().out
+    out = tmp_path / "clips.png"
+    assert main(["generate", "--model", "moving-digits", "--num-inference-steps", "4", "--digit", "3",
+                 "--out", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["generate", "--model", "photos", "--num-inference-steps", "4", "--digit", "16",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "classes 0-15" in capsys.readouterr().err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -14,12 +15,15 @@ from .settings import CalibrateSettings, GenerateSettings, PipelineBenchSettings
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--num-inference-steps", type=int, default=30, help="T (default 30)")
-    p.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance scale (default 3)")
-    p.add_argument("--shift", type=float, default=3.0,
-                   help="time shift of the grid, bundled model (default 3, its FLUX-like setting; a pipeline uses its "
+    p.add_argument("--num-inference-steps", type=int, default=None,
+                   help="T (default: the bundled model's, 30 or 50; a pipeline: 30)")
+    p.add_argument("--guidance-scale", type=float, default=None,
+                   help="classifier-free guidance scale (default: the bundled model's; a pipeline: 3)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="time shift of the grid, bundled model (default: its family's, 3 or 5; a pipeline uses its "
                         "scheduler's)")
-    p.add_argument("--model", default=None, help="digits weights (.safetensors); default: the bundled model")
+    p.add_argument("--model", default=None,
+                   help=f"a bundled model ({', '.join(MODELS)}; default digits) or other digits weights (.safetensors)")
     p.add_argument("--pipeline", default=None, help="a diffusers pipeline: hub id or local folder (from_pretrained)")
     p.add_argument("--height", type=int, default=None, help="pipeline output height")
     p.add_argument("--width", type=int, default=None, help="pipeline output width")
@@ -79,11 +83,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="also try the schedule search's best set with each cached step's reuse mode chosen by the "
                         "error model (default: on)")
 
-    p = sub.add_parser("generate", help="sample digits, with a policy or uncached")
+    p = sub.add_parser("generate", help="sample a bundled model or a pipeline, with a policy or uncached")
     _add_sampler_args(p)
     p.add_argument("--policy", default=None,
                    help="policy file, folder or hub id (Policy.from_pretrained); omit for the uncached sampler")
-    p.add_argument("--digit", type=int, action="append", help="class 0-9 (repeatable; default 0..9)")
+    p.add_argument("--digit", type=int, action="append",
+                   help="class of the bundled model (repeatable; default all: 0-9, photos 0-15)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="out/generate.png", help="image: PNG; video (with --pipeline): MP4")
     p.add_argument("--prompt", default=None, help="with --pipeline: the prompt")
@@ -119,11 +124,29 @@ def _build_parser() -> argparse.ArgumentParser:
 def _pipeline_settings(args: argparse.Namespace) -> PipelineSettings | None:
     if args.pipeline is None:
         return None
-    return PipelineSettings(args.pipeline, args.num_inference_steps, args.guidance_scale, args.height, args.width,
-                            args.num_frames, args.dtype, args.device,
+    steps = 30 if args.num_inference_steps is None else args.num_inference_steps
+    guidance = 3.0 if args.guidance_scale is None else args.guidance_scale
+    return PipelineSettings(args.pipeline, steps, guidance, args.height, args.width, args.num_frames, args.dtype,
+                            args.device,
                             negative_prompt=getattr(args, "negative_prompt", None),
                             true_cfg_scale=getattr(args, "true_cfg_scale", None),
                             max_sequence_length=getattr(args, "max_sequence_length", None))
+
+
+def _bundled(model: str | None) -> tuple[Any, str | None]:
+    """``--model``: a bundled model's name or weights of the digits architecture; ``(BundledModel, weights)``."""
+    from .models.bundled import bundled_model
+
+    if model is None or model in MODELS:
+        return bundled_model(model or "digits"), None
+    return bundled_model("digits"), model
+
+
+def _sampler(args: argparse.Namespace, pipeline: PipelineSettings | None) -> dict[str, Any]:
+    """T, shift and guidance scale: the flags given, else the bundled model's family settings (a pipeline: 30, 3)."""
+    base = dict(num_inference_steps=30, guidance_scale=3.0, shift=1.0) if pipeline is not None \
+        else _bundled(args.model)[0].sampler
+    return {k: base[k] if getattr(args, k) is None else getattr(args, k) for k in base}
 
 
 def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
@@ -144,8 +167,8 @@ def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
     config = CalibrationConfig.thorough(**options) if args.thorough else CalibrationConfig(**options)  # type: ignore[arg-type]
     return CalibrateSettings(
         out=args.out, config=config, target_speedup=args.target_speedup, threshold=args.threshold, seed=args.seed,
-        num_inference_steps=args.num_inference_steps, shift=args.shift, guidance_scale=args.guidance_scale,
-        model=args.model, calibration_per_class=args.calibration_per_class, pipeline=pipeline,
+        **_sampler(args, pipeline), model=args.model, calibration_per_class=args.calibration_per_class,
+        pipeline=pipeline,
         prompts=read_prompts(args.prompts) if pipeline is not None else (), batch_size=args.batch_size,
         checkpoint_dir=args.checkpoint_dir, dry_run=args.dry_run)
 
@@ -170,23 +193,23 @@ def _calibrate_here(settings: CalibrateSettings) -> int:
     from .calibration import calibrate
     from .demo import labels_and_seeds
     from .fingerprint import model_fingerprint
-    from .models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model
 
-    model = load_digits_model(settings.model)
-    labels, seeds = labels_and_seeds(settings.calibration_per_class, settings.seed)
+    bundled, weights = _bundled(settings.model)
+    model = bundled.load(weights)
+    labels, seeds = labels_and_seeds(settings.calibration_per_class, settings.seed, bundled.num_classes)
+    null = torch.full_like(labels, bundled.null_class)
     if settings.dry_run:
         from .calibration import estimate
 
-        plan = estimate(model, labels, seeds, target_speedups=settings.targets, latent_shape=LATENT_SHAPE,
+        plan = estimate(model, labels, seeds, target_speedups=settings.targets, latent_shape=bundled.latent_shape,
                         num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
-                        null_cond=torch.full_like(labels, NULL_CLASS), config=settings.config)
+                        null_cond=null, config=settings.config)
         print(f"{len(seeds)} calibration samples, T = {settings.num_inference_steps}, 2 guidance branches")
         print(plan.describe())
         return 0
-    policy = calibrate(model, labels, seeds, latent_shape=LATENT_SHAPE,
+    policy = calibrate(model, labels, seeds, latent_shape=bundled.latent_shape,
                        num_inference_steps=settings.num_inference_steps, shift=settings.shift,
-                       guidance_scale=settings.guidance_scale,
-                       null_cond=torch.full_like(labels, NULL_CLASS), target_speedup=settings.target_speedup,
+                       guidance_scale=settings.guidance_scale, null_cond=null, target_speedup=settings.target_speedup,
                        threshold=settings.threshold, config=settings.config, model_fingerprint=model_fingerprint(model),
                        progress=True, batch_size=settings.batch_size, checkpoint_dir=settings.checkpoint_dir)
     if rank_and_size()[0] != 0:
@@ -202,12 +225,12 @@ def generate_settings(args: argparse.Namespace) -> GenerateSettings:
     pipeline = _pipeline_settings(args)
     if pipeline is not None and not args.prompt:
         raise ErtaCacheError("--prompt TEXT is required with --pipeline")
-    digits = tuple(args.digit or range(10))
-    if any(not 0 <= d <= 9 for d in digits):
-        raise ErtaCacheError(f"--digit takes classes 0-9, got {list(digits)}")
-    return GenerateSettings(out=args.out, policy=args.policy, seed=args.seed,
-                            num_inference_steps=args.num_inference_steps, shift=args.shift,
-                            guidance_scale=args.guidance_scale, model=args.model, digits=digits, pipeline=pipeline,
+    n = 10 if pipeline is not None else _bundled(args.model)[0].num_classes
+    digits = tuple(args.digit or range(n))
+    if any(not 0 <= d < n for d in digits):
+        raise ErtaCacheError(f"--digit takes classes 0-{n - 1} for this model, got {list(digits)}")
+    return GenerateSettings(out=args.out, policy=args.policy, seed=args.seed, **_sampler(args, pipeline),
+                            model=args.model, digits=digits, pipeline=pipeline,
                             prompt=args.prompt, fps=args.fps)
 
 
@@ -219,15 +242,16 @@ def _generate(settings: GenerateSettings) -> int:
     from .core.euler import sample, seeded_noise
     from .demo import save_grid
     from .fingerprint import model_fingerprint
-    from .models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model
     from .policy import Policy
 
     policy = Policy.from_pretrained(settings.policy) if settings.policy else None
-    model = load_digits_model(settings.model)
+    bundled, weights = _bundled(settings.model)
+    model = bundled.load(weights)
     labels = torch.tensor(settings.digits)
-    noise = seeded_noise([settings.seed + i for i in range(len(labels))], LATENT_SHAPE)
+    noise = seeded_noise([settings.seed + i for i in range(len(labels))], bundled.latent_shape)
     out = sample(model, noise, labels, num_inference_steps=settings.num_inference_steps, shift=settings.shift,
-                 guidance_scale=settings.guidance_scale, null_cond=torch.full_like(labels, NULL_CLASS), policy=policy,
+                 guidance_scale=settings.guidance_scale, null_cond=torch.full_like(labels, bundled.null_class),
+                 policy=policy,
                  model_fingerprint=model_fingerprint(model), progress=True)
     save_grid({"cached" if policy else "uncached": out.x}, Path(settings.out), columns=len(labels))
     s = out.stats
