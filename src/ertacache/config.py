@@ -1,4 +1,4 @@
-"""The calibration config: every reading of the paper NOTES.md lists is a field."""
+"""The calibration config: every reading of the paper docs/method.md lists is a field."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from .core.reuse import get_reuse
 from .errors import ErtaCacheError
 
 ReuseMode = Literal["block_residual", "velocity", "latent_residual", "extrapolate"]
-"""What the cache keeps (NOTES.md section 1).
+"""What the cache keeps (docs/method.md section 1).
 
 - ``block_residual``: ``r = h_out - h_in`` of the block stack; a cached step runs the
   embedding and head only (needs a :class:`~ertacache.core.model.SplitVelocityModel`).
@@ -29,7 +29,7 @@ Rectification = Literal["linear", "sigmoid", "off"]
 Granularity = Literal["step", "channel"]
 """One ``(a, b)`` per cached step and branch, or one per channel as well."""
 Source = Literal["threshold", "uniform", "search"]
-"""Where a candidate cached-step set comes from (NOTES.md section 2.5):
+"""Where a candidate cached-step set comes from (docs/method.md section 2.5):
 
 - ``threshold``: Algorithm 2's lambda sweep (the paper's rule);
 - ``uniform``: evenly spaced computed steps;

@@ -167,7 +167,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def options(ctx: Context) -> list[Method]:
-    """Each option NOTES.md lists, at 2x, against the default."""
+    """Each option docs/method.md lists, at 2x, against the default."""
     out = []
     for label, change in OPTIONS.items():
         config = replace(CalibrationConfig(), **change)

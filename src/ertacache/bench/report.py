@@ -18,7 +18,7 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any], costs: list[dic
     lines += [f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {v}" for k, v in header.items()]
     for group, title in (("speed", "Speed and fidelity (held-out seeds)"),
                          ("ablation", "Component ablation at 2x (the paper's Table 3)"),
-                         ("option", "Options of NOTES.md at 2x")):
+                         ("option", "Options of docs/method.md at 2x")):
         part = [r for r in rows if r["group"] == group or (group != "speed" and r["method"] == "none")]
         if len(part) <= 1 and group != "speed":
             continue

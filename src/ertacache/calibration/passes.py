@@ -6,8 +6,8 @@ transformers) and fitting rows, so it is the calibration batch's decision
 
 - :class:`GroundTruth`: Algorithm 2 lines 4-7, ``||r_gt_i||_1`` per step.
 - :class:`ThresholdSearch`: Algorithm 2 lines 8-22 for one lambda (Eq. 12).
-- :class:`AdjustTimesteps`: Eq. 13-14 along the cached trajectory (NOTES.md section 3).
-- :class:`FitRectification`: Eq. 15-21 with the held-out check (NOTES.md section 4).
+- :class:`AdjustTimesteps`: Eq. 13-14 along the cached trajectory (docs/method.md section 3).
+- :class:`FitRectification`: Eq. 15-21 with the held-out check (docs/method.md section 4).
 - Evaluating a candidate is inference: :class:`~ertacache.core.engine.FollowPolicy`.
 """
 

@@ -140,7 +140,7 @@ def sweep(search: Callable[[float], SearchResult], num_inference_steps: int, thr
 
 def select_candidates(results: Sequence[SearchResult], num_inference_steps: int, max_nfe: int,
                       config: CalibrationConfig, computed: Sequence[int] = ()) -> list[Candidate]:
-    """The cached-step sets that compete for a target NFE (NOTES.md section 2.5).
+    """The cached-step sets that compete for a target NFE (docs/method.md section 2.5).
 
     From the threshold searches within the budget, the ``config.max_candidates``
     distinct sets with the most computed steps (ties: the smaller lambda), plus the

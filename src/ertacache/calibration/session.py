@@ -2,7 +2,7 @@
 
 The session is the method, once; a driver walks the trajectories (the core Euler
 loop, :class:`~ertacache.calibration.drive.CoreDriver`, or a diffusers pipeline's own
-``__call__``). Stages (NOTES.md sections 2-4): ground-truth logging and the threshold
+``__call__``). Stages (docs/method.md section 2-4): ground-truth logging and the threshold
 search of Algorithm 2 give candidate cached-step sets S; for each candidate the
 timestep adjustment (Eq. 13-14) and the rectification fit (Eq. 15-21) are estimated,
 and the candidate whose whole cached sampler has the least final-output error on the

@@ -3,7 +3,7 @@
 A *driver* walks a sampling trajectory: the core Euler loop
 (:func:`ertacache.core.euler.euler`), or a diffusers hook inside a pipeline's own
 ``__call__``. At each step it reports one :class:`UnitCall` per *unit* (a guidance
-branch of one transformer: each unit has its own cache, NOTES.md section 1) to the
+branch of one transformer: each unit has its own cache, docs/method.md section 1) to the
 :class:`Engine`: the step, ``t``, the state ``x``, what the model computed (when it
 ran) and what the cache rebuilds. When every unit of the step has reported, the
 engine asks its :class:`Pass` to decide the step: what each unit's output is,

@@ -2,7 +2,7 @@
 
 The core never imports model code. It calls a *velocity function*
 ``v(x, t, cond) -> v`` (flow matching, Eq. 1-4 of the paper), and, for the
-``block_residual`` reuse mode (NOTES.md section 1), a model that can be split into
+``block_residual`` reuse mode (docs/method.md section 1), a model that can be split into
 its cheap input embedding, its expensive block stack and its cheap output head.
 """
 
@@ -37,7 +37,7 @@ class SplitVelocityModel(Protocol):
 
     ``embed`` and ``head`` are the cheap parts a cached step still runs; ``blocks``
     is the transformer's block stack, skipped at a cached step by adding the cached
-    block residual ``r = h_out - h_in`` (NOTES.md section 1, ``block_residual``).
+    block residual ``r = h_out - h_in`` (docs/method.md section 1, ``block_residual``).
     ``ctx`` is whatever the three parts share (time embedding, text tokens, ...).
     """
 

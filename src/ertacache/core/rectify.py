@@ -1,7 +1,7 @@
 """Explicit error rectification (Eq. 15-21): a closed-form least-squares fit of the cache error.
 
 At a cached step the error ``eps = v~ - v`` is modelled as ``a * v~ + b`` (the
-sigmoid model of Eq. 15 linearised by Eq. 17; NOTES.md section 4). The fit is
+sigmoid model of Eq. 15 linearised by Eq. 17; docs/method.md section 4). The fit is
 ordinary least squares from five additive sufficient statistics, so statistics
 from several calibration chunks or processes can be summed before solving.
 """

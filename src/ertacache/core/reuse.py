@@ -1,4 +1,4 @@
-"""Reuse modes (NOTES.md section 1, Eq. 5-6): what the cache keeps, and how a cached step rebuilds ``v~``.
+"""Reuse modes (docs/method.md section 1, Eq. 5-6): what the cache keeps, and how a cached step rebuilds ``v~``.
 
 Each mode is one small object in a registry. A driver (the core Euler loop or a
 diffusers hook) computes the model at a computed step and asks the mode what to
@@ -92,7 +92,7 @@ class ExtrapolateReuse(Reuse):
 
     ``v~_j = v_i + (v_i - v_h) (t_j - t_i) / (t_i - t_h)``, ``i`` the latest computed
     step and ``h`` the one before; with one computed step so far, ``v~_j = v_i``. Not in
-    the paper: a combination measured by this library (README, "The schedule search").
+    the paper: a combination measured by this library (docs/guide.md, "Beyond the paper: the schedule search").
     """
 
     name = "extrapolate"

@@ -6,7 +6,7 @@ pass; :class:`~ertacache.calibration.CalibrationSession` is the method, the same
 :func:`ertacache.calibrate`. Every option of :class:`~ertacache.config.CalibrationConfig`
 is honoured, or refused before the first model call. DDIM-family schedulers (CogVideoX)
 take no custom grid, so their candidates have no adjusted variant and the policy says
-why (NOTES.md section 5).
+why (docs/method.md section 5).
 """
 
 from __future__ import annotations

@@ -98,5 +98,6 @@ def family_for(pipe: Any) -> Family:
     supported = sorted(p for f in FAMILIES.values() for p in f.pipelines)
     raise ErtaCacheError(
         f"no ertacache family for pipeline {type(pipe).__name__}; supported: {', '.join(supported)}. Register one "
-        "with ertacache.integrations.diffusers.register_family(Family(name, pipelines=(...), ...)) (README)."
+        "with ertacache.integrations.diffusers.register_family(Family(name, pipelines=(...), ...)) "
+        "(docs/guide.md, 'A new family is one data entry')."
     )

@@ -16,7 +16,7 @@ def grid_unsupported(scheduler: Any) -> str | None:
     if not hasattr(scheduler, "sigmas") or not hasattr(getattr(scheduler, "config", None), "num_train_timesteps") \
             or "FlowMatch" not in type(scheduler).__name__:
         return (f"timestep adjustment needs a flow-matching scheduler; {type(scheduler).__name__} is not one "
-                "(NOTES.md section 5): use a policy without an adjusted grid")
+                "(docs/method.md section 5): use a policy without an adjusted grid")
     return None
 
 
