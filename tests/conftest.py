@@ -101,4 +101,49 @@ def assert_every_reuse_mode_on_pipeline(pipe, run, every, ref):
             out = run()
             assert handle.forwards() == {b: T // 2 for b in every.branches}, mode
         assert torch.isfinite(out).all() and not torch.equal(out, ref), mode
+        if mode in ORACLE_MODES:  # the same cached sampler, written here from the formulas alone
+            expected = oracle_run(pipe, run, set(cached.cached_steps), mode, len(every.branches))
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5, msg=mode)
     assert torch.equal(run(), ref)
+
+
+ORACLE_MODES = ("velocity", "latent_residual", "extrapolate")
+
+
+def oracle_run(pipe, run, cached_steps, mode, n_branches):
+    """``run()`` with the transformer replaced at cached steps by the reuse formula (docs/method.md section 1),
+    independent of the library's hooks: ``velocity`` ``v~_j = v_i``; ``latent_residual`` ``v~_j = x_j + v_i - x_i``;
+    ``extrapolate`` the line through the last two computed outputs in the call's timestep (an affine map of t:
+    the ratio of time differences is the same), ``v_i`` while only one is computed. One history per branch
+    (the calls of a step come in branch order)."""
+    from unittest import mock
+
+    transformer = pipe.transformer
+    forward = transformer.forward
+    history = {}  # branch -> [(t, x, v)] of computed steps
+    calls = [0]
+
+    def replaced(*args, **kwargs):
+        step, branch = divmod(calls[0], n_branches)
+        calls[0] += 1
+        x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        t = float(kwargs["timestep"].flatten()[0])
+        if step not in cached_steps:
+            out = forward(*args, **kwargs)
+            v = out[0] if isinstance(out, tuple) else out.sample
+            history.setdefault(branch, []).append((t, x.clone(), v.clone()))
+            return out
+        (t_i, x_i, v_i), past = history[branch][-1], history[branch][:-1]
+        if mode == "velocity":
+            v = v_i
+        elif mode == "latent_residual":
+            v = x + (v_i - x_i)
+        elif not past:
+            v = v_i
+        else:
+            t_h, _, v_h = past[-1]
+            v = v_i + (v_i - v_h) * ((t - t_i) / (t_i - t_h))
+        return (v,) if not kwargs.get("return_dict", True) else type(transformer(*args, **kwargs))(sample=v)
+
+    with mock.patch.object(transformer, "forward", replaced):
+        return run()
