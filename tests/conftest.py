@@ -121,7 +121,7 @@ def oracle_run(pipe, run, cached_steps, mode, n_branches):
     transformer = pipe.transformer
     forward = transformer.forward
     history = {}  # branch -> [(t, x, v)] of computed steps
-    calls = [0]
+    calls, kind = [0], []  # kind: the output class of a computed call (return_dict=True)
 
     def replaced(*args, **kwargs):
         step, branch = divmod(calls[0], n_branches)
@@ -132,6 +132,7 @@ def oracle_run(pipe, run, cached_steps, mode, n_branches):
             out = forward(*args, **kwargs)
             v = out[0] if isinstance(out, tuple) else out.sample
             history.setdefault(branch, []).append((t, x.clone(), v.clone()))
+            kind[:] = [type(out)]
             return out
         (t_i, x_i, v_i), past = history[branch][-1], history[branch][:-1]
         if mode == "velocity":
@@ -143,7 +144,7 @@ def oracle_run(pipe, run, cached_steps, mode, n_branches):
         else:
             t_h, _, v_h = past[-1]
             v = v_i + (v_i - v_h) * ((t - t_i) / (t_i - t_h))
-        return (v,) if not kwargs.get("return_dict", True) else type(transformer(*args, **kwargs))(sample=v)
+        return kind[0](sample=v) if kind[0] is not tuple else (v,)
 
     with mock.patch.object(transformer, "forward", replaced):
         return run()
