@@ -1,5 +1,6 @@
 import json
 
+from ertacache import Policy
 from ertacache.demo import DemoSettings, run_demo
 
 
@@ -13,8 +14,11 @@ def test_demo_writes_rows_for_every_method(tmp_path):
     by = {r["method"]: r for r in rows}
     assert by["none"]["nfe"] == 12 and by["none"]["psnr"] is None and by["none"]["speedup"] == 1.0
     assert by["ertacache"]["nfe"] <= 6 and by["uniform"]["nfe"] == by["ertacache"]["nfe"]
-    for r in rows:
-        assert {"method", "nfe", "seconds", "speedup", "psnr", "ssim"} <= set(r)
-        assert 0 < r["ssim"] <= 1
-    for name in ("grid.png", "policy.safetensors", "run.json", "results.md"):
-        assert (tmp_path / name).is_file()
+    assert by["none"]["ssim"] == 1.0 and all(r["psnr"] > 20 for r in rows[1:])  # the same seeds, a close copy
+    # the policy file is the one the ertacache row ran; the table and the grid show every row
+    policy = Policy.load(tmp_path / "policy.safetensors")
+    assert policy.nfe == by["ertacache"]["nfe"] and policy.num_inference_steps == 12
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"| {r['method']} | {r['nfe']} |" in table for r in rows)
+    assert (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "run.json").read_text())["settings"]["num_inference_steps"] == 12

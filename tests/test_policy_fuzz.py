@@ -108,6 +108,8 @@ def test_mutated_files_raise_only_the_library_error(blob):
         # what loads is a usable policy: finite coefficients, a summary, a follower, and it saves again
         for coeffs in (*policy.rect_a.values(), *policy.rect_b.values()):
             assert bool(torch.isfinite(coeffs).all())
-        assert policy.summary()
+        assert f"T={policy.num_inference_steps}, NFE={policy.nfe} per branch" in policy.summary()
         policy.follower()
-        policy.save(Path(folder) / "again.safetensors")
+        again = Policy.load(policy.save(Path(folder) / "again.safetensors"))
+        assert (again.cached_steps, again.sampling_grid, again.reuse) == (
+            policy.cached_steps, policy.sampling_grid, policy.reuse)

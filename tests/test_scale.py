@@ -62,8 +62,8 @@ def test_cost_is_in_the_provenance(whole):
     cost = whole.provenance["cost"]
     by_pass = cost["by_pass"]
     # ground truth: every row, every step, both branches
-    assert by_pass["ground truth"] == {"passes": 1, "model_calls": N * T * 2, "seconds": by_pass["ground truth"][
-        "seconds"]}
+    assert by_pass["ground truth"]["passes"] == 1 and by_pass["ground truth"]["model_calls"] == N * T * 2
+    assert by_pass["ground truth"]["seconds"] > 0
     assert cost["model_calls"] == sum(p["model_calls"] for p in by_pass.values())
     assert cost["uncached_generations"] == pytest.approx(cost["model_calls"] / (N * T * 2), abs=0.01)
     assert {"policy search", "timestep adjustment", "rectification fit", "evaluation"} <= set(by_pass)
