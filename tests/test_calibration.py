@@ -250,3 +250,12 @@ def test_held_out_error_is_the_geometric_mean_of_each_samples_mse():
     assert per_sample.max() > 1e4 * per_sample.min() > 0
     assert s.error(policy) == pytest.approx(float(per_sample.log().mean().exp()), rel=1e-6)
     assert s.error(policy) < 0.1 * float(per_sample.mean())  # the pooled MSE (before) is the largest sample's
+
+
+def test_missing_sampler_settings_are_named():
+    from ertacache import ErtaCacheError, calibrate, calibrate_many
+
+    with pytest.raises(ErtaCacheError, match="calibrate needs num_inference_steps"):
+        calibrate(lambda x, t, c: x, None, [0], target_speedup=2.0, latent_shape=(1, 4, 4))
+    with pytest.raises(ErtaCacheError, match="calibrate_many needs latent_shape"):
+        calibrate_many(lambda x, t, c: x, None, [0], target_speedups=[2.0], num_inference_steps=10)

@@ -11,6 +11,8 @@ The core (sampler, cache, calibration, policy) is pure torch. Quick start::
 
 __version__ = "0.1.0"
 
+from typing import Any  # noqa: E402
+
 from .calibration import calibrate, calibrate_many, check_target_speedup  # noqa: E402
 from .config import CalibrationConfig  # noqa: E402
 from .core.euler import SampleResult, SampleStats, sample, seeded_noise  # noqa: E402
@@ -19,20 +21,19 @@ from .errors import ErtaCacheError, PolicyMismatchError  # noqa: E402
 from .fingerprint import model_fingerprint  # noqa: E402
 from .policy import Policy  # noqa: E402
 
-
-def apply_ertacache(pipe, policy, **kwargs):  # type: ignore[no-untyped-def]
-    """Cache a diffusers pipeline by a policy; see :func:`ertacache.integrations.diffusers.apply_ertacache`."""
-    from .integrations.diffusers import apply_ertacache as _apply
-
-    return _apply(pipe, policy, **kwargs)
+_PIPELINE_API = ("apply_ertacache", "calibrate_pipeline")
 
 
-def calibrate_pipeline(pipe, prompts, **kwargs):  # type: ignore[no-untyped-def]
-    """Calibrate a policy through a diffusers pipeline's own call; see
-    :func:`ertacache.integrations.diffusers.calibrate_pipeline`."""
-    from .integrations.diffusers import calibrate_pipeline as _calibrate
-
-    return _calibrate(pipe, prompts, **kwargs)
+def __getattr__(name: str) -> Any:
+    """``apply_ertacache`` and ``calibrate_pipeline``: the diffusers integration's own functions (their
+    signatures and docstrings), imported on first use so that the core needs no diffusers."""
+    if name in _PIPELINE_API:
+        try:
+            from .integrations import diffusers as integration
+        except ImportError as exc:
+            raise ImportError(f"ertacache.{name} needs diffusers: pip install 'ertacache[diffusers]' ({exc})") from exc
+        return getattr(integration, name)
+    raise AttributeError(f"module 'ertacache' has no attribute {name!r}")
 
 
 __all__ = [

@@ -110,12 +110,21 @@ def calibrate(model: Any, cond: Tensor | None, seeds: Sequence[int], *, target_s
         lists every candidate with its held-out errors.
 
     Raises:
-        ErtaCacheError: an empty calibration set, both or neither of
-            ``target_speedup``/``threshold``, an invalid value of either, or NaN
-            in the model's output (naming the step).
+        ErtaCacheError: an empty calibration set, a missing ``num_inference_steps`` or
+            ``latent_shape``, both or neither of ``target_speedup``/``threshold``, an
+            invalid value of either, or NaN in the model's output (naming the step).
     """
-    check_goal(target_speedup, threshold, kwargs["num_inference_steps"])
+    check_goal(target_speedup, threshold, _steps(kwargs, "calibrate"))
     return core_session(model, cond, seeds, **kwargs).policy(target_speedup, threshold)
+
+
+def _steps(kwargs: dict[str, Any], name: str) -> int:
+    """``num_inference_steps`` and ``latent_shape`` are required keywords; a clear error names what is missing."""
+    missing = [k for k in ("num_inference_steps", "latent_shape") if k not in kwargs]
+    if missing:
+        raise ErtaCacheError(f"{name} needs {' and '.join(missing)}: num_inference_steps=T (the sampler's step count, "
+                             "as the policy will be used) and latent_shape=one sample's state shape, e.g. (1, 16, 16)")
+    return int(kwargs["num_inference_steps"])
 
 
 def calibrate_with_variants(model: Any, cond: Tensor | None, seeds: Sequence[int], **kwargs: Any
@@ -128,7 +137,7 @@ def calibrate_with_variants(model: Any, cond: Tensor | None, seeds: Sequence[int
     ``rectified`` (rectification alone); the returned policy is one of them.
     """
     target_speedup, threshold = kwargs.pop("target_speedup", None), kwargs.pop("threshold", None)
-    check_goal(target_speedup, threshold, kwargs["num_inference_steps"])
+    check_goal(target_speedup, threshold, _steps(kwargs, "calibrate_with_variants"))
     config = kwargs.pop("config", None) or CalibrationConfig()
     if config.component_check is False:
         raise ErtaCacheError("calibrate_with_variants compares the variants itself; leave component_check on")
@@ -150,6 +159,6 @@ def calibrate_many(model: Any, cond: Tensor | None, seeds: Sequence[int], *, tar
     shared ground truth.
     """
     for s in target_speedups:
-        check_goal(s, None, kwargs["num_inference_steps"])
+        check_goal(s, None, _steps(kwargs, "calibrate_many"))
     session = core_session(model, cond, seeds, targets=list(target_speedups), **kwargs)
     return session.policies(target_speedups)
