@@ -19,6 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,9 +99,49 @@ def fit(model: torch.nn.Module, batch: Callable[[torch.Generator, int], tuple[to
         _load_opt(opt, opt_state)
         print(f"resumed from {ckpt} at step {start}")
     t_start = time.time() - spent
-    budget = getattr(args, "minutes", None)
     forward = torch.compile(model) if getattr(args, "compile", False) else model
-    step = start
+    with CtrlC() as interrupt:
+        step, loss = _loop(model, forward, batch, args, (ema, opt, gen, ckpt), start, t_start, null_class, interrupt)
+    _save(ema, out)
+    meta = {**meta, "seed": args.seed, "steps": args.steps, "steps_done": step + 1, "final_loss": loss,
+            "seconds": round(time.time() - t_start, 1), "torch": torch.__version__}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
+    ckpt.unlink(missing_ok=True)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+
+
+class CtrlC:
+    """Defers Ctrl-C (SIGINT) to the end of the current training step: the loop checkpoints and exits with 130,
+    so an interrupted run resumes from where it stopped. A second Ctrl-C interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> CtrlC:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+Batch = Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _loop(model: torch.nn.Module, forward: Any, batch: Batch,
+          args: argparse.Namespace, state: tuple[dict[str, torch.Tensor], torch.optim.Optimizer, torch.Generator, Path],
+          start: int, t_start: float, null_class: int, interrupt: CtrlC) -> tuple[int, float]:
+    """The training steps from ``start``; returns the last step run and its loss."""
+    ema, opt, gen, ckpt = state
+    budget = getattr(args, "minutes", None)
+    step, loss = start, torch.tensor(float("nan"))
     for step in range(start, args.steps):
         progress = step / args.steps
         if budget is not None:
@@ -128,12 +171,12 @@ def fit(model: torch.nn.Module, batch: Callable[[torch.Generator, int], tuple[to
         if budget is not None and time.time() - t_start > 60 * budget:
             print(f"stopping at step {step + 1}: the {budget}-minute budget is spent", flush=True)
             break
-    _save(ema, out)
-    meta = {**meta, "seed": args.seed, "steps": args.steps, "steps_done": step + 1, "final_loss": loss.item(),
-            "seconds": round(time.time() - t_start, 1), "torch": torch.__version__}
-    atomic_write_text(out.with_suffix(".json"), json.dumps(meta, indent=2) + "\n")
-    ckpt.unlink(missing_ok=True)
-    print(f"wrote {out} and {out.with_suffix('.json')}")
+        if interrupt.requested:
+            _checkpoint(model, ema, opt, step + 1, gen, ckpt, time.time() - t_start)
+            print(f"interrupted: step {step + 1} is checkpointed in {ckpt}; run the same command again to resume",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(130)
+    return step, float(loss.item())
 
 
 def _checkpoint(model, ema, opt, step, gen, path: Path, seconds: float) -> None:  # type: ignore[no-untyped-def]
