@@ -76,7 +76,7 @@ def test_pipeline_errors_are_one_line_before_anything_loads(tmp_path, capsys):
         (["calibrate", "--pipeline", missing, "--prompts", str(tmp_path / "none.txt"), "--target-speedup", "2",
           "--out", str(tmp_path / "p.safetensors")], "no prompts file at"),
         (["calibrate", "--pipeline", missing, "--prompts", str(prompts), "--target-speedup", "2",
-          "--out", str(tmp_path / "p.safetensors")], "cannot load the pipeline"),
+          "--out", str(tmp_path / "p.safetensors")], "no pipeline folder at"),
         (["calibrate", "--target-speedup", "2", "--batch-size", "0", "--out", str(tmp_path / "p.safetensors")],
          "batch_size must be an int >= 1"),
     ]
@@ -163,3 +163,14 @@ def test_model_takes_a_bundled_name_with_its_sampler(tmp_path, capsys):
     assert main(["generate", "--model", "photos", "--num-inference-steps", "4", "--digit", "16",
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "classes 0-15" in capsys.readouterr().err
+
+
+def test_an_offline_hub_id_and_a_folder_that_is_not_a_pipeline_are_said_plainly(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = ["generate", "--prompt", "x", "--out", str(tmp_path / "x.png"), "--pipeline"]
+    assert main([*argv, "someone/not-in-the-cache"]) == 2
+    err = capsys.readouterr().err
+    assert "not in the hub cache, and the hub is off (HF_HUB_OFFLINE=1)" in err
+    assert "local_dir_use_symlinks" not in err and len(err.strip().splitlines()) == 1
+    assert main([*argv, str(tmp_path)]) == 2
+    assert f"the folder {tmp_path} is not a diffusers pipeline (no model_index.json)" in capsys.readouterr().err
