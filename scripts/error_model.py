@@ -21,6 +21,12 @@ them). The propagated reading multiplies each segment's cost by the gain of the 
 arrives at, is ranked the same way, and its own
 shortest-path sets are sampled on held-out seeds (10000..) beside the search's sets:
 the effect on held-out PSNR.
+
+**Fitted propagation** (no probe): gains ``exp(beta t_k)`` with the slope ``beta`` fitted
+(least squares in log, a free scale) to the sets calibration itself judges for this
+target and the smaller ones before it (the search's once-counted sets and the evenly
+spaced set), as ``calibrate_many`` would have them; its shortest-path set joins the pool
+and the held-out comparison. ``--probes 0`` skips the probes and their readings.
 """
 
 from __future__ import annotations
@@ -92,6 +98,32 @@ def pool(T: int, nfe: int, forced: list[int], proposals: dict[str, tuple[int, ..
     return out
 
 
+def probe_readings(q: torch.Tensor, T: int, session: Any, measured: Any, n_probes: int,
+                   probes: list[dict[str, Any]]) -> dict[str, tuple[torch.Tensor, bool]]:
+    """The propagated readings: each segment's cost times the measured gain of the state it arrives at (caching
+    step j alone: measured MSE over modelled cost, relative to the median probe; log-linear between probes)."""
+    probe_steps = sorted({*range(1, 4), *range(4, T - 1, max(1, (T - 5) // n_probes))} | {T - 2})
+    for j in probe_steps:
+        cached = (j,)
+        modelled = path_cost(q, cached, T, norms=False) - path_cost(q, (), T, norms=False)
+        got = measured(cached)
+        probes.append({"cached_step": j, "t": round(float(session.grid[j]), 4), "modelled": modelled,
+                       "measured": got, "gain": got / modelled if modelled > 0 else None})
+    typical = sorted(r["gain"] for r in probes if r["gain"])[len(probes) // 2]
+    for r in probes:  # relative to the median probe: the model's units (summed over rows) are not the MSE's
+        r["gain"] = r["gain"] / typical if r["gain"] else None
+    # the gain of the state a drift arrives at (k = j + 1), log-linear between the probes
+    at = torch.tensor([r["cached_step"] + 1.0 for r in probes], dtype=torch.float64)
+    log_gain = torch.tensor([math.log(r["gain"] or 1.0) for r in probes], dtype=torch.float64)
+    k = torch.arange(T, dtype=torch.float64).clamp(float(at[0]), float(at[-1]))
+    idx = torch.searchsorted(at, k).clamp(1, len(at) - 1)
+    w = (k - at[idx - 1]) / (at[idx] - at[idx - 1])
+    scale = torch.exp(log_gain[idx - 1] * (1 - w) + log_gain[idx] * w)
+    print(json.dumps({"gain": [(r["cached_step"], round(r["gain"] or 0, 2)) for r in probes]}), flush=True)
+    return {"propagated, squared norms add": (q * scale[None, None, :], False),
+            "propagated, norms add": (q * scale[None, None, :], True)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="photos")
@@ -100,7 +132,8 @@ def main() -> None:
     p.add_argument("--heldout-per-class", type=int, default=2)
     p.add_argument("--random", type=int, default=6, help="random sets per target")
     p.add_argument("--moves", type=int, default=6, help="one-step moves of the search's first set per target")
-    p.add_argument("--probes", type=int, default=8, help="single-step probes beyond steps 1-3 and T-2")
+    p.add_argument("--probes", type=int, default=8,
+                   help="single-step probes beyond steps 1-3 and T-2 (0: no probes, no probe-weighted readings)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -121,29 +154,22 @@ def main() -> None:
     def measured(cached: tuple[int, ...]) -> float:
         return session.error(Policy(cached_steps=cached, **session.base))
 
-    # the propagation gain of each state k = j + 1: caching j alone
-    probe_steps = sorted({*range(1, 4), *range(4, T - 1, max(1, (T - 5) // args.probes))} | {T - 2})
-    probes = []
-    for j in probe_steps:
-        cached = (j,)
-        modelled = path_cost(q, cached, T, norms=False) - path_cost(q, (), T, norms=False)
-        got = measured(cached)
-        probes.append({"cached_step": j, "t": round(float(session.grid[j]), 4), "modelled": modelled,
-                       "measured": got, "gain": got / modelled if modelled > 0 else None})
-    typical = sorted(r["gain"] for r in probes if r["gain"])[len(probes) // 2]
-    for r in probes:  # relative to the median probe: the model's units (summed over rows) are not the MSE's
-        r["gain"] = r["gain"] / typical if r["gain"] else None
-    # the gain of the state a drift arrives at (k = j + 1), log-linear between the probes
-    at = torch.tensor([r["cached_step"] + 1.0 for r in probes], dtype=torch.float64)
-    log_gain = torch.tensor([math.log(r["gain"] or 1.0) for r in probes], dtype=torch.float64)
-    k = torch.arange(T, dtype=torch.float64).clamp(float(at[0]), float(at[-1]))
-    idx = torch.searchsorted(at, k).clamp(1, len(at) - 1)
-    w = (k - at[idx - 1]) / (at[idx] - at[idx - 1])
-    scale = torch.exp(log_gain[idx - 1] * (1 - w) + log_gain[idx] * w)
-    print(json.dumps({"gain": [(r["cached_step"], round(r["gain"] or 0, 2)) for r in probes]}), flush=True)
-    readings = {"once, squared norms add": (q, False), "once, norms add": (q, True),
-                "propagated, squared norms add": (q * scale[None, None, :], False),
-                "propagated, norms add": (q * scale[None, None, :], True)}
+    readings = {"once, squared norms add": (q, False), "once, norms add": (q, True)}
+    probes: list[dict[str, Any]] = []
+    if args.probes > 0:
+        readings.update(probe_readings(q, T, session, measured, args.probes, probes))
+    arrival = torch.tensor([float(x) for x in session.grid[:T]], dtype=torch.float64)  # t_k of each state k
+
+    def fitted(judged: list[dict[str, Any]]) -> tuple[float, torch.Tensor]:
+        """The propagation slope beta of gains exp(beta t_k) that best explains the judged sets' measured errors
+        (least squares in log, a free scale): no probe, only what calibration already measured."""
+        best = (math.inf, 0.0)
+        for beta in torch.linspace(-2.0, 6.0, 81).tolist():
+            w = torch.exp(beta * arrival)
+            costs = [path_cost(q * w[None, None, :], tuple(r["cached_steps"]), T, False) for r in judged]
+            res = torch.tensor([math.log(r["measured"]) - math.log(max(c, 1e-300)) for r, c in zip(judged, costs)])
+            best = min(best, (float(res.var(unbiased=False)), beta))
+        return best[1], q * torch.exp(best[1] * arrival)[None, None, :]
 
     held_labels, held_seeds = labels_and_seeds(args.heldout_per_class, 10_000, b.num_classes)
     held_noise = seeded_noise(held_seeds, b.latent_shape)
@@ -158,6 +184,7 @@ def main() -> None:
 
     rng = random.Random(0)
     targets = []
+    judged: list[dict[str, Any]] = []
     for target in [float(s) for s in args.targets.split(",")]:
         nfe = max(2, int(T / target))
         proposals: dict[str, tuple[int, ...]] = {}
@@ -165,6 +192,16 @@ def main() -> None:
             cached = shortest_schedule(cost.clamp_min(0).sqrt() if norms else cost, nfe, forced)
             if cached is not None and cached not in proposals.values():
                 proposals[f"search, {name}"] = cached
+        # what calibration judges for this target (the search's sets under the once-counted readings and the evenly
+        # spaced set) and what it judged for the smaller budgets before it, as calibrate_many does
+        judged += [{"cached_steps": list(c), "measured": measured(c)} for name, c in proposals.items()
+                   if name.startswith("search, once")] + [{"cached_steps": list(uniform_cached_steps(T, nfe)),
+                                                           "measured": measured(uniform_cached_steps(T, nfe))}]
+        beta, q_fit = fitted(judged)
+        readings["fitted propagation"] = (q_fit, False)
+        cached = shortest_schedule(q_fit, nfe, forced)
+        if cached is not None and cached not in proposals.values():
+            proposals["search, fitted propagation"] = cached
         sets = pool(T, nfe, forced, proposals, rng, args.random, args.moves)
         rows = [{"set": name, "cached_steps": list(cached), "measured": measured(cached),
                  **{f"modelled, {r}": path_cost(cost, cached, T, norms) for r, (cost, norms) in readings.items()}}
@@ -173,9 +210,11 @@ def main() -> None:
                for r in readings}
         heldout = {name: held_psnr(cached) for name, cached in proposals.items()}
         heldout["evenly spaced"] = held_psnr(uniform_cached_steps(T, nfe))
-        entry = {"target": target, "nfe": nfe, "sets": len(rows), "spearman": rho, "heldout_psnr": heldout,
+        entry = {"target": target, "nfe": nfe, "sets": len(rows), "fitted_beta": beta, "spearman": rho,
+                 "heldout_psnr": heldout,
                  "rows": rows}
-        print(json.dumps({k: entry[k] for k in ("target", "nfe", "sets", "spearman", "heldout_psnr")}), flush=True)
+        print(json.dumps({k: entry[k] for k in ("target", "nfe", "sets", "fitted_beta", "spearman", "heldout_psnr")}),
+              flush=True)
         targets.append(entry)
     result: dict[str, Any] = {
         "command": f"python scripts/error_model.py --model {args.model} --targets {args.targets} "

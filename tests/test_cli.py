@@ -174,3 +174,16 @@ def test_an_offline_hub_id_and_a_folder_that_is_not_a_pipeline_are_said_plainly(
     assert "local_dir_use_symlinks" not in err and len(err.strip().splitlines()) == 1
     assert main([*argv, str(tmp_path)]) == 2
     assert f"the folder {tmp_path} is not a diffusers pipeline (no model_index.json)" in capsys.readouterr().err
+
+
+def test_reuse_modes_are_one_list():
+    """The registry of reuse modes is the one list: the config's type and the command line's choices follow it."""
+    from typing import get_args
+
+    from ertacache.cli import _build_parser
+    from ertacache.config import ReuseMode
+    from ertacache.core.reuse import REUSE_MODES
+
+    calibrate = _build_parser()._subparsers._group_actions[0].choices["calibrate"]
+    choices = next(a.choices for a in calibrate._actions if a.dest == "reuse")
+    assert set(choices) == set(REUSE_MODES) == set(get_args(ReuseMode))
