@@ -259,3 +259,28 @@ def test_missing_sampler_settings_are_named():
         calibrate(lambda x, t, c: x, None, [0], target_speedup=2.0, latent_shape=(1, 4, 4))
     with pytest.raises(ErtaCacheError, match="calibrate_many needs latent_shape"):
         calibrate_many(lambda x, t, c: x, None, [0], target_speedups=[2.0], num_inference_steps=10)
+
+
+def test_propagation_candidate_is_fitted_on_the_judged_sets_and_judged_like_the_others(tiny):
+    """With ``propagation_candidate`` the session fits the propagation slope to every plain set it judged and
+    proposes that search's set; the set competes as the others do (judged on every sample); off, nothing is fitted."""
+    from ertacache.calibration.schedule import fit_propagation
+
+    cond, seeds = torch.tensor([1, 2, 3, 4, 5, 6]), range(6)
+    args = dict(latent_shape=(2, 4, 4), num_inference_steps=12, guidance_scale=2.0, null_cond=torch.full((6,), 10))
+    session = core_session(tiny, cond, seeds, config=CalibrationConfig(propagation_candidate=True), **args)
+    policies = session.policies([2.0, 4.0])
+    fits = session.propagation
+    assert [f["max_nfe"] for f in fits] == [3, 6]  # smallest budget first
+    assert fits[1]["judged_sets"] > fits[0]["judged_sets"] and fits[1]["judged_sets"] >= 3
+    assert (fits[0]["beta"] is None) == (fits[0]["judged_sets"] < 3) and fits[1]["beta"] is not None
+    # the fit is the library function's on the sets judged before it
+    judged = list(session._judged_sets.items())[:fits[1]["judged_sets"]]
+    beta, weighted = fit_propagation(session._extrapolation_costs()["raw"], session.grid, judged)
+    assert beta == fits[1]["beta"]
+    assert policies[0].provenance["propagation"] == fits[1]
+    proposed = tuple(fits[1]["cached_steps"])
+    cands = {tuple(c["cached_steps"]): c for c in policies[0].provenance["candidates"]}
+    assert proposed in cands and "plain" in cands[proposed]["errors"]  # judged (or already among the others)
+    plain = core_session(tiny, cond, seeds, **args).policy(2.0)
+    assert "propagation" not in plain.provenance

@@ -222,3 +222,24 @@ def test_extrapolate_reuse_searches_with_its_own_error_model():
     pol = session(model, config, T=12).policy(target_speedup=2.0)
     rules = [c["rule"] for c in pol.provenance["candidates"] if c["source"] == "search" and "step_reuse" not in c]
     assert rules and rules[0].startswith("extrapolation, ") and len(rules) <= 2
+
+
+def test_fit_propagation_recovers_the_slope_of_errors_that_follow_it():
+    """Errors made to follow exp(beta t_k)-weighted segment costs (any scale) give back that beta; fewer than 3
+    judged sets fit nothing."""
+    from ertacache.calibration.schedule import BETAS, fit_propagation, path_cost
+    from ertacache.core.grids import time_grid
+
+    T = 12
+    g = torch.Generator().manual_seed(0)
+    cost = torch.rand(T, T, generator=g, dtype=torch.float64).triu(1)
+    grid = time_grid(T, 3.0)
+    w = torch.exp(2.0 * torch.tensor(grid[:T], dtype=torch.float64))
+    sets = [(1, 2, 5, 8), (3, 4, 9, 10), (1, 3, 5, 7), (2, 6, 9, 10), (4, 5, 6, 7)]
+    judged = [(s, 7.5 * path_cost(cost * w, s)) for s in sets]
+    beta, weighted = fit_propagation(cost, grid, judged)
+    assert beta == 2.0 and 2.0 in BETAS
+    assert torch.allclose(weighted, cost * w)
+    assert fit_propagation(cost, grid, judged[:2]) is None
+    flat = [(s, 3.0 * path_cost(cost, s)) for s in sets]  # errors counted once: no propagation
+    assert fit_propagation(cost, grid, flat)[0] == 0.0

@@ -86,6 +86,12 @@ class CalibrationConfig:
             :func:`~ertacache.calibration.schedule.choose_step_reuse`): one more
             evaluation at the set's NFE; needs ``"search"`` among the candidates, whose
             ground-truth log it reads. Not in the paper.
+        propagation_candidate: one more schedule-search set, from segment costs weighted
+            by how a drift carries to the output (``exp(beta t)``, ``beta`` fitted to the
+            errors of the sets already judged:
+            :func:`~ertacache.calibration.schedule.fit_propagation`), judged as the others;
+            no extra model call beyond its evaluation. Off by default (measured on one
+            model so far, docs/photos.md); on in :meth:`thorough`. Not in the paper.
         component_check: judge the chosen set with and without timestep adjustment
             and rectification, and keep a component only where it wins a paired
             comparison over the calibration samples by more than its standard error
@@ -118,6 +124,7 @@ class CalibrationConfig:
     component_check: bool = True
     sweep_early_stop: bool = True
     step_reuse_choice: bool = True
+    propagation_candidate: bool = False
     max_passes: float | None = 4.0
 
     @classmethod
@@ -130,14 +137,15 @@ class CalibrationConfig:
         ``overrides`` replace fields, e.g. ``thorough(reuse="velocity")``.
         """
         base: dict[str, Any] = dict(timestep_adjustment=True, candidates=("threshold", "uniform", "search"),
-                                    search_candidates=2, max_passes=None)
+                                    search_candidates=2, max_passes=None, propagation_candidate=True)
         return cls(**{**base, **overrides})
 
     def __post_init__(self) -> None:
         if not isinstance(self.reuse, str):
             raise ErtaCacheError(f"reuse must be a reuse-mode name, got {self.reuse!r}")
         get_reuse(self.reuse)
-        for name in ("timestep_adjustment", "component_check", "sweep_early_stop", "step_reuse_choice"):
+        for name in ("timestep_adjustment", "component_check", "sweep_early_stop", "step_reuse_choice",
+                     "propagation_candidate"):
             if not isinstance(getattr(self, name), bool):
                 raise ErtaCacheError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name, kind in (

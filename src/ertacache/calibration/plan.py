@@ -93,7 +93,7 @@ def target_passes(config: CalibrationConfig, T: int, max_nfe: int, first: bool) 
     search = "search" in c.candidates
     sets = (c.search_candidates if search else 0) + ("uniform" in c.candidates) \
         + (c.max_candidates if "threshold" in c.candidates else 0) + (0 if first or not search else 1) \
-        + (1 if search and c.step_reuse_choice else 0)
+        + (1 if search and c.step_reuse_choice else 0) + (1 if search and c.propagation_candidate else 0)
     passes = sets * frac + variant_passes(c, frac) * min(2, sets)
     if c.max_passes is not None:
         passes = min(passes, max(c.max_passes, frac))  # the evenly spaced set is judged in any case

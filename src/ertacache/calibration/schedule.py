@@ -57,6 +57,7 @@ are kept exactly. Memory: ``2 T x rows x units x min(n, dim)`` floats.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
@@ -470,3 +471,59 @@ def propose(costs: dict[str, Tensor], nfe: int, forced: Sequence[int], limit: in
         if len(out) >= limit:
             break
     return out
+
+
+def path_cost(cost: Tensor, cached_steps: Sequence[int]) -> float:
+    """The summed segment cost of one cached set under ``cost`` (``(T, T)`` or ``(T, T, T)``, as
+    :func:`shortest_schedule` takes it; the first segment of a ``(T, T, T)`` cost is ``cost[0, 0, k]``)."""
+    T = cost.shape[0]
+    skip = set(cached_steps)
+    computed = [i for i in range(T) if i not in skip]
+    total = 0.0
+    for m in range(1, len(computed)):
+        i, k = computed[m - 1], computed[m]
+        c = cost[i, k] if cost.ndim == 2 else cost[computed[m - 2] if m >= 2 else i, i, k]
+        total += max(float(c), 0.0)
+    return total
+
+
+BETAS = tuple(x / 10 for x in range(-20, 61))
+"""The propagation slopes :func:`fit_propagation` tries (gains ``exp(beta t)``, t in [0, 1])."""
+
+
+def fit_propagation(cost: Tensor, grid: Sequence[float], judged: Sequence[tuple[Sequence[int], float]]
+                    ) -> tuple[float, Tensor] | None:
+    """Segment costs weighted by how a drift arriving at step k carries to t = 0, fitted to measured errors.
+
+    The schedule search counts a segment's drift once, as it is made; an error made near noise
+    reaches the output amplified, one made near data damped (docs/photos.md, "The error model
+    where it is weakest"). Here each segment ending at computed step ``k`` is weighted by
+    ``exp(beta t_k)``, and ``beta`` is the slope (of :data:`BETAS`) under which the modelled
+    costs of the sets calibration has already judged best explain their measured errors
+    (least squares of ``log measured - log modelled``, a free scale). No model call.
+
+    Args:
+        cost: segment costs, ``(T, T)`` or ``(T, T, T)`` (:func:`extrapolation_costs`).
+        grid: the ``T + 1`` times (t in [0, 1], t = 1 is noise).
+        judged: ``(cached_steps, measured error)`` of each judged set (errors > 0).
+
+    Returns:
+        ``(beta, weighted cost)``, or None with fewer than 3 distinct judged sets (nothing to fit).
+    """
+    sets = {tuple(sorted(c)): float(e) for c, e in judged if e > 0}
+    if len(sets) < 3:
+        return None
+    T = cost.shape[0]
+    t = torch.tensor([float(x) for x in grid[:T]], dtype=torch.float64)
+    measured = torch.tensor([math.log(e) for e in sets.values()], dtype=torch.float64)
+    best: tuple[float, float] | None = None
+    for beta in BETAS:
+        w = torch.exp(beta * t)
+        weighted = cost.double() * (w if cost.ndim == 2 else w[None, None, :])
+        modelled = torch.tensor([math.log(max(path_cost(weighted, c), 1e-300)) for c in sets], dtype=torch.float64)
+        spread = float((measured - modelled).var(unbiased=False))
+        if best is None or spread < best[0] - 1e-12:
+            best = (spread, beta)
+    assert best is not None
+    w = torch.exp(best[1] * t)
+    return best[1], cost.double() * (w if cost.ndim == 2 else w[None, None, :])

@@ -34,7 +34,15 @@ from .distributed import check_shards
 from .drive import Driver
 from .passes import AdjustTimesteps, FitRectification, GroundTruth, ThresholdSearch
 from .plan import variant_passes
-from .schedule import MAX_TRIPLE_STEPS, ErrorSketch, choose_step_reuse, extrapolation_costs, propose
+from .schedule import (
+    MAX_TRIPLE_STEPS,
+    ErrorSketch,
+    choose_step_reuse,
+    extrapolation_costs,
+    fit_propagation,
+    propose,
+    shortest_schedule,
+)
 from .select import Candidate, SearchResult, check_goal, select_candidates, sweep
 
 PassCallback = Callable[[str], None]
@@ -144,6 +152,8 @@ class CalibrationSession:
         self._spent = 0.0  # whole-set passes the current target has spent (config.max_passes)
         self._rect: dict[str, tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor | None]] = {}
         self._adjusted: dict[str, list[float]] = {}
+        self._judged_sets: dict[tuple[int, ...], float] = {}  # plain sets judged so far: their calibration error
+        self.propagation: list[dict[str, Any]] = []  # each propagation fit (propagation_candidate)
 
     # ----- passes, each kept and counted -----------------------------------------
     def _tick(self, calls: int) -> None:
@@ -437,6 +447,8 @@ class CalibrationSession:
             timestep_adjustment=("on" if self.config.timestep_adjustment else "off (config)")
             if self.driver.adjustment_off is None else f"off: {self.driver.adjustment_off}",
             cost=self.cost_summary(before), **self.driver.provenance(),
+            **({"propagation": next((p for p in reversed(self.propagation) if p["max_nfe"] == max_nfe), None)}
+               if self.config.propagation_candidate else {}),
         )
         return replace(policy, provenance=info)
 
@@ -459,6 +471,8 @@ class CalibrationSession:
             self.log(f"evaluating {cand.source} set, NFE {self.T - len(cand.cached_steps)}")
             cand.errors = {"plain": self.error(plain)}
             judged.append(cand)
+            if not cand.step_reuse:
+                self._judged_sets[cand.cached_steps] = cand.errors["plain"]
 
         base = [c for c in candidates if c.source == "uniform" and c.rule is None][:1]
         per_step = self.config.step_reuse_choice and threshold is None
@@ -470,7 +484,32 @@ class CalibrationSession:
                 extra = self._per_step_candidate(min(searched, key=lambda c: c.errors["plain"]))
                 if extra is not None and extra.identity not in {c.identity for c in candidates + judged}:
                     judge(extra)
+        if self.config.propagation_candidate and threshold is None and "search" in self.config.candidates:
+            extra = self._propagation_candidate(max_nfe)
+            if extra is not None and extra.identity not in {c.identity for c in candidates + judged}:
+                judge(extra)
         return judged
+
+    def _propagation_candidate(self, max_nfe: int) -> Candidate | None:
+        """The schedule search's set under segment costs weighted by a fitted propagation
+        (:func:`~.schedule.fit_propagation`, on every plain set judged so far in the session); None without the
+        error model or with fewer than 3 judged sets. Recorded in :attr:`propagation`."""
+        triple = self._extrapolation_costs()
+        cost = triple.get("raw") if triple else self.search_costs.get("raw")
+        if cost is None:
+            return None
+        fit = fit_propagation(cost, self.grid, list(self._judged_sets.items()))
+        if fit is None:
+            self.propagation.append({"max_nfe": max_nfe, "judged_sets": len(self._judged_sets), "beta": None})
+            return None
+        beta, weighted = fit
+        cached = shortest_schedule(weighted, max_nfe, self.switch_steps)
+        self.propagation.append({"max_nfe": max_nfe, "judged_sets": len(self._judged_sets), "beta": beta,
+                                 "cached_steps": None if cached is None else list(cached)})
+        if cached is None:
+            return None
+        rule = f"{'extrapolation, ' if triple else ''}propagation-weighted (beta={beta:g})"
+        return Candidate("search", None, cached, rule=rule)
 
     def _plain(self, cand: Candidate) -> Policy:
         """The candidate's set alone: no adjustment, no rectification."""
