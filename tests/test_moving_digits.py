@@ -24,7 +24,7 @@ from ertacache.models.moving_digits import (
 )
 
 # Measured on the bundled weights, these 10 clips: 0.89 of frames read as the requested digit, all 10 clips by
-# majority, 10% of frame-to-frame moves over 4 px (README, 40 clips: 0.88 / 1.00 / 9%). Session 4's weights read
+# majority, 10% of frame-to-frame moves over 4 px (docs/guide.md, 40 clips: 0.88 / 1.00 / 9%). The second weights read
 # 0.59 / 0.70 / 16% here and fail these bars.
 # The reader itself, on real clips: 0.95 of frames, no move over 3.1 px.
 FRAME_ACCURACY = 0.75
