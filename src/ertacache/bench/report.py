@@ -9,8 +9,12 @@ from typing import Any
 from ..io import atomic_write, atomic_write_text
 
 
-def _fmt(v: Any, spec: str) -> str:
-    return "ref" if v is None else format(v, spec)
+def _fmt(v: Any, spec: str, reference: bool = True) -> str:
+    """A score, "ref" for the uncached reference itself, "identical" for a method whose output equals it (it
+    cached nothing on this model: a result to read as such, not as infinite fidelity)."""
+    if v is None:
+        return "ref" if reference else "identical"
+    return format(v, spec)
 
 
 def markdown(rows: list[dict[str, Any]], header: dict[str, Any], costs: list[dict[str, Any]] | None = None) -> str:
@@ -31,9 +35,10 @@ def markdown(rows: list[dict[str, Any]], header: dict[str, Any], costs: list[dic
             lpips = "n/a" if r["lpips"] is None else f"{r['lpips']:.4f}"
             clip = "n/a" if r.get("clip") is None else f"{r['clip']:.4f}"
             mem = "n/a" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.1f}"
-            last = f" {_fmt(r.get('psnr_last_frame'), '.2f')} |" if video else ""
+            ref = r["method"] == "none"
+            last = f" {_fmt(r.get('psnr_last_frame'), '.2f', ref)} |" if video else ""
             lines.append(f"| {r['method']} | {r['setting']} | {r['nfe']} | {r['seconds']:.3f} | {r['speedup']:.2f}x | "
-                         f"{_fmt(r['psnr'], '.2f')} | {r['ssim']:.4f} |{last} {lpips} | {clip} | {mem} |")
+                         f"{_fmt(r['psnr'], '.2f', ref)} | {r['ssim']:.4f} |{last} {lpips} | {clip} | {mem} |")
     if costs:
         lines += ["", "## Cost of a cached step (same batch, median)", "",
                   "| reuse | computed step (ms) | cached step (ms) | cached / computed | rectification / computed |",
