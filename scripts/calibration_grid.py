@@ -30,6 +30,7 @@ from ertacache.models.digits import NULL_CLASS
 CONFIGS = {
     "default": lambda: CalibrationConfig(),
     "thorough": lambda: CalibrationConfig.thorough(),  # type: ignore[attr-defined]
+    "propagation": lambda: CalibrationConfig(propagation_candidate=True),
     "search": lambda: CalibrationConfig(candidates=("search",), search_candidates=1, component_check=False,
                                         timestep_adjustment=False, step_reuse_choice=False),
 }
