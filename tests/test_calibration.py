@@ -262,13 +262,13 @@ def test_missing_sampler_settings_are_named():
 
 
 def test_propagation_candidate_is_fitted_on_the_judged_sets_and_judged_like_the_others(tiny):
-    """With ``propagation_candidate`` the session fits the propagation slope to every plain set it judged and
+    """With ``propagation_candidate`` (the default) the session fits the propagation slope to every plain set it judged and
     proposes that search's set; the set competes as the others do (judged on every sample); off, nothing is fitted."""
     from ertacache.calibration.schedule import fit_propagation
 
     cond, seeds = torch.tensor([1, 2, 3, 4, 5, 6]), range(6)
     args = dict(latent_shape=(2, 4, 4), num_inference_steps=12, guidance_scale=2.0, null_cond=torch.full((6,), 10))
-    session = core_session(tiny, cond, seeds, config=CalibrationConfig(propagation_candidate=True), **args)
+    session = core_session(tiny, cond, seeds, **args)  # on by default
     policies = session.policies([2.0, 4.0])
     fits = session.propagation
     assert [f["max_nfe"] for f in fits] == [3, 6]  # smallest budget first
@@ -282,5 +282,5 @@ def test_propagation_candidate_is_fitted_on_the_judged_sets_and_judged_like_the_
     proposed = tuple(fits[1]["cached_steps"])
     cands = {tuple(c["cached_steps"]): c for c in policies[0].provenance["candidates"]}
     assert proposed in cands and "plain" in cands[proposed]["errors"]  # judged (or already among the others)
-    plain = core_session(tiny, cond, seeds, **args).policy(2.0)
+    plain = core_session(tiny, cond, seeds, config=CalibrationConfig(propagation_candidate=False), **args).policy(2.0)
     assert "propagation" not in plain.provenance

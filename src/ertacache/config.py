@@ -90,8 +90,8 @@ class CalibrationConfig:
             by how a drift carries to the output (``exp(beta t)``, ``beta`` fitted to the
             errors of the sets already judged:
             :func:`~ertacache.calibration.schedule.fit_propagation`), judged as the others;
-            no extra model call beyond its evaluation. Off by default (measured on one
-            model so far, docs/photos.md); on in :meth:`thorough`. Not in the paper.
+            no extra model call beyond its evaluation (docs/calibration.md, "A
+            propagation-weighted candidate"). Not in the paper.
         component_check: judge the chosen set with and without timestep adjustment
             and rectification, and keep a component only where it wins a paired
             comparison over the calibration samples by more than its standard error
@@ -102,7 +102,8 @@ class CalibrationConfig:
             NFE counts ``NFE / T`` of a pass; a fit at every step one). In
             priority order (the evenly spaced set, the previous target's set, the schedule
             search's first set, its per-step-reuse version, the nested set, the search's
-            other sets, keeping room for the best set's components; then the runner-up's
+            other sets, the propagation-weighted set, keeping room for the best set's
+            components; then the runner-up's
             components) what would go over it is skipped. The evenly spaced set is always
             judged. None: no limit (:meth:`thorough`).
 
@@ -124,7 +125,7 @@ class CalibrationConfig:
     component_check: bool = True
     sweep_early_stop: bool = True
     step_reuse_choice: bool = True
-    propagation_candidate: bool = False
+    propagation_candidate: bool = True
     max_passes: float | None = 4.0
 
     @classmethod

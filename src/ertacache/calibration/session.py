@@ -457,8 +457,8 @@ class CalibrationSession:
         set's components; the first (the evenly spaced set where it competes) is judged in any case.
 
         Priority: the evenly spaced set, the smaller budget's set (already judged), the schedule search's first
-        set, its per-step-reuse version, the nested set, the search's other sets. Returns the judged ones in
-        that order."""
+        set, its per-step-reuse version, the nested set, the search's other sets, the propagation-weighted set
+        (fitted on all of those). Returns the judged ones in that order."""
         fit = variant_passes(self.config, min(max_nfe, self.T) / self.T)
         judged: list[Candidate] = []
 
