@@ -262,8 +262,9 @@ def test_missing_sampler_settings_are_named():
 
 
 def test_propagation_candidate_is_fitted_on_the_judged_sets_and_judged_like_the_others(tiny):
-    """With ``propagation_candidate`` (the default) the session fits the propagation slope to every plain set it judged and
-    proposes that search's set; the set competes as the others do (judged on every sample); off, nothing is fitted."""
+    """With ``propagation_candidate`` (the default) the session fits the propagation slope to every plain set it
+    judged and proposes that search's set; the set competes as the others do (judged on every sample); off, nothing
+    is fitted."""
     from ertacache.calibration.schedule import fit_propagation
 
     cond, seeds = torch.tensor([1, 2, 3, 4, 5, 6]), range(6)
