@@ -44,7 +44,7 @@ from scipy.stats import spearmanr
 from ertacache import CalibrationConfig, Policy, sample, seeded_noise
 from ertacache.bench.methods import BenchSettings, Context
 from ertacache.calibration import core_session
-from ertacache.calibration.schedule import shortest_schedule
+from ertacache.calibration.schedule import fit_propagation, path_cost, shortest_schedule
 from ertacache.demo import labels_and_seeds
 from ertacache.io import atomic_write_text
 from ertacache.metrics import psnr
@@ -52,16 +52,9 @@ from ertacache.models.bundled import bundled_model
 from ertacache.policy import uniform_cached_steps
 
 
-def path_cost(q: torch.Tensor, cached: tuple[int, ...], T: int, norms: bool) -> float:
-    """The search's cost of a cached set under the ``(T, T, T)`` segment costs (``norms``: each segment's sqrt)."""
-    computed = [i for i in range(T) if i not in cached]
-    total = 0.0
-    for m in range(1, len(computed)):
-        i, k = computed[m - 1], computed[m]
-        h = computed[m - 2] if m >= 2 else i
-        c = float(q[h, i, k])
-        total += max(c, 0.0) ** 0.5 if norms else c
-    return total
+def modelled(cost: torch.Tensor, cached: tuple[int, ...], norms: bool) -> float:
+    """A reading's cost of a cached set: the search's path cost, each segment's sqrt under ``norms``."""
+    return path_cost(cost.clamp_min(0).sqrt() if norms else cost, cached)
 
 
 def pool(T: int, nfe: int, forced: list[int], proposals: dict[str, tuple[int, ...]], rng: random.Random,
@@ -105,10 +98,10 @@ def probe_readings(q: torch.Tensor, T: int, session: Any, measured: Any, n_probe
     probe_steps = sorted({*range(1, 4), *range(4, T - 1, max(1, (T - 5) // n_probes))} | {T - 2})
     for j in probe_steps:
         cached = (j,)
-        modelled = path_cost(q, cached, T, norms=False) - path_cost(q, (), T, norms=False)
+        cost = path_cost(q, cached) - path_cost(q, ())
         got = measured(cached)
-        probes.append({"cached_step": j, "t": round(float(session.grid[j]), 4), "modelled": modelled,
-                       "measured": got, "gain": got / modelled if modelled > 0 else None})
+        probes.append({"cached_step": j, "t": round(float(session.grid[j]), 4), "modelled": cost,
+                       "measured": got, "gain": got / cost if cost > 0 else None})
     typical = sorted(r["gain"] for r in probes if r["gain"])[len(probes) // 2]
     for r in probes:  # relative to the median probe: the model's units (summed over rows) are not the MSE's
         r["gain"] = r["gain"] / typical if r["gain"] else None
@@ -158,18 +151,6 @@ def main() -> None:
     probes: list[dict[str, Any]] = []
     if args.probes > 0:
         readings.update(probe_readings(q, T, session, measured, args.probes, probes))
-    arrival = torch.tensor([float(x) for x in session.grid[:T]], dtype=torch.float64)  # t_k of each state k
-
-    def fitted(judged: list[dict[str, Any]]) -> tuple[float, torch.Tensor]:
-        """The propagation slope beta of gains exp(beta t_k) that best explains the judged sets' measured errors
-        (least squares in log, a free scale): no probe, only what calibration already measured."""
-        best = (math.inf, 0.0)
-        for beta in torch.linspace(-2.0, 6.0, 81).tolist():
-            w = torch.exp(beta * arrival)
-            costs = [path_cost(q * w[None, None, :], tuple(r["cached_steps"]), T, False) for r in judged]
-            res = torch.tensor([math.log(r["measured"]) - math.log(max(c, 1e-300)) for r, c in zip(judged, costs)])
-            best = min(best, (float(res.var(unbiased=False)), beta))
-        return best[1], q * torch.exp(best[1] * arrival)[None, None, :]
 
     held_labels, held_seeds = labels_and_seeds(args.heldout_per_class, 10_000, b.num_classes)
     held_noise = seeded_noise(held_seeds, b.latent_shape)
@@ -197,14 +178,16 @@ def main() -> None:
         judged += [{"cached_steps": list(c), "measured": measured(c)} for name, c in proposals.items()
                    if name.startswith("search, once")] + [{"cached_steps": list(uniform_cached_steps(T, nfe)),
                                                            "measured": measured(uniform_cached_steps(T, nfe))}]
-        beta, q_fit = fitted(judged)
-        readings["fitted propagation"] = (q_fit, False)
-        cached = shortest_schedule(q_fit, nfe, forced)
-        if cached is not None and cached not in proposals.values():
-            proposals["search, fitted propagation"] = cached
+        fit = fit_propagation(q, session.grid, [(r["cached_steps"], r["measured"]) for r in judged])
+        beta = None if fit is None else fit[0]
+        if fit is not None:  # the library's fit (calibration's propagation-weighted candidate)
+            readings["fitted propagation"] = (fit[1], False)
+            cached = shortest_schedule(fit[1], nfe, forced)
+            if cached is not None and cached not in proposals.values():
+                proposals["search, fitted propagation"] = cached
         sets = pool(T, nfe, forced, proposals, rng, args.random, args.moves)
         rows = [{"set": name, "cached_steps": list(cached), "measured": measured(cached),
-                 **{f"modelled, {r}": path_cost(cost, cached, T, norms) for r, (cost, norms) in readings.items()}}
+                 **{f"modelled, {r}": modelled(cost, cached, norms) for r, (cost, norms) in readings.items()}}
                 for name, cached in sets.items()]
         rho = {r: float(spearmanr([row[f"modelled, {r}"] for row in rows], [row["measured"] for row in rows])[0])
                for r in readings}

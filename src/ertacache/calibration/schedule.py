@@ -473,18 +473,23 @@ def propose(costs: dict[str, Tensor], nfe: int, forced: Sequence[int], limit: in
     return out
 
 
-def path_cost(cost: Tensor, cached_steps: Sequence[int]) -> float:
-    """The summed segment cost of one cached set under ``cost`` (``(T, T)`` or ``(T, T, T)``, as
-    :func:`shortest_schedule` takes it; the first segment of a ``(T, T, T)`` cost is ``cost[0, 0, k]``)."""
+def _segments(cost: Tensor, cached_steps: Sequence[int]) -> list[tuple[int, float]]:
+    """``(k, cost)`` of each segment of a cached set: the computed step it ends at and its cost (clamped at 0)."""
     T = cost.shape[0]
     skip = set(cached_steps)
     computed = [i for i in range(T) if i not in skip]
-    total = 0.0
+    out = []
     for m in range(1, len(computed)):
         i, k = computed[m - 1], computed[m]
         c = cost[i, k] if cost.ndim == 2 else cost[computed[m - 2] if m >= 2 else i, i, k]
-        total += max(float(c), 0.0)
-    return total
+        out.append((k, max(float(c), 0.0)))
+    return out
+
+
+def path_cost(cost: Tensor, cached_steps: Sequence[int]) -> float:
+    """The summed segment cost of one cached set under ``cost`` (``(T, T)`` or ``(T, T, T)``, as
+    :func:`shortest_schedule` takes it; the first segment of a ``(T, T, T)`` cost is ``cost[0, 0, k]``)."""
+    return sum(c for _, c in _segments(cost, cached_steps))
 
 
 BETAS = tuple(x / 10 for x in range(-20, 61))
@@ -516,11 +521,12 @@ def fit_propagation(cost: Tensor, grid: Sequence[float], judged: Sequence[tuple[
     T = cost.shape[0]
     t = torch.tensor([float(x) for x in grid[:T]], dtype=torch.float64)
     measured = torch.tensor([math.log(e) for e in sets.values()], dtype=torch.float64)
+    segments = [_segments(cost, c) for c in sets]  # the sets' segments, once; each beta reweighs them
     best: tuple[float, float] | None = None
     for beta in BETAS:
         w = torch.exp(beta * t)
-        weighted = cost.double() * (w if cost.ndim == 2 else w[None, None, :])
-        modelled = torch.tensor([math.log(max(path_cost(weighted, c), 1e-300)) for c in sets], dtype=torch.float64)
+        modelled = torch.tensor([math.log(max(sum(c * float(w[k]) for k, c in seg), 1e-300)) for seg in segments],
+                                dtype=torch.float64)
         spread = float((measured - modelled).var(unbiased=False))
         if best is None or spread < best[0] - 1e-12:
             best = (spread, beta)

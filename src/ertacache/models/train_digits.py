@@ -64,7 +64,11 @@ def command_line(module: str, args: argparse.Namespace) -> str:
     return f"python -m ertacache.models.{module} {options} --out {args.out}"
 
 
-def fit(model: torch.nn.Module, batch: Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]],
+Batch = Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
+"""``batch(generator, n) -> (x_0, labels)``: one training batch."""
+
+
+def fit(model: torch.nn.Module, batch: Batch,
         args: argparse.Namespace, meta: dict[str, Any]) -> None:
     """Rectified-flow training with label dropout and EMA; resumable; writes the EMA weights and ``meta``.
 
@@ -130,9 +134,6 @@ class CtrlC:
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
-
-
-Batch = Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 def _loop(model: torch.nn.Module, forward: Any, batch: Batch,
