@@ -201,3 +201,10 @@ def test_unknown_reuse_mode_is_refused_when_built_and_when_loaded(tmp_path):
     write_header(path, doc, tensors)
     with pytest.raises(ErtaCacheError, match="reuse must be one of .*'block_residual'.*got 'bogus'"):
         Policy.load(path)
+
+
+def test_one_default_reuse_mode():
+    """A policy built by hand, an evenly spaced one and a calibrated one reuse alike unless told otherwise."""
+    grid = tuple(time_grid(10, 1.0))
+    by_hand = Policy(10, (3, 5), grid)
+    assert by_hand.reuse == Policy.uniform(10, 5).reuse == CalibrationConfig().reuse == "extrapolate"

@@ -115,9 +115,9 @@ def test_step_reuse_round_trips_and_needs_schema_3(tmp_path):
     assert "per-step reuse" in back.summary()
     from ertacache import policy_file
 
-    doc, _ = policy_file.decode((tmp_path / "mixed.safetensors").read_bytes(), tmp_path)
+    doc, _ = policy_file.decode(tmp_path / "mixed.safetensors")
     assert doc["schema_version"] == 3
-    doc, _ = policy_file.decode(plain.save(tmp_path / "plain.safetensors").read_bytes(), tmp_path)
+    doc, _ = policy_file.decode(plain.save(tmp_path / "plain.safetensors"))
     assert doc["schema_version"] == 2 and "step_reuse" not in doc  # readable by the library before it
     assert mixed.for_steps(20).step_reuse and set(mixed.for_steps(20).step_reuse.values()) == {"velocity"}
 

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
-from .core.reuse import get_reuse
+from .core.reuse import DEFAULT_REUSE, get_reuse
 from .errors import ErtaCacheError
 
 ReuseMode = Literal["block_residual", "velocity", "latent_residual", "extrapolate"]
@@ -111,7 +111,7 @@ class CalibrationConfig:
         ErtaCacheError: a field outside its allowed values.
     """
 
-    reuse: ReuseMode = "extrapolate"
+    reuse: ReuseMode = DEFAULT_REUSE  # type: ignore[assignment]
     l1_denominator: L1Denominator = "gt"
     timestep_adjustment: bool = False
     phi_denominator: PhiDenominator = "velocity_change"

@@ -23,7 +23,7 @@ from .config import CalibrationConfig, ReuseMode
 from .core.engine import FollowPolicy
 from .core.grids import check_grid, time_grid
 from .core.rectify import CHANNELS_FIRST, ChannelLayout
-from .core.reuse import check_step_reuse, get_reuse
+from .core.reuse import DEFAULT_REUSE, check_step_reuse, get_reuse
 from .errors import ErtaCacheError, PolicyMismatchError
 from .io import atomic_write
 
@@ -49,7 +49,8 @@ class Policy:
         cached_steps: the set S of steps that reuse the cache (Algorithm 2), sorted.
         grid: the original ``T + 1`` times, 1 -> 0.
         adjusted_grid: the grid after timestep adjustment (Eq. 13-14), or None.
-        reuse: what the cache keeps (:data:`~ertacache.config.ReuseMode`).
+        reuse: what the cache keeps (:data:`~ertacache.config.ReuseMode`; default calibration's,
+            :data:`~ertacache.core.reuse.DEFAULT_REUSE`).
         step_reuse: ``{cached step: reuse mode}`` where a cached step rebuilds ``v~``
             with another mode than ``reuse`` (one that keeps the same thing, e.g.
             ``velocity`` inside an ``extrapolate`` policy); chosen per step by the
@@ -80,7 +81,7 @@ class Policy:
     cached_steps: tuple[int, ...]
     grid: tuple[float, ...]
     adjusted_grid: tuple[float, ...] | None = None
-    reuse: ReuseMode = "velocity"
+    reuse: ReuseMode = DEFAULT_REUSE  # type: ignore[assignment]
     branches: tuple[str, ...] = ("cond",)
     rect_a: dict[str, Tensor] = field(default_factory=dict)
     rect_b: dict[str, Tensor] = field(default_factory=dict)
@@ -264,7 +265,6 @@ class Policy:
                         latent_shape=like.latent_shape, model_fingerprint=like.model_fingerprint,
                         sample_size=dict(like.sample_size), config=like.config)
             return cls(num_inference_steps, cached, **{**keep, **kwargs})
-        kwargs.setdefault("reuse", CalibrationConfig().reuse)
         if not {"branches", "guidance_scale", "guidance"} & set(kwargs):
             kwargs["provenance"] = {**kwargs.get("provenance", {}), "guidance": GUIDANCE_OF_THE_CALL}
         return cls(num_inference_steps, cached, tuple(time_grid(num_inference_steps, shift)), shift=shift, **kwargs)
@@ -364,7 +364,7 @@ class Policy:
         path = Path(path)
         if not path.is_file():
             raise ErtaCacheError(f"no policy file at {path}")
-        doc, tensors = policy_file.decode(path.read_bytes(), path)
+        doc, tensors = policy_file.decode(path)
         version = doc.get("schema_version")
         if not _is_int(version) or version not in READABLE_SCHEMAS:
             library = doc.get("provenance", {}).get("library_version") if isinstance(doc.get("provenance"), dict) \

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,6 @@ from .errors import ErtaCacheError
 
 FORMAT_NAME = "ertacache.policy"
 METADATA_KEY = "ertacache.policy"
-MAX_HEADER_BYTES = 16 << 20  # a policy header is a few kB; refuse absurd lengths before reading them
 
 
 def encode(header: dict[str, Any], tensors: dict[str, Tensor]) -> bytes:
@@ -51,57 +49,46 @@ def _strict_json(text: str, where: str) -> Any:
                              f"{str(exc)[:200]}") from exc
 
 
-def _metadata(blob: bytes, path: Path) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (its documented layout: u64 length, JSON header)."""
-    if len(blob) < 8:
-        raise ErtaCacheError(f"{path} is too short to be a policy file ({len(blob)} bytes)")
-    (n,) = struct.unpack("<Q", blob[:8])
-    if n > min(MAX_HEADER_BYTES, len(blob) - 8):
-        raise ErtaCacheError(f"{path} is not a readable safetensors file (header length {n} exceeds the file)")
-    try:
-        text = blob[8:8 + n].decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ErtaCacheError(f"{path} is not a readable safetensors file (its header is not UTF-8)") from exc
-    header = _strict_json(text, f"the safetensors header of {path}")
-    if not isinstance(header, dict):
-        raise ErtaCacheError(f"{path} is not a readable safetensors file (its header is not an object)")
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise ErtaCacheError(f"{path}: safetensors metadata must be an object, got {type(meta).__name__}")
-    return meta
+def _safetensors(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
+    """The metadata and tensors of a safetensors file, read by safetensors itself.
 
-
-def _tensors(blob: bytes, path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load as st_load
+    Raises:
+        ErtaCacheError: the file is not a readable safetensors file (truncated, corrupted, another format).
+    """
+    from safetensors import safe_open
 
     try:
-        return st_load(blob)
-    except Exception as exc:  # safetensors raises its own error types for any malformed blob
-        raise ErtaCacheError(f"{path} is not a readable safetensors file: {type(exc).__name__}: "
-                             f"{str(exc)[:200]}") from exc
+        with safe_open(str(path), framework="pt") as f:  # type: ignore[no-untyped-call]
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for any malformed file
+        raise ErtaCacheError(f"{path} is not a readable safetensors file (truncated or corrupted?): "
+                             f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+    return meta, tensors
 
 
-def decode(blob: bytes, path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``(header, tensors)`` of a policy file's bytes, either schema.
+def decode(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(header, tensors)`` of the policy file at ``path``, either schema.
 
     Raises:
         ErtaCacheError: not a policy, truncated or corrupted bytes, a missing or
             mismatched schema-1 tensors file.
     """
-    if blob.lstrip()[:1] == b"{":  # schema 1: JSON naming its tensors file
-        header = _strict_json(blob.decode("utf-8", errors="replace"), f"policy file {path}")
+    with open(path, "rb") as f:
+        start = f.read(64)
+    if start.lstrip()[:1] == b"{":  # schema 1: JSON naming its tensors file
+        header = _strict_json(path.read_bytes().decode("utf-8", errors="replace"), f"policy file {path}")
         _check_format(header, path)
         return header, _schema1_tensors(header, path)
-    meta = _metadata(blob, path)
+    if len(start) < 8:
+        raise ErtaCacheError(f"{path} is too short to be a policy file ({len(start)} bytes)")
+    meta, tensors = _safetensors(path)
     if METADATA_KEY not in meta:
         raise ErtaCacheError(f"{path} is a safetensors file without an ertacache policy (metadata key "
                              f"{METADATA_KEY!r} missing): is it model weights? Pass a file written by Policy.save")
-    text = meta[METADATA_KEY]
-    if not isinstance(text, str):
-        raise ErtaCacheError(f"{path}: the policy header must be a JSON string, got {type(text).__name__}")
-    header = _strict_json(text, f"the policy header of {path}")
+    header = _strict_json(meta[METADATA_KEY], f"the policy header of {path}")
     _check_format(header, path)
-    return header, _tensors(blob, path)
+    return header, tensors
 
 
 def _check_format(header: Any, path: Path) -> None:
@@ -125,4 +112,4 @@ def _schema1_tensors(header: dict[str, Any], path: Path) -> dict[str, Tensor]:
             f"{tensors_path} does not match its policy JSON (SHA-256 differs): the file is truncated, corrupted, "
             "or from another policy. Recalibrate or restore both files together."
         )
-    return _tensors(blob, tensors_path) if blob else {}
+    return _safetensors(tensors_path)[1] if blob else {}

@@ -144,6 +144,10 @@ class BlockResidualReuse(Reuse):
 
 REUSE_MODES: dict[str, Reuse] = {}
 
+DEFAULT_REUSE = "extrapolate"
+"""The reuse mode of calibration, of :meth:`Policy.uniform` and of a :class:`~ertacache.policy.Policy` built
+without one (docs/method.md section 1: it measured best on every bundled model)."""
+
 
 def register_reuse(mode: Reuse) -> Reuse:
     """Add (or replace) a reuse mode under ``mode.name``; returns it."""

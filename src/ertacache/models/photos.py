@@ -95,24 +95,31 @@ def photographs() -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def crop_boxes(shapes: list[tuple[int, int]], generator: torch.Generator) -> list[tuple[int, int, int]]:
-    """One random square ``(top, left, side)`` per ``(H, W)``: side log-uniform in :data:`CROP_SIDES`."""
-    lo, hi = CROP_SIDES
+def crop_boxes(shapes: list[tuple[int, int]], generator: torch.Generator,
+               sides: tuple[int, int] = CROP_SIDES) -> list[tuple[int, int, int]]:
+    """One random square ``(top, left, side)`` per ``(H, W)``: side log-uniform in ``sides`` (px, lo <= hi)."""
+    lo, hi = sides
     n = len(shapes)
-    sides = torch.exp(torch.empty(n).uniform_(float(torch.tensor(lo).log()), float(torch.tensor(hi).log()),
+    drawn = torch.exp(torch.empty(n).uniform_(float(torch.tensor(lo).log()), float(torch.tensor(hi).log()),
                                               generator=generator)).round().long()
     u = torch.rand(n, 2, generator=generator)
     boxes = []
-    for (h, w), side, (a, b) in zip(shapes, sides.tolist(), u.tolist()):
+    for (h, w), side, (a, b) in zip(shapes, drawn.tolist(), u.tolist()):
         side = min(side, h, w)
         boxes.append((int(a * (h - side)), int(b * (w - side)), side))
     return boxes
 
 
-def photo_crops(labels: Tensor, generator: torch.Generator, size: int = IMAGE_SIZE) -> Tensor:
-    """Random crops ``(B, 3, size, size)`` in [-1, 1] of the photographs ``labels`` (antialiased, random flips)."""
+def photo_crops(labels: Tensor, generator: torch.Generator, size: int = IMAGE_SIZE,
+                sides: tuple[int, int] = CROP_SIDES) -> Tensor:
+    """Random crops ``(B, 3, size, size)`` in [-1, 1] of the photographs ``labels`` (antialiased, random flips).
+
+    ``sides`` is the range of the square window's side in pixels of the photograph (short side 256) before it
+    is resized to ``size``: ``(size, size)`` crops at full resolution, larger windows are downscaled.
+    """
     photos = photographs()
-    boxes = crop_boxes([tuple(photos[i].shape[-2:]) for i in labels.tolist()], generator)  # type: ignore[misc]
+    shapes = [tuple(photos[i].shape[-2:]) for i in labels.tolist()]
+    boxes = crop_boxes(shapes, generator, sides)  # type: ignore[arg-type]
     flips = torch.rand(len(boxes), generator=generator) < 0.5
     out = []
     for label, (top, left, side), flip in zip(labels.tolist(), boxes, flips.tolist()):

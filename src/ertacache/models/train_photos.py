@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from .photos import NUM_CLASSES, TRANSFORMER_CONFIG, PhotosFlux, photo_crops, photographs
+from .photos import CROP_SIDES, NUM_CLASSES, TRANSFORMER_CONFIG, PhotosFlux, photo_crops, photographs
 from .train_digits import command_line, fit
 
 
@@ -57,19 +57,25 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"double-stream blocks (default {TRANSFORMER_CONFIG['num_layers']})")
     p.add_argument("--num-single-layers", type=int, default=None,
                    help=f"single-stream blocks (default {TRANSFORMER_CONFIG['num_single_layers']})")
+    p.add_argument("--crop-sides", type=int, nargs=2, default=list(CROP_SIDES), metavar=("LO", "HI"),
+                   help=f"window side range in px before resizing to 32 (default {CROP_SIDES[0]} {CROP_SIDES[1]}; "
+                        "32 32 is full resolution, the most detail per crop)")
     p.add_argument("--out", default="src/ertacache/weights/photos_flux.safetensors")
     args = p.parse_args(argv)
     config = architecture(args.width, args.num_layers, args.num_single_layers)
+    lo, hi = args.crop_sides
+    if not 8 <= lo <= hi:
+        raise SystemExit(f"--crop-sides must be two sides in px with 8 <= LO <= HI; got {lo} {hi}")
     photographs()  # fail before the first step when scikit-image is missing
 
     def batch(gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
-        return photo_crops(labels, gen), labels
+        return photo_crops(labels, gen, sides=(lo, hi)), labels
 
     command = command_line("train_photos", args)
     fit(PhotosFlux(config), batch, args, {
         "transformer_config": {**config, "axes_dims_rope": list(config["axes_dims_rope"])}, "command": command,
-        "data": "random square crops (side 32-192 px, log-uniform; short side scaled to 256) and flips of 16 "
+        "data": f"random square crops (side {lo}-{hi} px, log-uniform; short side scaled to 256) and flips of 16 "
                 "photographs of scikit-image and scikit-learn, resized to 32x32 RGB (antialiased), in [-1, 1]; "
                 "the label is the photograph",
     })
