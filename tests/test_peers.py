@@ -131,6 +131,23 @@ def test_cache_dit_peer_runs_through_its_public_api_on_the_bundled_pipeline():
     from ertacache.peers.diffusers_hooks import TransformerVelocity, peer_config, run_with_cache
 
     velocity = TransformerVelocity(model, bundled.counted(model))
-    x_fbc, _ = run_with_cache(velocity, peer_config("first_block_cache", {"threshold": 0.1}, velocity, 20),
-                              lambda vel: sample(vel, noise, labels, **ctx.kwargs(labels)).x)
+    config = peer_config("first_block_cache", {"threshold": 0.1}, lambda: velocity.timestep, 20)
+    x_fbc, _ = run_with_cache(velocity, config, lambda vel: sample(vel, noise, labels, **ctx.kwargs(labels)).x)
     assert torch.isfinite(x_fbc).all()
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_peer_setting_builds_its_diffusers_config(quick):
+    """One registry feeds both benchmarks: every setting of every sweep is a valid diffusers config, either layout."""
+    from ertacache.peers.diffusers_hooks import PEER_SWEEPS, peer_config, peer_settings
+
+    settings = peer_settings(quick, mag_ratios=[1.0] * 20)
+    assert {name for name, _ in settings} == set(PEER_SWEEPS)
+    assert {name for name, _ in peer_settings(quick, None)} == set(PEER_SWEEPS) - {"magcache"}
+    for name, setting in settings:
+        for packed in (True, False):
+            config = peer_config(name, setting, lambda: 500.0, 20, packed_tokens=packed)
+            assert type(config).__name__.lower().replace("config", "") in {
+                "firstblockcache", "taylorseercache", "magcache", "pyramidattentionbroadcast", "fastercache"}
+    with pytest.raises(ValueError, match="unknown peer 'teacache'"):
+        peer_config("teacache", {}, lambda: 500.0, 20)

@@ -204,39 +204,30 @@ def teacache(ctx: Context) -> list[Method]:
 
 def diffusers_peers(ctx: Context) -> list[Method]:
     """diffusers' FirstBlockCache, TaylorSeer, MagCache, PAB and FasterCache, each over a sweep."""
-    from ..peers.diffusers_hooks import TransformerVelocity, magcache_ratios, peer_config, run_with_cache
+    from ..peers.diffusers_hooks import (
+        TransformerVelocity,
+        magcache_ratios,
+        peer_config,
+        peer_settings,
+        run_with_cache,
+        setting_label,
+    )
 
     s = ctx.settings
     velocity = TransformerVelocity(ctx.model, ctx.bundled.counted(ctx.model))
     ratios = magcache_ratios(velocity, seeded_noise(ctx.cal_seeds, ctx.latent_shape), ctx.cal_labels,
                              torch.full_like(ctx.cal_labels, ctx.null), s.num_inference_steps, s.guidance_scale,
                              s.shift)
-    sweeps: dict[str, list[dict[str, Any]]] = {
-        "first_block_cache": [{"threshold": th}
-                              for th in ((0.1, 0.2) if s.quick else (0.08, 0.1, 0.12, 0.15, 0.2, 0.3))],
-        "taylorseer": [{"cache_interval": k, "disable_cache_before_step": 2, "max_order": 1}
-                       for k in ((2, 3) if s.quick else (2, 3, 4, 5))],
-        "magcache": [{"threshold": th, "mag_ratios": ratios, "max_skip_steps": k}
-                     for th, k in (((0.06, 3), (0.24, 3)) if s.quick else
-                                   ((0.02, 3), (0.04, 3), (0.06, 3), (0.12, 3), (0.24, 3), (0.5, 4)))],
-        "pab": [{"spatial_attention_block_skip_range": k, "spatial_attention_timestep_skip_range": (0, 1000)}
-                for k in ((2,) if s.quick else (2, 3, 4, 6))],
-        # in diffusers 0.42 FasterCache hooks only the legacy Attention class, not FluxAttention: a no-op here
-        "fastercache": [{"spatial_attention_block_skip_range": 2}],
-    }
     out = []
-    for name, settings in sweeps.items():
-        for setting in settings:
-            label = ", ".join(f"{key}={val}" for key, val in setting.items() if key != "mag_ratios")
+    for name, setting in peer_settings(s.quick, ratios):
+        def run(noise: Tensor, labels: Tensor, name: str = name, setting: dict[str, Any] = setting
+                ) -> tuple[Tensor, int]:
+            config = peer_config(name, setting, lambda: velocity.timestep, s.num_inference_steps)
+            x, calls = run_with_cache(velocity, config, lambda vel: sample(vel, noise, labels,
+                                                                            **ctx.kwargs(labels)).x)
+            return x, calls
 
-            def run(noise: Tensor, labels: Tensor, name: str = name, setting: dict[str, Any] = setting
-                    ) -> tuple[Tensor, int]:
-                config = peer_config(name, setting, velocity, s.num_inference_steps)
-                x, calls = run_with_cache(velocity, config, lambda vel: sample(vel, noise, labels,
-                                                                                **ctx.kwargs(labels)).x)
-                return x, calls
-
-            out.append(Method(name, label, run))
+        out.append(Method(name, setting_label(setting), run))
     return out
 
 

@@ -43,18 +43,10 @@ def _last_block_linear(transformer: Any) -> Any:
 
 def pipeline_methods(pipe: Any, settings: PipelineSettings, cal_prompts: list[str], held: list[str],
                      targets: tuple[float, ...], quick: bool, log: Any) -> list[Method]:
-    from diffusers.hooks import (
-        FasterCacheConfig,
-        FirstBlockCacheConfig,
-        MagCacheConfig,
-        PyramidAttentionBroadcastConfig,
-        TaylorSeerCacheConfig,
-    )
-
     from ..config import CalibrationConfig
     from ..integrations.diffusers.apply import apply_ertacache
     from ..integrations.diffusers.calibrate import calibrate_pipeline
-    from ..peers.diffusers_hooks import calibrate_magcache
+    from ..peers.diffusers_hooks import calibrate_magcache, peer_config, peer_settings, setting_label
 
     T, kw = settings.num_inference_steps, settings.call_kwargs()
     counter = {"n": 0, "branches": 1}  # NFE is per branch; calibration tells how many branches a step calls
@@ -93,8 +85,8 @@ def pipeline_methods(pipe: Any, settings: PipelineSettings, cal_prompts: list[st
         counter["branches"] = len(p.branches)
         methods.append(Method("ertacache", f"target={s}x ({p.provenance['selected']}, {p.provenance['variant']})",
                               with_policy(p)))
-        uni = Policy(T, Policy.uniform(T, p.nfe).cached_steps, p.grid, branches=p.branches,
-                     guidance_scale=p.guidance_scale)
+        uni = Policy(T, Policy.uniform(T, p.nfe).cached_steps, p.grid, reuse="velocity", branches=p.branches,
+                     guidance_scale=p.guidance_scale)  # as the core benchmark's uniform rows: the last output
         methods.append(Method("uniform", f"nfe={p.nfe}", with_policy(uni)))
     ratios: list[float] | None
     try:  # MagCache's own calibration mode, on the calibration prompts
@@ -103,27 +95,12 @@ def pipeline_methods(pipe: Any, settings: PipelineSettings, cal_prompts: list[st
         log(f"MagCache not run: {exc}")
         ratios = None
 
-    def timestep() -> int:
-        return int(pipe.current_timestep) if pipe.current_timestep is not None else 0
+    def timestep() -> float:
+        return float(pipe.current_timestep) if pipe.current_timestep is not None else 0.0
 
-    peers: list[tuple[str, str, Any]] = []
-    for th in (0.1, 0.2) if quick else (0.05, 0.1, 0.2, 0.3):
-        peers.append(("first_block_cache", f"threshold={th}", FirstBlockCacheConfig(threshold=th)))
-    for k in (2, 3) if quick else (2, 3, 4):
-        peers.append(("taylorseer", f"cache_interval={k}", TaylorSeerCacheConfig(cache_interval=k,
-                                                                                disable_cache_before_step=2,
-                                                                                taylor_factors_dtype=torch.float32)))
-    if ratios is not None:
-        for th in (0.06, 0.24) if quick else (0.04, 0.06, 0.12, 0.24):
-            peers.append(("magcache", f"threshold={th}", MagCacheConfig(threshold=th, mag_ratios=ratios,
-                                                                        num_inference_steps=T)))
-    peers.append(("pab", "spatial skip 2", PyramidAttentionBroadcastConfig(
-        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(0, 1000),
-        current_timestep_callback=timestep)))
-    peers.append(("fastercache", "spatial skip 2", FasterCacheConfig(
-        spatial_attention_block_skip_range=2, current_timestep_callback=timestep,
-        attention_weight_callback=lambda _: 0.5)))
-    methods += [Method(name, setting, with_cache(cfg)) for name, setting, cfg in peers]
+    for name, setting in peer_settings(quick, ratios):
+        methods.append(Method(name, setting_label(setting),
+                              with_cache(peer_config(name, setting, timestep, T, packed_tokens=False))))
     return methods
 
 

@@ -67,8 +67,51 @@ def _halves_swapped(x: Tensor) -> Tensor:
     return torch.cat([b, a])
 
 
-def peer_config(name: str, setting: dict[str, Any], velocity: TransformerVelocity, num_inference_steps: int) -> Any:
-    """The diffusers config of a peer method at one setting."""
+PEER_SWEEPS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
+    "first_block_cache": lambda quick: [{"threshold": th} for th in
+                                        ((0.1, 0.2) if quick else (0.08, 0.1, 0.12, 0.15, 0.2, 0.3))],
+    "taylorseer": lambda quick: [{"cache_interval": k, "disable_cache_before_step": 2, "max_order": 1}
+                                 for k in ((2, 3) if quick else (2, 3, 4, 5))],
+    "magcache": lambda quick: [{"threshold": th, "max_skip_steps": k} for th, k in
+                               (((0.06, 3), (0.24, 3)) if quick else
+                                ((0.02, 3), (0.04, 3), (0.06, 3), (0.12, 3), (0.24, 3), (0.5, 4)))],
+    "pab": lambda quick: [{"spatial_attention_block_skip_range": k, "spatial_attention_timestep_skip_range": (0, 1000)}
+                          for k in ((2,) if quick else (2, 3, 4, 6))],
+    # in diffusers 0.42 FasterCache hooks only the legacy Attention class, not FluxAttention: a no-op on FLUX
+    "fastercache": lambda quick: [{"spatial_attention_block_skip_range": 2}],
+}
+"""diffusers' cache methods the benchmarks run (the core's and the pipeline's), each with its sweep
+(``quick``: the short one). MagCache's ``mag_ratios`` come from its own calibration run."""
+
+
+def peer_settings(quick: bool, mag_ratios: list[float] | None) -> list[tuple[str, dict[str, Any]]]:
+    """``(peer name, setting)`` over every peer's sweep; MagCache only with ``mag_ratios``."""
+    out = []
+    for name, sweep in PEER_SWEEPS.items():
+        if name == "magcache" and mag_ratios is None:
+            continue
+        for setting in sweep(quick):
+            out.append((name, {**setting, "mag_ratios": mag_ratios} if name == "magcache" else setting))
+    return out
+
+
+def setting_label(setting: dict[str, Any]) -> str:
+    """A setting as the benchmark tables show it (``key=value, ...``, without MagCache's ratios)."""
+    return ", ".join(f"{key}={val}" for key, val in setting.items() if key != "mag_ratios")
+
+
+def peer_config(name: str, setting: dict[str, Any], timestep: Callable[[], float], num_inference_steps: int,
+                packed_tokens: bool = True) -> Any:
+    """The diffusers config of a peer method at one setting.
+
+    Args:
+        timestep: the current diffusers timestep (``1000 t``), for PAB's and FasterCache's callbacks.
+        packed_tokens: the transformer's output is packed tokens (FLUX), where FasterCache's CFG reuse
+            cannot run (it splits the output into frequencies as an image); a pipeline's own layout else.
+
+    Raises:
+        ValueError: a name not in :data:`PEER_SWEEPS`.
+    """
     from diffusers.hooks import (
         FasterCacheConfig,
         FirstBlockCacheConfig,
@@ -77,24 +120,22 @@ def peer_config(name: str, setting: dict[str, Any], velocity: TransformerVelocit
         TaylorSeerCacheConfig,
     )
 
-    def timestep() -> int:
-        return int(velocity.timestep)
+    def current() -> int:
+        return int(timestep())
 
-    if name == "first_block_cache":
-        return FirstBlockCacheConfig(**setting)
-    if name == "taylorseer":
-        return TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32, **setting)
-    if name == "magcache":
-        return MagCacheConfig(num_inference_steps=num_inference_steps, **setting)
-    if name == "pab":
-        return PyramidAttentionBroadcastConfig(current_timestep_callback=timestep, **setting)
-    if name == "fastercache":
-        # FasterCache's CFG reuse splits the output into frequencies as an image (BCHW/BCFHW); FLUX's output is
-        # packed tokens (BSC), which diffusers does not support, so only its attention reuse runs here.
-        return FasterCacheConfig(current_timestep_callback=timestep, attention_weight_callback=lambda _: 0.5,
-                                 tensor_format="BCHW", is_guidance_distilled=False,
-                                 unconditional_batch_timestep_skip_range=(-1, -1), **setting)
-    raise ValueError(f"unknown peer {name!r}")
+    faster: dict[str, Any] = dict(tensor_format="BCHW", is_guidance_distilled=False,
+                  unconditional_batch_timestep_skip_range=(-1, -1)) if packed_tokens else {}
+    builders: dict[str, Callable[[], Any]] = {
+        "first_block_cache": lambda: FirstBlockCacheConfig(**setting),
+        "taylorseer": lambda: TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32, **setting),
+        "magcache": lambda: MagCacheConfig(num_inference_steps=num_inference_steps, **setting),
+        "pab": lambda: PyramidAttentionBroadcastConfig(current_timestep_callback=current, **setting),
+        "fastercache": lambda: FasterCacheConfig(current_timestep_callback=current,
+                                                 attention_weight_callback=lambda _: 0.5, **faster, **setting),
+    }
+    if name not in builders:
+        raise ValueError(f"unknown peer {name!r}; the peers are {sorted(builders)}")
+    return builders[name]()
 
 
 def run_with_cache(velocity: TransformerVelocity, config: Any, run: Callable[[Any], Tensor]) -> tuple[Tensor, int]:
