@@ -9,17 +9,16 @@ The core (sampler, cache, calibration, policy) is pure torch. Quick start::
     out = ertacache.sample(model, noise, cond, policy=ertacache.Policy.load("policy.safetensors"))
 """
 
-__version__ = "0.1.0"
+from typing import Any
 
-from typing import Any  # noqa: E402
-
-from .calibration import calibrate, calibrate_many, check_target_speedup  # noqa: E402
-from .config import CalibrationConfig  # noqa: E402
-from .core.euler import SampleResult, SampleStats, sample, seeded_noise  # noqa: E402
-from .core.grids import time_grid  # noqa: E402
-from .errors import ErtaCacheError, PolicyMismatchError  # noqa: E402
-from .fingerprint import model_fingerprint  # noqa: E402
-from .policy import Policy  # noqa: E402
+from ._version import __version__
+from .calibration import calibrate, calibrate_many, check_target_speedup
+from .config import CalibrationConfig
+from .core.euler import SampleResult, SampleStats, sample, seeded_noise
+from .core.grids import time_grid
+from .errors import ErtaCacheError, PolicyMismatchError
+from .fingerprint import model_fingerprint
+from .policy import Policy
 
 _PIPELINE_API = ("apply_ertacache", "calibrate_pipeline")
 

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import __version__, metrics
+from . import metrics
+from ._version import __version__
 from .calibration import calibrate_with_variants
 from .config import CalibrationConfig
 from .core.euler import sample, seeded_noise

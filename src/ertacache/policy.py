@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import __version__, policy_file
+from . import policy_file
+from ._version import __version__
 from .config import CalibrationConfig, ReuseMode
 from .core.engine import FollowPolicy
 from .core.grids import check_grid, time_grid

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import __version__
+from .._version import __version__
 from ..config import CalibrationConfig
 from ..core.engine import Pass, StopPass
 from ..errors import ErtaCacheError
