@@ -159,14 +159,14 @@ def test_calibrate_on_the_pipeline(pipe, model):
 
 def test_pipeline_calibration_refuses_what_it_cannot_honour_before_any_model_call(pipe, monkeypatch):
     from ertacache.config import CalibrationConfig
-    from ertacache.integrations.diffusers import BLOCK_OUTPUTS
+    from ertacache.integrations.diffusers import adapters
     from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 
     calls = []
     hook = pipe.transformer.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        monkeypatch.delitem(BLOCK_OUTPUTS, "FluxSingleTransformerBlock")
-        with pytest.raises(ErtaCacheError, match="no output layout for block class FluxSingleTransformerBlock"):
+        monkeypatch.setattr(adapters, "diffusers_block_output", lambda cls: None)  # a block diffusers does not know
+        with pytest.raises(ErtaCacheError, match="no output layout for block class FluxTransformerBlock"):
             calibrate_pipeline(pipe, ["a"], num_inference_steps=T, target_speedup=2.0,
                                config=CalibrationConfig(reuse="block_residual"))
         with pytest.raises(ErtaCacheError, match="exactly one"):
@@ -305,3 +305,19 @@ def test_one_guidance_rule_for_every_guidance_argument(pipe, model, policy):
             pipe(true_cfg_scale=4.0, **call)
         with pytest.raises(PolicyMismatchError, match="guidance_scale: policy 3.5, got 5.0"):
             pipe(true_cfg_scale=3.0, guidance_scale=5.0, **call)
+
+
+def test_block_layouts_come_from_diffusers_registry_where_it_is_unambiguous():
+    """FLUX's and CogVideoX's blocks take their layout from diffusers' TransformerBlockRegistry (ours no longer lists
+    them); Wan's and LTX's (one tensor out) and SD3's (not in diffusers' registry) from ours."""
+    from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+    from diffusers.models.transformers.transformer_wan import WanTransformerBlock
+
+    from ertacache.integrations.diffusers.adapters import BLOCK_OUTPUTS, BlockOutput, diffusers_block_output
+
+    assert diffusers_block_output(FluxTransformerBlock) == BlockOutput(hidden=1, encoder=0)
+    assert diffusers_block_output(FluxSingleTransformerBlock) == BlockOutput(hidden=1, encoder=0)
+    assert diffusers_block_output(CogVideoXBlock) == BlockOutput(hidden=0, encoder=1)
+    assert diffusers_block_output(WanTransformerBlock) is None and BLOCK_OUTPUTS["WanTransformerBlock"] == BlockOutput()
+    assert not {"FluxTransformerBlock", "FluxSingleTransformerBlock", "CogVideoXBlock"} & set(BLOCK_OUTPUTS)

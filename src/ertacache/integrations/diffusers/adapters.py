@@ -1,8 +1,11 @@
 """Where a transformer call's pieces are: its ``timestep``, ``hidden_states``, output, and block stack.
 
-Small public helpers the hooks share; per-block-class output layouts are registered
-data (like diffusers' ``TransformerBlockRegistry``), so a new block type is one
-:func:`register_block` call.
+Small public helpers the hooks share. A block's output layout (where its hidden and
+encoder states are) comes from diffusers' own ``TransformerBlockRegistry`` where that
+names both positions (FLUX, FLUX.2, CogVideoX, HunyuanVideo, Mochi, ... blocks), and from
+:data:`BLOCK_OUTPUTS` for the blocks it does not know or leaves ambiguous (a block that
+returns one tensor: Wan, LTX; SD3's joint block); a new block type is one
+:func:`register_block` call, which wins over diffusers' entry.
 """
 
 from __future__ import annotations
@@ -46,12 +49,35 @@ def register_block(class_name: str, output: BlockOutput) -> None:
     BLOCK_OUTPUTS[class_name] = output
 
 
-for _name in ("FluxTransformerBlock", "FluxSingleTransformerBlock", "JointTransformerBlock"):
-    register_block(_name, BlockOutput(hidden=1, encoder=0))
-for _name in ("CogVideoXBlock", "HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"):
-    register_block(_name, BlockOutput(hidden=0, encoder=1))
-for _name in ("WanTransformerBlock", "LTXVideoTransformerBlock"):
+register_block("JointTransformerBlock", BlockOutput(hidden=1, encoder=0))  # SD3; not in diffusers' registry
+for _name in ("WanTransformerBlock", "LTXVideoTransformerBlock"):  # one tensor out
     register_block(_name, BlockOutput())
+
+
+def diffusers_block_output(block_class: type) -> BlockOutput | None:
+    """The layout diffusers' ``TransformerBlockRegistry`` gives ``block_class``, where it names both the hidden and
+    the encoder states' positions in a returned tuple; None where it does not know the class, names one position
+    only (a tensor or a tuple: ambiguous), or this diffusers has no such registry."""
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except ImportError:
+        return None
+    try:
+        meta = TransformerBlockRegistry.get(block_class)
+    except ValueError:
+        return None
+    hidden, encoder = meta.return_hidden_states_index, meta.return_encoder_hidden_states_index
+    if not isinstance(hidden, int) or not isinstance(encoder, int):
+        return None
+    return BlockOutput(hidden=hidden, encoder=encoder)
+
+
+def block_output(block: torch.nn.Module) -> BlockOutput | None:
+    """How ``block`` returns its states: :data:`BLOCK_OUTPUTS` by class name, else diffusers' registry, else None."""
+    name = type(block).__name__
+    if name in BLOCK_OUTPUTS:
+        return BLOCK_OUTPUTS[name]
+    return diffusers_block_output(type(block))
 
 
 def timestep_of(kwargs: dict[str, Any], family: Family) -> float:
@@ -129,12 +155,13 @@ def block_stack(transformer: Any, family: Family) -> list[tuple[torch.nn.Module,
     blocks: list[tuple[torch.nn.Module, BlockOutput]] = []
     for attr in family.block_stacks:
         for block in getattr(transformer, attr, None) or []:
-            name = type(block).__name__
-            if name not in BLOCK_OUTPUTS:
-                raise ErtaCacheError(f"block_residual reuse: no output layout for block class {name}; register one "
-                                     "with ertacache.integrations.diffusers.adapters.register_block, or use "
+            output = block_output(block)
+            if output is None:
+                raise ErtaCacheError(f"block_residual reuse: no output layout for block class {type(block).__name__} "
+                                     "(neither ertacache's nor diffusers' TransformerBlockRegistry has one); register "
+                                     "one with ertacache.integrations.diffusers.adapters.register_block, or use "
                                      "reuse='velocity'")
-            blocks.append((block, BLOCK_OUTPUTS[name]))
+            blocks.append((block, output))
     if not blocks:
         raise ErtaCacheError(f"block_residual reuse: {type(transformer).__name__} has no blocks under "
                              f"{family.block_stacks}; use reuse='velocity'")
