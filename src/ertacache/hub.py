@@ -3,6 +3,11 @@
 The policy lives at :data:`POLICY_FILENAME` in the repository, beside a short model
 card; :func:`from_pretrained` takes a policy file, a folder, or a hub id, so every
 place that reads a policy (``ertacache generate --policy``, ``inspect``) takes all three.
+
+The transfers are huggingface_hub's own (``hf_hub_download``, ``HfApi.upload_folder``).
+Its ``ModelHubMixin`` is not used: it reads a ``config.json`` beside the weights (a
+policy is one self-describing file) and sends any path that is not a folder, a policy
+file included, to the hub as a repository id.
 """
 
 from __future__ import annotations
