@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
+from .core.rectify import Granularity, Rectification
 from .core.reuse import DEFAULT_REUSE, get_reuse
 from .errors import ErtaCacheError
 
@@ -24,10 +25,6 @@ L1Denominator = Literal["gt", "current"]
 PhiDenominator = Literal["velocity_change", "velocity", "gt_velocity_change"]
 """Eq. 13's denominator: ``||v_j - v_{j-1}||_1`` on the cached trajectory (v1), ``||v_j||_1`` (v2),
 or ``||v_j - v_{j-1}||_1`` along the ground-truth trajectory (logged by the uncached pass)."""
-Rectification = Literal["linear", "sigmoid", "off"]
-"""Eq. 15-21: ``v^ = v~ - (a v~ + b)`` (linearised, default), ``v~ - sigmoid(K v~ + B)``, or none."""
-Granularity = Literal["step", "channel"]
-"""One ``(a, b)`` per cached step and branch, or one per channel as well."""
 Source = Literal["threshold", "uniform", "search"]
 """Where a candidate cached-step set comes from (docs/method.md section 2.5):
 

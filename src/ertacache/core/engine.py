@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from ..config import Rectification
 from ..errors import ErtaCacheError
 from . import rectify
-from .rectify import CHANNELS_FIRST, ChannelLayout
+from .rectify import CHANNELS_FIRST, ChannelLayout, Rectification
 from .reuse import History, Reuse, get_reuse
 
 Reduce = Callable[[Tensor], Tensor]

@@ -9,11 +9,15 @@ from several calibration chunks or processes can be summed before solving.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from ..config import Granularity, Rectification
+Rectification = Literal["linear", "sigmoid", "off"]
+"""Eq. 15-21: ``v^ = v~ - (a v~ + b)`` (linearised, default), ``v~ - sigmoid(K v~ + B)``, or none."""
+Granularity = Literal["step", "channel"]
+"""One ``(a, b)`` per cached step and branch, or one per channel as well."""
 
 
 @dataclass(frozen=True)
