@@ -21,10 +21,9 @@ from typing import Any
 import torch
 
 from ertacache import CalibrationConfig, Policy, calibrate_many, sample, seeded_noise
-from ertacache.demo import labels_and_seeds
 from ertacache.io import atomic_write_text
 from ertacache.metrics import psnr
-from ertacache.models.bundled import bundled_model
+from ertacache.models.bundled import bundled_model, labels_and_seeds
 from ertacache.models.digits import NULL_CLASS
 
 CONFIGS = {

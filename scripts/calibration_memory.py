@@ -35,7 +35,7 @@ import torch  # noqa: E402
 
 import ertacache  # noqa: E402
 from ertacache.bench import PeakMemory  # noqa: E402
-from ertacache.demo import labels_and_seeds  # noqa: E402
+from ertacache.models.bundled import labels_and_seeds  # noqa: E402
 from ertacache.models.digits import LATENT_SHAPE, NULL_CLASS, load_digits_model  # noqa: E402
 
 model = load_digits_model()

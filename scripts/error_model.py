@@ -45,10 +45,9 @@ from ertacache import CalibrationConfig, Policy, sample, seeded_noise
 from ertacache.bench.methods import BenchSettings, Context
 from ertacache.calibration import core_session
 from ertacache.calibration.schedule import fit_propagation, path_cost, shortest_schedule
-from ertacache.demo import labels_and_seeds
 from ertacache.io import atomic_write_text
 from ertacache.metrics import psnr
-from ertacache.models.bundled import bundled_model
+from ertacache.models.bundled import bundled_model, labels_and_seeds
 from ertacache.policy import uniform_cached_steps
 
 

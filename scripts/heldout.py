@@ -9,9 +9,8 @@ import torch
 
 from ertacache import sample, seeded_noise
 from ertacache.bench.methods import BenchSettings, Context
-from ertacache.demo import labels_and_seeds
 from ertacache.metrics import psnr
-from ertacache.models.bundled import bundled_model
+from ertacache.models.bundled import bundled_model, labels_and_seeds
 
 
 class HeldOut:

@@ -12,7 +12,7 @@ import torch
 
 import ertacache
 from ertacache import CalibrationConfig
-from ertacache.demo import labels_and_seeds
+from ertacache.models.bundled import labels_and_seeds
 from ertacache.models.digits import NULL_CLASS, load_digits_model
 
 p = argparse.ArgumentParser()

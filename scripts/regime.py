@@ -17,10 +17,9 @@ import time
 import torch
 
 from ertacache import Policy, sample, seeded_noise
-from ertacache.demo import labels_and_seeds
 from ertacache.io import atomic_write_text
 from ertacache.metrics import psnr
-from ertacache.models.bundled import bundled_model
+from ertacache.models.bundled import bundled_model, labels_and_seeds
 
 
 def main() -> None:

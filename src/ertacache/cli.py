@@ -192,8 +192,8 @@ def _calibrate_here(settings: CalibrateSettings) -> int:
 
         return pipeline_cli.calibrate(settings)
     from .calibration import calibrate
-    from .demo import labels_and_seeds
     from .fingerprint import model_fingerprint
+    from .models.bundled import labels_and_seeds
 
     bundled, weights = _bundled(settings.model)
     model = bundled.load(weights)

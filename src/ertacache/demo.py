@@ -16,7 +16,7 @@ import math
 import platform
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,13 @@ from torch import Tensor
 
 from . import metrics
 from ._version import __version__
+from .bench.methods import ablation_ladder
 from .calibration import calibrate_with_variants
 from .config import CalibrationConfig
 from .core.euler import sample, seeded_noise
 from .fingerprint import model_fingerprint
 from .io import atomic_write_text
+from .models.bundled import labels_and_seeds
 from .policy import Policy
 
 
@@ -61,34 +63,6 @@ class DemoSettings:
         if b.video:
             return cls(**base, calibration_per_class=1, heldout_per_class=1, repeats=2)
         return cls(**base)
-
-
-def labels_and_seeds(per_class: int, seed_base: int, num_classes: int = 10) -> tuple[Tensor, list[int]]:
-    """Classes ``0..num_classes - 1`` repeated ``per_class`` times, with seeds ``seed_base, seed_base + 1, ...``."""
-    labels = torch.arange(num_classes).repeat(per_class)
-    return labels, [seed_base + i for i in range(labels.numel())]
-
-
-def methods_for(policy: Policy, variants: dict[str, Policy]) -> dict[str, Policy | None]:
-    """The ablation ladder on the chosen cached set, then the calibrated policy.
-
-    ``uniform``: evenly spaced computed steps at the same NFE and reuse mode;
-    ``offline_policy``: the chosen set S alone; ``timestep_adjustment``: + the adjusted
-    grid; ``rectification``: + rectification (every component on); ``per_step_reuse``
-    (when calibration kept per-step reuse modes): the set alone with them; ``ertacache``:
-    the policy calibration returns, which keeps a component only where it lowered the
-    held-out calibration error.
-    """
-    uniform = Policy.uniform(policy.num_inference_steps, policy.nfe, shift=policy.shift, reuse=policy.reuse,
-                             branches=policy.branches, guidance_scale=policy.guidance_scale,
-                             latent_shape=policy.latent_shape, model_fingerprint=policy.model_fingerprint)
-    ladder = {"offline_policy": "plain", "timestep_adjustment": "adjusted", "rectification": "full"}
-    out: dict[str, Policy | None] = {"none": None, "uniform": uniform}
-    out.update({row: variants[key] for row, key in ladder.items() if key in variants})
-    if policy.step_reuse and "plain" in variants:
-        out["per_step_reuse"] = replace(variants["plain"], step_reuse=policy.step_reuse)
-    out["ertacache"] = policy
-    return out
 
 
 def run_methods(model: Any, methods: dict[str, Policy | None], noise: Tensor, labels: Tensor,
@@ -206,7 +180,7 @@ def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_pa
     calibration_seconds = time.perf_counter() - start
     labels, seeds = labels_and_seeds(settings.heldout_per_class, settings.heldout_seed_base, bundled.num_classes)
     noise = seeded_noise(seeds, bundled.latent_shape)
-    outputs, times, nfe = run_methods(model, methods_for(policy, variants), noise, labels, settings, fingerprint)
+    outputs, times, nfe = run_methods(model, ablation_ladder(policy, variants), noise, labels, settings, fingerprint)
     rows = score(outputs, times, nfe)
     save_grid(outputs, out / "grid.png")
     atomic_write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")

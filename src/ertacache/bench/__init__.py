@@ -157,7 +157,7 @@ def run_bench(docs_dir: str | Path, settings: m.BenchSettings, json_path: str | 
     model = bundled.load(None)
     ctx = m.Context(model, settings, model_fingerprint(model), bundled)
     methods = build_methods(ctx, log)
-    from ..demo import labels_and_seeds
+    from ..models.bundled import labels_and_seeds
 
     labels, seeds = labels_and_seeds(settings.heldout_per_class, 10_000, bundled.num_classes)
     noise = seeded_noise(seeds, bundled.latent_shape)

@@ -75,7 +75,7 @@ class Context:
 
     def __init__(self, model: Any, settings: BenchSettings, fingerprint: str | None,
                  bundled: BundledModel | None = None) -> None:
-        from ..demo import labels_and_seeds
+        from ..models.bundled import labels_and_seeds
 
         self.model, self.settings, self.fingerprint = model, settings, fingerprint
         self.bundled = bundled or bundled_model(settings.model)
@@ -118,10 +118,32 @@ def uniform(ctx: Context) -> list[Method]:
     return out
 
 
+def ablation_ladder(policy: Policy, variants: dict[str, Policy]) -> dict[str, Policy | None]:
+    """The ablation ladder on the chosen cached set, then the calibrated policy.
+
+    ``uniform``: evenly spaced computed steps at the same NFE and reuse mode;
+    ``offline_policy``: the chosen set S alone; ``timestep_adjustment``: + the adjusted
+    grid; ``rectification``: + rectification (every component on); ``per_step_reuse``
+    (when calibration kept per-step reuse modes): the set alone with them; ``ertacache``:
+    the policy calibration returns, which keeps a component only where it lowered the
+    held-out calibration error.
+    """
+    uniform = Policy.uniform(policy.num_inference_steps, policy.nfe, shift=policy.shift, reuse=policy.reuse,
+                             branches=policy.branches, guidance_scale=policy.guidance_scale,
+                             latent_shape=policy.latent_shape, model_fingerprint=policy.model_fingerprint)
+    ladder = {"offline_policy": "plain", "timestep_adjustment": "adjusted", "rectification": "full"}
+    out: dict[str, Policy | None] = {"none": None, "uniform": uniform}
+    out.update({row: variants[key] for row, key in ladder.items() if key in variants})
+    if policy.step_reuse and "plain" in variants:
+        out["per_step_reuse"] = replace(variants["plain"], step_reuse=policy.step_reuse)
+    out["ertacache"] = policy
+    return out
+
+
 LADDER_NAMES = {"uniform": "uniform cache", "offline_policy": "offline policy",
                 "timestep_adjustment": "+ timestep adjustment", "rectification": "+ rectification",
                 "per_step_reuse": "offline policy + per-step reuse"}
-"""The benchmark's row names for :func:`ertacache.demo.methods_for`'s ablation ladder."""
+"""The benchmark's row names for :func:`ablation_ladder`."""
 
 
 def ertacache(ctx: Context) -> list[Method]:
@@ -134,10 +156,9 @@ def ertacache(ctx: Context) -> list[Method]:
     for s in sorted(ctx.settings.target_speedups, reverse=True):  # the smallest NFE budget first, as calibrate_many
         policies[s] = p = session.policy(target_speedup=s)
         if s == 2.0:
-            from ..demo import methods_for
 
             ladder = [(LADDER_NAMES.get(name, f"ertacache ({p.provenance['variant']})"), q)
-                      for name, q in methods_for(p, session.variants).items() if name != "none"]
+                      for name, q in ablation_ladder(p, session.variants).items() if name != "none"]
     for s in ctx.settings.target_speedups:
         p = policies[s]
         per_step = ", per-step reuse" if p.step_reuse else ""

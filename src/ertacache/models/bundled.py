@@ -156,3 +156,9 @@ def bundled_model(name: str) -> BundledModel:
     if name not in _BUILDERS:
         raise ErtaCacheError(f"unknown bundled model {name!r}; choose one of {list(MODELS)}")
     return _BUILDERS[name]()
+
+
+def labels_and_seeds(per_class: int, seed_base: int, num_classes: int = 10) -> tuple[Tensor, list[int]]:
+    """Classes ``0..num_classes - 1`` repeated ``per_class`` times, with seeds ``seed_base, seed_base + 1, ...``."""
+    labels = torch.arange(num_classes).repeat(per_class)
+    return labels, [seed_base + i for i in range(labels.numel())]
