@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from ertacache import Policy
-from ertacache.cli import main
+from ertacache.app.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_pipeline_errors_are_one_line_before_anything_loads(tmp_path, capsys):
 
 
 def test_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
-    import ertacache.cli as cli
+    import ertacache.app.cli as cli
 
     def interrupted(settings):
         raise KeyboardInterrupt
@@ -135,7 +135,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
 
 
 def test_thorough_and_component_flags_build_the_config():
-    from ertacache.cli import _build_parser, calibrate_settings
+    from ertacache.app.cli import _build_parser, calibrate_settings
 
     def config(*flags):
         args = _build_parser().parse_args(["calibrate", "--target-speedup", "2", "--out", "p.safetensors", *flags])
@@ -180,7 +180,7 @@ def test_reuse_modes_are_one_list():
     """The registry of reuse modes is the one list: the config's type and the command line's choices follow it."""
     from typing import get_args
 
-    from ertacache.cli import _build_parser
+    from ertacache.app.cli import _build_parser
     from ertacache.config import ReuseMode
     from ertacache.core.reuse import REUSE_MODES
 

@@ -8,7 +8,7 @@ CLI loads the folder with ``DiffusionPipeline.from_pretrained``, as it would a h
 import pytest
 
 from ertacache import Policy
-from ertacache.cli import main
+from ertacache.app.cli import main
 
 PROMPTS = ["a red cube", "a blue sphere", "a green cone", "a cat"]
 
@@ -76,7 +76,7 @@ def test_pipeline_cli_errors(folder, tmp_path, capsys):
 
 
 def test_generate_checks_everything_before_the_pipeline_loads(folder, tmp_path, capsys, monkeypatch):
-    from ertacache.integrations.diffusers import cli as pipeline_cli
+    from ertacache.app import pipeline_cli
 
     policy = Policy.all_compute(8, guidance={"guidance_scale": 4.0})
     policy.save(tmp_path / "p.safetensors")

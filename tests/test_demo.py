@@ -1,7 +1,7 @@
 import json
 
 from ertacache import Policy
-from ertacache.demo import DemoSettings, run_demo
+from ertacache.app.demo import DemoSettings, run_demo
 
 
 def test_demo_writes_rows_for_every_method(tmp_path):

@@ -113,7 +113,7 @@ def test_step_reuse_round_trips_and_needs_schema_3(tmp_path):
     back = Policy.load(mixed.save(tmp_path / "mixed.safetensors"))
     assert back.step_reuse == {3: "velocity"} and back.reuse == "extrapolate"
     assert "per-step reuse" in back.summary()
-    from ertacache import policy_file
+    from ertacache.policy import file as policy_file
 
     doc, _ = policy_file.decode(tmp_path / "mixed.safetensors")
     assert doc["schema_version"] == 3

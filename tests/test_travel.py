@@ -8,8 +8,8 @@ import torch
 from ertacache import Policy, PolicyMismatchError, sample
 from ertacache.core.grids import shrink_step, time_grid
 from ertacache.errors import ErtaCacheError
-from ertacache.hub import POLICY_FILENAME
-from ertacache.travel import recovered_phis
+from ertacache.policy.hub import POLICY_FILENAME
+from ertacache.policy.travel import recovered_phis
 from test_policy import assert_same_policy, rich_policy
 
 

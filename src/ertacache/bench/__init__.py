@@ -163,7 +163,7 @@ def run_bench(docs_dir: str | Path, settings: m.BenchSettings, json_path: str | 
     noise = seeded_noise(seeds, bundled.latent_shape)
     log(f"{len(methods)} method settings on {labels.numel()} held-out samples, {settings.repeats} repeats")
     rows = measure(methods, noise, labels, settings.repeats, log)
-    from ..stepcost import step_costs
+    from .stepcost import step_costs
 
     costs = step_costs(model, torch.cat([noise, noise]),
                        torch.cat([labels, torch.full_like(labels, bundled.null_class)]),

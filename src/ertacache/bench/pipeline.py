@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..app.settings import PipelineBenchSettings, PipelineSettings
 from ..errors import ErtaCacheError
 from ..policy import Policy
-from ..settings import PipelineBenchSettings, PipelineSettings
 from .methods import Method
 
 
@@ -108,7 +108,7 @@ def run_pipeline_bench(settings: PipelineBenchSettings, command: str) -> list[di
     """Run the benchmark on ``settings.pipeline`` and write the report under ``settings.docs``."""
     import json
 
-    from ..integrations.diffusers.cli import load_pipeline
+    from ..app.pipeline_cli import load_pipeline
     from ..io import atomic_write_text
     from . import measure
     from .report import write_report

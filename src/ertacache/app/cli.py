@@ -9,9 +9,9 @@ from typing import Any
 
 import torch
 
-from .core.reuse import REUSE_MODES
-from .errors import ErtaCacheError
-from .models.bundled import MODELS
+from ..core.reuse import REUSE_MODES
+from ..errors import ErtaCacheError
+from ..models.bundled import MODELS
 from .settings import CalibrateSettings, GenerateSettings, PipelineBenchSettings, PipelineSettings, read_prompts
 
 
@@ -136,7 +136,7 @@ def _pipeline_settings(args: argparse.Namespace) -> PipelineSettings | None:
 
 def _bundled(model: str | None) -> tuple[Any, str | None]:
     """``--model``: a bundled model's name or weights of the digits architecture; ``(BundledModel, weights)``."""
-    from .models.bundled import bundled_model
+    from ..models.bundled import bundled_model
 
     if model is None or model in MODELS:
         return bundled_model(model or "digits"), None
@@ -152,7 +152,7 @@ def _sampler(args: argparse.Namespace, pipeline: PipelineSettings | None) -> dic
 
 def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
     """``ertacache calibrate`` arguments as typed settings (checked before anything loads)."""
-    from .config import CalibrationConfig
+    from ..config import CalibrationConfig
 
     pipeline = _pipeline_settings(args)
     if pipeline is not None and not args.prompts:
@@ -175,7 +175,7 @@ def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
 
 
 def _calibrate(settings: CalibrateSettings) -> int:
-    from .calibration.distributed import finish, init_from_env
+    from ..calibration.distributed import finish, init_from_env
 
     initialised = init_from_env()  # under torchrun: one shard of the set per process, statistics all-reduced
     try:
@@ -185,22 +185,22 @@ def _calibrate(settings: CalibrateSettings) -> int:
 
 
 def _calibrate_here(settings: CalibrateSettings) -> int:
-    from .calibration.distributed import rank_and_size
+    from ..calibration.distributed import rank_and_size
 
     if settings.pipeline is not None:
-        from .integrations.diffusers import cli as pipeline_cli
+        from . import pipeline_cli
 
         return pipeline_cli.calibrate(settings)
-    from .calibration import calibrate
-    from .fingerprint import model_fingerprint
-    from .models.bundled import labels_and_seeds
+    from ..calibration import calibrate
+    from ..fingerprint import model_fingerprint
+    from ..models.bundled import labels_and_seeds
 
     bundled, weights = _bundled(settings.model)
     model = bundled.load(weights)
     labels, seeds = labels_and_seeds(settings.calibration_per_class, settings.seed, bundled.num_classes)
     null = torch.full_like(labels, bundled.null_class)
     if settings.dry_run:
-        from .calibration import estimate
+        from ..calibration import estimate
 
         plan = estimate(model, labels, seeds, target_speedups=settings.targets, latent_shape=bundled.latent_shape,
                         num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
@@ -237,13 +237,13 @@ def generate_settings(args: argparse.Namespace) -> GenerateSettings:
 
 def _generate(settings: GenerateSettings) -> int:
     if settings.pipeline is not None:
-        from .integrations.diffusers import cli as pipeline_cli
+        from . import pipeline_cli
 
         return pipeline_cli.generate(settings)
-    from .core.euler import sample, seeded_noise
+    from ..core.euler import sample, seeded_noise
+    from ..fingerprint import model_fingerprint
+    from ..policy import Policy
     from .demo import save_grid
-    from .fingerprint import model_fingerprint
-    from .policy import Policy
 
     policy = Policy.from_pretrained(settings.policy) if settings.policy else None
     bundled, weights = _bundled(settings.model)
@@ -264,12 +264,12 @@ def _generate(settings: GenerateSettings) -> int:
 def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     from dataclasses import replace
 
-    from .bench import BenchSettings, run_bench
+    from ..bench import BenchSettings, run_bench
 
     command = "ertacache " + " ".join(argv if argv is not None else sys.argv[1:])
     pipeline = _pipeline_settings(args)
     if pipeline is not None:
-        from .bench.pipeline import run_pipeline_bench
+        from ..bench.pipeline import run_pipeline_bench
 
         if not args.prompts:
             raise ErtaCacheError("bench --pipeline needs --prompts FILE (one per line; the first half calibrates)")
@@ -304,13 +304,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "generate":
             return _generate(generate_settings(args))
         elif args.command == "inspect":
-            from .policy import Policy
+            from ..policy import Policy
 
             print(Policy.from_pretrained(args.policy).summary())
         elif args.command == "bench":
             return _bench(args, argv)
         elif args.command == "step-cost":
-            from .stepcost import main as step_cost
+            from ..bench.stepcost import main as step_cost
 
             step_cost(args.batch_size, args.repeats)
     except ErtaCacheError as exc:

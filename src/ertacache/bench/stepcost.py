@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .core import rectify
-from .core.euler import compute, rebuild
-from .core.reuse import REUSE_MODES, History
+from ..core import rectify
+from ..core.euler import compute, rebuild
+from ..core.reuse import REUSE_MODES, History
 
 
 def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
@@ -65,7 +65,7 @@ def step_costs(model: Any, x: torch.Tensor, cond: torch.Tensor | None, repeats: 
 
 def main(batch_size: int = 40, repeats: int = 20) -> list[dict[str, Any]]:
     """Measure on the bundled digits model (CFG: branches batched, ``2 * batch_size`` rows) and print a table."""
-    from .models.digits import LATENT_SHAPE, load_digits_model
+    from ..models.digits import LATENT_SHAPE, load_digits_model
 
     model = load_digits_model()
     x = torch.randn(2 * batch_size, *LATENT_SHAPE, generator=torch.Generator().manual_seed(0))

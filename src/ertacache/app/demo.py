@@ -23,16 +23,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import metrics
-from ._version import __version__
-from .bench.methods import ablation_ladder
-from .calibration import calibrate_with_variants
-from .config import CalibrationConfig
-from .core.euler import sample, seeded_noise
-from .fingerprint import model_fingerprint
-from .io import atomic_write_text
-from .models.bundled import labels_and_seeds
-from .policy import Policy
+from .. import metrics
+from .._version import __version__
+from ..bench.methods import ablation_ladder
+from ..calibration import calibrate_with_variants
+from ..config import CalibrationConfig
+from ..core.euler import sample, seeded_noise
+from ..fingerprint import model_fingerprint
+from ..io import atomic_write_text
+from ..models.bundled import labels_and_seeds
+from ..policy import Policy
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class DemoSettings:
     @classmethod
     def for_model(cls, name: str) -> DemoSettings:
         """A bundled model's family sampler; the video model with 1 calibration and 1 held-out clip per class."""
-        from .models.bundled import bundled_model
+        from ..models.bundled import bundled_model
 
         b = bundled_model(name)
         base: dict[str, Any] = {**b.sampler, "model": name}
@@ -69,7 +69,7 @@ def run_methods(model: Any, methods: dict[str, Policy | None], noise: Tensor, la
                 settings: DemoSettings, fingerprint: str | None) -> tuple[dict[str, Tensor], dict[str, list[float]],
                                                                             dict[str, int]]:
     """Sample every method ``settings.repeats`` times, interleaved; return outputs, times and NFE."""
-    from .models.bundled import bundled_model
+    from ..models.bundled import bundled_model
 
     null = torch.full_like(labels, bundled_model(settings.model).null_class)
     outputs: dict[str, Tensor] = {}
@@ -147,7 +147,7 @@ def save_grid(outputs: dict[str, Tensor], path: Path, columns: int = 10) -> None
             if c == 0:
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
     fig.tight_layout()
-    from .io import atomic_write
+    from ..io import atomic_write
 
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
@@ -156,7 +156,7 @@ def save_grid(outputs: dict[str, Tensor], path: Path, columns: int = 10) -> None
 def run_demo(out_dir: str | Path, settings: DemoSettings | None = None, model_path: str | None = None,
              progress: bool = True) -> list[dict[str, Any]]:
     """Run the demo; write ``results.json``, ``results.md``, ``grid.png`` and ``policy.safetensors`` to ``out_dir``."""
-    from .models.bundled import bundled_model
+    from ..models.bundled import bundled_model
 
     settings = settings or DemoSettings()
     bundled = bundled_model(settings.model)

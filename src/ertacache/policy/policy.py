@@ -1,7 +1,7 @@
 """The policy: everything calibration decides, as a versioned file.
 
 One ``.safetensors`` file holds the coefficients as tensors and every other field
-as a JSON header in its metadata (:mod:`ertacache.policy_file`); it is written
+as a JSON header in its metadata (:mod:`ertacache.policy.file`); it is written
 atomically and can be renamed freely. Nothing is ever unpickled.
 """
 
@@ -18,15 +18,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import policy_file
-from ._version import __version__
-from .config import CalibrationConfig, ReuseMode
-from .core.engine import FollowPolicy
-from .core.grids import check_grid, time_grid
-from .core.rectify import CHANNELS_FIRST, ChannelLayout
-from .core.reuse import DEFAULT_REUSE, check_step_reuse, get_reuse
-from .errors import ErtaCacheError, PolicyMismatchError
-from .io import atomic_write
+from .._version import __version__
+from ..config import CalibrationConfig, ReuseMode
+from ..core.engine import FollowPolicy
+from ..core.grids import check_grid, time_grid
+from ..core.rectify import CHANNELS_FIRST, ChannelLayout
+from ..core.reuse import DEFAULT_REUSE, check_step_reuse, get_reuse
+from ..errors import ErtaCacheError, PolicyMismatchError
+from ..io import atomic_write
+from . import file as policy_file
 
 SCHEMA_VERSION = 3
 """The newest schema this library reads and writes. A policy is written with the oldest
@@ -287,7 +287,7 @@ class Policy:
         )
 
     def for_steps(self, num_inference_steps: int) -> Policy:
-        """This policy mapped to another step count by relative position (:func:`ertacache.travel.for_steps`)."""
+        """This policy mapped to another step count by relative position (:func:`ertacache.policy.travel.for_steps`)."""
         from .travel import for_steps
 
         return for_steps(self, num_inference_steps)
@@ -392,7 +392,7 @@ class Policy:
         return from_pretrained(source, revision)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload to a Hugging Face Hub repository (:func:`ertacache.hub.push_to_hub`); returns the commit URL."""
+        """Upload to a Hugging Face Hub repository (:func:`ertacache.policy.hub.push_to_hub`); returns the commit URL."""
         from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)

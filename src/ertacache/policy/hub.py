@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ErtaCacheError
+from ..errors import ErtaCacheError
 
 if TYPE_CHECKING:
     from .policy import Policy

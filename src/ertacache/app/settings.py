@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import CalibrationConfig
-from .errors import ErtaCacheError
+from ..config import CalibrationConfig
+from ..errors import ErtaCacheError
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -114,7 +114,7 @@ class CalibrateSettings(CommandSettings):
     dry_run: bool = False
 
     def __post_init__(self) -> None:
-        from .calibration.drive import check_batch_size
+        from ..calibration.drive import check_batch_size
 
         check_batch_size(self.batch_size)
         if self.dry_run and self.target_speedup is None:

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .core.grids import shrink_step, time_grid
-from .errors import ErtaCacheError
+from ..core.grids import shrink_step, time_grid
+from ..errors import ErtaCacheError
 
 if TYPE_CHECKING:
     from .policy import Policy

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import Tensor
 
-from .errors import ErtaCacheError
+from ..errors import ErtaCacheError
 
 FORMAT_NAME = "ertacache.policy"
 METADATA_KEY = "ertacache.policy"

@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ...errors import ErtaCacheError
-from ...settings import CalibrateSettings, GenerateSettings, PipelineSettings
+from ..errors import ErtaCacheError
+from .settings import CalibrateSettings, GenerateSettings, PipelineSettings
 
 
 def load_pipeline(settings: PipelineSettings) -> Any:
@@ -110,8 +110,8 @@ def output_path(out: str, video: bool) -> Path:
 
 def check_policy_settings(policy: Any, settings: PipelineSettings) -> None:
     """Refuse, before the pipeline loads, a step count or guidance the policy was not calibrated for."""
-    from ...errors import PolicyMismatchError
-    from .call import check_guidance
+    from ..errors import PolicyMismatchError
+    from ..integrations.diffusers.call import check_guidance
 
     if policy.num_inference_steps != settings.num_inference_steps:
         raise PolicyMismatchError(f"num_inference_steps: policy {policy.num_inference_steps}, got "
@@ -124,14 +124,14 @@ def check_policy_settings(policy: Any, settings: PipelineSettings) -> None:
 
 
 def calibrate(settings: CalibrateSettings) -> int:
-    from .calibrate import calibrate_pipeline
+    from ..integrations.diffusers.calibrate import calibrate_pipeline
 
     if settings.pipeline is None:
         raise ErtaCacheError("calibrate on a pipeline needs --pipeline")
     check_call_arguments(pipeline_class(settings.pipeline), settings.pipeline)
     pipe = load_pipeline(settings.pipeline)
     if settings.dry_run:
-        from .calibrate import estimate_pipeline
+        from ..integrations.diffusers.calibrate import estimate_pipeline
 
         steps = settings.pipeline.num_inference_steps
         plan = estimate_pipeline(pipe, list(settings.prompts), num_inference_steps=steps,
@@ -145,7 +145,7 @@ def calibrate(settings: CalibrateSettings) -> int:
                                 seeds=range(settings.seed, settings.seed + len(settings.prompts)),
                                 config=settings.config, progress=True, batch_size=settings.batch_size,
                                 checkpoint_dir=settings.checkpoint_dir, **settings.pipeline.call_kwargs())
-    from ...calibration.distributed import rank_and_size
+    from ..calibration.distributed import rank_and_size
 
     if rank_and_size()[0] != 0:
         return 0  # every rank reached the same policy; rank 0 writes it
@@ -156,12 +156,12 @@ def calibrate(settings: CalibrateSettings) -> int:
 
 
 def generate(settings: GenerateSettings) -> int:
-    from ...policy import Policy
-    from .apply import apply_ertacache
+    from ..integrations.diffusers.apply import apply_ertacache
+    from ..policy import Policy
 
     if settings.pipeline is None or not settings.prompt:
         raise ErtaCacheError("generate on a pipeline needs --pipeline and --prompt")
-    from .families import family_for_class
+    from ..integrations.diffusers.families import family_for_class
 
     policy = Policy.from_pretrained(settings.policy) if settings.policy else None
     cls = pipeline_class(settings.pipeline)
