@@ -12,7 +12,9 @@ calibration samples made holds on data they never saw.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import time
 
 import torch
 
@@ -29,7 +31,9 @@ def main() -> None:
     p.add_argument("--target", type=float, default=2.0)
     p.add_argument("--calibration", type=int, default=10)
     p.add_argument("--heldout", type=int, default=40)
+    p.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = p.parse_args()
+    torch.set_num_threads(1)
     b = bundled_model(args.model)
     model = b.load(None)
     T, cfg, shift = b.num_inference_steps, b.guidance_scale, b.shift if args.shift is None else args.shift
@@ -55,10 +59,22 @@ def main() -> None:
             print(f"{name}: calibration error {c['errors']['plain']:.3e}, held-out PSNR "
                   f"{float(scores[name].mean()):.2f} dB")
     base = next(v for k, v in scores.items() if k.startswith("uniform") and "(" not in k)
-    for name, v in scores.items():
+    rows = []
+    for (name, v), c in zip(scores.items(), policy.provenance["candidates"]):
         d = v - base
-        print(f"{name}: {float(d.mean()):+.2f} +- {float(d.std() / math.sqrt(len(d))):.2f} dB against uniform "
-              f"({len(d)} held-out seeds)")
+        gain, se = float(d.mean()), float(d.std() / math.sqrt(len(d)))
+        print(f"{name}: {gain:+.2f} +- {se:.2f} dB against uniform ({len(d)} held-out seeds)")
+        rows.append({"candidate": name, "cached_steps": c["cached_steps"], "calibration_error": c["errors"]["plain"],
+                     "heldout_psnr": round(float(v.mean()), 2), "heldout_gain_db": round(gain, 2),
+                     "heldout_se_db": round(se, 2)})
+    if args.out:
+        from ertacache.io import atomic_write_text
+
+        meta = {"command": "python scripts/candidates_heldout.py " + " ".join(
+            f"--{k} {v}" for k, v in vars(args).items() if v is not None), "T": T, "shift": shift,
+            "date": time.strftime("%Y-%m-%d"), "chosen": [policy.provenance["selected"], policy.provenance["variant"]],
+            "decisions": policy.provenance["decisions"]}
+        atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -47,3 +47,26 @@ def test_ctrl_c_checkpoints_and_the_same_command_resumes(tmp_path, capsys):
     assert "resumed from" in capsys.readouterr().out and out.is_file()
     assert len(calls) == 6  # steps 1-3, then 4-6: none lost, none repeated
     assert signal.getsignal(signal.SIGINT) == before  # the handler is given back
+
+
+def test_recorded_command_parses_back_to_the_same_options(monkeypatch):
+    """The command written beside the weights reruns the training: a two-value option (--crop-sides) included."""
+    import shlex
+
+    from ertacache.models import train_photos
+    from ertacache.models.train_digits import command_line
+
+    argv = ["--minutes", "45", "--crop-sides", "32", "48", "--compile", "--out", "/tmp/w.safetensors"]
+    parsed: dict = {}
+
+    def capture(model, batch, a, meta):
+        parsed.update(vars(a), command=meta["command"])
+
+    monkeypatch.setattr(train_photos, "fit", capture)
+    train_photos.main(argv)
+    command = parsed.pop("command")
+    assert command == command_line("train_photos", argparse.Namespace(**parsed))
+    again: dict = {}
+    monkeypatch.setattr(train_photos, "fit", lambda model, batch, a, meta: again.update(vars(a)))
+    train_photos.main(shlex.split(command)[3:])
+    assert again == parsed and again["crop_sides"] == [32, 48]

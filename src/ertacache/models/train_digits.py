@@ -59,7 +59,10 @@ def train(args: argparse.Namespace) -> None:
 def command_line(module: str, args: argparse.Namespace) -> str:
     """The command that reproduces a training run: ``python -m ertacache.models.<module>`` with every option set
     (flags bare, unset options left out), ``--out`` last."""
-    options = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+    def value(v: Any) -> str:
+        return "" if v is True else " " + (" ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+
+    options = " ".join(f"--{k.replace('_', '-')}{value(v)}"
                        for k, v in vars(args).items() if k != "out" and v is not None and v is not False)
     return f"python -m ertacache.models.{module} {options} --out {args.out}"
 

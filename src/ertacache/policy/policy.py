@@ -392,7 +392,7 @@ class Policy:
         return from_pretrained(source, revision)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
-        """Upload to a Hugging Face Hub repository (:func:`ertacache.policy.hub.push_to_hub`); returns the commit URL."""
+        """Upload to a Hugging Face Hub repository (:func:`~.hub.push_to_hub`); returns the commit URL."""
         from .hub import push_to_hub
 
         return push_to_hub(self, repo_id, **kwargs)
