@@ -143,3 +143,22 @@ def test_bench_on_a_pipeline(folder, tmp_path):
     for name in ("results.md", "results.json", "psnr_vs_speedup.png", "grid_2x.png"):
         assert (docs / name).is_file()
     assert "TeaCache: not on pipelines" in (docs / "results.md").read_text()
+
+
+@pytest.mark.parametrize("error", ["OutOfMemoryError", "MemoryError"])
+def test_out_of_memory_is_one_line_that_names_the_size_flags(folder, tmp_path, capsys, monkeypatch, error):
+    """A pipeline at its default size (Wan: 480x832, 81 frames) can exhaust memory: one line says what to pass."""
+    import torch
+
+    from ertacache.app import pipeline_cli
+
+    def exhaust(settings):
+        raise (torch.OutOfMemoryError if error == "OutOfMemoryError" else MemoryError)("CUDA out of memory")
+
+    monkeypatch.setattr(pipeline_cli, "calibrate", exhaust)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    assert main(["calibrate", "--pipeline", str(folder), "--prompts", str(prompts), "--target-speedup", "2",
+                 "--device", "cpu", "--out", str(tmp_path / "p.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of memory on cpu" in err and "--height/--width/--num-frames" in err

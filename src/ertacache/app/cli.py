@@ -316,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     except ErtaCacheError as exc:
         print(f"ertacache: error: {exc}", file=sys.stderr)
         return 2
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        where = getattr(args, "device", None) or "cpu"
+        print(f"ertacache: error: out of memory on {where} ({type(exc).__name__}). A pipeline runs at its default "
+              "size unless told (Wan: 480x832, 81 frames): pass --height/--width/--num-frames, --batch-size 1, "
+              "--dtype bfloat16, or --device cuda; a calibration with --checkpoint-dir resumes where it stopped",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\nertacache: interrupted (with --checkpoint-dir, the same command resumes a calibration)",
               file=sys.stderr)
