@@ -6,6 +6,12 @@ them alike (``guidance_scale``, ``true_cfg_scale``, ``guidance_scale_2``, ``heig
 has resolved every default (Wan 2.2's ``guidance_scale_2 = guidance_scale``, FLUX's
 default height). One rule reads them for calibration and for inference alike: the
 locals of the innermost running ``__call__`` of the pipeline's class.
+
+Why a frame and not the pipeline's attributes: diffusers pipelines keep the guidance
+scale as a property (``pipe.guidance_scale``, Wan 2.2's ``_guidance_scale_2``), but not
+the resolved height, width and frame count, nor QwenImage's ``true_cfg_scale``; the
+arguments bound at the call miss every default resolved inside it. The frame is read
+once per call, on the host.
 """
 
 from __future__ import annotations
