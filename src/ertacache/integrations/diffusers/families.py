@@ -28,6 +28,8 @@ class Family:
             ``cache_context`` (SD3 batches both CFG branches in one call).
         block_stacks: attributes of the transformer holding its block lists, in the
             order they run; ``block_residual`` reuse caches ``h_out - h_in`` across them.
+            (diffusers' hooks know these attribute names as an unordered set; the first
+            and the last block of the stack need the order.)
         channels: where the output's channels are (per-channel rectification).
         video: the pipeline returns ``frames`` (written as MP4 by the CLI), not ``images``.
     """
