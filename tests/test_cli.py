@@ -187,3 +187,14 @@ def test_reuse_modes_are_one_list():
     calibrate = _build_parser()._subparsers._group_actions[0].choices["calibrate"]
     choices = next(a.choices for a in calibrate._actions if a.dest == "reuse")
     assert set(choices) == set(REUSE_MODES) == set(get_args(ReuseMode))
+
+
+@pytest.mark.parametrize("model, samples", [("digits", 10), ("moving-digits", 20), ("photos", 16)])
+def test_calibration_size_defaults_to_the_models_measured_need(model, samples, tmp_path, capsys):
+    """Video models calibrate on about 20 clips by default (10 could not resolve a searched set's gain; N-curve)."""
+    assert main(["calibrate", "--model", model, "--target-speedup", "2", "--out", str(tmp_path / "p.safetensors"),
+                 "--dry-run"]) == 0
+    assert f"{samples} calibration samples" in capsys.readouterr().out
+    assert main(["calibrate", "--model", model, "--target-speedup", "2", "--calibration-per-class", "0",
+                 "--out", str(tmp_path / "p.safetensors"), "--dry-run"]) == 2
+    assert "--calibration-per-class must be a whole number >= 1, got 0" in capsys.readouterr().err

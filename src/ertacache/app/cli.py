@@ -56,9 +56,9 @@ def _build_parser() -> argparse.ArgumentParser:
     goal.add_argument("--threshold", type=float, help="lambda of Algorithm 2, e.g. 0.2")
     p.add_argument("--out", required=True, help="policy path, e.g. policy.safetensors")
     p.add_argument("--prompts", default=None, help="with --pipeline: a text file, one calibration prompt per line")
-    p.add_argument("--calibration-per-class", type=int, default=1,
-                   help="calibration samples per digit class (default 1: 10 samples; docs/calibration.md, "
-                        "'How many prompts')")
+    p.add_argument("--calibration-per-class", type=int, default=None,
+                   help="calibration samples per class (default: the model's; image models 1, so 10 or 16 samples; "
+                        "video models 20 samples or more; docs/calibration.md, 'How many prompts')")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per model call (micro-batches; default: the whole set); the policy does not change")
     p.add_argument("--checkpoint-dir", default=None,
@@ -168,7 +168,9 @@ def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
     config = CalibrationConfig.thorough(**options) if args.thorough else CalibrationConfig(**options)  # type: ignore[arg-type]
     return CalibrateSettings(
         out=args.out, config=config, target_speedup=args.target_speedup, threshold=args.threshold, seed=args.seed,
-        **_sampler(args, pipeline), model=args.model, calibration_per_class=args.calibration_per_class,
+        **_sampler(args, pipeline), model=args.model,
+        calibration_per_class=_bundled(args.model)[0].calibration_per_class if args.calibration_per_class is None
+        else args.calibration_per_class,
         pipeline=pipeline,
         prompts=read_prompts(args.prompts) if pipeline is not None else (), batch_size=args.batch_size,
         checkpoint_dir=args.checkpoint_dir, dry_run=args.dry_run)

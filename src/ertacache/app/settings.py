@@ -117,6 +117,10 @@ class CalibrateSettings(CommandSettings):
         from ..calibration.drive import check_batch_size
 
         check_batch_size(self.batch_size)
+        if isinstance(self.calibration_per_class, bool) or not isinstance(self.calibration_per_class, int) \
+                or self.calibration_per_class < 1:
+            raise ErtaCacheError(f"--calibration-per-class must be a whole number >= 1, got "
+                                 f"{self.calibration_per_class!r}")
         if self.dry_run and self.target_speedup is None:
             raise ErtaCacheError("--dry-run estimates a --target-speedup calibration; give one")
         if Path(self.out).suffix == ".json":

@@ -40,6 +40,10 @@ class BundledModel:
         modulated_input: TeaCache's first-block modulated input for the model's transformer.
         num_classes: conditioning classes (labels ``0..num_classes - 1``); label ``num_classes``
             is the null class of classifier-free guidance.
+        calibration_size: the calibration samples the command line uses by default, from the
+            measured N-curve (docs/calibration.md, "How many prompts"): about 4 are enough on
+            the image models; the video models need about 20 for calibration to resolve a
+            searched schedule's gain. Rounded up to whole classes.
     """
 
     name: str
@@ -54,6 +58,16 @@ class BundledModel:
     counted: Callable[[Any], torch.nn.Module]
     modulated_input: Callable[[Any], Any]
     num_classes: int = 10
+
+    @property
+    def calibration_size(self) -> int:
+        return self.calibration_per_class * self.num_classes
+
+    @property
+    def calibration_per_class(self) -> int:
+        """Samples per class of the default calibration set (:attr:`calibration_size`)."""
+        wanted = 20 if self.video else 4
+        return -(-wanted // self.num_classes)
 
     @property
     def null_class(self) -> int:
