@@ -83,8 +83,7 @@ class BundledModel:
 
 def _flux(name: str, latent_shape: tuple[int, ...], T: int, shift: float, cfg: float, load: Callable[[str | None], Any],
           num_classes: int) -> BundledModel:
-    from ..peers.teacache import flux_modulated_input
-    from .digits import digits_flux_pipeline, pack, unpack
+    from .digits import digits_flux_pipeline, flux_modulated_input, pack, unpack
 
     def pipeline(model: Any, shift: float) -> Any:
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -122,8 +121,7 @@ def _photos() -> BundledModel:
 
 def _wan(name: str, latent_shape: tuple[int, ...], sampler: dict[str, float], load: Callable[[str | None], Any],
          num_classes: int) -> BundledModel:
-    from ..peers.teacache import wan_modulated_input
-    from .moving_digits import moving_digits_wan_pipeline
+    from .moving_digits import moving_digits_wan_pipeline, wan_modulated_input
 
     def pipeline(model: Any, shift: float) -> Any:
         pipe = moving_digits_wan_pipeline(model, shift)

@@ -14,6 +14,7 @@ t = 1 is noise; the velocity is ``noise - x_0``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -225,3 +226,14 @@ def digits_flux_pipeline(model: DigitsFlux) -> Any:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False)
     return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
                         tokenizer_2=None, transformer=model.transformer)
+
+
+def flux_modulated_input(transformer: Any) -> Callable[[Tensor, Any], Tensor]:
+    """The modulated input of FLUX's first double-stream block, ``norm1(h, emb=temb)[0]``: what TeaCache4FLUX
+    measures (:mod:`ertacache.peers.teacache`)."""
+    block = transformer.transformer_blocks[0]
+
+    def modulated(h: Tensor, ctx: Any) -> Tensor:
+        return block.norm1(h, emb=ctx.temb)[0]
+
+    return modulated

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -238,3 +239,15 @@ def moving_digits_wan_pipeline(model: MovingDigitsWan, shift: float = SAMPLER["s
 
 PIPELINE_SIZE = {"num_frames": (FRAMES - 1) * 4 + 1, "height": CANVAS * 8, "width": CANVAS * 8}
 """The ``WanPipeline`` call size that gives the model's frames (see :func:`moving_digits_wan_pipeline`)."""
+
+
+def wan_modulated_input(transformer: Any) -> Callable[[Tensor, Any], Tensor]:
+    """The modulated input of Wan's first block, ``norm1(h) * (1 + scale_msa) + shift_msa`` (its self-attention's
+    input): what TeaCache measures on Wan (:mod:`ertacache.peers.teacache`)."""
+    block = transformer.blocks[0]
+
+    def modulated(h: Tensor, ctx: Any) -> Tensor:
+        shift, scale = (block.scale_shift_table + ctx.timestep_proj.float()).chunk(6, dim=1)[:2]
+        return (block.norm1(h.float()) * (1 + scale) + shift).type_as(h)
+
+    return modulated

@@ -123,24 +123,3 @@ def fit_coefficients(model: Any, modulated_input: ModulatedInput, noise: Tensor,
     xs = [rel_l1(records[i][0], records[i - 1][0]) for i in range(1, len(records))]
     ys = [rel_l1(records[i][1], records[i - 1][1]) for i in range(1, len(records))]
     return [float(c) for c in np.polyfit(xs, ys, degree)]
-
-
-def flux_modulated_input(transformer: Any) -> ModulatedInput:
-    """FLUX's first double-stream block: ``norm1(h, emb=temb)[0]`` (what TeaCache4FLUX measures)."""
-    block = transformer.transformer_blocks[0]
-
-    def modulated(h: Tensor, ctx: Any) -> Tensor:
-        return block.norm1(h, emb=ctx.temb)[0]
-
-    return modulated
-
-
-def wan_modulated_input(transformer: Any) -> ModulatedInput:
-    """Wan's first block: ``norm1(h) * (1 + scale_msa) + shift_msa``, the input of its self-attention."""
-    block = transformer.blocks[0]
-
-    def modulated(h: Tensor, ctx: Any) -> Tensor:
-        shift, scale = (block.scale_shift_table + ctx.timestep_proj.float()).chunk(6, dim=1)[:2]
-        return (block.norm1(h.float()) * (1 + scale) + shift).type_as(h)
-
-    return modulated
