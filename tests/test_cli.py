@@ -155,7 +155,7 @@ def test_model_takes_a_bundled_name_with_its_sampler(tmp_path, capsys):
     sampler is the default (moving-digits: T = 50, 16 classes for photos)."""
     assert main(["calibrate", "--model", "moving-digits", "--target-speedup", "2", "--out",
                  str(tmp_path / "p.safetensors"), "--dry-run"]) == 0
-    assert "10 calibration samples, T = 50" in capsys.readouterr().out
+    assert "20 calibration samples, T = 50" in capsys.readouterr().out
     out = tmp_path / "clips.png"
     assert main(["generate", "--model", "moving-digits", "--num-inference-steps", "4", "--digit", "3",
                  "--out", str(out)]) == 0
