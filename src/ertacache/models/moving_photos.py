@@ -57,16 +57,19 @@ def _levels() -> tuple[tuple[Tensor, ...], ...]:
     return tuple(out)
 
 
-def panning_clips(labels: Tensor, generator: torch.Generator) -> Tensor:
+def panning_clips(labels: Tensor, generator: torch.Generator, speed_range: tuple[float, float] = (1.0, 3.0)
+                  ) -> Tensor:
     """Clips ``(B, 3, FRAMES, CANVAS, CANVAS)`` in [-1, 1] of a window panning across photographs ``labels``.
 
-    Each clip: a random scale of :data:`LEVELS`, a speed of 1-3 px a frame in a random
-    direction, a start such that every frame stays inside the photograph; bilinear sampling.
+    Each clip: a random scale of :data:`LEVELS`, a speed uniform in ``speed_range`` (px a
+    frame, default 1-3) in a random direction, a start such that every frame stays inside
+    the photograph where it can; bilinear sampling.
     """
     levels = _levels()
     b = labels.shape[0]
     level = torch.randint(0, len(LEVELS), (b,), generator=generator)
-    speed = 1.0 + 2.0 * torch.rand(b, generator=generator)
+    lo, hi = speed_range
+    speed = lo + (hi - lo) * torch.rand(b, generator=generator)
     angle = 2 * math.pi * torch.rand(b, generator=generator)
     start = torch.rand(b, 2, generator=generator)
     frames = torch.arange(FRAMES, dtype=torch.float32)

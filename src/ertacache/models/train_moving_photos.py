@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="train through torch.compile")
     p.add_argument("--num-layers", type=int, default=None,
                    help=f"override the number of blocks (default {TRANSFORMER_CONFIG['num_layers']})")
+    p.add_argument("--speed", type=float, nargs=2, default=[1.0, 3.0], metavar=("LO", "HI"),
+                   help="pan speed range in px a frame (default 1 3)")
     p.add_argument("--out", default="src/ertacache/weights/moving_photos_wan.safetensors")
     args = p.parse_args(argv)
     config = dict(TRANSFORMER_CONFIG)
@@ -39,16 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_layers < 1:
             raise SystemExit(f"--num-layers must be at least 1; got {args.num_layers}")
         config["num_layers"] = args.num_layers
+    lo, hi = args.speed
+    if not 0 <= lo <= hi <= 8:
+        raise SystemExit(f"--speed must be two speeds in px a frame with 0 <= LO <= HI <= 8; got {lo} {hi}")
     photographs()  # fail before the first step when scikit-image is missing
 
     def batch(gen: torch.Generator, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.randint(0, NUM_CLASSES, (n,), generator=gen)
-        return panning_clips(labels, gen), labels
+        return panning_clips(labels, gen, (lo, hi)), labels
 
     command = command_line("train_moving_photos", args)
     fit(MovingPhotosWan(config), batch, args, {
         "transformer_config": {**config, "patch_size": list(config["patch_size"])}, "command": command,
-        "data": "8-frame 32x32 RGB clips of a window panning 1-3 px a frame (random direction) across 16 "
+        "data": f"8-frame 32x32 RGB clips of a window panning {lo:g}-{hi:g} px a frame (random direction) across 16 "
                 "photographs of scikit-image and scikit-learn at short side 256, 128 or 64 px, in [-1, 1]; "
                 "the label is the photograph",
     })
