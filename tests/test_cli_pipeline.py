@@ -145,7 +145,7 @@ def test_bench_on_a_pipeline(folder, tmp_path):
     assert "TeaCache: not on pipelines" in (docs / "results.md").read_text()
 
 
-@pytest.mark.parametrize("error", ["OutOfMemoryError", "MemoryError"])
+@pytest.mark.parametrize("error", ["OutOfMemoryError", "MemoryError", "cpu"])
 def test_out_of_memory_is_one_line_that_names_the_size_flags(folder, tmp_path, capsys, monkeypatch, error):
     """A pipeline at its default size (Wan: 480x832, 81 frames) can exhaust memory: one line says what to pass."""
     import torch
@@ -153,6 +153,9 @@ def test_out_of_memory_is_one_line_that_names_the_size_flags(folder, tmp_path, c
     from ertacache.app import pipeline_cli
 
     def exhaust(settings):
+        if error == "cpu":  # what the CPU allocator raises (torch.empty(10**13) here): a plain RuntimeError
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 40000000000000 bytes. Error code 12")
         raise (torch.OutOfMemoryError if error == "OutOfMemoryError" else MemoryError)("CUDA out of memory")
 
     monkeypatch.setattr(pipeline_cli, "calibrate", exhaust)
@@ -162,3 +165,7 @@ def test_out_of_memory_is_one_line_that_names_the_size_flags(folder, tmp_path, c
                  "--device", "cpu", "--out", str(tmp_path / "p.safetensors")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "out of memory on cpu" in err and "--height/--width/--num-frames" in err
+    monkeypatch.setattr(pipeline_cli, "calibrate", lambda settings: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # other errors keep their traceback
+        main(["calibrate", "--pipeline", str(folder), "--prompts", str(prompts), "--target-speedup", "2",
+              "--device", "cpu", "--out", str(tmp_path / "p.safetensors")])

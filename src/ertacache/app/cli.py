@@ -318,7 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     except ErtaCacheError as exc:
         print(f"ertacache: error: {exc}", file=sys.stderr)
         return 2
-    except (torch.OutOfMemoryError, MemoryError) as exc:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and \
+                "can't allocate memory" not in str(exc):  # a CPU allocation failure is a plain RuntimeError
+            raise
         where = getattr(args, "device", None) or "cpu"
         print(f"ertacache: error: out of memory on {where} ({type(exc).__name__}). A pipeline runs at its default "
               "size unless told (Wan: 480x832, 81 frames): pass --height/--width/--num-frames, --batch-size 1, "
