@@ -63,8 +63,8 @@ def main() -> None:
                "heldout_psnr": round(psnr(run(policy), ref), 2), "candidates": [], "decisions": pv["decisions"]}
         print(f"== {target}x (NFE {policy.nfe}): {pv['selected']}, {pv['variant']}: {row['heldout_psnr']} dB held out")
         for c in pv["candidates"]:
-            plain = replace(policy, cached_steps=tuple(c["cached_steps"]), adjusted_grid=None, rect_a={}, rect_b={},
-                            rect_enabled=None, rect_form="off",
+            plain = replace(policy.ablate(timestep_adjustment=False, rectification=False),
+                            cached_steps=tuple(c["cached_steps"]),
                             step_reuse={int(k): v for k, v in c.get("step_reuse", {}).items()})
             entry = {"candidate": c["source"] + (f" ({c['rule']})" if c.get("rule") else ""), "nfe": c["nfe"],
                      "calibration_db": {k: round(-10 * math.log10(v), 2) for k, v in c["errors"].items()},

@@ -187,8 +187,6 @@ def _calibrate(settings: CalibrateSettings) -> int:
 
 
 def _calibrate_here(settings: CalibrateSettings) -> int:
-    from ..calibration.distributed import rank_and_size
-
     if settings.pipeline is not None:
         from . import pipeline_cli
 
@@ -215,9 +213,17 @@ def _calibrate_here(settings: CalibrateSettings) -> int:
                        guidance_scale=settings.guidance_scale, null_cond=null, target_speedup=settings.target_speedup,
                        threshold=settings.threshold, config=settings.config, model_fingerprint=model_fingerprint(model),
                        progress=True, batch_size=settings.batch_size, checkpoint_dir=settings.checkpoint_dir)
+    return write_policy(policy, settings.out)
+
+
+def write_policy(policy: Any, out: str) -> int:
+    """Save a calibrated policy at ``out`` and print its summary, on rank 0 only (every rank reached the same
+    policy); the exit status."""
+    from ..calibration.distributed import rank_and_size
+
     if rank_and_size()[0] != 0:
-        return 0  # every rank reached the same policy; rank 0 writes it
-    path = policy.save(settings.out)
+        return 0
+    path = policy.save(out)
     print(policy.summary())
     print(f"wrote {path}")
     return 0

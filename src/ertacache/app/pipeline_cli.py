@@ -145,14 +145,9 @@ def calibrate(settings: CalibrateSettings) -> int:
                                 seeds=range(settings.seed, settings.seed + len(settings.prompts)),
                                 config=settings.config, progress=True, batch_size=settings.batch_size,
                                 checkpoint_dir=settings.checkpoint_dir, **settings.pipeline.call_kwargs())
-    from ..calibration.distributed import rank_and_size
+    from .cli import write_policy
 
-    if rank_and_size()[0] != 0:
-        return 0  # every rank reached the same policy; rank 0 writes it
-    path = policy.save(settings.out)
-    print(policy.summary())
-    print(f"wrote {path}")
-    return 0
+    return write_policy(policy, settings.out)
 
 
 def generate(settings: GenerateSettings) -> int:
