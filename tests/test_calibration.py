@@ -212,6 +212,9 @@ def test_bad_config_values():
         CalibrationConfig(reuse="hidden")  # type: ignore[arg-type]
     with pytest.raises(ErtaCacheError, match="empty sweep"):
         CalibrationConfig(thresholds=())
+    for folds in (0, True, 2.5):
+        with pytest.raises(ErtaCacheError, match=r"folds must be an int >= 1 \(1: no k-fold check\), got"):
+            CalibrationConfig(folds=folds)  # type: ignore[arg-type]
 
 
 def test_calibrate_many_equals_separate_calls(tiny):

@@ -90,6 +90,10 @@ def test_same_initial_noise_and_ground_truth(model, pipe):
     x0 = seeded_noise(range(N), LATENT_SHAPE)
     assert x0.shape == (N, *LATENT_SHAPE)
     torch.testing.assert_close(piped.gt_final, pack(core.gt_final), rtol=1e-4, atol=1e-4)
+    # the pipeline's rows say which sample they are (two transformer calls a step): the same k-fold error models
+    assert len(piped.fold_costs) == len(core.fold_costs) == 5
+    for a, b in zip(piped.fold_costs, core.fold_costs):
+        torch.testing.assert_close(a["gram"], b["gram"], rtol=1e-3, atol=1e-6)
 
 
 @pytest.mark.parametrize("option", list(OPTIONS), ids=list(OPTIONS))

@@ -72,6 +72,14 @@ class CalibrationConfig:
             (rectification is judged leave-one-out, the cached sets on every sample);
             otherwise the part of the set (taken from its end, in (0, 0.9]) that alone
             judges, as releases before 0.4 did.
+        folds: k of the k-fold check of the sets the schedule search fits to the
+            calibration samples (with ``holdout_fraction=0``): a searched set replaces
+            another only when it wins the paired comparison with each sample scored by
+            the set the search makes *without* that sample's fold (refitted from the
+            ground truth's log, no model call; evaluated only on folds where it comes out
+            different, at most one more evaluation pass of the set). Capped at
+            N / world size (each process needs a sample of every fold); 1, or fewer than
+            2 samples per process, judges the sets on the samples they were fitted to.
         max_candidates: how many threshold candidates (those with the most
             computed steps within the budget) are fully evaluated.
         sweep_early_stop: stop the lambda sweep (increasing lambda) once ``max_candidates``
@@ -118,6 +126,7 @@ class CalibrationConfig:
     search_candidates: int = 2
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     holdout_fraction: float = 0.0
+    folds: int = 5
     max_candidates: int = 3
     component_check: bool = True
     sweep_early_stop: bool = True
@@ -163,6 +172,8 @@ class CalibrationConfig:
         if isinstance(self.holdout_fraction, bool) or not isinstance(self.holdout_fraction, (int, float)) \
                 or not (0.0 <= self.holdout_fraction <= 0.9):
             raise ErtaCacheError(f"holdout_fraction must be in [0, 0.9], got {self.holdout_fraction}")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or self.folds < 1:
+            raise ErtaCacheError(f"folds must be an int >= 1 (1: no k-fold check), got {self.folds!r}")
         object.__setattr__(self, "candidates", check_sources(self.candidates))
         if isinstance(self.search_candidates, bool) or not isinstance(self.search_candidates, int) \
                 or not 1 <= self.search_candidates <= 4:

@@ -86,3 +86,16 @@ def check_shards(parts: Sequence[range], world_size: int) -> None:
                 f"{world_size} processes need at least {world_size} calibration samples (one each), but a part of "
                 f"the set has {len(part)}; give at least {world_size} samples (prompts), or run fewer processes"
             )
+
+
+def fold_slices(n: int, world_size: int, folds: int) -> list[slice]:
+    """The k folds of ``n`` calibration rows for k-fold checks: contiguous, each starting at a multiple of
+    ``world_size`` and at least that long, so that every rank holds a row of every fold. ``k`` is ``folds``
+    capped at ``n // world_size``; fewer than 2 folds: ``[]`` (no check).
+    """
+    blocks = n // max(world_size, 1)
+    k = min(folds, blocks)
+    if k < 2:
+        return []
+    bounds = [world_size * (f * blocks // k) for f in range(k)] + [n]
+    return [slice(bounds[f], bounds[f + 1]) for f in range(k)]

@@ -137,7 +137,8 @@ class CoreDriver:
         engine = Engine(pass_, self.grid if grid is None else grid, self.reuse.needs_history)
         try:
             return euler(self.model, self.reuse, self.noise[index], conds, self.names, self.guidance_scale, engine,
-                         fit, batch_size=self.batch_size, check_finite=True)
+                         fit, batch_size=self.batch_size, check_finite=True,
+                         samples=torch.tensor(idx, dtype=torch.long))
         finally:
             self.last_model_calls = engine.model_calls
 

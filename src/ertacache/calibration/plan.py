@@ -83,7 +83,8 @@ def target_passes(config: CalibrationConfig, T: int, max_nfe: int, first: bool) 
     """Whole-set passes of one target (beside the ground truth), an upper bound.
 
     The sets' evaluations, the components of the two sets that compete with them (the best
-    and the runner-up), at most ``config.max_passes``; Algorithm 2's sweep where asked for.
+    and the runner-up), the k-fold checks of the searched sets, at most ``config.max_passes``;
+    Algorithm 2's sweep where asked for.
 
     Args:
         first: the session's first target (later ones reuse the lambda sweep, and add the nested candidate).
@@ -95,6 +96,8 @@ def target_passes(config: CalibrationConfig, T: int, max_nfe: int, first: bool) 
         + (c.max_candidates if "threshold" in c.candidates else 0) + (0 if first or not search else 1) \
         + (1 if search and c.step_reuse_choice else 0) + (1 if search and c.propagation_candidate else 0)
     passes = sets * frac + variant_passes(c, frac) * min(2, sets)
+    if search and c.folds > 1 and c.holdout_fraction == 0:  # k-fold checks: at most one evaluation per searched set
+        passes += frac * (c.search_candidates + (0 if first else 1) + c.step_reuse_choice + c.propagation_candidate)
     if c.max_passes is not None:
         passes = min(passes, max(c.max_passes, frac))  # the evenly spaced set is judged in any case
     if "threshold" in c.candidates:  # Algorithm 2's sweep, beside the budget

@@ -78,6 +78,7 @@ RULES = ("rectified, squared norms add", "squared norms add", "rectified, norms 
 class _Rows:
     v: list[Tensor] = field(default_factory=list)
     x: list[Tensor] = field(default_factory=list)
+    samples: list[Tensor] = field(default_factory=list)
 
 
 class ErrorSketch:
@@ -94,6 +95,8 @@ class ErrorSketch:
         self.branch: dict[Hashable, str] = {}
         self.n: int | None = None
         self._hash: tuple[Tensor, Tensor] | None = None
+        self.knows_samples = True
+        """Every observed row came with its calibration sample (:attr:`UnitCall.samples`): :meth:`without` works."""
 
     def _sketch(self, y: Tensor) -> Tensor:
         """``(R, n) -> (R, min(n, dim))`` float64: the identity when ``n <= dim``, else the CountSketch."""
@@ -123,7 +126,30 @@ class ErrorSketch:
             rows = self.rows.setdefault((step, c.unit), _Rows())
             rows.v.append(self._sketch(c.v[c.fit]))
             rows.x.append(self._sketch(c.x[c.fit]))
+            if c.samples is None:
+                self.knows_samples = False
+            else:
+                rows.samples.append(c.samples[c.fit].long().cpu())
             self.branch[c.unit] = c.branch
+
+    def without(self, samples: range) -> ErrorSketch:
+        """The sketch of every row but those of calibration samples ``samples`` (a fold left out for k-fold
+        choice); the rows are shared, not copied. :meth:`costs` and :meth:`gram` of it are those of a ground truth
+        that never saw those samples.
+
+        Raises:
+            ValueError: a row was observed without its sample (:attr:`knows_samples` is False).
+        """
+        if not self.knows_samples:
+            raise ValueError("the sketch does not know which sample each row belongs to")
+        out = ErrorSketch(self.dim, self.seed)
+        out.n, out._hash, out.branch = self.n, self._hash, dict(self.branch)
+        for key, rows in self.rows.items():
+            ids = torch.cat(rows.samples)
+            keep = (ids < samples.start) | (ids >= samples.stop)
+            v, x = torch.cat(rows.v), torch.cat(rows.x)
+            out.rows[key] = _Rows([v[keep]], [x[keep]], [ids[keep]])
+        return out
 
     def costs(self, grid: Sequence[float], reuse: str, reduce: Callable[[Tensor], Tensor],
               rectified: bool, branches: Sequence[str]) -> dict[str, Tensor]:
@@ -451,6 +477,15 @@ def _pair_path(c: Tensor, nfe: int, T: int) -> tuple[int, ...] | None:
     return tuple(sorted(set(range(T)) - set(computed)))
 
 
+def schedule_for(costs: dict[str, Tensor], rule: str, nfe: int, forced: Sequence[int]) -> tuple[int, ...] | None:
+    """The cached set one reading of the error model (``rule``, of :data:`RULES`) gives for ``nfe`` computed steps;
+    None when its cost is absent or no set fits beside ``forced``."""
+    q = costs.get("rectified" if rule.startswith("rectified") else "raw")
+    if q is None:
+        return None
+    return shortest_schedule(q if "squared" in rule else q.clamp_min(0).sqrt(), nfe, forced)
+
+
 def propose(costs: dict[str, Tensor], nfe: int, forced: Sequence[int], limit: int) -> list[tuple[str, tuple[int, ...]]]:
     """Up to ``limit`` distinct cached sets for ``nfe`` computed steps, one per reading of the error model.
 
@@ -460,11 +495,7 @@ def propose(costs: dict[str, Tensor], nfe: int, forced: Sequence[int], limit: in
     out: list[tuple[str, tuple[int, ...]]] = []
     seen: set[tuple[int, ...]] = set()
     for rule in RULES:
-        q = costs.get("rectified" if rule.startswith("rectified") else "raw")
-        if q is None:
-            continue
-        cost = q if "squared" in rule else q.clamp_min(0).sqrt()
-        cached = shortest_schedule(cost, nfe, forced)
+        cached = schedule_for(costs, rule, nfe, forced)
         if cached is not None and cached not in seen:
             seen.add(cached)
             out.append((rule, cached))

@@ -43,6 +43,12 @@ class Candidate:
     """Cached steps that rebuild with another reuse mode than the config's (:attr:`ertacache.Policy.step_reuse`)."""
     inherited: str | None = None
     """For a smaller budget's chosen set competing for a larger one: the variant that budget kept."""
+    refit: Callable[[int], tuple[tuple[int, ...], dict[int, str]] | None] | None = field(
+        default=None, repr=False, compare=False)
+    """For a set fitted to the calibration samples: ``refit(k)`` is what the same recipe gives from the ground
+    truth without fold k's samples (cached steps, per-step reuse modes), or None (no set); None: not fitted."""
+    cross_validated: dict[str, Any] | None = None
+    """The k-fold check's record, once made: errors with each sample scored by its fold's refitted set."""
 
     @property
     def identity(self) -> tuple[tuple[int, ...], tuple[tuple[int, str], ...]]:
@@ -59,7 +65,8 @@ class Candidate:
                 "cached_steps": list(self.cached_steps), "errors": dict(self.errors), "variant": self.variant,
                 **({"rule": self.rule} if self.rule is not None else {}),
                 **({"step_reuse": {str(k): v for k, v in self.step_reuse.items()}} if self.step_reuse else {}),
-                **({"inherited": self.inherited} if self.inherited is not None else {})}
+                **({"inherited": self.inherited} if self.inherited is not None else {}),
+                **({"cross_validated": self.cross_validated} if self.cross_validated is not None else {})}
 
 
 def check_target_speedup(target_speedup: object, num_inference_steps: int) -> float:

@@ -5,8 +5,10 @@ loop, :class:`~ertacache.calibration.drive.CoreDriver`, or a diffusers pipeline'
 ``__call__``). Stages (docs/method.md section 2-4): ground-truth logging and the threshold
 search of Algorithm 2 give candidate cached-step sets S; for each candidate the
 timestep adjustment (Eq. 13-14) and the rectification fit (Eq. 15-21) are estimated,
-and the candidate whose whole cached sampler has the least final-output error on the
-held-out part of the set wins.
+and a policy replaces the evenly spaced set only on a paired win over the calibration
+samples by more than its standard error. Every sample fits and judges: rectification is
+judged leave-one-out, and a set the schedule search fitted to the samples is judged
+k-fold (each sample scored by the set the search makes without that sample's fold).
 
 Every pass is counted (model calls, wall time) into the policy's provenance, and, with
 a checkpoint folder, kept as it finishes so that a killed calibration resumes.
@@ -30,7 +32,7 @@ from ..core.engine import Pass, StopPass
 from ..errors import ErtaCacheError
 from ..policy import Policy, provenance
 from .checkpoint import Checkpoint, digest
-from .distributed import check_shards
+from .distributed import check_shards, fold_slices
 from .drive import Driver
 from .passes import AdjustTimesteps, FitRectification, GroundTruth, ThresholdSearch
 from .plan import variant_passes
@@ -41,6 +43,7 @@ from .schedule import (
     extrapolation_costs,
     fit_propagation,
     propose,
+    schedule_for,
     shortest_schedule,
 )
 from .select import Candidate, SearchResult, check_goal, select_candidates, sweep
@@ -74,6 +77,10 @@ class Margin:
     def as_dict(self) -> dict[str, Any]:
         return {"gain_db": round(self.gain_db, 3), "se_db": round(self.se_db, 3), "n": self.n,
                 "kept": self.significant}
+
+
+class _NoRoom(Exception):
+    """A k-fold check does not fit in ``max_passes``: the fitted set's win is not kept."""
 
 
 class CalibrationSession:
@@ -119,6 +126,9 @@ class CalibrationSession:
         self.hold = slice(self.n_fit, n) if self.n_hold else self.all
         world = getattr(driver, "world_size", 1)
         check_shards([range(n)[self.fit], range(n)[self.hold]], world)
+        self.folds = [] if self.n_hold else fold_slices(n, world, self.config.folds)
+        self.fold_costs: list[dict[str, Tensor]] = []  # the search's error model without each fold's samples
+        self._triples: dict[int | None, dict[str, Tensor]] = {}
         self.log = log or (lambda msg: None)
         self.callback = callback
         self.cost: dict[str, dict[str, float]] = {}
@@ -153,6 +163,10 @@ class CalibrationSession:
         self._rect: dict[str, tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor | None]] = {}
         self._adjusted: dict[str, list[float]] = {}
         self._judged_sets: dict[tuple[int, ...], float] = {}  # plain sets judged so far: their calibration error
+        self._judged_keys: dict[tuple[int, ...], str] = {}  # and their evaluations' keys (per-sample scores)
+        self._refits: dict[int, list[tuple[int, Policy]]] = {}  # per candidate: folds whose refitted set differs
+        self._shifts: dict[int, Tensor] = {}  # per candidate: its k-fold shift of each sample's log MSE
+        self._fold_scores: dict[str, Tensor] = {}  # k-fold evaluations: log MSE of a fold's rows
         self.propagation: list[dict[str, Any]] = []  # each propagation fit (propagation_candidate)
 
     # ----- passes, each kept and counted -----------------------------------------
@@ -220,6 +234,8 @@ class CalibrationSession:
             self.gt_changes = tuple(result["changes"])
             self.switch_steps = list(result["switch_steps"])
             self.search_costs = {k[7:]: v for k, v in tensors.items() if k.startswith("search.")}
+            self.fold_costs = [{k[len(f"fold{f}."):]: v for k, v in tensors.items() if k.startswith(f"fold{f}.")}
+                               for f in range(int(result.get("folds", 0)))]
             self.driver.restore(result["driver"])
         else:
             self.log(f"ground truth on {self.driver.size} samples" + (
@@ -231,15 +247,25 @@ class CalibrationSession:
             self.grid, self.gt_norms, self.switch_steps = gt.grid(), gt.norms(), gt.switch_steps()
             self.gt_changes = gt.velocity_changes()
             branches = self.driver.policy_fields(self.grid)["branches"]
-            self.search_costs = {} if gt.sketch is None else {
-                **gt.sketch.costs(self.grid, self.config.reuse, self.driver.reduce,
-                                  self.config.rectification != "off", branches),
-                "gram": gt.sketch.gram(self.T, branches, self.driver.reduce)}
+            self.search_costs = {} if gt.sketch is None else self._sketch_costs(gt.sketch, branches)
+            if gt.sketch is not None and gt.sketch.knows_samples:
+                self.fold_costs = [self._sketch_costs(gt.sketch.without(range(self.driver.size)[f]), branches)
+                                   for f in self.folds]
+            folded = {f"fold{f}.{k}": v for f, costs in enumerate(self.fold_costs) for k, v in costs.items()}
             self._done(key, {"grid": self.grid, "norms": list(self.gt_norms), "changes": list(self.gt_changes),
-                             "switch_steps": self.switch_steps, "driver": self.driver.recorded()},
-                       {"x": self.gt_final, **{f"search.{k}": v for k, v in self.search_costs.items()}})
+                             "switch_steps": self.switch_steps, "driver": self.driver.recorded(),
+                             "folds": len(self.fold_costs)},
+                       {"x": self.gt_final, **{f"search.{k}": v for k, v in self.search_costs.items()}, **folded})
         self.base: dict[str, Any] = dict(self.driver.policy_fields(self.grid), config=self.config)
         self.gt_cost = {k: dict(v) for k, v in self.cost.items()}
+        if len(self.fold_costs) != len(self.folds):  # a driver that does not say which sample a row is
+            self.folds, self.fold_costs = [], []
+
+    def _sketch_costs(self, sketch: ErrorSketch, branches: Sequence[str]) -> dict[str, Tensor]:
+        """The schedule search's error model from a ground-truth sketch: segment costs and the Gram matrix."""
+        return {**sketch.costs(self.grid, self.config.reuse, self.driver.reduce, self.config.rectification != "off",
+                               branches),
+                "gram": sketch.gram(self.T, branches, self.driver.reduce)}
 
     def search(self, threshold: float, max_nfe: int | None = None) -> SearchResult:
         """Algorithm 2's search for one lambda on the fitting rows; with ``max_nfe`` it stops once over it."""
@@ -366,16 +392,137 @@ class CalibrationSession:
         share = self.n_hold / self.driver.size if self.n_hold else 1.0
         return (self.T - len(policy.cached_steps)) / self.T * share
 
-    def margin(self, old: Policy, new: Policy) -> Margin:
-        """The paired comparison of ``new`` against ``old`` over the judging samples (both evaluated)."""
+    def margin(self, old: Policy, new: Policy, old_shift: Tensor | None = None,
+               new_shift: Tensor | None = None) -> Margin:
+        """The paired comparison of ``new`` against ``old`` over the judging samples (both evaluated); a shift
+        (:meth:`_shift`) replaces each sample's score of a fitted set by its fold's refitted set's."""
         self.error(old), self.error(new)
-        d = (self.scores[self._key(old)] - self.scores[self._key(new)]) * DB
+        a, b = self.scores[self._key(old)], self.scores[self._key(new)]
+        d = ((a if old_shift is None else a + old_shift) - (b if new_shift is None else b + new_shift)) * DB
         sums = self.driver.reduce(torch.stack([d.sum(), d.square().sum(), torch.tensor(float(d.numel()),
                                                                                       dtype=torch.float64)]))
         n = int(sums[2])
         mean = float(sums[0]) / n
         var = max(0.0, (float(sums[1]) - n * mean * mean) / (n - 1)) if n > 1 else 0.0
         return Margin(mean, math.sqrt(var / n), n)
+
+    # ----- the k-fold check of fitted sets ------------------------------------------
+    def _positions(self, rows: slice) -> list[int]:
+        """Where this process' part of ``rows`` sits among its rows of the whole set (the order of :attr:`scores`)."""
+        where = {i: k for k, i in enumerate(self.driver.local(self.all))}
+        return [where[i] for i in self.driver.local(rows)]
+
+    def _error_without(self, key: str, fold: int) -> float:
+        """An evaluation's calibration error (geometric mean of MSE) over every sample but fold ``fold``'s."""
+        scores = self.scores[key]
+        keep = torch.ones(scores.numel(), dtype=torch.bool)
+        keep[self._positions(self.folds[fold])] = False
+        total = self.driver.reduce(torch.stack([scores[keep].sum(), keep.sum().double()]))
+        return math.exp(float(total[0] / total[1]))
+
+    def _refitted(self, cand: Candidate) -> list[tuple[int, Policy]]:
+        """``(fold, plain policy)`` of each fold whose refitted set differs from the candidate's own (none for a
+        set not fitted to the samples, without folds, or where the recipe gives no set)."""
+        if id(cand) not in self._refits:
+            out: list[tuple[int, Policy]] = []
+            if cand.refit is not None and self.folds:
+                for f in range(len(self.folds)):
+                    got = cand.refit(f)
+                    if got is not None and (got[0], tuple(sorted(got[1].items()))) != cand.identity:
+                        out.append((f, Policy(cached_steps=got[0], step_reuse=got[1], **self.base)))
+            self._refits[id(cand)] = out
+        return self._refits[id(cand)]
+
+    def _fold_key(self, policy: Policy, fold: int) -> str:
+        rows = self.folds[fold]
+        return f"{self._key(policy)} rows {rows.start}:{rows.stop}"
+
+    def _check_cost(self, cand: Candidate) -> float:
+        """Whole-set passes the candidate's k-fold check still costs: its refitted sets on their folds."""
+        cost = 0.0
+        for f, policy in self._refitted(cand):
+            key = self._fold_key(policy, f)
+            if self._key(policy) not in self.scores and key not in self._charged:
+                rows = self.folds[f]
+                cost += self._evaluation_passes(policy) * (rows.stop - rows.start) / self.driver.size
+        return cost
+
+    def _fold_score(self, policy: Policy, fold: int) -> Tensor:
+        """Each sample's log MSE at t = 0 of ``policy`` on fold ``fold`` (this process' rows): from its evaluation
+        on every sample where there is one, else from an evaluation on the fold alone (kept, counted)."""
+        rows = self.folds[fold]
+        key = self._key(policy)
+        if key in self.scores:
+            return self.scores[key][self._positions(rows)]
+        fkey = self._fold_key(policy, fold)
+        if fkey not in self._fold_scores:
+            self._charge(fkey, self._evaluation_passes(policy) * (rows.stop - rows.start) / self.driver.size)
+            hit = self._kept(fkey)
+            if hit is not None:
+                self._fold_scores[fkey] = hit[1]["log_mse"]
+            else:
+                final = self._run("k-fold evaluation", fkey, policy.follower(self.driver.layout), rows,
+                                  policy.sampling_grid)
+                self._fold_scores[fkey] = self._log_mse(final, rows)
+                self._done(fkey, {}, {"log_mse": self._fold_scores[fkey]})
+        return self._fold_scores[fkey]
+
+    def _shift(self, cand: Candidate, variants: dict[str, Policy]) -> Tensor | None:
+        """The k-fold check of a set fitted to the samples: per sample (this process' rows), its refitted set's
+        log MSE minus the set's own (0 where the fold refits the same set); None for a set not fitted.
+
+        Each sample is then scored by the set that the recipe makes without the sample's fold: a
+        ranking the set earns only on the samples it was fitted to does not survive. The same shift
+        applies to the set's variants (its components are judged against the set itself). Records
+        the corrected errors in ``cand.cross_validated`` and ``cand.errors``.
+
+        Raises:
+            _NoRoom: the check's evaluations do not fit in ``max_passes``.
+        """
+        if cand.refit is None or not self.folds:
+            return None
+        if id(cand) not in self._shifts:
+            if not self._affords(self._check_cost(cand)):
+                raise _NoRoom
+            own = self.scores[self._key(self._plain(cand))]
+            shift = torch.zeros_like(own)
+            refitted = self._refitted(cand)
+            for f, policy in refitted:
+                rows = self._positions(self.folds[f])
+                shift[rows] = self._fold_score(policy, f) - own[rows]
+            self._shifts[id(cand)] = shift
+            in_sample = dict(cand.errors)
+            for name in cand.errors:
+                policy = variants.get(name, self._plain(cand))
+                cand.errors[name] = self._geometric(self.scores[self._key(policy)] + shift)
+            cand.cross_validated = {"folds": len(self.folds), "refit_differs": len(refitted),
+                                    "in_sample_errors": in_sample}
+        return self._shifts[id(cand)]
+
+    def _geometric(self, log_mse: Tensor) -> float:
+        total = self.driver.reduce(torch.stack([log_mse.sum(), torch.tensor(float(log_mse.numel()),
+                                                                            dtype=torch.float64)]))
+        return math.exp(float(total[0] / total[1]))
+
+    def _compare(self, old: tuple[Candidate, str], new: tuple[Candidate, str],
+                 variants: dict[int, dict[str, Policy]]) -> tuple[Margin, dict[str, Any]]:
+        """The paired comparison of two options (candidate, variant); a win of a set fitted to the samples is
+        checked k-fold (:meth:`_shift`). Returns the margin and what the decision records beside it."""
+        def policy_of(option: tuple[Candidate, str]) -> Policy:
+            cand, name = option
+            return variants[id(cand)][name] if name != "plain" else self._plain(cand)
+
+        m = self.margin(policy_of(old), policy_of(new))
+        fitted = [c for c in (old[0], new[0]) if c.refit is not None]
+        if not m.significant or not self.folds or not fitted or old[0] is new[0]:
+            return m, {}
+        try:
+            shifts = [self._shift(c, variants.get(id(c), {})) for c in (old[0], new[0])]
+        except _NoRoom:
+            return m, {"kept": False, "k_fold": f"not run: over max_passes={self.config.max_passes}"}
+        checked = self.margin(policy_of(old), policy_of(new), *shifts)
+        return checked, {"in_sample_gain_db": round(m.gain_db, 3), "k_fold": {
+            "folds": len(self.folds), "refit_differs": sum(len(self._refitted(c)) for c in fitted)}}
 
     # ----- the method --------------------------------------------------------------
     @torch.no_grad()
@@ -386,7 +533,8 @@ class CalibrationSession:
         best and the runner-up (the evenly spaced set when it is not the best) also with their
         components (rectification, adjustment); from the evenly spaced set without components,
         a policy replaces the one kept so far only when it wins the paired comparison over
-        the calibration samples by more than its standard error.
+        the calibration samples by more than its standard error; a searched set's win is
+        checked k-fold (:attr:`CalibrationConfig.folds`) before it is kept.
         """
         max_nfe = check_goal(target_speedup, threshold, self.T)
         before = {k: dict(v) for k, v in self.cost.items()}
@@ -416,10 +564,11 @@ class CalibrationSession:
                 chosen.errors[chosen.variant] = self.error(variants[id(chosen)][chosen.variant])
             policy = variants[id(chosen)][chosen.variant]
         else:
+            checks = max([self._check_cost(c) for c in candidates], default=0.0)  # room for one k-fold check
             for cand in self._shortlist(candidates, base):
                 if id(cand) in variants:
                     continue
-                if self._affords(self._variant_cost(cand)):
+                if self._affords(self._variant_cost(cand) + checks):
                     variants[id(cand)] = self._variants(cand)
                     for name, p in variants[id(cand)].items():
                         cand.errors[name] = self.error(p)
@@ -438,8 +587,7 @@ class CalibrationSession:
             self.bar.refresh()
             self.bar.close()
         info = provenance(
-            calibration_size=self.driver.size, judged_on=("every sample (rectification leave-one-out)"
-                                                          if not self.n_hold else f"{self.n_hold} held-out samples"),
+            calibration_size=self.driver.size, judged_on=self._judged_on(),
             holdout_size=self.n_hold, target_speedup=target_speedup,
             threshold=chosen.threshold, selected=chosen.source, variant=chosen.variant,
             candidates=[c.as_dict(self.T) for c in candidates], chosen=candidates.index(chosen),
@@ -451,6 +599,12 @@ class CalibrationSession:
                if self.config.propagation_candidate else {}),
         )
         return replace(policy, provenance=info)
+
+    def _judged_on(self) -> str:
+        if self.n_hold:
+            return f"{self.n_hold} held-out samples"
+        check = f", searched sets checked {len(self.folds)}-fold" if self.folds else ""
+        return f"every sample (rectification leave-one-out{check})"
 
     def _judge_sets(self, candidates: list[Candidate], threshold: float | None, max_nfe: int) -> list[Candidate]:
         """Each candidate set's plain evaluation, in priority order, while the budget leaves room for the best
@@ -465,7 +619,8 @@ class CalibrationSession:
         def judge(cand: Candidate) -> None:
             plain = self._plain(cand)
             cost = 0.0 if self._key(plain) in self._charged else self._evaluation_passes(plain)
-            if judged and not self._affords(cost + fit):
+            checks = max([self._check_cost(c) for c in judged + [cand]], default=0.0)  # one k-fold check kept free
+            if judged and not self._affords(cost + fit + checks):
                 self.log(f"{cand.label(self.T)} not judged: over max_passes={self.config.max_passes}")
                 return
             self.log(f"evaluating {cand.source} set, NFE {self.T - len(cand.cached_steps)}")
@@ -473,6 +628,7 @@ class CalibrationSession:
             judged.append(cand)
             if not cand.step_reuse:
                 self._judged_sets[cand.cached_steps] = cand.errors["plain"]
+                self._judged_keys[cand.cached_steps] = self._key(plain)
 
         base = [c for c in candidates if c.source == "uniform" and c.rule is None][:1]
         per_step = self.config.step_reuse_choice and threshold is None
@@ -508,8 +664,18 @@ class CalibrationSession:
                                  "cached_steps": None if cached is None else list(cached)})
         if cached is None:
             return None
+        judged = dict(self._judged_keys)
+
+        def refit(fold: int) -> tuple[tuple[int, ...], dict[int, str]] | None:
+            triple_f = self._extrapolation_costs(fold)
+            cost_f = triple_f.get("raw") if triple_f else self._costs(fold).get("raw")
+            fit_f = None if cost_f is None else fit_propagation(
+                cost_f, self.grid, [(c, self._error_without(key, fold)) for c, key in judged.items()])
+            got = None if fit_f is None else shortest_schedule(fit_f[1], max_nfe, self.switch_steps)
+            return None if got is None else (got, {})
+
         rule = f"{'extrapolation, ' if triple else ''}propagation-weighted (beta={beta:g})"
-        return Candidate("search", None, cached, rule=rule)
+        return Candidate("search", None, cached, rule=rule, refit=refit)
 
     def _plain(self, cand: Candidate) -> Policy:
         """The candidate's set alone: no adjustment, no rectification."""
@@ -537,9 +703,9 @@ class CalibrationSession:
         for cand in sorted(candidates, key=lambda c: c.errors["plain"]):
             if cand is base or cand.errors["plain"] >= base.errors["plain"]:
                 break
-            m = self.margin(self._plain(base), self._plain(cand))
-            decisions.append({"decision": f"{cand.label(self.T)} over {base.label(self.T)}", **m.as_dict()})
-            if m.significant:
+            m, note = self._compare((base, "plain"), (cand, "plain"), {})
+            decisions.append({"decision": f"{cand.label(self.T)} over {base.label(self.T)}", **m.as_dict(), **note})
+            if m.significant and note.get("kept", True):
                 return cand
         return base
 
@@ -564,8 +730,10 @@ class CalibrationSession:
             better = sorted((o for o in options if o[0].errors[o[1]] < current[0].errors[current[1]]),
                             key=lambda o: o[0].errors[o[1]])
             for option in better:
-                m = self.margin(policy_of(current), policy_of(option))
-                decisions.append({"decision": f"{label(option)} over {label(current)}", **m.as_dict()})
+                m, note = self._compare(current, option, variants)
+                decisions.append({"decision": f"{label(option)} over {label(current)}", **m.as_dict(), **note})
+                if not note.get("kept", True):
+                    continue
                 if m.significant and option[1] != "plain" and option[0] is not current[0]:
                     own = (option[0], "plain")  # a component is kept only where it wins on its own set too
                     m = self.margin(policy_of(own), policy_of(option))
@@ -644,14 +812,17 @@ class CalibrationSession:
             nested: list[Candidate] = []
             if previous is not None and self.T - len(previous.cached_steps) < max_nfe:
                 computed = [i for i in range(self.T) if i not in previous.cached_steps]
+                forced = sorted({*self.switch_steps, *computed})
                 triple = self._extrapolation_costs()
-                for rule, cached in propose(triple or self.search_costs, max_nfe,
-                                            sorted({*self.switch_steps, *computed}), 1):
+                for rule, cached in propose(triple or self.search_costs, max_nfe, forced, 1):
                     rule = f"extrapolation, {rule}" if triple else rule
                     nested.append(Candidate("search", None, cached,
-                                            rule=f"{rule}, adding steps to the NFE-{len(computed)} set"))
+                                            rule=f"{rule}, adding steps to the NFE-{len(computed)} set",
+                                            refit=self._refit_rule(rule, max_nfe, forced)))
             # priority (what a budget keeps): the search's first set, the nested set, the search's others
-            ordered = [Candidate("search", None, cached, rule=rule) for rule, cached in proposed[:limit]]
+            ordered = [Candidate("search", None, cached, rule=rule,
+                                 refit=self._refit_rule(rule, max_nfe, self.switch_steps))
+                       for rule, cached in proposed[:limit]]
             for cand in ordered[:1] + nested + ordered[1:]:
                 add(cand)
         if not out:  # the search found no set beside the forced steps: the evenly spaced one competes alone
@@ -659,16 +830,38 @@ class CalibrationSession:
                                     self.switch_steps)
         return out
 
-    def _extrapolation_costs(self) -> dict[str, Tensor]:
+    def _costs(self, fold: int | None) -> dict[str, Tensor]:
+        """The search's ``(T, T)`` segment costs and Gram matrix: of every sample (``fold`` None), or without
+        fold k's samples."""
+        return self.search_costs if fold is None else self.fold_costs[fold]
+
+    def _extrapolation_costs(self, fold: int | None = None) -> dict[str, Tensor]:
         """The schedule search's segment costs ``(T, T, T)`` for ``extrapolate`` reuse (empty for other modes,
-        without the ground truth's Gram matrix, or above :data:`~.schedule.MAX_TRIPLE_STEPS` steps)."""
-        gram = self.search_costs.get("gram")
+        without the ground truth's Gram matrix, or above :data:`~.schedule.MAX_TRIPLE_STEPS` steps); ``fold``:
+        from the ground truth without that fold's samples."""
+        gram = self._costs(fold).get("gram")
         if self.config.reuse != "extrapolate" or gram is None or self.T > MAX_TRIPLE_STEPS:
             return {}
-        if not hasattr(self, "_triple_costs"):
+        if fold not in self._triples:
             kinds = ("raw", "rectified") if self.config.rectification != "off" else ("raw",)
-            self._triple_costs = {k: extrapolation_costs(gram, self.grid, k == "rectified") for k in kinds}
-        return self._triple_costs
+            self._triples[fold] = {k: extrapolation_costs(gram, self.grid, k == "rectified") for k in kinds}
+        return self._triples[fold]
+
+    def _schedule(self, rule: str, max_nfe: int, forced: Sequence[int], fold: int | None) -> tuple[int, ...] | None:
+        """The set one reading of the error model gives (``rule`` as :meth:`_candidates` names it: a
+        :data:`~.schedule.RULES` entry, prefixed ``extrapolation, `` for the ``(T, T, T)`` costs)."""
+        prefix = "extrapolation, "
+        if rule.startswith(prefix):
+            return schedule_for(self._extrapolation_costs(fold), rule[len(prefix):], max_nfe, forced)
+        return schedule_for(self._costs(fold), rule, max_nfe, forced)
+
+    def _refit_rule(self, rule: str, max_nfe: int, forced: Sequence[int]
+                    ) -> Callable[[int], tuple[tuple[int, ...], dict[int, str]] | None]:
+        """A searched set's recipe, for the k-fold check: the same reading of the error model without fold k."""
+        def refit(fold: int) -> tuple[tuple[int, ...], dict[int, str]] | None:
+            cached = self._schedule(rule, max_nfe, forced, fold)
+            return None if cached is None else (cached, {})
+        return refit
 
     def _per_step_candidate(self, base: Candidate) -> Candidate | None:
         """``base``'s set with each cached step's reuse mode chosen by the error model
@@ -680,12 +873,24 @@ class CalibrationSession:
         if gram is None or config.reuse not in ("velocity", "extrapolate") or not base.cached_steps or base.step_reuse:
             return None
         modes = list(dict.fromkeys([config.reuse, "velocity", "extrapolate"]))
-        chosen = choose_step_reuse(gram, self.grid, base.cached_steps, modes, config.rectification != "off")
-        step_reuse = {j: m for j, m in chosen.items() if m != config.reuse}
+
+        def per_step(cached: tuple[int, ...], fold: int | None) -> dict[int, str]:
+            chosen = choose_step_reuse(self._costs(fold)["gram"], self.grid, cached, modes,
+                                       config.rectification != "off")
+            return {j: m for j, m in chosen.items() if m != config.reuse}
+
+        step_reuse = per_step(base.cached_steps, None)
         if not step_reuse:
             return None
+        base_refit = base.refit
+
+        def refit(fold: int) -> tuple[tuple[int, ...], dict[int, str]] | None:
+            got = base_refit(fold) if base_refit is not None else (base.cached_steps, {})
+            return None if got is None else (got[0], per_step(got[0], fold) if got[0] else {})
+
         return Candidate(base.source, base.threshold, base.cached_steps, rule=f"{base.rule}, per-step reuse"
-                         if base.rule else "per-step reuse", step_reuse=step_reuse)
+                         if base.rule else "per-step reuse", step_reuse=step_reuse,
+                         refit=refit if base_refit is not None else None)
 
     def _variants(self, cand: Candidate) -> dict[str, Policy]:
         """The candidate's policies, from fewest components to all that the config asks for.

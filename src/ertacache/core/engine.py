@@ -66,6 +66,8 @@ class UnitCall:
         v_prev: the unit's true output at its latest computed step, or None.
         out: the output the sampler uses; set by the pass.
         refresh: whether ``r`` becomes the unit's cache after the step; set by the pass.
+        samples: ``(B,)`` long, the calibration sample each row belongs to (its global index;
+            repeated for batched CFG), or None where the driver does not say (inference).
     """
 
     step: int
@@ -81,6 +83,7 @@ class UnitCall:
     v_prev: Tensor | None = None
     out: Tensor | None = None
     refresh: bool = True
+    samples: Tensor | None = None
 
     @property
     def hold(self) -> Tensor:

@@ -85,7 +85,8 @@ def check_finite_output(v: Tensor, step: int, t: float, stage: str) -> None:
 
 def euler(model: Any, reuse: Reuse, x: Tensor, conds: Sequence[Tensor | None], names: Sequence[str],
           guidance_scale: float, engine: Engine, fit: Tensor | None = None, *, batch_size: int | None = None,
-          check_finite: bool = False, callback: StepCallback | None = None, progress: bool = False) -> Tensor:
+          check_finite: bool = False, callback: StepCallback | None = None, progress: bool = False,
+          samples: Tensor | None = None) -> Tensor:
     """Walk the engine's grid from ``t_0`` to ``t_T = 0``; the engine's pass decides every step.
 
     Args:
@@ -103,6 +104,7 @@ def euler(model: Any, reuse: Reuse, x: Tensor, conds: Sequence[Tensor | None], n
             activation memory is bounded by ``batch_size`` rows (times the branches).
         check_finite: raise on NaN/inf model output (calibration does).
         callback: ``callback(i, t_i, x_{i+1})`` after each step.
+        samples: ``(B,)`` long, each row's calibration sample (reported to the pass; None: unknown).
 
     Returns:
         The state at t = 0.
@@ -123,7 +125,7 @@ def euler(model: Any, reuse: Reuse, x: Tensor, conds: Sequence[Tensor | None], n
         t = engine.grid[i]
         for c, rows in enumerate(chunks):
             _observe_chunk(model, reuse, engine, i, t, x[rows], [None if cc is None else cc[rows] for cc in conds],
-                           names, units[c], fit[rows], check_finite)
+                           names, units[c], fit[rows], check_finite, None if samples is None else samples[rows])
         out = {call.unit: call.out for call in engine.end_step(i)}
         vs = [guide([out[u] for u in units[c]], guidance_scale) for c in range(len(chunks))]  # type: ignore[misc]
         x = x + (engine.grid[i + 1] - t) * (vs[0] if len(vs) == 1 else torch.cat(vs))
@@ -134,7 +136,7 @@ def euler(model: Any, reuse: Reuse, x: Tensor, conds: Sequence[Tensor | None], n
 
 def _observe_chunk(model: Any, reuse: Reuse, engine: Engine, i: int, t: float, x: Tensor,
                    conds: Sequence[Tensor | None], names: Sequence[str], units: Sequence[Any], fit: Tensor,
-                   check_finite: bool) -> None:
+                   check_finite: bool, samples: Tensor | None = None) -> None:
     """One micro-batch at step i: the model (branch-stacked) where a unit needs it, ``v~`` where asked."""
     nb = len(names)
     xb, tb, cb = _stack(x, t, conds)
@@ -148,7 +150,7 @@ def _observe_chunk(model: Any, reuse: Reuse, engine: Engine, i: int, t: float, x
         vc_all = _rebuild(model, engine.reuse(i, reuse), engine, units, xb, tb, cb, t)
     for k, (name, unit) in enumerate(zip(names, units)):
         engine.observe(UnitCall(i, t, unit, name, x, fit, v=_part(v_all, k, nb), r=_part(r_all, k, nb),
-                                v_cached=_part(vc_all, k, nb)))
+                                v_cached=_part(vc_all, k, nb), samples=samples))
 
 
 def _part(v: Tensor | None, k: int, nb: int) -> Tensor | None:

@@ -21,7 +21,7 @@ block returns ``h_in + r`` while the others pass their inputs through.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -243,10 +243,12 @@ class PipelineRun:
         self.made: dict[tuple[int, int], int] = {}
         self.failed: BaseException | None = None
 
-    def enter_chunk(self, chunk: int, rows: tuple[int, int]) -> None:
+    def enter_chunk(self, chunk: int, rows: tuple[int, int], samples: Sequence[int] | None = None) -> None:
         """This thread runs micro-batch ``chunk``: its calls' batch holds ``n`` rows (repeated for batched
-        CFG), the first ``n_fit`` of them fitting rows. Without it (inference) every row fits."""
+        CFG), the first ``n_fit`` of them fitting rows, the calibration samples ``samples`` (global indices,
+        ``n`` of them). Without it (inference) every row fits."""
         self.local.chunk, self.local.rows = chunk, rows
+        self.local.samples = None if samples is None else torch.tensor(list(samples), dtype=torch.long)
 
     def fail(self, exc: BaseException) -> None:
         """A micro-batch thread failed: wake the others, which raise too."""
@@ -322,6 +324,13 @@ class PipelineRun:
         n, n_fit = rows
         return (torch.arange(batch) % n) < n_fit
 
+    def sample_ids(self, batch: int) -> Tensor | None:
+        """``(batch,)`` each row's calibration sample (rows repeat the ``n`` samples for batched CFG), or None."""
+        samples = getattr(self.local, "samples", None)
+        if samples is None:
+            return None
+        return samples[torch.arange(batch) % samples.numel()]
+
     def call(self, hook: StepHook, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One transformer call: run, reuse or both, as the engine's pass asks; return the output to use."""
         name = hook.branch()
@@ -355,7 +364,8 @@ class PipelineRun:
                                           lambda res: hook.forward_head(args, kwargs, res), engine.history(unit, t))
         done = v if v is not None else v_cached
         x = hidden if done is None else self._latent(hidden, done.shape)
-        call = UnitCall(step, t, unit, name, x, self.fit_mask(hidden.shape[0]), v=v, r=r, v_cached=v_cached)
+        call = UnitCall(step, t, unit, name, x, self.fit_mask(hidden.shape[0]), v=v, r=r, v_cached=v_cached,
+                        samples=self.sample_ids(hidden.shape[0]))
         with self.lock:
             if self.chunks == 1 and self.calls_per_step is not None and any(s < step for s in engine.pending):
                 made = sorted({c.branch for s in engine.pending for c in engine.pending[s] if s < step})

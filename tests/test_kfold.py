@@ -1,0 +1,119 @@
+"""The k-fold check of sets the schedule search fits to the calibration samples (issue 21, item 3).
+
+Each sample is scored by the set the same recipe makes from the ground truth without the
+sample's fold; the error model without a fold is exactly the one a ground truth that never
+saw those samples would log; a set's in-sample win that its folds do not reproduce is not kept.
+"""
+
+import pytest
+import torch
+
+from ertacache import CalibrationConfig
+from ertacache.calibration import CoreDriver, GroundTruth, core_session
+from ertacache.calibration.distributed import fold_slices, shard
+from ertacache.calibration.schedule import ErrorSketch
+from ertacache.calibration.session import CalibrationSession
+from ertacache.policy import Policy, uniform_cached_steps
+
+T, N = 10, 6
+COND, NULL = torch.tensor([1, 2, 3, 4, 5, 6]), torch.full((N,), 10)
+
+
+def session(model, config, **kw):
+    return core_session(model, COND, range(N), latent_shape=(2, 4, 4), num_inference_steps=T, guidance_scale=2.0,
+                        null_cond=NULL, config=config, **kw)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_folds_partition_the_set_and_every_process_holds_a_row_of_each(world):
+    for n in range(1, 30):
+        for k in (1, 2, 5, 40):
+            folds = fold_slices(n, world, k)
+            if min(k, n // world) < 2:
+                assert folds == []
+                continue
+            assert len(folds) == min(k, n // world)
+            assert [i for f in folds for i in range(n)[f]] == list(range(n))
+            for f in folds:
+                assert all(shard(range(n)[f], r, world) for r in range(world))
+
+
+def test_sketch_without_a_fold_is_the_sketch_of_a_ground_truth_that_never_saw_it(tiny):
+    """Costs and Gram of ``without(fold)`` equal those logged by a ground truth run on the other samples alone."""
+    def logged(seeds, cond):
+        driver = CoreDriver(tiny, cond, seeds, (2, 4, 4), T, 3.0, 2.0, torch.full((len(seeds),), 10), "velocity",
+                            None, batch_size=2)
+        gt = GroundTruth(ErrorSketch())
+        driver.run(gt, slice(0, len(seeds)), len(seeds), None)
+        return gt.sketch, gt.grid()
+
+    whole, grid = logged(list(range(N)), COND)
+    keep = [0, 1, 4, 5]
+    alone, _ = logged(keep, COND[keep])
+    cut = whole.without(range(2, 4))
+    for sketch in (cut, alone):
+        assert sketch.knows_samples
+    ident = lambda t: t  # noqa: E731  one process
+    branches = ("cond", "uncond")
+    a = cut.costs(grid, "velocity", ident, True, branches)
+    b = alone.costs(grid, "velocity", ident, True, branches)
+    for kind in ("raw", "rectified"):
+        torch.testing.assert_close(a[kind], b[kind], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(cut.gram(T, branches, ident), alone.gram(T, branches, ident), rtol=1e-9, atol=1e-12)
+    # additive: the Gram of the whole is the fold's plus the rest's
+    rest = whole.without(range(0, 2)).without(range(4, 6))
+    torch.testing.assert_close(cut.gram(T, branches, ident) + rest.gram(T, branches, ident),
+                               whole.gram(T, branches, ident), rtol=1e-9, atol=1e-9)
+
+
+def test_a_fold_that_refits_another_set_is_scored_by_that_set_on_its_own_rows(tiny):
+    """Only the folds whose refitted set differs are evaluated, on their rows alone, at the set's NFE."""
+    s = session(tiny, CalibrationConfig())
+    assert len(s.folds) == 5 and len(s.fold_costs) == 5
+    own = Policy(**{**s.base, "cached_steps": uniform_cached_steps(T, 5)})
+    other = uniform_cached_steps(T, 6)
+    from ertacache.calibration.select import Candidate
+
+    cand = Candidate("search", None, own.cached_steps,
+                     refit=lambda f: (other, {}) if f == 1 else (own.cached_steps, {}))
+    s.error(own)
+    before = dict(s.cost)
+    shift = s._shift(cand, {})
+    rows = s.folds[1]
+    evaluated = s.cost["k-fold evaluation"]
+    assert "k-fold evaluation" not in before and evaluated["passes"] == 1
+    assert evaluated["model_calls"] == (T - len(other)) * (rows.stop - rows.start) * 2  # NFE x rows x branches
+    assert torch.count_nonzero(shift[:rows.start]) == 0 and torch.count_nonzero(shift[rows.stop:]) == 0
+    whole = Policy(**{**s.base, "cached_steps": other})
+    s.error(whole)  # the refitted set on every sample: its fold's rows agree with the fold's own evaluation
+    expected = s.scores[s._key(whole)][rows] - s.scores[s._key(own)][rows]
+    torch.testing.assert_close(shift[rows], expected, rtol=0, atol=1e-5)
+    assert cand.cross_validated == {"folds": 5, "refit_differs": 1, "in_sample_errors": {}}
+
+
+def test_a_win_the_folds_do_not_reproduce_is_not_kept(tiny, monkeypatch):
+    """A searched set that every fold would refit to the evenly spaced set scores exactly as that set: no win."""
+    def to_uniform(self, rule, max_nfe, forced):
+        return lambda fold: (uniform_cached_steps(self.T, max_nfe), {})
+
+    config = CalibrationConfig(rectification="off", step_reuse_choice=False, propagation_candidate=False)
+    plain = session(tiny, config).policy(target_speedup=2.0)
+    searched = [d for d in plain.provenance["decisions"] if d["decision"].startswith("search set")]
+    assert searched and all(d["k_fold"]["refit_differs"] == 0 and d["gain_db"] == d["in_sample_gain_db"]
+                            for d in searched if d["kept"])
+    monkeypatch.setattr(CalibrationSession, "_refit_rule", to_uniform)
+    p = session(tiny, config).policy(target_speedup=2.0)
+    assert p.cached_steps == uniform_cached_steps(T, 5) and p.provenance["selected"] == "uniform"
+    checked = [d for d in p.provenance["decisions"] if "k_fold" in d]
+    assert checked and all(not d["kept"] and d["gain_db"] == 0.0 and d["k_fold"]["refit_differs"] == 5
+                           for d in checked)
+    assert "5-fold, 5 refitted sets differ" in p.summary()
+    assert p.provenance["judged_on"] == "every sample (rectification leave-one-out, searched sets checked 5-fold)"
+
+
+def test_one_fold_or_one_sample_judges_in_sample(tiny):
+    s = session(tiny, CalibrationConfig(folds=1))
+    assert s.folds == [] and s.fold_costs == []
+    p = s.policy(target_speedup=2.0)
+    assert all("k_fold" not in d for d in p.provenance["decisions"])
+    assert p.provenance["judged_on"] == "every sample (rectification leave-one-out)"
