@@ -51,8 +51,8 @@ class CalibrationConfig:
     leave-one-out, and every decision is a paired comparison over all calibration
     samples. A default calibration costs at most 5 uncached generations of the
     calibration set for one target (1 + at most 4 per target in
-    :func:`~ertacache.calibrate_many`). :meth:`thorough` is the full competition of
-    earlier releases (Algorithm 2's lambda sweep, timestep adjustment, per-step reuse),
+    :func:`~ertacache.calibrate_many`). :meth:`thorough` is the full competition
+    (Algorithm 2's lambda sweep, timestep adjustment, per-step reuse),
     about 5-10 times the cost. Each reading of the paper stays available here.
 
     Attributes:
