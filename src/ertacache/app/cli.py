@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..core.reuse import REUSE_MODES
+from ..core.reuse import DEFAULT_REUSE, REUSE_MODES
 from ..errors import ErtaCacheError
 from ..models.bundled import MODELS
 from .settings import CalibrateSettings, GenerateSettings, PipelineBenchSettings, PipelineSettings, read_prompts
@@ -64,8 +64,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-dir", default=None,
                    help="keep each finished pass here; rerun the same command to resume after a crash")
     p.add_argument("--seed", type=int, default=0, help="first calibration seed")
-    p.add_argument("--reuse", choices=list(REUSE_MODES),
-                   default="extrapolate")
+    p.add_argument("--reuse", choices=list(REUSE_MODES), default=DEFAULT_REUSE)
     p.add_argument("--thorough", action="store_true",
                    help="the full competition (Algorithm 2's lambda sweep and timestep adjustment beside the "
                         "default's sets): several times the default's model calls; see --dry-run")

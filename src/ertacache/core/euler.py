@@ -20,7 +20,7 @@ from ..errors import ErtaCacheError
 from .engine import Engine, FollowPolicy, UnitCall
 from .grids import check_grid, time_grid
 from .model import is_split
-from .reuse import History, Reuse, get_reuse
+from .reuse import DEFAULT_REUSE, History, Reuse, get_reuse
 
 StepCallback = Callable[[int, float, Tensor], None]
 
@@ -224,7 +224,7 @@ def sample(
     guidance_scale: float = 1.0,
     null_cond: Tensor | None = None,
     policy: Any = None,
-    reuse: str = "velocity",
+    reuse: str = DEFAULT_REUSE,
     model_fingerprint: str | None = None,
     callback: StepCallback | None = None,
     progress: bool = False,

@@ -9,7 +9,7 @@ The committed weights come from exactly::
 (10,735 steps in the 44-minute budget, one thread on a 2-core CPU; the cosine learning
 rate follows the larger of step and wall-clock progress, so it decays fully when time
 runs out.) ``--patch-size``, ``--num-layers`` and ``--heads`` try other architectures in
-the same budget (docs/guide.md's table of what was tried).
+the same budget (docs/bundled_models.md's table of what was tried).
 
 The loss, label dropout, EMA and resuming are those of the image model
 (:func:`ertacache.models.train_digits.fit`); each batch is new clips of random digits

@@ -7,7 +7,7 @@ is on, and its timestep-adjustment factor phi (Eq. 13, recovered from the adjust
 grid and applied with Eq. 14). The first and last steps stay computed.
 
 It is an approximation: the error a cached step makes grows with the distance to the
-last computed step, which the mapping changes. docs/guide.md, "Policies that travel",
+last computed step, which the mapping changes. docs/diffusers.md, "Policies that travel",
 measures what it costs against a policy calibrated at ``T'``.
 """
 

@@ -87,8 +87,8 @@ def _checker(pipe: Any, policy: Policy, strict: bool) -> Any:
         if shape not in warned:
             warned.add(shape)
             warnings.warn(f"ertacache: this policy was calibrated at {calibrated}; following it by step index at "
-                          f"{current} on the pipeline's own grid (docs/guide.md, 'Policies that travel'). Calibrate at "
-                          "this size for the best fidelity.", PolicyTravelWarning, stacklevel=2)
+                          f"{current} on the pipeline's own grid (docs/diffusers.md, 'Policies that travel'). "
+                          "Calibrate at this size for the best fidelity.", PolicyTravelWarning, stacklevel=2)
 
     return on_start
 

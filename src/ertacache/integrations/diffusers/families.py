@@ -101,5 +101,5 @@ def family_for(pipe: Any) -> Family:
     raise ErtaCacheError(
         f"no ertacache family for pipeline {type(pipe).__name__}; supported: {', '.join(supported)}. Register one "
         "with ertacache.integrations.diffusers.register_family(Family(name, pipelines=(...), ...)) "
-        "(docs/guide.md, 'A new family is one data entry')."
+        "(docs/diffusers.md, 'A new family is one data entry')."
     )
