@@ -10,8 +10,9 @@ from .core.rectify import Granularity, Rectification
 from .core.reuse import DEFAULT_REUSE, get_reuse
 from .errors import ErtaCacheError
 
-ReuseMode = Literal["block_residual", "velocity", "latent_residual", "extrapolate"]
-"""What the cache keeps (docs/method.md section 1).
+ReuseMode = str
+"""What the cache keeps: the name of a registered reuse mode (:data:`ertacache.core.reuse.REUSE_MODES`, one
+class each in :mod:`ertacache.core.reuse`; docs/method.md section 1). Shipped:
 
 - ``block_residual``: ``r = h_out - h_in`` of the block stack; a cached step runs the
   embedding and head only (needs a :class:`~ertacache.core.model.SplitVelocityModel`).
@@ -116,7 +117,7 @@ class CalibrationConfig:
         ErtaCacheError: a field outside its allowed values.
     """
 
-    reuse: ReuseMode = DEFAULT_REUSE  # type: ignore[assignment]
+    reuse: ReuseMode = DEFAULT_REUSE
     l1_denominator: L1Denominator = "gt"
     timestep_adjustment: bool = False
     phi_denominator: PhiDenominator = "velocity_change"

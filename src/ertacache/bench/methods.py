@@ -13,6 +13,7 @@ from torch import Tensor
 from ..calibration import calibrate, core_session
 from ..config import CalibrationConfig
 from ..core.euler import sample, seeded_noise
+from ..core.reuse import DEFAULT_REUSE, REUSE_MODES
 from ..models.bundled import BundledModel, bundled_model
 from ..policy import Policy
 
@@ -169,8 +170,7 @@ def ertacache(ctx: Context) -> list[Method]:
 
 OPTIONS: dict[str, dict[str, Any]] = {
     "default": {},
-    "reuse=velocity": {"reuse": "velocity"},
-    "reuse=latent_residual": {"reuse": "latent_residual"},
+    **{f"reuse={name}": {"reuse": name} for name in REUSE_MODES if name != DEFAULT_REUSE},  # every registered mode
     "l1_denominator=current (v2)": {"l1_denominator": "current"},
     "phi_denominator=velocity (v2)": {"phi_denominator": "velocity"},
     "phi_denominator=gt_velocity_change": {"phi_denominator": "gt_velocity_change"},

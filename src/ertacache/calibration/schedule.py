@@ -66,6 +66,7 @@ from torch import Tensor
 
 from ..core.engine import UnitCall
 from ..core.rectify import RectStats
+from ..core.reuse import get_reuse
 
 SKETCH_DIM = 2048
 """Buckets per row of the CountSketch (latents with at most this many entries are kept exactly)."""
@@ -168,7 +169,7 @@ class ErrorSketch:
         """
         T = len(grid) - 1
         dt = torch.tensor([grid[j + 1] - grid[j] for j in range(T)], dtype=torch.float64)
-        latent = reuse == "latent_residual"
+        latent = get_reuse(reuse).keeps == "v - x"  # v~_j = x_j + (v_i - x_i)
         units = sorted({u for (_, u) in self.rows}, key=repr)
         branches = list(branches)
         stacked = {}
@@ -275,18 +276,22 @@ MAX_TRIPLE_STEPS = 200
 """Above this T the schedule search models ``extrapolate`` as ``velocity`` (its exact cost tensor is ``T^3``)."""
 
 
-def extrapolation_costs(gram: Tensor, grid: Sequence[float], rectified: bool) -> Tensor:
-    """Segment costs of ``extrapolate`` reuse, ``Q (T, T, T)``: ``Q[h, i, k]`` for ``h < i < k``.
+def extrapolation_costs(gram: Tensor, grid: Sequence[float], rectified: bool, reuse: str = "extrapolate") -> Tensor:
+    """Segment costs of a reuse mode that rebuilds from the last two computed steps, ``Q (T, T, T)``:
+    ``Q[h, i, k]`` for ``h < i < k``.
 
     ``Q[h, i, k] = sum over branches of ||sum_{i<j<k} dt_j r_j||^2`` with ``r_j`` the error of
-    ``v~_j = v_i + (v_i - v_h)(t_j - t_i)/(t_i - t_h)`` (with ``rectified``, its residual
-    after the step's least-squares fit). ``Q[0, 0, k]`` is the first segment, which has
-    no earlier computed step (``v~_j = v_0``). Everything else is ``inf``.
+    the mode's ``v~_j = a v_i + b v_h`` (:meth:`~ertacache.core.reuse.Reuse.weights`; for
+    ``extrapolate``, ``v_i + (v_i - v_h)(t_j - t_i)/(t_i - t_h)``), with ``rectified`` its
+    residual after the step's least-squares fit. ``Q[0, 0, k]`` is the first segment, which
+    has no earlier computed step. Everything else is ``inf``.
 
     Args:
         gram: :meth:`ErrorSketch.gram`, ``(n_branches, T + 1, T + 1)``.
         grid: the ``T + 1`` times.
+        reuse: the reuse mode's name.
     """
+    mode = get_reuse(reuse)
     T = gram.shape[-1] - 1
     t = torch.tensor([float(x) for x in grid], dtype=torch.float64)
     dt = t[1:] - t[:-1]
@@ -297,11 +302,10 @@ def extrapolation_costs(gram: Tensor, grid: Sequence[float], rectified: bool) ->
         js = torch.arange(i + 1, T)
         for h in range(i) if i > 0 else [None]:
             w = torch.zeros(len(js), T + 1, dtype=torch.float64)  # v~_j as coefficients
-            if h is None:
-                w[:, i] = 1.0
-            else:
-                slope = (t[js] - t[i]) / (t[i] - t[h])
-                w[:, i], w[:, h] = 1 + slope, -slope
+            a, b = mode.weights(t[js], float(t[i]), None if h is None else float(t[h]))
+            w[:, i] = a
+            if h is not None:
+                w[:, h] += b
             c = w.clone()
             c[torch.arange(len(js)), js] -= 1.0  # e_j = v~_j - v_j
             drift = torch.zeros(len(js), T + 1, dtype=torch.float64)
@@ -325,13 +329,13 @@ def extrapolation_costs(gram: Tensor, grid: Sequence[float], rectified: bool) ->
 
 
 def _reuse_coefficients(grid: Sequence[float], mode: str, h: int | None, i: int, j: int, T: int) -> Tensor:
-    """``v~_j`` as coefficients over the Gram basis (steps, then ones) for a mode that keeps ``v``."""
+    """``v~_j`` as coefficients over the Gram basis (steps, then ones), from the mode's
+    :meth:`~ertacache.core.reuse.Reuse.weights`."""
+    a, b = get_reuse(mode).weights(grid[j], grid[i], None if h is None else grid[h])
     w = torch.zeros(T + 1, dtype=torch.float64)
-    if mode == "extrapolate" and h is not None and grid[i] != grid[h]:
-        s = (grid[j] - grid[i]) / (grid[i] - grid[h])
-        w[i], w[h] = 1 + s, -s
-    else:
-        w[i] = 1.0
+    w[i] = float(a)
+    if h is not None:
+        w[h] += float(b)
     return w
 
 

@@ -29,6 +29,7 @@ from torch import Tensor
 from .._version import __version__
 from ..config import CalibrationConfig
 from ..core.engine import Pass, StopPass
+from ..core.reuse import REUSE_MODES, get_reuse
 from ..errors import ErtaCacheError
 from ..policy import Policy, provenance
 from .checkpoint import Checkpoint, digest
@@ -840,11 +841,12 @@ class CalibrationSession:
         without the ground truth's Gram matrix, or above :data:`~.schedule.MAX_TRIPLE_STEPS` steps); ``fold``:
         from the ground truth without that fold's samples."""
         gram = self._costs(fold).get("gram")
-        if self.config.reuse != "extrapolate" or gram is None or self.T > MAX_TRIPLE_STEPS:
+        if not get_reuse(self.config.reuse).needs_history or gram is None or self.T > MAX_TRIPLE_STEPS:
             return {}
         if fold not in self._triples:
             kinds = ("raw", "rectified") if self.config.rectification != "off" else ("raw",)
-            self._triples[fold] = {k: extrapolation_costs(gram, self.grid, k == "rectified") for k in kinds}
+            self._triples[fold] = {k: extrapolation_costs(gram, self.grid, k == "rectified", self.config.reuse)
+                                   for k in kinds}
         return self._triples[fold]
 
     def _schedule(self, rule: str, max_nfe: int, forced: Sequence[int], fold: int | None) -> tuple[int, ...] | None:
@@ -870,9 +872,10 @@ class CalibrationSession:
         policy's mode."""
         config = self.config
         gram = self.search_costs.get("gram")
-        if gram is None or config.reuse not in ("velocity", "extrapolate") or not base.cached_steps or base.step_reuse:
+        own = get_reuse(config.reuse)  # the modes one cache can serve beside it: those that keep the same thing
+        modes = [config.reuse] + [n for n, m in REUSE_MODES.items() if n != config.reuse and m.keeps == own.keeps]
+        if gram is None or own.keeps != "v" or len(modes) < 2 or not base.cached_steps or base.step_reuse:
             return None
-        modes = list(dict.fromkeys([config.reuse, "velocity", "extrapolate"]))
 
         def per_step(cached: tuple[int, ...], fold: int | None) -> dict[int, str]:
             chosen = choose_step_reuse(self._costs(fold)["gram"], self.grid, cached, modes,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from torch import Tensor
 
@@ -70,6 +71,17 @@ class Reuse:
         """``v~`` at a cached step from the stored ``kept`` and the current state ``x`` (Eq. 6)."""
         raise NotImplementedError
 
+    def weights(self, t: Any, t_kept: float, t_previous: float | None) -> tuple[Any, Any]:
+        """How calibration's error model reads the mode: ``v~`` at time ``t`` as ``a v_kept + b v_previous``,
+        the model outputs at the latest computed step and at the one before (``t_previous``; None when there
+        is none yet). Times in [0, 1] (t = 1 is noise); ``t`` may be a tensor of times.
+
+        The schedule search (:mod:`ertacache.calibration.schedule`) prices every segment with these weights, so
+        a new mode is modelled as soon as it says them. The base reading ``(1, 0)`` is the latest output: exact
+        for ``velocity``, and how a mode that keeps something else than ``v`` is modelled.
+        """
+        return 1.0, 0.0
+
     def __repr__(self) -> str:
         return f"Reuse({self.name!r})"
 
@@ -109,6 +121,12 @@ class ExtrapolateReuse(Reuse):
             return kept
         slope = (history.t - history.t_kept) / (history.t_kept - history.t_previous)
         return kept + (kept - history.previous) * slope
+
+    def weights(self, t: Any, t_kept: float, t_previous: float | None) -> tuple[Any, Any]:
+        if t_previous is None or t_previous == t_kept:
+            return 1.0, 0.0
+        slope = (t - t_kept) / (t_kept - t_previous)
+        return 1 + slope, -slope
 
 
 class LatentResidualReuse(Reuse):

@@ -82,7 +82,7 @@ class Policy:
     cached_steps: tuple[int, ...]
     grid: tuple[float, ...]
     adjusted_grid: tuple[float, ...] | None = None
-    reuse: ReuseMode = DEFAULT_REUSE  # type: ignore[assignment]
+    reuse: ReuseMode = DEFAULT_REUSE
     branches: tuple[str, ...] = ("cond",)
     rect_a: dict[str, Tensor] = field(default_factory=dict)
     rect_b: dict[str, Tensor] = field(default_factory=dict)
