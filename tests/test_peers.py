@@ -151,3 +151,15 @@ def test_every_peer_setting_builds_its_diffusers_config(quick):
                 "firstblockcache", "taylorseercache", "magcache", "pyramidattentionbroadcast", "fastercache"}
     with pytest.raises(ValueError, match="unknown peer 'teacache'"):
         peer_config("teacache", {}, lambda: 500.0, 20)
+
+
+def test_the_quick_benchmark_calibrates_on_the_models_default_calibration_size():
+    """``bench --quick`` judges ERTACache as ``ertacache calibrate`` would run it: on the bundled model's default
+    calibration set (20 clips for the video models, whose searched sets 10 clips cannot resolve)."""
+    from ertacache.bench.methods import BenchSettings
+    from ertacache.models.bundled import MODELS, bundled_model
+
+    for name in MODELS:
+        quick = BenchSettings.for_model(name, quick=True)
+        assert quick.calibration_per_class == bundled_model(name).calibration_per_class
+    assert BenchSettings.for_model("moving-digits", quick=True).calibration_per_class * 10 == 20

@@ -55,11 +55,14 @@ class BenchSettings:
 
     @classmethod
     def for_model(cls, name: str, quick: bool = False) -> BenchSettings:
-        """The settings for a bundled model: its family's sampler; the video model with a smaller held-out set."""
+        """The settings for a bundled model: its family's sampler; the video model with a smaller held-out set.
+        ``quick`` calibrates on the model's default calibration size (:attr:`BundledModel.calibration_size`, what
+        ``ertacache calibrate`` uses: the video models need more clips than the image models need images)."""
         b = bundled_model(name)
         base: dict[str, Any] = {**b.sampler, "model": name}
         if quick:
-            return cls(**base, calibration_per_class=1, heldout_per_class=1 if b.video or b.num_classes > 10 else 2,
+            return cls(**base, calibration_per_class=b.calibration_per_class,
+                       heldout_per_class=1 if b.video or b.num_classes > 10 else 2,
                        repeats=1,
                        target_speedups=(2.0, 3.0) if b.video else (1.5, 2.0, 3.0), options=False, quick=True)
         if b.video:
