@@ -177,16 +177,19 @@ def test_an_offline_hub_id_and_a_folder_that_is_not_a_pipeline_are_said_plainly(
 
 
 def test_reuse_modes_are_one_list():
-    """The registry of reuse modes is the one list: the config's type and the command line's choices follow it."""
-    from typing import get_args
-
+    """The registry of reuse modes is the one list: the config and the command line's choices follow it."""
+    from ertacache import CalibrationConfig
     from ertacache.app.cli import _build_parser
-    from ertacache.config import ReuseMode
     from ertacache.core.reuse import REUSE_MODES
+    from ertacache.errors import ErtaCacheError
 
     calibrate = _build_parser()._subparsers._group_actions[0].choices["calibrate"]
     choices = next(a.choices for a in calibrate._actions if a.dest == "reuse")
-    assert set(choices) == set(REUSE_MODES) == set(get_args(ReuseMode))
+    assert set(choices) == set(REUSE_MODES) == {"velocity", "extrapolate", "latent_residual", "block_residual"}
+    for name in REUSE_MODES:
+        assert CalibrationConfig(reuse=name).reuse == name
+    with pytest.raises(ErtaCacheError, match=r"reuse must be one of \['block_residual'"):
+        CalibrationConfig(reuse="hidden")
 
 
 @pytest.mark.parametrize("model, samples", [("digits", 10), ("moving-digits", 20), ("photos", 16)])
