@@ -345,8 +345,7 @@ class CalibrationSession:
 
     def _log_mse(self, final: Tensor, rows: slice) -> Tensor:
         """Each sample's log MSE at t = 0 against its uncached run (this process' part of ``rows``, float64)."""
-        where = {i: k for k, i in enumerate(self.driver.local(self.all))}
-        ref: Tensor = self.gt_final[[where[i] for i in self.driver.local(rows)]]
+        ref: Tensor = self.gt_final[self._positions(rows)]
         return (final.to(ref) - ref).double().square().flatten(1).mean(1).clamp_min(MSE_FLOOR).log().cpu()
 
     def _key(self, policy: Policy) -> str:
@@ -359,9 +358,7 @@ class CalibrationSession:
 
     def _score(self, key: str, log_mse: Tensor) -> float:
         self.scores[key] = log_mse
-        total = self.driver.reduce(torch.stack([log_mse.sum(), torch.tensor(float(log_mse.numel()),
-                                                                              dtype=torch.float64)]))
-        self.errors[key] = math.exp(float(total[0] / total[1]))
+        self.errors[key] = self._geometric(log_mse)
         return self.errors[key]
 
     def error(self, policy: Policy, log_mse: Tensor | None = None) -> float:
@@ -418,8 +415,7 @@ class CalibrationSession:
         scores = self.scores[key]
         keep = torch.ones(scores.numel(), dtype=torch.bool)
         keep[self._positions(self.folds[fold])] = False
-        total = self.driver.reduce(torch.stack([scores[keep].sum(), keep.sum().double()]))
-        return math.exp(float(total[0] / total[1]))
+        return self._geometric(scores[keep])
 
     def _refitted(self, cand: Candidate) -> list[tuple[int, Policy]]:
         """``(fold, plain policy)`` of each fold whose refitted set differs from the candidate's own (none for a
@@ -501,6 +497,7 @@ class CalibrationSession:
         return self._shifts[id(cand)]
 
     def _geometric(self, log_mse: Tensor) -> float:
+        """The geometric mean over processes of the MSEs whose logs are ``log_mse`` (this process' rows)."""
         total = self.driver.reduce(torch.stack([log_mse.sum(), torch.tensor(float(log_mse.numel()),
                                                                             dtype=torch.float64)]))
         return math.exp(float(total[0] / total[1]))
@@ -885,15 +882,17 @@ class CalibrationSession:
         step_reuse = per_step(base.cached_steps, None)
         if not step_reuse:
             return None
-        base_refit = base.refit
+        refit: Callable[[int], tuple[tuple[int, ...], dict[int, str]] | None] | None = None
+        if base.refit is not None:  # the base set's recipe, then the per-step choice on what it gives
+            base_refit = base.refit
 
-        def refit(fold: int) -> tuple[tuple[int, ...], dict[int, str]] | None:
-            got = base_refit(fold) if base_refit is not None else (base.cached_steps, {})
-            return None if got is None else (got[0], per_step(got[0], fold) if got[0] else {})
+            def refit_fold(fold: int) -> tuple[tuple[int, ...], dict[int, str]] | None:
+                got = base_refit(fold)
+                return None if got is None else (got[0], per_step(got[0], fold))
 
+            refit = refit_fold
         return Candidate(base.source, base.threshold, base.cached_steps, rule=f"{base.rule}, per-step reuse"
-                         if base.rule else "per-step reuse", step_reuse=step_reuse,
-                         refit=refit if base_refit is not None else None)
+                         if base.rule else "per-step reuse", step_reuse=step_reuse, refit=refit)
 
     def _variants(self, cand: Candidate) -> dict[str, Policy]:
         """The candidate's policies, from fewest components to all that the config asks for.

@@ -508,10 +508,12 @@ class Policy:
             numbers = isinstance(d, dict) and all(isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)
                                                   for k in ("gain_db", "se_db"))
             if numbers and {"decision", "n", "kept"} <= set(d):
-                check = d.get("k_fold")
-                fold = (f"; {check['folds']}-fold, {check['refit_differs']} refitted sets differ, in-sample "
-                        f"{d.get('in_sample_gain_db', 0.0):+.2f} dB" if isinstance(check, dict) and
-                        {"folds", "refit_differs"} <= set(check) else f"; k-fold check {check}" if check else "")
+                check, fold = d.get("k_fold"), ""
+                if isinstance(check, dict) and {"folds", "refit_differs"} <= set(check):
+                    fold = (f"; {check['folds']}-fold, {check['refit_differs']} refitted sets differ, in-sample "
+                            f"{d.get('in_sample_gain_db', 0.0):+.2f} dB")
+                elif check:  # the check could not run (its reason)
+                    fold = f"; k-fold check {check}"
                 lines.append(f"  {d['decision']}: {d['gain_db']:+.2f} dB +- {d['se_db']:.2f} (standard error, "
                              f"{d['n']} samples{fold}): {'kept' if d['kept'] else 'not kept'}")
         cost = self.provenance.get("cost")

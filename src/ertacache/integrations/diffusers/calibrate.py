@@ -122,7 +122,7 @@ class PipelineDriver:
 
         def work(c: int) -> None:
             rows = chunks[c]
-            run.enter_chunk(c, (len(rows), sum(1 for i in rows if i < n_fit)), rows)
+            run.enter_chunk(c, rows, sum(1 for i in rows if i < n_fit))
             try:
                 gens = [torch.Generator().manual_seed(self.seeds[i]) for i in rows]
                 out = pipes[c](generator=gens, num_inference_steps=self.num_inference_steps, output_type="latent",

@@ -243,12 +243,12 @@ class PipelineRun:
         self.made: dict[tuple[int, int], int] = {}
         self.failed: BaseException | None = None
 
-    def enter_chunk(self, chunk: int, rows: tuple[int, int], samples: Sequence[int] | None = None) -> None:
-        """This thread runs micro-batch ``chunk``: its calls' batch holds ``n`` rows (repeated for batched
-        CFG), the first ``n_fit`` of them fitting rows, the calibration samples ``samples`` (global indices,
-        ``n`` of them). Without it (inference) every row fits."""
-        self.local.chunk, self.local.rows = chunk, rows
-        self.local.samples = None if samples is None else torch.tensor(list(samples), dtype=torch.long)
+    def enter_chunk(self, chunk: int, samples: Sequence[int], n_fit: int) -> None:
+        """This thread runs micro-batch ``chunk``: its calls' batch holds the calibration samples ``samples``
+        (global indices; repeated for batched CFG), the first ``n_fit`` of them fitting rows. Without it
+        (inference) every row fits."""
+        self.local.chunk, self.local.rows = chunk, (len(samples), n_fit)
+        self.local.samples = torch.tensor(list(samples), dtype=torch.long)
 
     def fail(self, exc: BaseException) -> None:
         """A micro-batch thread failed: wake the others, which raise too."""
