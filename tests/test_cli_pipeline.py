@@ -169,3 +169,22 @@ def test_out_of_memory_is_one_line_that_names_the_size_flags(folder, tmp_path, c
     with pytest.raises(RuntimeError, match="a bug"):  # other errors keep their traceback
         main(["calibrate", "--pipeline", str(folder), "--prompts", str(prompts), "--target-speedup", "2",
               "--device", "cpu", "--out", str(tmp_path / "p.safetensors")])
+
+
+def test_a_size_the_pipeline_cannot_run_is_one_line(folder, tmp_path, capsys, monkeypatch):
+    """At its default size (480x832, 81 frames) the tiny Wan transformer's rotary table is too short: the
+    pipeline's own code raises, and the CLI says so in one line naming the size and the flags (was a traceback)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    argv = ["calibrate", "--pipeline", str(folder), "--prompts", str(prompts), "--target-speedup", "2",
+            "--dtype", "float32", "--device", "cpu", "--out", str(tmp_path / "p.safetensors")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ertacache: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "the pipeline's own call failed at its default size (RuntimeError:" in lines[0]
+    assert "--height/--width/--num-frames" in lines[0]
+    monkeypatch.setenv("ERTACACHE_TRACEBACK", "1")  # the traceback, on request
+    with pytest.raises(RuntimeError):
+        main(argv)
+    assert not (tmp_path / "p.safetensors").exists()

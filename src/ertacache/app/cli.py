@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -295,6 +296,30 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     return 0
 
 
+def _out_of_memory(args: argparse.Namespace, exc: BaseException) -> int:
+    where = getattr(args, "device", None) or "cpu"
+    print(f"ertacache: error: out of memory on {where} ({type(exc).__name__}). A pipeline runs at its default "
+          "size unless told (Wan: 480x832, 81 frames): pass --height/--width/--num-frames, --batch-size 1, "
+          "--dtype bfloat16, or --device cuda; a calibration with --checkpoint-dir resumes where it stopped",
+          file=sys.stderr)
+    return 1
+
+
+def _raised_in_pipeline_code(exc: BaseException) -> bool:
+    """Whether the innermost frame of ``exc`` outside torch is diffusers' or transformers' code (the pipeline's own
+    computation, e.g. a size its transformer does not support), not this library's."""
+    roots = [Path(m.__file__).parent for name in ("diffusers", "transformers")
+             if (m := sys.modules.get(name)) is not None and m.__file__]
+    torch_root = Path(torch.__file__).parent
+    innermost = None
+    tb = exc.__traceback__
+    while tb is not None:
+        if not Path(tb.tb_frame.f_code.co_filename).is_relative_to(torch_root):
+            innermost = Path(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    return innermost is not None and any(innermost.is_relative_to(r) for r in roots)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
@@ -323,14 +348,19 @@ def main(argv: list[str] | None = None) -> int:
     except ErtaCacheError as exc:
         print(f"ertacache: error: {exc}", file=sys.stderr)
         return 2
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) and \
-                "can't allocate memory" not in str(exc):  # a CPU allocation failure is a plain RuntimeError
+    except (torch.OutOfMemoryError, MemoryError) as exc:
+        return _out_of_memory(args, exc)
+    except Exception as exc:
+        if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):  # a CPU allocation failure
+            return _out_of_memory(args, exc)
+        if getattr(args, "pipeline", None) is None or os.environ.get("ERTACACHE_TRACEBACK") \
+                or not _raised_in_pipeline_code(exc):
             raise
-        where = getattr(args, "device", None) or "cpu"
-        print(f"ertacache: error: out of memory on {where} ({type(exc).__name__}). A pipeline runs at its default "
-              "size unless told (Wan: 480x832, 81 frames): pass --height/--width/--num-frames, --batch-size 1, "
-              "--dtype bfloat16, or --device cuda; a calibration with --checkpoint-dir resumes where it stopped",
+        size = ", ".join(f"{k.replace('_', ' ')} {getattr(args, k)}" for k in ("height", "width", "num_frames")
+                         if getattr(args, k, None) is not None) or "its default size"
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"\nertacache: error: the pipeline's own call failed at {size} ({type(exc).__name__}: {message}); "
+              "pass --height/--width/--num-frames the model supports (ERTACACHE_TRACEBACK=1 prints the traceback)",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
