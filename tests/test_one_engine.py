@@ -16,7 +16,7 @@ from ertacache.integrations.diffusers import PipelineDriver
 from ertacache.models.digits import LATENT_SHAPE, NULL_CLASS, digits_flux_pipeline, load_digits_model, pack
 
 T = 8
-N = 6
+N = 5
 GUIDANCE = 3.0
 BASE = dict(thresholds=(0.1, 0.3), max_candidates=2, search_candidates=1)
 OPTIONS = {  # every value of every option appears at least once; all but "default" on the thorough competition
