@@ -4,9 +4,10 @@
 
 For each grid shift, the uncached samples of the held-out seeds (10000..) are the
 reference. For each calibration size N (the first N of classes 0..9 repeated, seeds
-0..N-1), one :func:`ertacache.calibrate_many` over the targets (ground truth shared)
-gives a policy per target; each policy, and evenly spaced computation at its NFE with
-the same reuse mode, is sampled on the held-out seeds and scored (mean PSNR, dB).
+F..F+N-1 with F = ``--first-seed``, 0 by default: another F draws another calibration
+set), one :func:`ertacache.calibrate_many` over the targets (ground truth shared) gives
+a policy per target; each policy, and evenly spaced computation at its NFE with the
+same reuse mode, is sampled on the held-out seeds and scored (mean PSNR, dB).
 Rows: model, shift, N, target, NFE, PSNR, uniform PSNR at that NFE, calibration
 model calls and their count in uncached generations of the set.
 """
@@ -43,6 +44,7 @@ def main() -> None:
     p.add_argument("--targets", default="1.5,2,3,4")
     p.add_argument("--sizes", default="20", help="calibration sizes N, comma-separated")
     p.add_argument("--heldout-per-class", type=int, default=4)
+    p.add_argument("--first-seed", type=int, default=0, help="the calibration set's first noise seed")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -70,7 +72,8 @@ def main() -> None:
             cal_labels = torch.arange(n) % 10
             start = time.perf_counter()
             config = CONFIGS[args.config]()
-            policies = calibrate_many(model, cal_labels, list(range(n)), target_speedups=targets,
+            cal_seeds = list(range(args.first_seed, args.first_seed + n))
+            policies = calibrate_many(model, cal_labels, cal_seeds, target_speedups=targets,
                                       latent_shape=bundled.latent_shape, num_inference_steps=T, shift=shift,
                                       guidance_scale=cfg, null_cond=torch.full_like(cal_labels, NULL_CLASS),
                                       config=config)
@@ -82,7 +85,8 @@ def main() -> None:
                                          guidance_scale=cfg)
                     uniform[key] = score(uni, ref)
                 cost = pol.provenance.get("cost", {})
-                row = {"model": args.model, "config": args.config, "shift": shift, "N": n, "target": target,
+                row = {"model": args.model, "config": args.config, "shift": shift, "N": n,
+                       "first_seed": args.first_seed, "target": target,
                        "nfe": pol.nfe, "psnr": score(pol, ref), "uniform_psnr": uniform[key],
                        "selected": pol.provenance.get("selected"), "variant": pol.provenance.get("variant"),
                        "model_calls": cost.get("target", cost).get("model_calls"),
