@@ -20,12 +20,10 @@ import time
 from typing import Any
 
 import torch
+from heldout import Reference
 
-from ertacache import CalibrationConfig, Policy, calibrate_many, sample, seeded_noise
+from ertacache import CalibrationConfig, Policy, calibrate_many
 from ertacache.io import atomic_write_text
-from ertacache.metrics import psnr
-from ertacache.models.bundled import bundled_model, labels_and_seeds
-from ertacache.models.digits import NULL_CLASS
 
 CONFIGS = {
     "default": lambda: CalibrationConfig(),
@@ -48,46 +46,27 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    bundled = bundled_model(args.model)
-    model = bundled.load(None)
-    T, cfg = bundled.num_inference_steps, bundled.guidance_scale
-    labels, seeds = labels_and_seeds(args.heldout_per_class, 10_000)
-    noise = seeded_noise(seeds, bundled.latent_shape)
-    null = torch.full_like(labels, NULL_CLASS)
     rows: list[dict[str, Any]] = []
     targets = [float(s) for s in args.targets.split(",")]
-
     for shift in [float(s) for s in args.shifts.split(",")]:
-        kw = dict(num_inference_steps=T, shift=shift, guidance_scale=cfg, null_cond=null)
-
-        def score(policy: Policy | None, ref: torch.Tensor | None, kw: dict[str, Any] = kw) -> Any:
-            with torch.no_grad():
-                x = sample(model, noise, labels, policy=policy, **kw).x
-            return x if ref is None else round(psnr(x, ref), 2)
-
-        ref = score(None, None)
+        held = Reference(args.model, shift=shift, per_class=args.heldout_per_class, threads=args.threads)
         uniform: dict[tuple[str, int], float] = {}
         for n in [int(s) for s in args.sizes.split(",")]:
             cal_labels = torch.arange(n) % 10
             start = time.perf_counter()
-            config = CONFIGS[args.config]()
             cal_seeds = list(range(args.first_seed, args.first_seed + n))
-            policies = calibrate_many(model, cal_labels, cal_seeds, target_speedups=targets,
-                                      latent_shape=bundled.latent_shape, num_inference_steps=T, shift=shift,
-                                      guidance_scale=cfg, null_cond=torch.full_like(cal_labels, NULL_CLASS),
-                                      config=config)
+            policies = calibrate_many(held.model, cal_labels, cal_seeds, target_speedups=targets,
+                                      latent_shape=held.bundled.latent_shape, **held.sampler(cal_labels),
+                                      config=CONFIGS[args.config]())
             seconds = time.perf_counter() - start
             for target, pol in zip(targets, policies):
                 key = (pol.reuse, pol.nfe)
                 if key not in uniform:
-                    uni = Policy.uniform(T, pol.nfe, shift=shift, reuse=pol.reuse, branches=pol.branches,
-                                         guidance_scale=cfg)
-                    uniform[key] = score(uni, ref)
+                    uniform[key] = held.score(Policy.uniform(held.T, pol.nfe, like=pol))
                 cost = pol.provenance.get("cost", {})
                 row = {"model": args.model, "config": args.config, "shift": shift, "N": n,
                        "first_seed": args.first_seed, "target": target,
-                       "nfe": pol.nfe, "psnr": score(pol, ref), "uniform_psnr": uniform[key],
+                       "nfe": pol.nfe, "psnr": held.score(pol), "uniform_psnr": uniform[key],
                        "selected": pol.provenance.get("selected"), "variant": pol.provenance.get("variant"),
                        "model_calls": cost.get("target", cost).get("model_calls"),
                        "generations": cost.get("target", cost).get("uncached_generations"),
@@ -96,7 +75,8 @@ def main() -> None:
                 rows.append(row)
     meta = {"command": "python scripts/calibration_grid.py " + " ".join(
                 f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("threads",)),
-            "T": T, "guidance_scale": cfg, "held_out": len(seeds), "date": time.strftime("%Y-%m-%d")}
+            "T": held.T, "guidance_scale": held.guidance_scale, "held_out": len(held.seeds),
+            "date": time.strftime("%Y-%m-%d")}
     atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 

@@ -20,11 +20,10 @@ import time
 from dataclasses import replace
 
 import torch
+from heldout import Reference
 
-from ertacache import CalibrationConfig, Policy, calibrate_many, sample, seeded_noise
+from ertacache import CalibrationConfig, calibrate_many
 from ertacache.io import atomic_write_text
-from ertacache.metrics import psnr
-from ertacache.models.bundled import bundled_model, labels_and_seeds
 
 
 def main() -> None:
@@ -37,30 +36,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    b = bundled_model(args.model)
-    model = b.load(None)
-    T, cfg = b.num_inference_steps, b.guidance_scale
-    shift = b.shift if args.shift is None else args.shift
-    labels, seeds = labels_and_seeds(args.heldout_per_class, 10_000, b.num_classes)
-    noise = seeded_noise(seeds, b.latent_shape)
-    kw = dict(num_inference_steps=T, shift=shift, guidance_scale=cfg, null_cond=torch.full_like(labels, b.null_class))
-
-    def run(policy: Policy | None) -> torch.Tensor:
-        with torch.no_grad():
-            return sample(model, noise, labels, policy=policy, **kw).x
-
-    ref = run(None)
-    cal = torch.arange(args.calibration) % b.num_classes
+    held = Reference(args.model, shift=args.shift, per_class=args.heldout_per_class, threads=args.threads)
+    cal = torch.arange(args.calibration) % held.bundled.num_classes
     targets = [float(s) for s in args.targets.split(",")]
-    policies = calibrate_many(model, cal, list(range(args.calibration)), target_speedups=targets,
-                              latent_shape=b.latent_shape, num_inference_steps=T, shift=shift, guidance_scale=cfg,
-                              null_cond=torch.full_like(cal, b.null_class), config=CalibrationConfig())
+    policies = calibrate_many(held.model, cal, list(range(args.calibration)), target_speedups=targets,
+                              latent_shape=held.bundled.latent_shape, **held.sampler(cal), config=CalibrationConfig())
     rows = []
     for target, policy in zip(targets, policies):
         pv = policy.provenance
         row = {"target": target, "nfe": policy.nfe, "selected": pv["selected"], "variant": pv["variant"],
-               "heldout_psnr": round(psnr(run(policy), ref), 2), "candidates": [], "decisions": pv["decisions"]}
+               "heldout_psnr": held.score(policy), "candidates": [], "decisions": pv["decisions"]}
         print(f"== {target}x (NFE {policy.nfe}): {pv['selected']}, {pv['variant']}: {row['heldout_psnr']} dB held out")
         for c in pv["candidates"]:
             plain = replace(policy.ablate(timestep_adjustment=False, rectification=False),
@@ -68,7 +53,7 @@ def main() -> None:
                             step_reuse={int(k): v for k, v in c.get("step_reuse", {}).items()})
             entry = {"candidate": c["source"] + (f" ({c['rule']})" if c.get("rule") else ""), "nfe": c["nfe"],
                      "calibration_db": {k: round(-10 * math.log10(v), 2) for k, v in c["errors"].items()},
-                     "heldout_plain_psnr": round(psnr(run(plain), ref), 2)}
+                     "heldout_plain_psnr": held.score(plain)}
             row["candidates"].append(entry)
             print(f"   {entry['candidate']}: calibration {entry['calibration_db']}, held out (plain) "
                   f"{entry['heldout_plain_psnr']}")
@@ -78,7 +63,7 @@ def main() -> None:
     if args.out:
         meta = {"command": "python scripts/calibration_trace.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "threads"),
-            "T": T, "shift": shift, "held_out": len(seeds), "date": time.strftime("%Y-%m-%d")}
+            "T": held.T, "shift": held.shift, "held_out": len(held.seeds), "date": time.strftime("%Y-%m-%d")}
         atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 

@@ -17,11 +17,10 @@ import math
 import time
 
 import torch
+from heldout import Reference
 
-from ertacache import Policy, sample, seeded_noise
+from ertacache import Policy
 from ertacache.calibration import core_session
-from ertacache.models.bundled import bundled_model
-from ertacache.models.digits import NULL_CLASS
 
 
 def main() -> None:
@@ -33,31 +32,24 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=40)
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = p.parse_args()
-    torch.set_num_threads(1)
-    b = bundled_model(args.model)
-    model = b.load(None)
-    T, cfg, shift = b.num_inference_steps, b.guidance_scale, b.shift if args.shift is None else args.shift
+    held_labels = torch.arange(args.heldout) % 10
+    held = Reference(args.model, shift=args.shift, labels=held_labels,
+                     seeds=range(20_000, 20_000 + args.heldout), threads=1)
     labels = torch.arange(args.calibration) % 10
-    session = core_session(model, labels, range(args.calibration), latent_shape=b.latent_shape,
-                           num_inference_steps=T, shift=shift, guidance_scale=cfg,
-                           null_cond=torch.full_like(labels, NULL_CLASS))
+    session = core_session(held.model, labels, range(args.calibration), latent_shape=held.bundled.latent_shape,
+                           **held.sampler(labels))
     policy = session.policy(args.target)
     print(f"chosen: {policy.provenance['selected']}, {policy.provenance['variant']}; "
           f"decisions: {policy.provenance['decisions']}")
-    held = torch.arange(args.heldout) % 10
-    noise = seeded_noise(range(20_000, 20_000 + args.heldout), b.latent_shape)
-    kw = dict(num_inference_steps=T, shift=shift, guidance_scale=cfg, null_cond=torch.full_like(held, NULL_CLASS))
     scores = {}
-    with torch.no_grad():
-        ref = sample(model, noise, held, **kw).x
-        for c in policy.provenance["candidates"]:
-            pol = Policy(cached_steps=tuple(c["cached_steps"]),
-                         step_reuse={int(k): v for k, v in c.get("step_reuse", {}).items()}, **session.base)
-            x = sample(model, noise, held, policy=pol, **kw).x
-            name = f"{c['source']} NFE {c['nfe']}" + (f" ({c['rule']})" if c.get("rule") else "")
-            scores[name] = -10 * torch.log10((x - ref).double().square().flatten(1).mean(1) / 4.0)  # range [-1, 1]
-            print(f"{name}: calibration error {c['errors']['plain']:.3e}, held-out PSNR "
-                  f"{float(scores[name].mean()):.2f} dB")
+    for c in policy.provenance["candidates"]:
+        pol = Policy(cached_steps=tuple(c["cached_steps"]),
+                     step_reuse={int(k): v for k, v in c.get("step_reuse", {}).items()}, **session.base)
+        x = held.sample(pol)
+        name = f"{c['source']} NFE {c['nfe']}" + (f" ({c['rule']})" if c.get("rule") else "")
+        scores[name] = -10 * torch.log10((x - held.ref).double().square().flatten(1).mean(1) / 4.0)  # range [-1, 1]
+        print(f"{name}: calibration error {c['errors']['plain']:.3e}, held-out PSNR "
+              f"{float(scores[name].mean()):.2f} dB")
     base = next(v for k, v in scores.items() if k.startswith("uniform") and "(" not in k)
     rows = []
     for (name, v), c in zip(scores.items(), policy.provenance["candidates"]):
@@ -71,7 +63,7 @@ def main() -> None:
         from ertacache.io import atomic_write_text
 
         meta = {"command": "python scripts/candidates_heldout.py " + " ".join(
-            f"--{k} {v}" for k, v in vars(args).items() if v is not None), "T": T, "shift": shift,
+            f"--{k} {v}" for k, v in vars(args).items() if v is not None), "T": held.T, "shift": held.shift,
             "date": time.strftime("%Y-%m-%d"), "chosen": [policy.provenance["selected"], policy.provenance["variant"]],
             "decisions": policy.provenance["decisions"]}
         atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
