@@ -1,9 +1,10 @@
 """Never worse with more compute: on held-out seeds, calibrate_many's policy for a larger NFE budget is not below
 the one for a smaller budget, nor below evenly spaced computation with the same reuse mode at its own NFE.
 
-A reduced grid of ``scripts/calibration_grid.py`` (whose full table is docs/calibration.md): both bundled models at
-their step counts, the unshifted grid (where evenly spaced computation is not monotone) and, for the image model, a
-shifted one; targets 1.5x-4x; a small calibration set.
+A reduced grid of ``scripts/calibration_grid.py`` (whose full table, shifts 1, 3 and 5, is docs/calibration.md): both
+bundled models at their step counts on the unshifted grid, where evenly spaced computation is not monotone (the
+failure this property was written for); targets 1.5x-4x; a small calibration set. The shifted grids are the full
+table's (one more row here costs 30 s of `make test`).
 """
 
 import pytest
@@ -18,8 +19,7 @@ TOLERANCE_DB = 0.25
 TARGETS = [1.5, 2.0, 3.0, 4.0]
 
 
-@pytest.mark.parametrize("name, n, held_out, shift", [("digits", 4, 10, 1.0), ("digits", 4, 10, 5.0),
-                                                      ("moving-digits", 2, 4, 1.0)])
+@pytest.mark.parametrize("name, n, held_out, shift", [("digits", 4, 10, 1.0), ("moving-digits", 2, 4, 1.0)])
 def test_more_compute_is_never_worse_on_held_out_seeds(name, n, held_out, shift):
     bundled = bundled_model(name)
     model = bundled.load(None)
