@@ -84,6 +84,7 @@ def test_shell_command_parses_as_written(args, monkeypatch):
         script = ROOT / args[1]
         assert script.is_file() and script.parent.name == "scripts", f"not a script of the repository: {args[1]}"
         monkeypatch.setattr(sys, "argv", [str(script), *args[2:]])
+        monkeypatch.syspath_prepend(str(script.parent))  # as `python scripts/x.py` puts the script's folder first
         with pytest.raises(Parsed):
             runpy.run_path(str(script), run_name="__main__")
     elif prog == "make":
