@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .. import metrics
 from .._version import __version__
-from ..bench.methods import ablation_ladder
+from ..bench.methods import RunSettings, ablation_ladder
 from ..calibration import calibrate_with_variants
 from ..config import CalibrationConfig
 from ..core.euler import sample, seeded_noise
@@ -36,19 +36,13 @@ from ..policy import Policy
 
 
 @dataclass(frozen=True)
-class DemoSettings:
-    """The demo's sampler and data settings (defaults: the image model's, as ``make demo`` runs it)."""
+class DemoSettings(RunSettings):
+    """The demo's :class:`~ertacache.bench.methods.RunSettings` (defaults: the image model's, as ``make demo`` runs
+    it), its one target and its seeds."""
 
-    num_inference_steps: int = 30
-    guidance_scale: float = 3.0
-    shift: float = 3.0
     target_speedup: float = 2.0
-    calibration_per_class: int = 2
-    heldout_per_class: int = 4
-    repeats: int = 3
     calibration_seed_base: int = 0
     heldout_seed_base: int = 10_000
-    model: str = "digits"
     candidates: tuple[str, ...] = ("search", "uniform")
     """The candidate sources calibration lets compete: the schedule search and the uniform set (no lambda sweep,
     so that ``make demo`` fits in 10 minutes; ``ertacache calibrate`` lets Algorithm 2 compete too)."""
@@ -58,9 +52,8 @@ class DemoSettings:
         """A bundled model's family sampler; the video model with 1 calibration and 1 held-out clip per class."""
         from ..models.bundled import bundled_model
 
-        b = bundled_model(name)
-        base: dict[str, Any] = {**b.sampler, "model": name}
-        if b.video:
+        base = cls.sampler_of(name)
+        if bundled_model(name).video:
             return cls(**base, calibration_per_class=1, heldout_per_class=1, repeats=2)
         return cls(**base)
 

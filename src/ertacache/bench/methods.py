@@ -32,8 +32,10 @@ class Method:
 
 
 @dataclass(frozen=True)
-class BenchSettings:
-    """Sampler, data and sweep settings of the benchmark (sampler defaults: the bundled image model's)."""
+class RunSettings:
+    """What the benchmark and the demo share: a bundled ``model`` at its family's sampler (T, CFG, shift), the
+    calibration and held-out sets (samples per class) and the interleaved timing repeats (defaults: the image
+    model's)."""
 
     num_inference_steps: int = 30
     guidance_scale: float = 3.0
@@ -41,10 +43,21 @@ class BenchSettings:
     calibration_per_class: int = 2
     heldout_per_class: int = 4
     repeats: int = 3
+    model: str = "digits"
+
+    @staticmethod
+    def sampler_of(name: str) -> dict[str, Any]:
+        """A bundled model's family sampler and its name, as keywords of these settings."""
+        return {**bundled_model(name).sampler, "model": name}
+
+
+@dataclass(frozen=True)
+class BenchSettings(RunSettings):
+    """The benchmark's :class:`RunSettings` and its sweep: the targets, the option rows, ``--quick``."""
+
     target_speedups: tuple[float, ...] = (1.5, 2.0, 2.5, 3.0)
     options: bool = True
     quick: bool = False
-    model: str = "digits"
 
     @property
     def calibration(self) -> CalibrationConfig:
@@ -59,7 +72,7 @@ class BenchSettings:
         ``quick`` calibrates on the model's default calibration size (:attr:`BundledModel.calibration_size`, what
         ``ertacache calibrate`` uses: the video models need more clips than the image models need images)."""
         b = bundled_model(name)
-        base: dict[str, Any] = {**b.sampler, "model": name}
+        base = cls.sampler_of(name)
         if quick:
             return cls(**base, calibration_per_class=b.calibration_per_class,
                        heldout_per_class=1 if b.video or b.num_classes > 10 else 2,
