@@ -298,32 +298,34 @@ def extrapolation_costs(gram: Tensor, grid: Sequence[float], rectified: bool, re
     q = torch.full((T, T, T), torch.inf, dtype=torch.float64)
     ones = torch.zeros(T + 1, dtype=torch.float64)
     ones[T] = 1.0
-    for i in range(T - 1):
+    eye = torch.eye(2, dtype=torch.float64)
+    for i in range(T - 1):  # every earlier computed step h at once: (H, J, T + 1) coefficient tensors
         js = torch.arange(i + 1, T)
-        for h in range(i) if i > 0 else [None]:
-            w = torch.zeros(len(js), T + 1, dtype=torch.float64)  # v~_j as coefficients
+        hs: list[int | None] = list(range(i)) if i > 0 else [None]
+        w = torch.zeros(len(hs), len(js), T + 1, dtype=torch.float64)  # v~_j as coefficients
+        for k, h in enumerate(hs):
             a, b = mode.weights(t[js], float(t[i]), None if h is None else float(t[h]))
-            w[:, i] = a
+            w[k, :, i] = a
             if h is not None:
-                w[:, h] += b
-            c = w.clone()
-            c[torch.arange(len(js)), js] -= 1.0  # e_j = v~_j - v_j
-            drift = torch.zeros(len(js), T + 1, dtype=torch.float64)
-            total = torch.zeros(len(js), dtype=torch.float64)
-            for g in gram:
-                r = c
-                if rectified:  # per step: least squares of e on (v~, 1), r = e - a v~ - b
-                    basis = torch.stack([w, ones.expand_as(w)], dim=1)  # (J, 2, T+1)
-                    m = basis @ g @ basis.transpose(1, 2)  # (J, 2, 2)
-                    rhs = (basis @ g @ c[:, :, None])[..., 0]  # (J, 2)
-                    m = m + 1e-12 * m.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-300)[:, None, None] * torch.eye(2)
-                    coef = torch.linalg.solve(m, rhs[..., None])[..., 0]
-                    r = c - coef[:, :1] * w - coef[:, 1:] * ones
-                drift = torch.cumsum(dt[js, None] * r, dim=0)  # D(i, j + 1)
-                total = total + ((drift @ g) * drift).sum(-1)
-            ends = js + 1
-            keep = ends < T
-            q[i if h is None else h, i, ends[keep]] = total[keep]
+                w[k, :, h] += b
+        c = w.clone()
+        c[:, torch.arange(len(js)), js] -= 1.0  # e_j = v~_j - v_j
+        total = torch.zeros(len(hs), len(js), dtype=torch.float64)
+        for g in gram:
+            r = c
+            if rectified:  # per step: least squares of e on (v~, 1), r = e - a v~ - b
+                basis = torch.stack([w, ones.expand_as(w)], dim=2)  # (H, J, 2, T+1)
+                m = basis @ g @ basis.transpose(-1, -2)  # (H, J, 2, 2)
+                rhs = (basis @ g @ c[..., None])[..., 0]  # (H, J, 2)
+                m = m + 1e-12 * m.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[..., None, None] * eye
+                coef = torch.linalg.solve(m, rhs[..., None])[..., 0]
+                r = c - coef[..., :1] * w - coef[..., 1:] * ones
+            drift = torch.cumsum(dt[js][None, :, None] * r, dim=1)  # D(i, j + 1)
+            total = total + ((drift @ g) * drift).sum(-1)
+        ends = js + 1
+        keep = ends < T
+        for k, h in enumerate(hs):
+            q[i if h is None else h, i, ends[keep]] = total[k, keep]
             q[i if h is None else h, i, i + 1] = 0.0
     return q
 
