@@ -348,17 +348,17 @@ def main(argv: list[str] | None = None) -> int:
     except ErtaCacheError as exc:
         print(f"ertacache: error: {exc}", file=sys.stderr)
         return 2
-    except (torch.OutOfMemoryError, MemoryError) as exc:
-        return _out_of_memory(args, exc)
     except Exception as exc:
-        if isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc):  # a CPU allocation failure
+        text = str(exc).strip()
+        if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or \
+                (isinstance(exc, RuntimeError) and "can't allocate memory" in text):  # a CPU allocation failure
             return _out_of_memory(args, exc)
         if getattr(args, "pipeline", None) is None or os.environ.get("ERTACACHE_TRACEBACK") \
                 or not _raised_in_pipeline_code(exc):
             raise
         size = ", ".join(f"{k.replace('_', ' ')} {getattr(args, k)}" for k in ("height", "width", "num_frames")
                          if getattr(args, k, None) is not None) or "its default size"
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        message = text.splitlines()[0] if text else ""
         print(f"\nertacache: error: the pipeline's own call failed at {size} ({type(exc).__name__}: {message}); "
               "pass --height/--width/--num-frames the model supports (ERTACACHE_TRACEBACK=1 prints the traceback)",
               file=sys.stderr)
