@@ -48,8 +48,10 @@ def main() -> None:
     args = p.parse_args()
     rows: list[dict[str, Any]] = []
     targets = [float(s) for s in args.targets.split(",")]
+    held: Reference | None = None
     for shift in [float(s) for s in args.shifts.split(",")]:
-        held = Reference(args.model, shift=shift, per_class=args.heldout_per_class, threads=args.threads)
+        held = Reference(args.model, shift=shift, per_class=args.heldout_per_class, threads=args.threads,
+                         model=None if held is None else held.model)
         uniform: dict[tuple[str, int], float] = {}
         for n in [int(s) for s in args.sizes.split(",")]:
             cal_labels = torch.arange(n) % 10

@@ -19,10 +19,11 @@ class Reference:
     ``per_class`` of each class, seeds 10000..), ``noise`` and ``ref``, the uncached samples there."""
 
     def __init__(self, name: str, shift: float | None = None, per_class: int = 4,
-                 labels: torch.Tensor | None = None, seeds: Sequence[int] | None = None, threads: int = 2) -> None:
+                 labels: torch.Tensor | None = None, seeds: Sequence[int] | None = None, threads: int = 2,
+                 model: Any = None) -> None:
         torch.set_num_threads(threads)
         self.bundled = b = bundled_model(name)
-        self.model = b.load(None)
+        self.model = b.load(None) if model is None else model  # another reference's model: loaded once
         self.T, self.guidance_scale = b.num_inference_steps, b.guidance_scale
         self.shift = b.shift if shift is None else shift
         if labels is None or seeds is None:
