@@ -242,6 +242,39 @@ def test_steps_are_matched_by_the_nearest_time_on_a_dense_shifted_grid():
     assert run_.step_of("u", grid[1] * (1 + 2 ** -9)) == 1  # a bfloat16-rounded time finds its step
 
 
+def test_calibration_records_every_step_of_a_dense_shifted_grid(pipe, model):
+    """Shift 7 at T = 50 (HunyuanVideo's sampler) spaces t_0..t_5 closer than the bfloat16 tolerance a timestep
+    match needs (< 0.0041): calibration reads each step from the micro-batch's scheduler, so the ground truth
+    records all 50 times and the policy is followed on the pipeline's own grid, two micro-batches at once."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ertacache.config import CalibrationConfig
+    from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
+
+    steps = 50
+    dense = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    dense.set_timesteps(sigmas=[1 - i / steps for i in range(steps)])  # FluxPipeline's own sigmas
+    times = (dense.timesteps / 1000).tolist()
+    assert min(a - b for a, b in zip(times, times[1:])) < 1e-4 + 4e-3 * times[1]
+    original = pipe.scheduler
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    try:
+        labels = torch.arange(4)
+        tokens, pooled = model.prompt_embeds(labels)
+        null_tokens, null_pooled = model.prompt_embeds(torch.full_like(labels, NULL_CLASS))
+        policy = calibrate_pipeline(
+            pipe, None, num_inference_steps=steps, target_speedup=2.0, seeds=range(4), batch_size=2,
+            config=CalibrationConfig(candidates=("search",), component_check=False),
+            prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null_tokens,
+            negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=3.0, height=16, width=16)
+        assert len(policy.grid) == steps + 1 and policy.grid[:-1] == pytest.approx(times, abs=1e-6)
+        with apply_ertacache(pipe, policy) as handle:
+            run(pipe, model, labels[:2], seeded_noise([50, 51], (1, 16, 16)), steps=steps)
+            assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+    finally:
+        pipe.scheduler = original
+
+
 class ScalarReads:
     """Counts ``aten._local_scalar_dense`` (``float(t)``, ``.item()``, ``bool(t)``): a host-device sync on a GPU."""
 

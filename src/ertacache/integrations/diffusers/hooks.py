@@ -1,9 +1,10 @@
 """The diffusers driver: hooks that run the core's engine inside a pipeline's own ``__call__``.
 
 :class:`StepHook` sits on each transformer (through diffusers' ``HookRegistry``). At
-each transformer call it finds the step from the ``timestep`` passed (matched in order
-against the grid, never by counting calls), runs the model when the engine's pass
-needs it, rebuilds ``v~`` from the unit's cache when asked, and reports the call to
+each transformer call it reads the step from the scheduler's ``step_index`` (the
+pipeline's own state: host only, never by counting calls; a scheduler without it, such
+as DDIM's, has the ``timestep`` passed matched in order against the grid), runs the
+model when the engine's pass needs it, rebuilds ``v~`` from the unit's cache when asked, and reports the call to
 the :class:`~ertacache.core.engine.Engine` shared by all transformers of the pipeline
 (:class:`PipelineRun`). A unit is one ``cache_context`` branch of one transformer.
 
@@ -210,15 +211,18 @@ class PipelineRun:
             when every micro-batch has made its calls, and each waits for that.
         check_finite: raise on NaN/inf model output (calibration).
         on_start: called with ``(hidden_states, branch)`` at each unit's step 0 (inference checks).
-        pipe: (inference) the pipeline: a call's step is its scheduler's ``step_index``
-            (host state, so finding the step reads no tensor and syncs nothing with the
-            device), checked against the policy's step count. None (calibration, or a
-            scheduler without ``step_index``) matches the ``timestep`` against the grid.
+        pipe: (inference) the pipeline, whose scheduler is read at each call (the user
+            may swap it). A call's step is its scheduler's ``step_index`` (host state, so
+            finding the step reads no tensor and syncs nothing with the device), checked
+            against the policy's step count; in calibration the scheduler is the
+            micro-batch's own (:attr:`schedulers`). A scheduler without ``step_index``
+            has the ``timestep`` matched against the grid.
 
     Attributes:
         times: the recorded step times (ground truth).
         branches: branch names in the order they were first called.
-        schedulers: where timestep adjustment writes a changed grid (one per concurrent call).
+        schedulers: (calibration) each micro-batch's scheduler, in chunk order: where its step is
+            read, and where timestep adjustment writes a changed grid.
         latent_shape: ``hidden_states.shape[1:]`` of the latest call.
     """
 
@@ -287,7 +291,43 @@ class PipelineRun:
         self.engine.reset()
         self.last, self.decided, self.made = {}, set(), {}
 
-    def index_step(self, unit: Hashable) -> int:
+    def scheduler(self) -> Any:
+        """The scheduler of this thread's pipeline call if it keeps a ``step_index``, else None: the pipeline's
+        (inference, read at each call: the user may have swapped it) or this micro-batch's (calibration)."""
+        if self.pipe is not None:
+            scheduler = self.pipe.scheduler
+        elif self.schedulers:
+            scheduler = self.schedulers[getattr(self.local, "chunk", 0)]
+        else:
+            return None
+        return scheduler if hasattr(scheduler, "step_index") else None
+
+    @staticmethod
+    def _index(scheduler: Any) -> int:
+        index = scheduler.step_index
+        if index is None:  # before the first scheduler step of a call
+            index = getattr(scheduler, "begin_index", None) or 0
+        return int(index)
+
+    def record_step(self, scheduler: Any, t: float) -> int:
+        """Ground truth: the step of a call from the scheduler's ``step_index``, its time ``t`` recorded at the
+        step's first call (the steps before it decided then).
+
+        Raises:
+            ErtaCacheError: the scheduler skipped a step, or ran backwards, within one call.
+        """
+        index = self._index(scheduler)
+        if index == len(self.times):
+            self.times.append(t)
+            self.flush(index)
+        elif index > len(self.times) or abs(self.times[index] - t) > 1e-4 + 4e-3 * abs(t):
+            raise ErtaCacheError(
+                f"the scheduler's step_index is {index} at t = {t:.5f} after {len(self.times)} recorded steps "
+                f"(times {[round(x, 4) for x in self.times[-3:]]}): the pipeline's scheduler does not step once "
+                "per denoising step; report the pipeline class")
+        return index
+
+    def index_step(self, unit: Hashable, scheduler: Any) -> int:
         """The step of a call from the scheduler's ``step_index`` (a new run when it does not move forward).
 
         Raises:
@@ -296,15 +336,12 @@ class PipelineRun:
         grid = self.engine.grid
         assert grid is not None
         T = len(grid) - 1
-        scheduler = self.pipe.scheduler  # read at each call: the user may have swapped the scheduler
         n = len(scheduler.timesteps)
         if n != T:
             raise PolicyMismatchError(
                 f"num_inference_steps: policy {T}, got {n}; call the pipeline with the policy's num_inference_steps, "
                 "or map the policy with policy.for_steps(n), or recalibrate")
-        index = scheduler.step_index
-        if index is None:  # before the first scheduler step of a call
-            index = getattr(scheduler, "begin_index", None) or 0
+        index = self._index(scheduler)
         if not 0 <= index < T:
             raise PolicyMismatchError(f"the scheduler is at step {index}, outside the policy's 0..{T - 1}")
         if index <= self.last.get(unit, -1):  # the unit called at this step or later already: a new call
@@ -340,13 +377,19 @@ class PipelineRun:
         self.latent_shape = tuple(hidden.shape[1:])
         chunk = getattr(self.local, "chunk", 0)
         unit = (hook.index, name) if self.chunks == 1 else (hook.index, name, chunk)
-        if self.pipe is not None and self.engine.grid is not None and hasattr(self.pipe.scheduler, "step_index"):
-            step = self.index_step(unit)
-            t = self.engine.grid[step]
-        else:
+        scheduler = self.scheduler()
+        if scheduler is None:
             t = timestep_of(kwargs, self.family)
             with self.lock:
                 step = self.step_of(unit, t)
+        elif self.engine.grid is None:
+            t = timestep_of(kwargs, self.family)
+            with self.lock:
+                step = self.record_step(scheduler, t)
+        else:
+            with self.lock:
+                step = self.index_step(unit, scheduler)
+            t = self.engine.grid[step]
         if step == 0 and self.on_start is not None:
             self.on_start(hidden, name)
         engine = self.engine
