@@ -117,3 +117,33 @@ def test_one_fold_or_one_sample_judges_in_sample(tiny):
     p = s.policy(target_speedup=2.0)
     assert all("k_fold" not in d for d in p.provenance["decisions"])
     assert p.provenance["judged_on"] == "every sample (rectification leave-one-out)"
+
+
+def test_timestep_adjustment_is_judged_on_samples_its_grid_was_not_fitted_to(tiny):
+    """Each fold's rows follow the grid the other folds estimate (Eq. 13-14 without them): their k-fold scores
+    are exactly what that grid gives them at inference, and the adjusted variant is rated by those scores."""
+    from dataclasses import replace
+
+    from ertacache.calibration.passes import AdjustTimesteps
+    from ertacache.calibration.select import Candidate
+
+    s = session(tiny, CalibrationConfig(timestep_adjustment=True, rectification="off"))
+    cached = uniform_cached_steps(T, 5)
+    plain = Policy(**{**s.base, "cached_steps": cached})
+    whole = s.adjust(cached)
+    k_fold = s.adjust_k_fold(cached)
+    assert s.cost["timestep adjustment, k-fold"]["passes"] == len(s.folds) == 5
+    for rows in s.folds[:2]:
+        p = AdjustTimesteps(cached, s.config.phi_denominator, s.gt_changes, exclude=range(rows.start, rows.stop))
+        s.driver.run(p, s.all, s.n_fit, s.grid)
+        assert p.grid != whole  # the fold moved the estimate
+        s.error(replace(plain, adjusted_grid=tuple(p.grid)))  # that grid followed at inference, every sample
+        inference = s.scores[s._key(replace(plain, adjusted_grid=tuple(p.grid)))]
+        torch.testing.assert_close(k_fold[rows], inference[rows], rtol=0, atol=1e-9)
+    variants = s._variants(Candidate("uniform", None, cached))
+    adjusted = variants["adjusted"]
+    assert adjusted.adjusted_grid == tuple(whole)
+    assert s.error(adjusted) == pytest.approx(s._geometric(k_fold))
+    p = session(tiny, CalibrationConfig(timestep_adjustment=True)).policy(target_speedup=2.0)
+    assert p.provenance["judged_on"] == ("every sample (rectification leave-one-out, searched sets checked 5-fold, "
+                                         "timestep adjustment 5-fold)")

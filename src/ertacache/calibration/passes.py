@@ -134,21 +134,31 @@ class AdjustTimesteps(Pass):
     At a cached step j the true ``v_j`` runs beside ``v~_j``:
     ``phi_j = clip(1 - ||v~_j - v_j||_1 / ||v_j - v_{j-1}||_1, 0, 1)`` (v1; v2 divides
     by ``||v_j||_1``; ``gt_velocity_change`` by the change along the uncached trajectory,
-    ``gt_changes[j]``; a zero denominator gives 1), norms summed over units and fitting
-    rows, ``v_{j-1}`` the unit's true output at the step before. The step shrinks to
-    ``phi_j dt_j`` (:func:`~ertacache.core.grids.shrink_step`) before the trajectory
-    takes it, so later estimates see earlier adjustments.
+    ``gt_changes[j]``, over every sample: scaled by the share of rows taking part; a zero
+    denominator gives 1), norms summed over units and fitting rows, ``v_{j-1}`` the
+    unit's true output at the step before. The step shrinks to ``phi_j dt_j``
+    (:func:`~ertacache.core.grids.shrink_step`) before the trajectory takes it, so later
+    estimates see earlier adjustments.
+
+    Every row follows the one adjusted grid. With ``exclude`` (calibration sample indices)
+    those samples' rows take no part in the estimate: their outputs at t = 0 are what the
+    grid fitted without them gives (the k-fold evaluation of the adjustment).
 
     Attributes:
         phis: ``{step: phi}``; grid: the adjusted grid, after the run.
+
+    Raises:
+        ErtaCacheError: ``exclude`` is given and a call does not report its rows' samples.
     """
 
     name = "timestep adjustment"
 
     def __init__(self, cached_steps: Sequence[int], denominator: PhiDenominator = "velocity_change",
-                 gt_changes: Sequence[float] = (), step_reuse: dict[int, str] | None = None) -> None:
+                 gt_changes: Sequence[float] = (), step_reuse: dict[int, str] | None = None,
+                 exclude: Sequence[int] = ()) -> None:
         super().__init__(step_reuse)
         self.cached = set(cached_steps)
+        self.exclude = torch.tensor(list(exclude), dtype=torch.long) if len(exclude) else None
         self.denominator = denominator
         self.gt_changes = list(gt_changes)
         if denominator == "gt_velocity_change" and not self.gt_changes:
@@ -164,15 +174,26 @@ class AdjustTimesteps(Pass):
             return call.v_cached
         return super().provisional(call)
 
+    def _fit(self, call: UnitCall) -> Tensor:
+        """The call's rows that take part in the estimate."""
+        if self.exclude is None:
+            return call.fit
+        if call.samples is None:
+            raise ErtaCacheError("a k-fold timestep adjustment needs each row's calibration sample; the driver "
+                                 "reported none")
+        return call.fit & ~torch.isin(call.samples.to(call.fit.device), self.exclude.to(call.fit.device))
+
     def decide(self, step: int, calls: list[UnitCall], grid: list[float]) -> list[float] | None:
         adjust = step in self.cached and all(c.v_cached is not None and c.v_prev is not None for c in calls)
         new = None
         if adjust:
-            num = self.sum([l1((c.v_cached - c.v)[c.fit]) for c in calls if c.v_cached is not None
+            num = self.sum([l1((c.v_cached - c.v)[self._fit(c)]) for c in calls if c.v_cached is not None
                             and c.v is not None])
             den = self.gt_changes[step] if self.denominator == "gt_velocity_change" else self.sum(
-                [l1((c.v - c.v_prev if self.denominator == "velocity_change" else c.v)[c.fit])
+                [l1((c.v - c.v_prev if self.denominator == "velocity_change" else c.v)[self._fit(c)])
                  for c in calls if c.v is not None and c.v_prev is not None])
+            if self.exclude is not None and self.denominator == "gt_velocity_change":  # over every sample: its share
+                den *= ratio(self.sum([self._fit(c).sum() for c in calls]), self.sum([c.fit.sum() for c in calls]))
             phi = 1.0 if den == 0 else min(1.0, max(0.0, 1.0 - ratio(num, den)))
             self.phis[step] = phi
             new = shrink_step(grid, step, phi)

@@ -64,18 +64,22 @@ def _duration(seconds: float) -> str:
 
 
 def variant_passes(config: CalibrationConfig, frac: float) -> float:
-    """Whole-set passes of one set's components (adjustment and rectification fits and their evaluations).
+    """Whole-set passes of one set's components (adjustment and rectification fits and their evaluations; with
+    every sample judging, the adjustment's k-fold passes, one per fold).
 
     Args:
         frac: the set's NFE / T (what an evaluation of it costs).
     """
     c = config
     judged_apart = c.holdout_fraction > 0  # else the rectification fit judges itself (leave-one-out)
+    rectified = c.rectification != "off"
     passes = 0.0
-    if c.rectification != "off":
+    if rectified:
         passes += 1 + frac * judged_apart
     if c.timestep_adjustment:
-        passes += 1 + frac + (1 + frac * judged_apart if c.rectification != "off" else 0)
+        folds = 0 if judged_apart or c.folds < 2 else c.folds  # judged k-fold: a pass per fold
+        judged = folds + (frac if rectified else 0) if folds else frac
+        passes += 1 + judged + (1 + frac * judged_apart if rectified else 0)
     return passes
 
 

@@ -163,6 +163,7 @@ class CalibrationSession:
         self._spent = 0.0  # whole-set passes the current target has spent (config.max_passes)
         self._rect: dict[str, tuple[dict[str, Tensor], dict[str, Tensor], Tensor, Tensor | None]] = {}
         self._adjusted: dict[str, list[float]] = {}
+        self._adjusted_k_fold: dict[str, Tensor] = {}
         self._judged_sets: dict[tuple[int, ...], float] = {}  # plain sets judged so far: their calibration error
         self._judged_keys: dict[tuple[int, ...], str] = {}  # and their evaluations' keys (per-sample scores)
         self._refits: dict[int, list[tuple[int, Policy]]] = {}  # per candidate: folds whose refitted set differs
@@ -306,6 +307,34 @@ class CalibrationSession:
         self._done(key, {"grid": p.grid, "phis": {str(k): v for k, v in p.phis.items()}})
         self._adjusted[key] = list(p.grid)
         return p.grid
+
+    def adjust_k_fold(self, cached_steps: tuple[int, ...], step_reuse: dict[int, str] | None = None) -> Tensor:
+        """Each sample's log MSE at t = 0 on the adjusted grid fitted without its fold (this process' rows, the order
+        of :attr:`scores`): Eq. 13-14 judged on samples it was not fitted to.
+
+        One pass per fold over every sample: the other folds' rows estimate the grid that
+        all rows follow (:class:`~.passes.AdjustTimesteps` ``exclude``), the fold's rows are
+        judged at t = 0. Needs :attr:`folds` (every sample judging, two or more folds).
+        """
+        base = f"timestep adjustment S={list(cached_steps)}" + (f" reuse={step_reuse}" if step_reuse else "")
+        if base in self._adjusted_k_fold:
+            return self._adjusted_k_fold[base]
+        out = torch.zeros(len(self.driver.local(self.all)), dtype=torch.float64)
+        for rows in self.folds:
+            key = f"{base} without rows {rows.start}:{rows.stop}"
+            self._charge(key, 1.0)
+            at = self._positions(rows)
+            hit = self._kept(key)
+            if hit is not None:
+                out[at] = hit[1]["log_mse"]
+                continue
+            p = AdjustTimesteps(cached_steps, self.config.phi_denominator, self.gt_changes, step_reuse,
+                                exclude=range(rows.start, rows.stop))
+            final = self._run("timestep adjustment, k-fold", key, p, self.all, self.grid)
+            out[at] = self._log_mse(final, self.all)[at]
+            self._done(key, {"grid": p.grid}, {"log_mse": out[at].clone()})
+        self._adjusted_k_fold[base] = out
+        return out
 
     def rectify(self, cached_steps: tuple[int, ...], grid: Sequence[float], branches: Sequence[str],
                 step_reuse: dict[int, str] | None = None
@@ -602,6 +631,8 @@ class CalibrationSession:
         if self.n_hold:
             return f"{self.n_hold} held-out samples"
         check = f", searched sets checked {len(self.folds)}-fold" if self.folds else ""
+        if self.folds and self.config.timestep_adjustment and self.driver.adjustment_off is None:
+            check += f", timestep adjustment {len(self.folds)}-fold"
         return f"every sample (rectification leave-one-out{check})"
 
     def _judge_sets(self, candidates: list[Candidate], threshold: float | None, max_nfe: int) -> list[Candidate]:
@@ -897,16 +928,26 @@ class CalibrationSession:
     def _variants(self, cand: Candidate) -> dict[str, Policy]:
         """The candidate's policies, from fewest components to all that the config asks for.
 
-        A rectified variant fitted leave-one-out is evaluated by its fitting run (no further pass)."""
+        A rectified variant fitted leave-one-out is evaluated by its fitting run (no further pass). With
+        :attr:`folds`, the adjusted variant is judged k-fold (:meth:`adjust_k_fold`), and the full variant
+        (rectification leave-one-out on the grid fitted to every sample) by its leave-one-out run plus, per
+        sample, the adjusted grid's k-fold minus in-sample log MSE."""
         config = self.config
         plain = self._plain(cand)
         out = {"plain": plain}
         if not cand.cached_steps:
             return out
         adjusted: list[float] | None = None
+        optimism: Tensor | None = None  # per sample: the adjusted grid's k-fold log MSE minus its in-sample one
         if config.timestep_adjustment and self.driver.adjustment_off is None:
             adjusted = self.adjust(cand.cached_steps, cand.step_reuse)
             out["adjusted"] = replace(plain, adjusted_grid=tuple(adjusted))
+            if self.folds and tuple(adjusted) != tuple(self.grid):  # judged on samples the grid was not fitted to
+                k_fold = self.adjust_k_fold(cand.cached_steps, cand.step_reuse)
+                if config.rectification != "off":  # the rectified grid's judgement carries the same optimism
+                    self.error(out["adjusted"])
+                    optimism = k_fold - self.scores[self._key(out["adjusted"])]
+                self._score(self._key(out["adjusted"]), k_fold)
         if config.rectification != "off":
             grids: list[tuple[str, list[float]]] = [("rectified", self.grid)]
             if adjusted is not None:
@@ -916,6 +957,8 @@ class CalibrationSession:
                 out[name] = replace(out["adjusted"] if name == "full" else plain, rect_a=a, rect_b=b,
                                     rect_enabled=enabled, rect_form=config.rectification)
                 if log_mse is not None and bool(enabled.any()):
+                    if name == "full" and optimism is not None:
+                        log_mse = log_mse + optimism
                     self.error(out[name], log_mse)  # the leave-one-out run is the variant's evaluation
         return out
 
