@@ -139,7 +139,10 @@ def test_the_search_sets_per_step_version_competes_and_wins_where_it_is_exact():
     cands = pol.provenance["candidates"]
     searched = [c for c in cands if c["source"] == "search" and "step_reuse" not in c]
     best = min(searched, key=lambda c: c["errors"]["plain"])
-    assert all(c["cached_steps"] == best["cached_steps"] for c in cands if "step_reuse" in c)
+    refined_sets = [c["cached_steps"] for c in cands if "step_reuse" in c]  # per-step versions of searched sets,
+    assert refined_sets and all(any(c == s["cached_steps"] for s in searched) for c in refined_sets)
+    own = s._per_step_candidate(Candidate("search", None, tuple(best["cached_steps"])))  # the best one's if any
+    assert own is None or best["cached_steps"] in refined_sets
 
     off = session(model, replace(config, step_reuse_choice=False))
     pol = off.policy(target_speedup=2.0)

@@ -96,12 +96,12 @@ def target_passes(config: CalibrationConfig, T: int, max_nfe: int, first: bool) 
     c = config
     frac = min(max_nfe, T) / T
     search = "search" in c.candidates
-    sets = (c.search_candidates if search else 0) + ("uniform" in c.candidates) \
-        + (c.max_candidates if "threshold" in c.candidates else 0) + (0 if first or not search else 1) \
-        + (1 if search and c.step_reuse_choice else 0) + (1 if search and c.propagation_candidate else 0)
+    searched = (c.search_candidates + (0 if first else 1) + c.propagation_candidate) if search else 0
+    per_step = searched if c.step_reuse_choice else 0  # each searched set's per-step-reuse version
+    sets = searched + per_step + ("uniform" in c.candidates) + (c.max_candidates if "threshold" in c.candidates else 0)
     passes = sets * frac + variant_passes(c, frac) * min(2, sets)
     if search and c.folds > 1 and c.holdout_fraction == 0:  # k-fold checks: at most one evaluation per searched set
-        passes += frac * (c.search_candidates + (0 if first else 1) + c.step_reuse_choice + c.propagation_candidate)
+        passes += frac * (searched + per_step)
     if c.max_passes is not None:
         passes = min(passes, max(c.max_passes, frac))  # the evenly spaced set is judged in any case
     if "threshold" in c.candidates:  # Algorithm 2's sweep, beside the budget
