@@ -109,9 +109,9 @@ class CalibrationConfig:
             priority order (the evenly spaced set, the previous target's set, the schedule
             search's first set, its per-step-reuse version, the nested set, the search's
             other sets, the propagation-weighted set, keeping room for the best set's
-            components; then the runner-up's components; then the other searched sets'
-            per-step-reuse versions) what would go over it is skipped. The evenly spaced set is always
-            judged. None: no limit (:meth:`thorough`).
+            components; then the runner-up's components) what would go over it is skipped.
+            The evenly spaced set is always judged. None: no limit, and the per-step-reuse
+            versions of the other searched sets compete too (:meth:`thorough`).
 
     Raises:
         ErtaCacheError: a field outside its allowed values.

@@ -97,7 +97,7 @@ def target_passes(config: CalibrationConfig, T: int, max_nfe: int, first: bool) 
     frac = min(max_nfe, T) / T
     search = "search" in c.candidates
     searched = (c.search_candidates + (0 if first else 1) + c.propagation_candidate) if search else 0
-    per_step = searched if c.step_reuse_choice else 0  # each searched set's per-step-reuse version
+    per_step = (searched if c.max_passes is None else 1) if search and c.step_reuse_choice else 0  # unbudgeted: all
     sets = searched + per_step + ("uniform" in c.candidates) + (c.max_candidates if "threshold" in c.candidates else 0)
     passes = sets * frac + variant_passes(c, frac) * min(2, sets)
     if search and c.folds > 1 and c.holdout_fraction == 0:  # k-fold checks: at most one evaluation per searched set

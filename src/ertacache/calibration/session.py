@@ -641,16 +641,16 @@ class CalibrationSession:
 
         Priority: the evenly spaced set, the smaller budget's set (already judged), the schedule search's first
         set, its per-step-reuse version, the nested set, the search's other sets, the propagation-weighted set
-        (fitted on all of those), the per-step-reuse versions of the other searched sets (where the budget also
-        leaves room for the runner-up's components). Returns the judged ones in that order."""
+        (fitted on all of those); without a budget (``max_passes=None``, :meth:`CalibrationConfig.thorough`), the
+        per-step-reuse versions of the other searched sets. Returns the judged ones in that order."""
         fit = variant_passes(self.config, min(max_nfe, self.T) / self.T)
         judged: list[Candidate] = []
 
-        def judge(cand: Candidate, room: float = fit) -> None:
+        def judge(cand: Candidate) -> None:
             plain = self._plain(cand)
             cost = 0.0 if self._key(plain) in self._charged else self._evaluation_passes(plain)
             checks = max([self._check_cost(c) for c in judged + [cand]], default=0.0)  # one k-fold check kept free
-            if judged and not self._affords(cost + room + checks):
+            if judged and not self._affords(cost + fit + checks):
                 self.log(f"{cand.label(self.T)} not judged: over max_passes={self.config.max_passes}")
                 return
             self.log(f"evaluating {cand.source} set, NFE {self.T - len(cand.cached_steps)}")
@@ -674,11 +674,11 @@ class CalibrationSession:
             extra = self._propagation_candidate(max_nfe)
             if extra is not None and extra.identity not in {c.identity for c in candidates + judged}:
                 judge(extra)
-        if self.config.step_reuse_choice and threshold is None:  # the other searched sets' per-step versions, last:
+        if self.config.step_reuse_choice and threshold is None and self.config.max_passes is None:
             for cand in [c for c in judged if c.source == "search" and not c.step_reuse and c.inherited is None]:
-                extra = self._per_step_candidate(cand)  # with room for the runner-up's components too
+                extra = self._per_step_candidate(cand)  # the other searched sets' per-step versions, unbudgeted
                 if extra is not None and extra.identity not in {c.identity for c in candidates + judged}:
-                    judge(extra, 2 * fit)
+                    judge(extra)
         return judged
 
     def _propagation_candidate(self, max_nfe: int) -> Candidate | None:
