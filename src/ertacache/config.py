@@ -137,8 +137,9 @@ class CalibrationConfig:
 
     @classmethod
     def thorough(cls, **overrides: Any) -> CalibrationConfig:
-        """The full competition: Algorithm 2's lambda sweep beside the schedule search's sets and the uniform
-        set; timestep adjustment (Eq. 13-14) tried on the chosen set.
+        """The full competition: Algorithm 2's lambda sweep beside the schedule search's sets (each also with
+        its per-step reuse choice) and the uniform set; timestep adjustment (Eq. 13-14) tried on the best set
+        and the runner-up, judged k-fold. No budget (``max_passes=None``).
 
         It judges as the default does (every sample, paired comparisons); ``docs/calibration.md`` gives its
         measured cost and quality beside the default's.

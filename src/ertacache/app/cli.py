@@ -67,8 +67,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="first calibration seed")
     p.add_argument("--reuse", choices=list(REUSE_MODES), default=DEFAULT_REUSE)
     p.add_argument("--thorough", action="store_true",
-                   help="the full competition (Algorithm 2's lambda sweep and timestep adjustment beside the "
-                        "default's sets): several times the default's model calls; see --dry-run")
+                   help="the full competition (Algorithm 2's lambda sweep, timestep adjustment and every searched "
+                        "set's per-step reuse beside the default's sets): several times the default's model "
+                        "calls; see --dry-run")
     p.add_argument("--dry-run", action="store_true",
                    help="print the passes, model calls and estimated wall time (one model call is timed), then exit")
     p.add_argument("--candidates", default=None,
