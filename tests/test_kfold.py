@@ -140,10 +140,16 @@ def test_timestep_adjustment_is_judged_on_samples_its_grid_was_not_fitted_to(tin
         s.error(replace(plain, adjusted_grid=tuple(p.grid)))  # that grid followed at inference, every sample
         inference = s.scores[s._key(replace(plain, adjusted_grid=tuple(p.grid)))]
         torch.testing.assert_close(k_fold[rows], inference[rows], rtol=0, atol=1e-9)
-    variants = s._variants(Candidate("uniform", None, cached))
-    adjusted = variants["adjusted"]
+    s._score(s._key(plain), torch.full_like(k_fold, 10.0))  # the plain set made worse than any grid: it helps
+    adjusted = s._variants(Candidate("uniform", None, cached))["adjusted"]
     assert adjusted.adjusted_grid == tuple(whole)
-    assert s.error(adjusted) == pytest.approx(s._geometric(k_fold))
+    assert s.error(adjusted) == pytest.approx(s._geometric(k_fold))  # rated by the k-fold scores
+    other = session(tiny, CalibrationConfig(timestep_adjustment=True, rectification="off"))
+    other._score(other._key(plain), torch.full_like(k_fold, -100.0))  # better than any grid: no further check
+    adjusted = other._variants(Candidate("uniform", None, cached))["adjusted"]
+    assert "timestep adjustment, k-fold" not in other.cost
+    assert other.error(adjusted) == pytest.approx(other._geometric(other.scores[other._key(adjusted)]))
+    assert other.error(adjusted) != pytest.approx(s._geometric(k_fold))  # its in-sample rating
     p = session(tiny, CalibrationConfig(timestep_adjustment=True)).policy(target_speedup=2.0)
     assert p.provenance["judged_on"] == ("every sample (rectification leave-one-out, searched sets checked 5-fold, "
-                                         "timestep adjustment 5-fold)")
+                                         "timestep adjustment checked 5-fold where it helps)")

@@ -18,7 +18,7 @@ from ertacache.models.digits import LATENT_SHAPE, NULL_CLASS, digits_flux_pipeli
 T = 8
 N = 5
 GUIDANCE = 3.0
-BASE = dict(thresholds=(0.1, 0.3), max_candidates=2, search_candidates=1)
+BASE = dict(thresholds=(0.1, 0.3), max_candidates=2, search_candidates=1)  # thorough: also folds=2 (test time)
 OPTIONS = {  # every value of every option appears at least once; all but "default" on the thorough competition
     "default": {},  # the cheap default: search and uniform sets, rectification judged leave-one-out
     "thorough": {},  # extrapolate reuse, l1 v1 (gt), phi v1 (velocity change), step granularity, linear
@@ -98,7 +98,7 @@ def test_same_initial_noise_and_ground_truth(model, pipe):
 
 @pytest.mark.parametrize("option", list(OPTIONS), ids=list(OPTIONS))
 def test_core_and_pipeline_choose_the_same_policy(model, pipe, option):
-    config = CalibrationConfig(**BASE) if option == "default" else CalibrationConfig.thorough(**BASE,
+    config = CalibrationConfig(**BASE) if option == "default" else CalibrationConfig.thorough(**BASE, folds=2,
                                                                                             **OPTIONS[option])
     core, piped = sessions(model, pipe, config)
     for goal in ({"target_speedup": 2.0}, {"threshold": 0.2}):
@@ -124,7 +124,7 @@ def test_public_entry_points_agree(model, pipe):
 @pytest.mark.parametrize("reuse", ["velocity", "block_residual"])
 def test_pipeline_micro_batches_meet_at_every_step(model, pipe, reuse):
     """Micro-batches of 2 rows run as concurrent pipeline calls whose hooks meet at each step: the same policy."""
-    config = CalibrationConfig.thorough(**BASE, reuse=reuse, component_check=False)  # every component is compared
+    config = CalibrationConfig.thorough(**BASE, folds=2, reuse=reuse, component_check=False)  # every component
     core, piped = sessions(model, pipe, config, batch_size=2)
     a, b = core.policy(target_speedup=2.0), piped.policy(target_speedup=2.0)
     assert b.adjusted_grid is not None and b.rect_form == "linear"
@@ -133,7 +133,7 @@ def test_pipeline_micro_batches_meet_at_every_step(model, pipe, reuse):
 
 
 def test_pipeline_calibration_resumes_from_its_checkpoint(model, pipe, tmp_path):
-    config = CalibrationConfig.thorough(**BASE)
+    config = CalibrationConfig.thorough(**BASE, folds=2)
 
     def session(**kw):
         driver = PipelineDriver(pipe, None, range(N), T, config.reuse, pipe_kwargs(model))

@@ -632,7 +632,7 @@ class CalibrationSession:
             return f"{self.n_hold} held-out samples"
         check = f", searched sets checked {len(self.folds)}-fold" if self.folds else ""
         if self.folds and self.config.timestep_adjustment and self.driver.adjustment_off is None:
-            check += f", timestep adjustment {len(self.folds)}-fold"
+            check += f", timestep adjustment checked {len(self.folds)}-fold where it helps"
         return f"every sample (rectification leave-one-out{check})"
 
     def _judge_sets(self, candidates: list[Candidate], threshold: float | None, max_nfe: int) -> list[Candidate]:
@@ -935,25 +935,21 @@ class CalibrationSession:
         """The candidate's policies, from fewest components to all that the config asks for.
 
         A rectified variant fitted leave-one-out is evaluated by its fitting run (no further pass). With
-        :attr:`folds`, the adjusted variant is judged k-fold (:meth:`adjust_k_fold`), and the full variant
-        (rectification leave-one-out on the grid fitted to every sample) by its leave-one-out run plus, per
-        sample, the adjusted grid's k-fold minus in-sample log MSE."""
+        :attr:`folds`, an adjusted grid that helps on the samples it was fitted to (the adjusted variant beats
+        the plain set, or the full variant the rectified one) is judged k-fold (:meth:`adjust_k_fold`): the
+        adjusted variant by its k-fold scores, the full variant (rectification leave-one-out on the grid fitted
+        to every sample) by its leave-one-out run plus, per sample, the grid's k-fold minus in-sample log MSE.
+        A grid that does not help in-sample, where the judgement is optimistic, is not checked further."""
         config = self.config
         plain = self._plain(cand)
         out = {"plain": plain}
         if not cand.cached_steps:
             return out
         adjusted: list[float] | None = None
-        optimism: Tensor | None = None  # per sample: the adjusted grid's k-fold log MSE minus its in-sample one
         if config.timestep_adjustment and self.driver.adjustment_off is None:
             adjusted = self.adjust(cand.cached_steps, cand.step_reuse)
             out["adjusted"] = replace(plain, adjusted_grid=tuple(adjusted))
-            if self.folds and tuple(adjusted) != tuple(self.grid):  # judged on samples the grid was not fitted to
-                k_fold = self.adjust_k_fold(cand.cached_steps, cand.step_reuse)
-                if config.rectification != "off":  # the rectified grid's judgement carries the same optimism
-                    self.error(out["adjusted"])
-                    optimism = k_fold - self.scores[self._key(out["adjusted"])]
-                self._score(self._key(out["adjusted"]), k_fold)
+        full: Tensor | None = None  # the full variant's leave-one-out log MSE, recorded once judged
         if config.rectification != "off":
             grids: list[tuple[str, list[float]]] = [("rectified", self.grid)]
             if adjusted is not None:
@@ -963,9 +959,21 @@ class CalibrationSession:
                 out[name] = replace(out["adjusted"] if name == "full" else plain, rect_a=a, rect_b=b,
                                     rect_enabled=enabled, rect_form=config.rectification)
                 if log_mse is not None and bool(enabled.any()):
-                    if name == "full" and optimism is not None:
-                        log_mse = log_mse + optimism
-                    self.error(out[name], log_mse)  # the leave-one-out run is the variant's evaluation
+                    if name == "full":
+                        full = log_mse
+                    else:
+                        self.error(out[name], log_mse)  # the leave-one-out run is the variant's evaluation
+        if adjusted is not None and self.folds and tuple(adjusted) != tuple(self.grid):
+            key = self._key(out["adjusted"])
+            helps = self.error(out["adjusted"]) < self.error(plain) or (
+                full is not None and self._geometric(full) < self.error(out.get("rectified", plain)))
+            if helps:  # judged on samples the grid was not fitted to
+                k_fold = self.adjust_k_fold(cand.cached_steps, cand.step_reuse)
+                if full is not None:  # the rectified grid's judgement carries the same optimism
+                    full = full + (k_fold - self.scores[key])
+                self._score(key, k_fold)
+        if full is not None:
+            self.error(out["full"], full)
         return out
 
 
