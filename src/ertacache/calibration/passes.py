@@ -187,13 +187,14 @@ class AdjustTimesteps(Pass):
         adjust = step in self.cached and all(c.v_cached is not None and c.v_prev is not None for c in calls)
         new = None
         if adjust:
-            num = self.sum([l1((c.v_cached - c.v)[self._fit(c)]) for c in calls if c.v_cached is not None
+            fits = [self._fit(c) for c in calls]
+            num = self.sum([l1((c.v_cached - c.v)[f]) for c, f in zip(calls, fits) if c.v_cached is not None
                             and c.v is not None])
             den = self.gt_changes[step] if self.denominator == "gt_velocity_change" else self.sum(
-                [l1((c.v - c.v_prev if self.denominator == "velocity_change" else c.v)[self._fit(c)])
-                 for c in calls if c.v is not None and c.v_prev is not None])
+                [l1((c.v - c.v_prev if self.denominator == "velocity_change" else c.v)[f])
+                 for c, f in zip(calls, fits) if c.v is not None and c.v_prev is not None])
             if self.exclude is not None and self.denominator == "gt_velocity_change":  # over every sample: its share
-                den *= ratio(self.sum([self._fit(c).sum() for c in calls]), self.sum([c.fit.sum() for c in calls]))
+                den *= ratio(self.sum([f.sum() for f in fits]), self.sum([c.fit.sum() for c in calls]))
             phi = 1.0 if den == 0 else min(1.0, max(0.0, 1.0 - ratio(num, den)))
             self.phis[step] = phi
             new = shrink_step(grid, step, phi)

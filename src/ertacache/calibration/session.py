@@ -294,7 +294,7 @@ class CalibrationSession:
 
     def adjust(self, cached_steps: tuple[int, ...], step_reuse: dict[int, str] | None = None) -> list[float]:
         """Eq. 13-14's adjusted grid of a cached set (with per-step reuse modes), on the fitting rows."""
-        key = f"timestep adjustment S={list(cached_steps)}" + (f" reuse={step_reuse}" if step_reuse else "")
+        key = self._adjust_key(cached_steps, step_reuse)
         self._charge(key, 1.0)
         if key in self._adjusted:
             return list(self._adjusted[key])
@@ -316,7 +316,7 @@ class CalibrationSession:
         all rows follow (:class:`~.passes.AdjustTimesteps` ``exclude``), the fold's rows are
         judged at t = 0. Needs :attr:`folds` (every sample judging, two or more folds).
         """
-        base = f"timestep adjustment S={list(cached_steps)}" + (f" reuse={step_reuse}" if step_reuse else "")
+        base = self._adjust_key(cached_steps, step_reuse)
         if base in self._adjusted_k_fold:
             return self._adjusted_k_fold[base]
         out = torch.zeros(len(self.driver.local(self.all)), dtype=torch.float64)
@@ -366,6 +366,10 @@ class CalibrationSession:
                                                                      else {})})
         self._rect[key] = (a, b, enabled, log_mse)
         return a, b, enabled, log_mse
+
+    @staticmethod
+    def _adjust_key(cached_steps: tuple[int, ...], step_reuse: dict[int, str] | None) -> str:
+        return f"timestep adjustment S={list(cached_steps)}" + (f" reuse={step_reuse}" if step_reuse else "")
 
     @staticmethod
     def _rect_key(cached_steps: tuple[int, ...], grid: Sequence[float], step_reuse: dict[int, str] | None) -> str:

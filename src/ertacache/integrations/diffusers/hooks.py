@@ -4,9 +4,9 @@
 each transformer call it reads the step from the scheduler's ``step_index`` (the
 pipeline's own state: host only, never by counting calls; a scheduler without it, such
 as DDIM's, has the ``timestep`` passed matched in order against the grid), runs the
-model when the engine's pass needs it, rebuilds ``v~`` from the unit's cache when asked, and reports the call to
-the :class:`~ertacache.core.engine.Engine` shared by all transformers of the pipeline
-(:class:`PipelineRun`). A unit is one ``cache_context`` branch of one transformer.
+model when the engine's pass needs it, rebuilds ``v~`` from the unit's cache when
+asked, and reports the call to the :class:`~ertacache.core.engine.Engine` shared by all
+transformers of the pipeline (:class:`PipelineRun`). A unit is one ``cache_context`` branch of one transformer.
 
 A step is decided when its last unit has called. Units called before it already
 returned their (provisional) output; where the decision changes it (a calibration
@@ -50,6 +50,12 @@ from .scheduler import write_grid
 STEP_HOOK = "ertacache"
 BLOCK_HOOK = "ertacache_block"
 RELAY_HOOK = "ertacache_context"
+
+
+def same_time(a: float, t: float) -> bool:
+    """Whether a grid time ``a`` and a call's time ``t`` (in [0, 1]) are one step's: bfloat16 timesteps are rounded
+    to 2^-9 relative."""
+    return abs(a - t) <= 1e-4 + 4e-3 * abs(t)
 
 
 class BlockSwitch(threading.local):
@@ -262,15 +268,14 @@ class PipelineRun:
 
     def step_of(self, unit: Hashable, t: float) -> int:
         """The step of a call at time t: the next grid time after the unit's last step (a new run at t_0)."""
-        tol = 1e-4 + 4e-3 * abs(t)  # bfloat16 timesteps are rounded to 2^-9 relative
         grid = self.engine.grid
         if grid is None:  # recording: a new time starts a new step
-            if not self.times or abs(self.times[-1] - t) > tol:
+            if not self.times or not same_time(self.times[-1], t):
                 self.times.append(t)
                 self.flush(len(self.times) - 1)
             return len(self.times) - 1
         last = self.last.get(unit, -1)
-        matches = sorted((abs(grid[i] - t), i) for i in range(len(grid) - 1) if abs(grid[i] - t) <= tol)
+        matches = sorted((abs(grid[i] - t), i) for i in range(len(grid) - 1) if same_time(grid[i], t))
         later = [i for _, i in matches if i > last]
         if matches and matches[0][1] == 0 and last >= 0:  # nearest t_0 again: a new run (after any other)
             self.new_run()
@@ -320,7 +325,7 @@ class PipelineRun:
         if index == len(self.times):
             self.times.append(t)
             self.flush(index)
-        elif index > len(self.times) or abs(self.times[index] - t) > 1e-4 + 4e-3 * abs(t):
+        elif index > len(self.times) or not same_time(self.times[index], t):
             raise ErtaCacheError(
                 f"the scheduler's step_index is {index} at t = {t:.5f} after {len(self.times)} recorded steps "
                 f"(times {[round(x, 4) for x in self.times[-3:]]}): the pipeline's scheduler does not step once "
