@@ -52,8 +52,9 @@ class DemoSettings(RunSettings):
         """A bundled model's family sampler; the video model with 1 calibration and 1 held-out clip per class."""
         from ..models.bundled import bundled_model
 
-        base = cls.sampler_of(name)
-        if bundled_model(name).video:
+        b = bundled_model(name)
+        base = cls.sampler_of(b)
+        if b.video:
             return cls(**base, calibration_per_class=1, heldout_per_class=1, repeats=2)
         return cls(**base)
 

@@ -46,9 +46,9 @@ class RunSettings:
     model: str = "digits"
 
     @staticmethod
-    def sampler_of(name: str) -> dict[str, Any]:
+    def sampler_of(bundled: BundledModel) -> dict[str, Any]:
         """A bundled model's family sampler and its name, as keywords of these settings."""
-        return {**bundled_model(name).sampler, "model": name}
+        return {**bundled.sampler, "model": bundled.name}
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ class BenchSettings(RunSettings):
         ``quick`` calibrates on the model's default calibration size (:attr:`BundledModel.calibration_size`, what
         ``ertacache calibrate`` uses: the video models need more clips than the image models need images)."""
         b = bundled_model(name)
-        base = cls.sampler_of(name)
+        base = cls.sampler_of(b)
         if quick:
             return cls(**base, calibration_per_class=b.calibration_per_class,
                        heldout_per_class=1 if b.video or b.num_classes > 10 else 2,
