@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -44,6 +45,7 @@ def main() -> None:
     p.add_argument("--heldout-per-class", type=int, default=4)
     p.add_argument("--first-seed", type=int, default=0, help="the calibration set's first noise seed")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--policies", default=None, help="also save each policy in this folder (to compare two commits)")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     rows: list[dict[str, Any]] = []
@@ -62,6 +64,10 @@ def main() -> None:
                                       config=CONFIGS[args.config]())
             seconds = time.perf_counter() - start
             for target, pol in zip(targets, policies):
+                if args.policies:
+                    Path(args.policies).mkdir(parents=True, exist_ok=True)
+                    name = f"{args.model}_shift{shift:g}_N{n}_seed{args.first_seed}_{target:g}x.safetensors"
+                    pol.save(Path(args.policies) / name)
                 key = (pol.reuse, pol.nfe)
                 if key not in uniform:
                     uniform[key] = held.score(Policy.uniform(held.T, pol.nfe, like=pol))
@@ -76,7 +82,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     meta = {"command": "python scripts/calibration_grid.py " + " ".join(
-                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("threads",)),
+                f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                if k not in ("threads",) and v is not None),
             "T": held.T, "guidance_scale": held.guidance_scale, "held_out": len(held.seeds),
             "date": time.strftime("%Y-%m-%d")}
     atomic_write_text(args.out, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

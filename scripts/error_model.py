@@ -43,10 +43,10 @@ from scipy.stats import spearmanr
 
 from ertacache import CalibrationConfig, Policy, sample, seeded_noise
 from ertacache.bench.methods import BenchSettings, Context
+from ertacache.bench.metrics import psnr
 from ertacache.calibration import core_session
 from ertacache.calibration.schedule import fit_propagation, path_cost, shortest_schedule
 from ertacache.io import atomic_write_text
-from ertacache.metrics import psnr
 from ertacache.models.bundled import bundled_model, labels_and_seeds
 from ertacache.policy import uniform_cached_steps
 
@@ -139,12 +139,12 @@ def main() -> None:
     T = settings.num_inference_steps
     session = core_session(model, ctx.cal_labels, ctx.cal_seeds, config=CalibrationConfig(max_passes=None),
                            **ctx.cal_kwargs())
-    triple = session._extrapolation_costs()
+    triple = session.proposer.extrapolation_costs()
     q = triple["raw"]
-    forced = list(session.switch_steps)
+    forced = list(session.truth.switch_steps)
 
     def measured(cached: tuple[int, ...]) -> float:
-        return session.error(Policy(cached_steps=cached, **session.base))
+        return session.judge.error(Policy(cached_steps=cached, **session.base))
 
     readings = {"once, squared norms add": (q, False), "once, norms add": (q, True)}
     probes: list[dict[str, Any]] = []

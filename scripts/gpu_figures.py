@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from ertacache import Policy, apply_ertacache
-from ertacache.config import CalibrationConfig
+from ertacache.core.config import CalibrationConfig
 from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 from ertacache.io import atomic_write_text
 

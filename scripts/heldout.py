@@ -10,7 +10,7 @@ import torch
 
 from ertacache import sample, seeded_noise
 from ertacache.bench.methods import BenchSettings, Context
-from ertacache.metrics import psnr
+from ertacache.bench.metrics import psnr
 from ertacache.models.bundled import bundled_model, labels_and_seeds
 
 

@@ -43,10 +43,10 @@ def main() -> None:
     base = session.config
     for name, reading in READINGS.items():
         session.config = replace(base, phi_denominator=reading)
-        adj = AdjustTimesteps(plain.cached_steps, reading, session.gt_changes)
-        session._run("timestep adjustment", name, adj, session.fit, session.grid)
+        adj = AdjustTimesteps(plain.cached_steps, reading, session.truth.changes)
+        session.runner.run("timestep adjustment", adj, session.proposer.fit, session.grid)
         adjusted = replace(plain, adjusted_grid=tuple(adj.grid))
-        a, b, enabled = session.rectify(plain.cached_steps, adj.grid, plain.branches)
+        a, b, enabled = session.components.rectify(plain.cached_steps, adj.grid, plain.branches)
         full = replace(adjusted, rect_a=a, rect_b=b, rect_enabled=enabled, rect_form=base.rectification)
         phis = list(adj.phis.values())
         row = {"model": args.model, "reading": name, "phi_min": round(min(phis), 3), "phi_mean":

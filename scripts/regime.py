@@ -17,8 +17,8 @@ import time
 import torch
 
 from ertacache import Policy, sample, seeded_noise
+from ertacache.bench.metrics import psnr
 from ertacache.io import atomic_write_text
-from ertacache.metrics import psnr
 from ertacache.models.bundled import bundled_model, labels_and_seeds
 
 

@@ -63,11 +63,14 @@ def main() -> None:
             for name, change in SOURCES.items():
                 if name.startswith("search") and base.reuse != "extrapolate" and name != "search":
                     continue
-                session.config = replace(base, **change)
-                if name == "search, velocity error model":
-                    session._triple_costs = {}  # as before the extrapolation model: velocity's costs
+                config = replace(base, **change)  # the same session (its passes shared) under each source
+                for room in (session, session.proposer, session.components):
+                    room.config = config
+                session.runner.max_passes = config.max_passes
+                if name == "search, velocity error model":  # as before the extrapolation model: velocity's costs
+                    session.proposer._triples = {None: {}}
                 pol = session.policy(target_speedup=target)
-                session.__dict__.pop("_triple_costs", None)
+                session.proposer._triples.clear()
                 chosen = pol.provenance["candidates"][pol.provenance["chosen"]]
                 row = {"model": args.model, "target": target, "sources": name, "nfe": pol.nfe,
                        "selected": pol.provenance["selected"], "variant": pol.provenance["variant"],

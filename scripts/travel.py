@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from ertacache import Policy, apply_ertacache, calibrate_pipeline
+from ertacache.bench.metrics import psnr
 from ertacache.integrations.diffusers.families import FAMILIES, pipeline_fingerprint
-from ertacache.metrics import psnr
 from ertacache.models.digits import NULL_CLASS, digits_flux_pipeline, load_digits_model, pack, unpack
 
 

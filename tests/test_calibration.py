@@ -6,6 +6,7 @@ import torch
 from conftest import ConstantField, TimeField
 from ertacache import CalibrationConfig, Policy, calibrate, calibrate_many, sample, seeded_noise
 from ertacache.calibration import AdjustTimesteps, CoreDriver, GroundTruth, ThresholdSearch, core_session
+from ertacache.calibration.judge import evaluation_key
 from ertacache.core.grids import shrink_step, time_grid
 from ertacache.errors import ErtaCacheError
 from ertacache.policy import uniform_cached_steps
@@ -133,8 +134,8 @@ def test_every_choice_is_a_paired_win_by_more_than_its_standard_error(tiny):
     session = core_session(tiny, torch.tensor([1, 2, 3, 4, 5, 6]), range(6), latent_shape=(2, 4, 4),
                            num_inference_steps=10, guidance_scale=2.0, null_cond=torch.full((6,), 10))
     u4, u6 = (Policy(**{**session.base, "cached_steps": uniform_cached_steps(10, k)}) for k in (4, 6))
-    m = session.margin(u4, u6)
-    d = (session.scores[session._key(u4)] - session.scores[session._key(u6)]) * 10 / math.log(10)
+    m = session.judge.margin(u4, u6)
+    d = (session.judge.scores[evaluation_key(u4)] - session.judge.scores[evaluation_key(u6)]) * 10 / math.log(10)
     assert m.gain_db == pytest.approx(float(d.mean())) and m.se_db == pytest.approx(float(d.std() / math.sqrt(6)))
     assert m.n == 6 and m.gain_db > 0  # computing more steps of the same spacing is better here
 
@@ -251,8 +252,8 @@ def test_held_out_error_is_the_geometric_mean_of_each_samples_mse():
     per_sample = (sample(model, noise, cond[3:], policy=policy, **kw).x
                   - sample(model, noise, cond[3:], **kw).x).double().square().flatten(1).mean(1)
     assert per_sample.max() > 1e4 * per_sample.min() > 0
-    assert s.error(policy) == pytest.approx(float(per_sample.log().mean().exp()), rel=1e-6)
-    assert s.error(policy) < 0.1 * float(per_sample.mean())  # the pooled MSE (before) is the largest sample's
+    assert s.judge.error(policy) == pytest.approx(float(per_sample.log().mean().exp()), rel=1e-6)
+    assert s.judge.error(policy) < 0.1 * float(per_sample.mean())  # the pooled MSE (before) is the largest sample's
 
 
 def test_missing_sampler_settings_are_named():
@@ -274,13 +275,13 @@ def test_propagation_candidate_is_fitted_on_the_judged_sets_and_judged_like_the_
     args = dict(latent_shape=(2, 4, 4), num_inference_steps=12, guidance_scale=2.0, null_cond=torch.full((6,), 10))
     session = core_session(tiny, cond, seeds, **args)  # on by default
     policies = session.policies([2.0, 4.0])
-    fits = session.propagation
+    fits = session.proposer.propagation
     assert [f["max_nfe"] for f in fits] == [3, 6]  # smallest budget first
     assert fits[1]["judged_sets"] > fits[0]["judged_sets"] and fits[1]["judged_sets"] >= 3
     assert (fits[0]["beta"] is None) == (fits[0]["judged_sets"] < 3) and fits[1]["beta"] is not None
     # the fit is the library function's on the sets judged before it
-    judged = list(session._judged_sets.items())[:fits[1]["judged_sets"]]
-    beta, weighted = fit_propagation(session._extrapolation_costs()["raw"], session.grid, judged)
+    judged = list(session.proposer.judged_sets.items())[:fits[1]["judged_sets"]]
+    beta, weighted = fit_propagation(session.proposer.extrapolation_costs()["raw"], session.grid, judged)
     assert beta == fits[1]["beta"]
     assert policies[0].provenance["propagation"] == fits[1]
     proposed = tuple(fits[1]["cached_steps"])

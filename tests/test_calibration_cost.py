@@ -32,14 +32,14 @@ def test_leave_one_out_on_identical_samples_is_the_full_fit(model):
     session = core_session(model, labels, [5] * n, **kwargs(n))
     cached = (2, 4, 6, 7)
     base = Policy(cached_steps=cached, **session.base)
-    a, b, enabled, log_mse = session.rectify(cached, session.grid, base.branches)
+    a, b, enabled, log_mse = session.components.rectify(cached, session.grid, base.branches)
     assert log_mse is not None and bool(enabled.any())
     rectified = Policy(cached_steps=cached, rect_a=a, rect_b=b, rect_enabled=enabled, rect_form="linear",
                        **{k: v for k, v in session.base.items()})
     with torch.no_grad():
         x = sample(model, seeded_noise([5] * n, LATENT_SHAPE), labels, policy=rectified,
                    **{k: v for k, v in kwargs(n).items() if k != "latent_shape"}).x
-    own = (x - session.gt_final).double().square().flatten(1).mean(1).log()
+    own = (x - session.truth.final).double().square().flatten(1).mean(1).log()
     torch.testing.assert_close(log_mse, own, rtol=0, atol=1e-4)
 
 
@@ -90,9 +90,9 @@ def test_one_progress_bar_over_every_target_ends_at_100_percent(model, capsys):
     n = 2
     session = core_session(model, torch.arange(n), range(n), progress=True, targets=[2.0, 3.0], **kwargs(n))
     session.policy(3.0)
-    assert not session.bar.disable  # still open while the next target runs
+    assert not session.runner.bar.disable  # still open while the next target runs
     session.policy(2.0)
-    assert session.bar.n == session.bar.total and session.bar.disable
+    assert session.runner.bar.n == session.runner.bar.total and session.runner.bar.disable
     err = capsys.readouterr().err
     assert "100%" in err.splitlines()[-1].split("\r")[-1] or "100%" in err[-300:]
 

@@ -41,7 +41,7 @@ def run(pipe, model, labels, noise, steps=T, **kwargs):
 def policy(model):
     """A calibrated policy (the schedule search alone: the fewest passes; the default competition is
     test_calibrate_on_the_pipeline's and test_calibration's)."""
-    from ertacache.config import CalibrationConfig
+    from ertacache.core.config import CalibrationConfig
 
     labels = torch.arange(10)
     return calibrate(model, labels, range(10), latent_shape=(1, 16, 16), num_inference_steps=T, guidance_scale=3.0,
@@ -127,7 +127,7 @@ def test_unknown_pipeline_lists_supported():
 
 
 def test_calibrate_on_the_pipeline(pipe, model):
-    from ertacache.config import CalibrationConfig
+    from ertacache.core.config import CalibrationConfig
     from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 
     labels = torch.arange(10)
@@ -152,13 +152,13 @@ def test_calibrate_on_the_pipeline(pipe, model):
     with apply_ertacache(pipe, policy) as handle:
         out = run(pipe, model, labels, noise)
         assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
-    from ertacache.metrics import psnr
+    from ertacache.bench.metrics import psnr
 
     assert not torch.equal(out, ref) and psnr(out, ref) > 25
 
 
 def test_pipeline_calibration_refuses_what_it_cannot_honour_before_any_model_call(pipe, monkeypatch):
-    from ertacache.config import CalibrationConfig
+    from ertacache.core.config import CalibrationConfig
     from ertacache.integrations.diffusers import adapters
     from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 
@@ -179,7 +179,7 @@ def test_pipeline_calibration_refuses_what_it_cannot_honour_before_any_model_cal
 
 
 def test_adjusted_grid_goes_in_through_the_scheduler(pipe, model):
-    from ertacache.config import CalibrationConfig
+    from ertacache.core.config import CalibrationConfig
 
     labels = torch.arange(10)
     policy = calibrate(model, labels, range(10), latent_shape=(1, 16, 16), num_inference_steps=T, guidance_scale=3.0,
@@ -248,7 +248,7 @@ def test_calibration_records_every_step_of_a_dense_shifted_grid(pipe, model):
     records all 50 times and the policy is followed on the pipeline's own grid, two micro-batches at once."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from ertacache.config import CalibrationConfig
+    from ertacache.core.config import CalibrationConfig
     from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 
     steps = 50

@@ -5,7 +5,7 @@ import torch
 
 from conftest import assert_every_reuse_mode_on_pipeline
 from ertacache import Policy, PolicyMismatchError, apply_ertacache
-from ertacache.config import CalibrationConfig
+from ertacache.core.config import CalibrationConfig
 from ertacache.integrations.diffusers.apply import PolicyTravelWarning
 from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 

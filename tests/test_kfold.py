@@ -11,8 +11,9 @@ import torch
 from ertacache import CalibrationConfig
 from ertacache.calibration import CoreDriver, GroundTruth, core_session
 from ertacache.calibration.distributed import fold_slices, shard
-from ertacache.calibration.schedule import ErrorSketch
-from ertacache.calibration.session import CalibrationSession
+from ertacache.calibration.judge import evaluation_key
+from ertacache.calibration.proposals import Proposer
+from ertacache.calibration.sketch import ErrorSketch
 from ertacache.policy import Policy, uniform_cached_steps
 
 T, N = 10, 6
@@ -69,26 +70,46 @@ def test_sketch_without_a_fold_is_the_sketch_of_a_ground_truth_that_never_saw_it
 def test_a_fold_that_refits_another_set_is_scored_by_that_set_on_its_own_rows(tiny):
     """Only the folds whose refitted set differs are evaluated, on their rows alone, at the set's NFE."""
     s = session(tiny, CalibrationConfig())
-    assert len(s.folds) == 5 and len(s.fold_costs) == 5
+    assert len(s.folds) == 5 and len(s.truth.fold_costs) == 5
     own = Policy(**{**s.base, "cached_steps": uniform_cached_steps(T, 5)})
     other = uniform_cached_steps(T, 6)
-    from ertacache.calibration.select import Candidate
+    from ertacache.calibration.sets import Candidate
 
     cand = Candidate("search", None, own.cached_steps,
                      refit=lambda f: (other, {}) if f == 1 else (own.cached_steps, {}))
-    s.error(own)
+    s.judge.error(own)
     before = dict(s.cost)
-    shift = s._shift(cand, {})
+    shift = s.judge.shift(cand, {})
     rows = s.folds[1]
     evaluated = s.cost["k-fold evaluation"]
     assert "k-fold evaluation" not in before and evaluated["passes"] == 1
     assert evaluated["model_calls"] == (T - len(other)) * (rows.stop - rows.start) * 2  # NFE x rows x branches
     assert torch.count_nonzero(shift[:rows.start]) == 0 and torch.count_nonzero(shift[rows.stop:]) == 0
     whole = Policy(**{**s.base, "cached_steps": other})
-    s.error(whole)  # the refitted set on every sample: its fold's rows agree with the fold's own evaluation
-    expected = s.scores[s._key(whole)][rows] - s.scores[s._key(own)][rows]
+    s.judge.error(whole)  # the refitted set on every sample: its fold's rows agree with the fold's own evaluation
+    expected = s.judge.scores[evaluation_key(whole)][rows] - s.judge.scores[evaluation_key(own)][rows]
     torch.testing.assert_close(shift[rows], expected, rtol=0, atol=1e-5)
     assert cand.cross_validated == {"folds": 5, "refit_differs": 1, "in_sample_errors": {}}
+
+
+def test_a_candidate_s_k_fold_record_is_never_another_s(tiny):
+    """The judge's per-candidate records (refitted sets, k-fold shifts) belong to that candidate even after it is
+    dropped: a new candidate at the freed address (CPython reuses it at once) gets its own, not the dead one's."""
+    from ertacache.calibration.sets import Candidate
+
+    s = session(tiny, CalibrationConfig())
+    own, other = uniform_cached_steps(T, 5), uniform_cached_steps(T, 6)
+    dropped = Candidate("search", None, own, refit=lambda f: (other, {}))  # judged over budget, then dropped
+    assert len(s.judge.refitted(dropped)) == 5
+    address = id(dropped)
+    del dropped
+    alive = []
+    for _ in range(200):  # the next candidates, as the session makes them
+        cand = Candidate("search", None, own, refit=lambda f: (own, {}))
+        if id(cand) == address:
+            break
+        alive.append(cand)
+    assert s.judge.refitted(cand) == []  # its own recipe refits its own set in every fold
 
 
 def test_a_win_the_folds_do_not_reproduce_is_not_kept(tiny, monkeypatch):
@@ -101,7 +122,7 @@ def test_a_win_the_folds_do_not_reproduce_is_not_kept(tiny, monkeypatch):
     searched = [d for d in plain.provenance["decisions"] if d["decision"].startswith("search set")]
     assert searched and all(d["k_fold"]["refit_differs"] == 0 and d["gain_db"] == d["in_sample_gain_db"]
                             for d in searched if d["kept"])
-    monkeypatch.setattr(CalibrationSession, "_refit_rule", to_uniform)
+    monkeypatch.setattr(Proposer, "refit_rule", to_uniform)
     p = session(tiny, config).policy(target_speedup=2.0)
     assert p.cached_steps == uniform_cached_steps(T, 5) and p.provenance["selected"] == "uniform"
     checked = [d for d in p.provenance["decisions"] if "k_fold" in d]
@@ -113,7 +134,7 @@ def test_a_win_the_folds_do_not_reproduce_is_not_kept(tiny, monkeypatch):
 
 def test_one_fold_or_one_sample_judges_in_sample(tiny):
     s = session(tiny, CalibrationConfig(folds=1))
-    assert s.folds == [] and s.fold_costs == []
+    assert s.folds == [] and s.truth.fold_costs == []
     p = s.policy(target_speedup=2.0)
     assert all("k_fold" not in d for d in p.provenance["decisions"])
     assert p.provenance["judged_on"] == "every sample (rectification leave-one-out)"
@@ -125,31 +146,32 @@ def test_timestep_adjustment_is_judged_on_samples_its_grid_was_not_fitted_to(tin
     from dataclasses import replace
 
     from ertacache.calibration.passes import AdjustTimesteps
-    from ertacache.calibration.select import Candidate
+    from ertacache.calibration.sets import Candidate
 
     s = session(tiny, CalibrationConfig(timestep_adjustment=True, rectification="off"))
     cached = uniform_cached_steps(T, 5)
     plain = Policy(**{**s.base, "cached_steps": cached})
-    whole = s.adjust(cached)
-    k_fold = s.adjust_k_fold(cached)
+    whole = s.components.adjust(cached)
+    k_fold = s.components.adjust_k_fold(cached)
     assert s.cost["timestep adjustment, k-fold"]["passes"] == len(s.folds) == 5
     for rows in s.folds[:2]:
-        p = AdjustTimesteps(cached, s.config.phi_denominator, s.gt_changes, exclude=range(rows.start, rows.stop))
-        s.driver.run(p, s.all, s.n_fit, s.grid)
+        p = AdjustTimesteps(cached, s.config.phi_denominator, s.truth.changes, exclude=range(rows.start, rows.stop))
+        s.driver.run(p, s.judge.all, s.runner.n_fit, s.grid)
         assert p.grid != whole  # the fold moved the estimate
-        s.error(replace(plain, adjusted_grid=tuple(p.grid)))  # that grid followed at inference, every sample
-        inference = s.scores[s._key(replace(plain, adjusted_grid=tuple(p.grid)))]
+        s.judge.error(replace(plain, adjusted_grid=tuple(p.grid)))  # that grid followed at inference, every sample
+        inference = s.judge.scores[evaluation_key(replace(plain, adjusted_grid=tuple(p.grid)))]
         torch.testing.assert_close(k_fold[rows], inference[rows], rtol=0, atol=1e-9)
-    s._score(s._key(plain), torch.full_like(k_fold, 10.0))  # the plain set made worse than any grid: it helps
-    adjusted = s._variants(Candidate("uniform", None, cached))["adjusted"]
+    s.judge.record(evaluation_key(plain), torch.full_like(k_fold, 10.0))  # the plain set worse than any grid: it helps
+    adjusted = s.components.variants(Candidate("uniform", None, cached))["adjusted"]
     assert adjusted.adjusted_grid == tuple(whole)
-    assert s.error(adjusted) == pytest.approx(s._geometric(k_fold))  # rated by the k-fold scores
+    assert s.judge.error(adjusted) == pytest.approx(s.judge.geometric(k_fold))  # rated by the k-fold scores
     other = session(tiny, CalibrationConfig(timestep_adjustment=True, rectification="off"))
-    other._score(other._key(plain), torch.full_like(k_fold, -100.0))  # better than any grid: no further check
-    adjusted = other._variants(Candidate("uniform", None, cached))["adjusted"]
+    other.judge.record(evaluation_key(plain), torch.full_like(k_fold, -100.0))  # better than any grid: no further check
+    adjusted = other.components.variants(Candidate("uniform", None, cached))["adjusted"]
     assert "timestep adjustment, k-fold" not in other.cost
-    assert other.error(adjusted) == pytest.approx(other._geometric(other.scores[other._key(adjusted)]))
-    assert other.error(adjusted) != pytest.approx(s._geometric(k_fold))  # its in-sample rating
+    in_sample = other.judge.scores[evaluation_key(adjusted)]
+    assert other.judge.error(adjusted) == pytest.approx(other.judge.geometric(in_sample))
+    assert other.judge.error(adjusted) != pytest.approx(s.judge.geometric(k_fold))  # its in-sample rating
     p = session(tiny, CalibrationConfig(timestep_adjustment=True)).policy(target_speedup=2.0)
     assert p.provenance["judged_on"] == ("every sample (rectification leave-one-out, searched sets checked 5-fold, "
                                          "timestep adjustment checked 5-fold where it helps)")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ertacache import Policy, calibrate_many, sample, seeded_noise
-from ertacache.metrics import psnr
+from ertacache.bench.metrics import psnr
 from ertacache.models.bundled import bundled_model
 from ertacache.models.digits import NULL_CLASS
 

@@ -12,6 +12,7 @@ import torch
 
 from ertacache import CalibrationConfig, calibrate, calibrate_pipeline, seeded_noise
 from ertacache.calibration import CalibrationSession, core_session
+from ertacache.calibration.judge import evaluation_key
 from ertacache.integrations.diffusers import PipelineDriver
 from ertacache.models.digits import LATENT_SHAPE, NULL_CLASS, digits_flux_pipeline, load_digits_model, pack
 
@@ -86,13 +87,13 @@ def assert_same_fields(a, b):
 def test_same_initial_noise_and_ground_truth(model, pipe):
     core, piped = sessions(model, pipe, CalibrationConfig(**BASE))
     assert piped.grid == pytest.approx(core.grid, abs=1e-6)
-    assert piped.gt_norms == pytest.approx(core.gt_norms, rel=1e-4)
+    assert piped.truth.norms == pytest.approx(core.truth.norms, rel=1e-4)
     x0 = seeded_noise(range(N), LATENT_SHAPE)
     assert x0.shape == (N, *LATENT_SHAPE)
-    torch.testing.assert_close(piped.gt_final, pack(core.gt_final), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(piped.truth.final, pack(core.truth.final), rtol=1e-4, atol=1e-4)
     # the pipeline's rows say which sample they are (two transformer calls a step): the same k-fold error models
-    assert len(piped.fold_costs) == len(core.fold_costs) == 5
-    for a, b in zip(piped.fold_costs, core.fold_costs):
+    assert len(piped.truth.fold_costs) == len(core.truth.fold_costs) == 5
+    for a, b in zip(piped.truth.fold_costs, core.truth.fold_costs):
         torch.testing.assert_close(a["gram"], b["gram"], rtol=1e-3, atol=1e-6)
 
 
@@ -142,12 +143,12 @@ def test_the_k_fold_adjustment_is_the_same_through_the_pipeline(model, pipe):
     config = CalibrationConfig.thorough(**BASE, folds=2, phi_denominator="velocity")  # phi inside (0, 1) here
     core, piped = sessions(model, pipe, config, batch_size=3)
     cached = uniform_cached_steps(T, 4)
-    a, b = core.adjust_k_fold(cached), piped.adjust_k_fold(cached)
+    a, b = core.components.adjust_k_fold(cached), piped.components.adjust_k_fold(cached)
     assert len(core.folds) == 2 and piped.cost["timestep adjustment, k-fold"]["passes"] == 2
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)  # log MSE (measured 3e-6: packed tokens, float32 sums)
-    in_sample = replace(Policy(cached_steps=cached, **core.base), adjusted_grid=tuple(core.adjust(cached)))
-    core.error(in_sample)
-    assert (a - core.scores[core._key(in_sample)]).abs().min() > 1e-3  # every fold's grid is its own
+    in_sample = replace(Policy(cached_steps=cached, **core.base), adjusted_grid=tuple(core.components.adjust(cached)))
+    core.judge.error(in_sample)
+    assert (a - core.judge.scores[evaluation_key(in_sample)]).abs().min() > 1e-3  # every fold's grid is its own
 
 
 def test_pipeline_calibration_resumes_from_its_checkpoint(model, pipe, tmp_path):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ertacache import Policy, calibrate, sample, seeded_noise, time_grid
-from ertacache.config import CalibrationConfig
+from ertacache.core.config import CalibrationConfig
 from ertacache.errors import ErtaCacheError
 from ertacache.integrations.opensora import OpenSoraVelocity, opensora_shift
 

@@ -6,8 +6,8 @@ import torch
 from ertacache import sample, seeded_noise, time_grid
 from ertacache.bench import measure
 from ertacache.bench.methods import Method
+from ertacache.bench.metrics import psnr
 from ertacache.bench.report import nearest_2x, write_report
-from ertacache.metrics import psnr
 from ertacache.peers.teacache import TeaCacheModel, fit_coefficients, rel_l1
 
 
@@ -83,7 +83,7 @@ def test_measure_and_report(tiny, tmp_path):
     assert rows[0]["psnr"] is None and rows[0]["ssim"] == pytest.approx(1.0)
     assert rows[3]["psnr"] is None  # identical output to the reference
     # scores against the reference's output computed here; speedups are the median-time ratios
-    from ertacache.metrics import psnr
+    from ertacache.bench.metrics import psnr
 
     ref, coarse = runner(12)(noise, labels)[0], runner(6)(noise, labels)[0]
     assert rows[1]["psnr"] == pytest.approx(psnr(coarse, ref), abs=1e-3) and 10 < rows[1]["psnr"] < 100

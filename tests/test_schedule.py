@@ -8,7 +8,8 @@ import torch
 
 from ertacache import CalibrationConfig, Policy, sample, seeded_noise
 from ertacache.calibration import core_session
-from ertacache.calibration.schedule import ErrorSketch, propose, shortest_schedule
+from ertacache.calibration.schedule import propose, shortest_schedule
+from ertacache.calibration.sketch import ErrorSketch
 from ertacache.core.grids import time_grid
 from ertacache.errors import ErtaCacheError
 
@@ -64,7 +65,7 @@ def test_segment_cost_is_the_final_error_of_that_segment():
     model = PatternField(lambda t: torch.sin(5 * t) + t * t)
     T, shift = 10, 3.0
     s = session(model, CalibrationConfig(candidates=("search",), rectification="off", holdout_fraction=0.0), T, shift)
-    q = s.search_costs["raw"]
+    q = s.truth.search_costs["raw"]
     noise = seeded_noise(range(4), (1, 4, 4))
     ref = sample(model, noise, num_inference_steps=T, shift=shift).x
     for i, k in [(0, 3), (2, 7), (4, 9), (1, 2)]:
@@ -82,7 +83,7 @@ def test_the_search_caches_where_the_velocity_does_not_change():
     s = session(model, CalibrationConfig(candidates=("search",), rectification="off", holdout_fraction=0.0), T)
     grid = time_grid(T)
     for nfe in (7, 8):
-        (rule, cached), *_ = propose(s.search_costs, nfe, (), 1)
+        (rule, cached), *_ = propose(s.truth.search_costs, nfe, (), 1)
         assert len(cached) == T - nfe
         assert all(grid[j] > 0.5 for j in cached), (rule, cached)
 
@@ -91,7 +92,7 @@ def test_rectification_removes_a_proportional_error_from_the_model():
     # v~ = g(t_i) P and v = g(t_j) P: eps = a v~ exactly, so every rectified segment costs nothing
     model = PatternField(lambda t: 1 + t * t)
     s = session(model, CalibrationConfig(candidates=("search",), holdout_fraction=0.0), T=10)
-    raw, rect = s.search_costs["raw"], s.search_costs["rectified"]
+    raw, rect = s.truth.search_costs["raw"], s.truth.search_costs["rectified"]
     assert float(raw[0, 9]) > 1e-3 and float(rect.triu(1).max()) < 1e-9 * float(raw[0, 9])
 
 
@@ -202,8 +203,8 @@ def test_extrapolation_segment_cost_is_the_final_error_of_that_segment():
     T, shift = 10, 3.0
     s = session(model, CalibrationConfig(candidates=("search",), rectification="off", holdout_fraction=0.0,
                                          reuse="extrapolate"), T, shift)
-    q = extrapolation_costs(s.search_costs["gram"], s.grid, rectified=False)
-    rect = extrapolation_costs(s.search_costs["gram"], s.grid, rectified=True)
+    q = extrapolation_costs(s.truth.search_costs["gram"], s.grid, rectified=False)
+    rect = extrapolation_costs(s.truth.search_costs["gram"], s.grid, rectified=True)
     noise = seeded_noise(range(4), (1, 4, 4))
     ref = sample(model, noise, num_inference_steps=T, shift=shift).x
     for i, k in [(0, 3), (2, 7), (4, 9), (1, 5)]:

@@ -37,7 +37,7 @@ def test_modelled_reuse_error_is_the_exact_step_error():
     g = lambda t: torch.sin(5 * t) + t * t  # noqa: E731
     model, T, n = PatternField(g), 10, 4
     s = session(model, CalibrationConfig(candidates=("search",), holdout_fraction=0.0), T, n)
-    gram, grid = s.search_costs["gram"], s.grid
+    gram, grid = s.truth.search_costs["gram"], s.grid
     p2 = float(model.pattern.double().square().sum())
     gv = [float(g(torch.tensor(t, dtype=torch.float64))) for t in grid[:-1]]
     for h, i, j in [(0, 2, 3), (1, 4, 7), (3, 5, 6), (None, 0, 2)]:
@@ -55,7 +55,7 @@ def test_the_choice_follows_the_velocity_field():
     model, T = PatternField(kink), 12
     s = session(model, CalibrationConfig(candidates=("search",), holdout_fraction=0.0), T)
     cached = (2, 4, 6, 8, 10)  # computed 0, 1, 3, 5, 7, 9, 11: t = 1, .92, .75, .58, .42, .25, .08
-    chosen = choose_step_reuse(s.search_costs["gram"], s.grid, cached, ["extrapolate", "velocity"], False)
+    chosen = choose_step_reuse(s.truth.search_costs["gram"], s.grid, cached, ["extrapolate", "velocity"], False)
     assert chosen[2] == chosen[4] == chosen[6] == "extrapolate"  # reused and extrapolated on the linear part
     assert chosen[8] == "velocity"  # the line through t = .75, .58 overshoots past the kink
     assert chosen[10] == "extrapolate"  # tie on the flat part: the policy's own mode
@@ -66,7 +66,7 @@ def test_round_off_in_the_gram_cannot_flip_the_choice():
     and extrapolation with one computed step before j (the same v~ as velocity) is never chosen."""
     model, T = PatternField(kink), 12
     s = session(model, CalibrationConfig(candidates=("search",), holdout_fraction=0.0), T)
-    gram = s.search_costs["gram"]
+    gram = s.truth.search_costs["gram"]
     cached = (1, 2, 4, 6, 8, 10)  # steps 1 and 2 follow computed step 0 alone
     for seed in range(5):
         noise = torch.randn(gram.shape, generator=torch.Generator().manual_seed(seed), dtype=gram.dtype)
@@ -123,17 +123,17 @@ def test_step_reuse_round_trips_and_needs_schema_3(tmp_path):
 
 
 def test_the_search_sets_per_step_version_competes_and_wins_where_it_is_exact():
-    from ertacache.calibration.select import Candidate
+    from ertacache.calibration.sets import Candidate
 
     model = PatternField(kink)
     config = CalibrationConfig(candidates=("uniform", "search"), rectification="off", timestep_adjustment=False)
     s = session(model, config)
     base = Candidate("search", None, (2, 4, 6, 8, 10), rule="a rule")
-    refined = s._per_step_candidate(base)
+    refined = s.proposer.per_step_candidate(base)
     assert refined.step_reuse == {8: "velocity"} and refined.cached_steps == base.cached_steps
     assert refined.as_dict(12)["step_reuse"] == {"8": "velocity"} and refined.rule == "a rule, per-step reuse"
-    pure = s.error(Policy(cached_steps=base.cached_steps, **s.base))
-    mixed = s.error(Policy(cached_steps=base.cached_steps, step_reuse=refined.step_reuse, **s.base))
+    pure = s.judge.error(Policy(cached_steps=base.cached_steps, **s.base))
+    mixed = s.judge.error(Policy(cached_steps=base.cached_steps, step_reuse=refined.step_reuse, **s.base))
     assert pure > 1e-5 and mixed < 1e-6 * pure  # every cached step is now exact
     pol = s.policy(target_speedup=2.0)
     cands = pol.provenance["candidates"]
@@ -144,7 +144,7 @@ def test_the_search_sets_per_step_version_competes_and_wins_where_it_is_exact():
     searched = [c for c in unbudgeted if c["source"] == "search" and "step_reuse" not in c]
     refined = [c["cached_steps"] for c in unbudgeted if "step_reuse" in c]  # each searched set's, where it has one
     expected = [c["cached_steps"] for c in searched
-                if s._per_step_candidate(Candidate("search", None, tuple(c["cached_steps"]))) is not None]
+                if s.proposer.per_step_candidate(Candidate("search", None, tuple(c["cached_steps"]))) is not None]
     assert refined and sorted(refined) == sorted(expected)  # here the search's second set's: the budget skips it
     assert not any(c["cached_steps"] in refined for c in cands if "step_reuse" in c)
 

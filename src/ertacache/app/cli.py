@@ -6,14 +6,19 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
+from ..bench.pipeline import PipelineBenchSettings
+from ..core.config import SOURCES
+from ..core.rectify import Granularity, Rectification
 from ..core.reuse import DEFAULT_REUSE, REUSE_MODES
 from ..errors import ErtaCacheError
+from ..integrations.diffusers.load import PipelineSettings
 from ..models.bundled import MODELS
-from .settings import CalibrateSettings, GenerateSettings, PipelineBenchSettings, PipelineSettings, read_prompts
+from .output import write_policy
+from .settings import CalibrateSettings, GenerateSettings, read_prompts
 
 
 def _add_sampler_args(p: argparse.ArgumentParser) -> None:
@@ -50,6 +55,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/demo", help="output folder (default out/demo)")
     p.add_argument("--repeats", type=int, default=None, help="timing repeats per method (median; default 3, video 2)")
 
+    _add_calibrate_parser(sub)
+    _add_other_parsers(sub)
+    return parser
+
+
+def _add_calibrate_parser(sub: Any) -> None:
     p = sub.add_parser("calibrate", help="calibrate a policy and write it (one .safetensors file)")
     _add_sampler_args(p)
     goal = p.add_mutually_exclusive_group(required=True)
@@ -73,10 +84,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the passes, model calls and estimated wall time (one model call is timed), then exit")
     p.add_argument("--candidates", default=None,
-                   help="candidate sources that compete, comma-separated: threshold (Algorithm 2), uniform, search "
-                        "(the schedule search); default search,uniform (--thorough: all three)")
-    p.add_argument("--rectification", choices=["linear", "sigmoid", "off"], default="linear")
-    p.add_argument("--granularity", choices=["step", "channel"], default="step")
+                   help=f"candidate sources that compete, comma-separated, of {','.join(SOURCES)} (threshold: "
+                        "Algorithm 2's sweep; search: the schedule search); default search,uniform (--thorough: all)")
+    p.add_argument("--rectification", choices=get_args(Rectification), default="linear")
+    p.add_argument("--granularity", choices=get_args(Granularity), default="step")
     p.add_argument("--timestep-adjustment", action=argparse.BooleanOptionalAction, default=None,
                    help="estimate Eq. 13-14's adjusted grid and keep it where it wins (default: off; --thorough: on)")
     p.add_argument("--keep-all-components", action="store_true",
@@ -85,6 +96,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="also try the schedule search's best set with each cached step's reuse mode chosen by the "
                         "error model (default: on)")
 
+
+def _add_other_parsers(sub: Any) -> None:
     p = sub.add_parser("generate", help="sample a bundled model or a pipeline, with a policy or uncached")
     _add_sampler_args(p)
     p.add_argument("--policy", default=None,
@@ -120,7 +133,6 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("step-cost", help="benchmark: a cached step's cost as a fraction of a computed step's")
     p.add_argument("--batch-size", type=int, default=40)
     p.add_argument("--repeats", type=int, default=20)
-    return parser
 
 
 def _pipeline_settings(args: argparse.Namespace) -> PipelineSettings | None:
@@ -153,7 +165,7 @@ def _sampler(args: argparse.Namespace, pipeline: PipelineSettings | None) -> dic
 
 def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
     """``ertacache calibrate`` arguments as typed settings (checked before anything loads)."""
-    from ..config import CalibrationConfig
+    from ..core.config import CalibrationConfig
 
     pipeline = _pipeline_settings(args)
     if pipeline is not None and not args.prompts:
@@ -215,19 +227,6 @@ def _calibrate_here(settings: CalibrateSettings) -> int:
                        threshold=settings.threshold, config=settings.config, model_fingerprint=model_fingerprint(model),
                        progress=True, batch_size=settings.batch_size, checkpoint_dir=settings.checkpoint_dir)
     return write_policy(policy, settings.out)
-
-
-def write_policy(policy: Any, out: str) -> int:
-    """Save a calibrated policy at ``out`` and print its summary, on rank 0 only (every rank reached the same
-    policy); the exit status."""
-    from ..calibration.distributed import rank_and_size
-
-    if rank_and_size()[0] != 0:
-        return 0
-    path = policy.save(out)
-    print(policy.summary())
-    print(f"wrote {path}")
-    return 0
 
 
 def generate_settings(args: argparse.Namespace) -> GenerateSettings:

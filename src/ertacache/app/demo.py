@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import metrics
 from .._version import __version__
+from ..bench import metrics
 from ..bench.methods import RunSettings, ablation_ladder
 from ..calibration import calibrate_with_variants
-from ..config import CalibrationConfig
+from ..core.config import CalibrationConfig
 from ..core.euler import sample, seeded_noise
 from ..fingerprint import model_fingerprint
 from ..io import atomic_write_text

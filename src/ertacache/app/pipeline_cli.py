@@ -2,58 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import ErtaCacheError
-from .settings import CalibrateSettings, GenerateSettings, PipelineSettings
-
-
-def load_pipeline(settings: PipelineSettings) -> Any:
-    """``DiffusionPipeline.from_pretrained`` of a hub id or a local folder, moved to the device."""
-    from diffusers import DiffusionPipeline
-
-    try:
-        with _quiet_hub():
-            pipe = DiffusionPipeline.from_pretrained(settings.pipeline, dtype=getattr(torch, settings.dtype))
-    except (OSError, ValueError) as exc:
-        raise cannot_load(settings.pipeline, exc) from exc
-    return pipe.to(settings.device)
-
-
-@contextmanager
-def _quiet_hub() -> Iterator[None]:
-    """huggingface_hub's deprecation warning about an argument diffusers passes says nothing to a user."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-        yield
-
-
-def cannot_load(name: str, exc: Exception) -> ErtaCacheError:
-    """What went wrong loading ``name``, said for a user: a folder that is not a pipeline, a hub id that is not in
-    the cache while offline, or the loader's own first line."""
-    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    if Path(name).is_dir():
-        return ErtaCacheError(f"the folder {name} is not a diffusers pipeline (no model_index.json): pass the folder "
-                              "that pipe.save_pretrained(...) wrote, or a hub id")
-    if Path(name).exists():
-        return ErtaCacheError(f"--pipeline {name} is a file; pass a pipeline folder (save_pretrained) or a hub id")
-    if name.startswith(("/", ".", "~")) or name.count("/") != 1:  # a hub id is owner/name
-        return ErtaCacheError(f"no pipeline folder at {name} (and it is not a hub id, owner/name): pass the folder "
-                              "that pipe.save_pretrained(...) wrote, or a hub id")
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if offline:
-        return ErtaCacheError(f"{name!r} is not a local folder and not in the hub cache, and the hub is off "
-                              f"(HF_HUB_OFFLINE=1): download it where the hub is reachable (hf download {name}) "
-                              "or pass a local pipeline folder")
-    return ErtaCacheError(f"cannot load the pipeline {name!r}: it is not a local folder, and the hub says: {first}")
-
+from ..integrations.diffusers.load import PipelineSettings, cannot_load, load_pipeline, quiet_hub
+from .output import write_policy
+from .settings import CalibrateSettings, GenerateSettings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".gif")
@@ -68,7 +25,7 @@ def pipeline_class(settings: PipelineSettings) -> type:
     import diffusers
 
     try:
-        with _quiet_hub():
+        with quiet_hub():
             config = diffusers.DiffusionPipeline.load_config(settings.pipeline)
     except (OSError, ValueError) as exc:
         raise cannot_load(settings.pipeline, exc) from exc
@@ -145,7 +102,6 @@ def calibrate(settings: CalibrateSettings) -> int:
                                 seeds=range(settings.seed, settings.seed + len(settings.prompts)),
                                 config=settings.config, progress=True, batch_size=settings.batch_size,
                                 checkpoint_dir=settings.checkpoint_dir, **settings.pipeline.call_kwargs())
-    from .cli import write_policy
 
     return write_policy(policy, settings.out)
 

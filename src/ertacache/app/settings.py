@@ -8,59 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from ..config import CalibrationConfig
+from ..core.config import CalibrationConfig
 from ..errors import ErtaCacheError
-
-DTYPES = ("float32", "float16", "bfloat16")
-
-
-@dataclass(frozen=True)
-class PipelineSettings:
-    """A diffusers pipeline and the call settings shared by calibration and generation.
-
-    Attributes:
-        pipeline: hub id or local folder (``DiffusionPipeline.from_pretrained``).
-        num_inference_steps: T.
-        guidance_scale: the pipeline's ``guidance_scale``.
-        height, width, num_frames: output size (None: the pipeline's default).
-        negative_prompt: the negative prompt (CFG pipelines; None: the pipeline's default).
-        true_cfg_scale: FLUX's true classifier-free guidance scale (None: not passed).
-        max_sequence_length: the text encoder's token limit (None: the pipeline's default).
-        dtype: ``float32``, ``float16`` or ``bfloat16``.
-        device: torch device name.
-    """
-
-    pipeline: str
-    num_inference_steps: int = 30
-    guidance_scale: float = 3.0
-    height: int | None = None
-    width: int | None = None
-    num_frames: int | None = None
-    dtype: str = "bfloat16"
-    device: str = "cpu"
-    negative_prompt: str | None = None
-    true_cfg_scale: float | None = None
-    max_sequence_length: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ErtaCacheError(f"--dtype must be one of {list(DTYPES)}, got {self.dtype!r}")
-        if self.num_inference_steps < 1:
-            raise ErtaCacheError(f"--num-inference-steps must be >= 1, got {self.num_inference_steps}")
-        for name in ("height", "width", "num_frames", "max_sequence_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ErtaCacheError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-
-    def call_kwargs(self) -> dict[str, Any]:
-        """The pipeline-call keywords the user set (the same at calibration and at generation)."""
-        kwargs: dict[str, Any] = {"guidance_scale": self.guidance_scale}
-        for name in ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale", "max_sequence_length"):
-            if getattr(self, name) is not None:
-                kwargs[name] = getattr(self, name)
-        return kwargs
+from ..integrations.diffusers.load import PipelineSettings
 
 
 def read_prompts(path: str | Path) -> tuple[str, ...]:
@@ -141,20 +92,3 @@ class GenerateSettings(CommandSettings):
     digits: tuple[int, ...] = tuple(range(10))
     prompt: str | None = None
     fps: int = 16
-
-
-@dataclass(frozen=True)
-class PipelineBenchSettings:
-    """``ertacache bench --pipeline``: the first half of the prompts calibrates, the second half is held out."""
-
-    pipeline: PipelineSettings
-    prompts: tuple[str, ...]
-    quick: bool = False
-    repeats: int | None = None
-    docs: str = "docs/benchmarks/pipeline"
-    json_path: str | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.prompts) < 2:
-            raise ErtaCacheError(f"bench --pipeline needs at least 2 prompts (calibration, held out); got "
-                                 f"{len(self.prompts)}")

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import metrics
 from ..core.euler import seeded_noise
 from ..fingerprint import model_fingerprint
 from ..io import atomic_write_text
 from . import methods as m
+from . import metrics
 from .report import write_report
 
 __all__ = ["BenchSettings", "run_bench"]

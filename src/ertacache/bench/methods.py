@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..calibration import calibrate, core_session
-from ..config import CalibrationConfig
+from ..core.config import CalibrationConfig
 from ..core.euler import sample, seeded_noise
 from ..core.reuse import DEFAULT_REUSE, REUSE_MODES
 from ..models.bundled import BundledModel, bundled_model

@@ -13,16 +13,35 @@ from __future__ import annotations
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..app.settings import PipelineBenchSettings, PipelineSettings
 from ..errors import ErtaCacheError
+from ..integrations.diffusers.load import PipelineSettings
 from ..policy import Policy
 from .methods import Method
+
+
+@dataclass(frozen=True)
+class PipelineBenchSettings:
+    """``ertacache bench --pipeline``: the first half of the prompts calibrates, the second half is held out."""
+
+    pipeline: PipelineSettings
+    prompts: tuple[str, ...]
+    quick: bool = False
+    repeats: int | None = None
+    docs: str = "docs/benchmarks/pipeline"
+    json_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) < 2:
+            raise ErtaCacheError(f"bench --pipeline needs at least 2 prompts (calibration, held out); got "
+                                 f"{len(self.prompts)}")
+
 
 
 def _decoded(out: Any) -> Tensor:
@@ -43,7 +62,7 @@ def _last_block_linear(transformer: Any) -> Any:
 
 def pipeline_methods(pipe: Any, settings: PipelineSettings, cal_prompts: list[str], held: list[str],
                      targets: tuple[float, ...], quick: bool, log: Any) -> list[Method]:
-    from ..config import CalibrationConfig
+    from ..core.config import CalibrationConfig
     from ..integrations.diffusers.apply import apply_ertacache
     from ..integrations.diffusers.calibrate import calibrate_pipeline
     from ..peers.diffusers_hooks import calibrate_magcache, peer_config, peer_settings, setting_label
@@ -108,7 +127,7 @@ def run_pipeline_bench(settings: PipelineBenchSettings, command: str) -> list[di
     """Run the benchmark on ``settings.pipeline`` and write the report under ``settings.docs``."""
     import json
 
-    from ..app.pipeline_cli import load_pipeline
+    from ..integrations.diffusers.load import load_pipeline
     from ..io import atomic_write_text
     from . import measure
     from .report import write_report

@@ -1,7 +1,8 @@
 """Offline calibration: from a model and a calibration set to a :class:`~ertacache.policy.Policy`.
 
-The method lives once, in :class:`~.session.CalibrationSession` and the passes of
-:mod:`.passes`; :func:`calibrate` drives it with the core Euler loop, and
+The method lives once, in :class:`~.session.CalibrationSession` (with its rooms: :mod:`.runner`,
+:mod:`.judge`, :mod:`.proposals`, :mod:`.components`) and the passes of :mod:`.passes`;
+:func:`calibrate` drives it with the core Euler loop, and
 :func:`ertacache.calibrate_pipeline` with a diffusers pipeline's own ``__call__``.
 """
 
@@ -15,14 +16,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import CalibrationConfig
+from ..core.config import CalibrationConfig
 from ..errors import ErtaCacheError
 from ..policy import Policy
 from .drive import CoreDriver, Driver, check_calibration_inputs
+from .judge import Margin
 from .passes import AdjustTimesteps, FitRectification, GroundTruth, ThresholdSearch
 from .plan import Plan, plan, time_one_call
-from .select import VARIANTS, Candidate, SearchResult, check_goal, check_target_speedup, select_candidates, sweep
-from .session import CalibrationSession, Margin, PassCallback
+from .runner import PassCallback
+from .session import CalibrationSession
+from .sets import VARIANTS, Candidate, SearchResult, check_goal, check_target_speedup, select_candidates, sweep
 
 __all__ = [
     "VARIANTS", "AdjustTimesteps", "CalibrationSession", "Candidate", "CoreDriver", "Driver", "FitRectification",
@@ -94,7 +97,7 @@ def calibrate(model: Any, cond: Tensor | None, seeds: Sequence[int], *, target_s
         kwargs: ``latent_shape`` (one sample's state shape, e.g. ``(1, 16, 16)``),
             ``num_inference_steps`` (T), ``shift`` (grid time shift, default 1),
             ``guidance_scale`` and ``null_cond`` (``(N, ...)``; two branches with CFG),
-            ``config`` (:class:`~ertacache.config.CalibrationConfig`),
+            ``config`` (:class:`~ertacache.core.config.CalibrationConfig`),
             ``model_fingerprint`` (stored and checked when the policy is used),
             ``dtype``, ``device``, ``progress`` (one tqdm bar over the passes),
             ``checkpoint_dir`` (keep each finished pass there; started again with the same

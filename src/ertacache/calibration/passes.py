@@ -18,13 +18,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..config import Granularity, L1Denominator, PhiDenominator, Rectification
 from ..core import rectify
+from ..core.config import Granularity, L1Denominator, PhiDenominator, Rectification
 from ..core.engine import Pass, StopPass, UnitCall, l1, ratio
 from ..core.grids import shrink_step
 from ..core.rectify import CHANNELS_FIRST, ChannelLayout, RectStats
 from ..errors import ErtaCacheError
-from .schedule import ErrorSketch
+from .sketch import ErrorSketch
 
 
 class GroundTruth(Pass):

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import CalibrationConfig
+from ..core.config import CalibrationConfig
 
 
 @dataclass(frozen=True)

@@ -116,3 +116,18 @@ def shrink_step(grid: Sequence[float], step: int, phi: float) -> list[float]:
         new[k] = new[k - 1] + (grid[k] - grid[k - 1]) * scale
     new[T] = grid[T]
     return new
+
+
+def uniform_cached_steps(num_inference_steps: int, nfe: int) -> tuple[int, ...]:
+    """Cached steps of evenly spaced computation: ``nfe`` computed steps incl. the first and last.
+
+    Raises:
+        ErtaCacheError: ``nfe`` outside ``2..T`` (or != 1 for T = 1).
+    """
+    T = num_inference_steps
+    if T == 1 and nfe == 1:
+        return ()
+    if not 2 <= nfe <= T:
+        raise ErtaCacheError(f"nfe must be in 2..T={T} (first and last steps are always computed), got {nfe}")
+    computed = {round(k * (T - 1) / (nfe - 1)) for k in range(nfe)}
+    return tuple(i for i in range(T) if i not in computed)

@@ -53,13 +53,6 @@ def resolve(source: str | Path, revision: str | None = None) -> Path:
                              "(offline? set HF_HUB_OFFLINE=0, or pass a local file or folder)") from exc
 
 
-def from_pretrained(source: str | Path, revision: str | None = None) -> Policy:
-    """Load a policy from a file, a folder or a hub id (:func:`resolve`)."""
-    from .policy import Policy
-
-    return Policy.load(resolve(source, revision))
-
-
 def model_card(policy: Policy) -> str:
     """A short README for the repository: what the policy is for and how to use it."""
     return (

@@ -7,11 +7,9 @@ atomically and can be renamed freely. Nothing is ever unpickled.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +17,59 @@ import torch
 from torch import Tensor
 
 from .._version import __version__
-from ..config import CalibrationConfig, ReuseMode
+from ..core.config import CalibrationConfig, ReuseMode
 from ..core.engine import FollowPolicy
-from ..core.grids import check_grid, time_grid
+from ..core.grids import time_grid, uniform_cached_steps
 from ..core.rectify import CHANNELS_FIRST, ChannelLayout
-from ..core.reuse import DEFAULT_REUSE, check_step_reuse, get_reuse
+from ..core.reuse import DEFAULT_REUSE, check_step_reuse
 from ..errors import ErtaCacheError, PolicyMismatchError
 from ..io import atomic_write
 from . import file as policy_file
+from .checks import (
+    check_branches,
+    check_cached,
+    check_coefficients,
+    check_config,
+    check_fingerprint,
+    check_grid,
+    check_latent_shape,
+    check_rect_form,
+    check_rectification,
+    check_reuse,
+    check_schema,
+    check_steps,
+    step_reuse_from_json,
+)
+from .fields import (
+    at_default,
+    check_json,
+    finite,
+    is_default,
+    is_int,
+    json_list,
+    json_object,
+    listed,
+    named_numbers,
+    spec,
+    spec_of,
+)
+from .provenance import GUIDANCE_OF_THE_CALL, provenance_lines
 
 SCHEMA_VERSION = 3
 """The newest schema this library reads and writes. A policy is written with the oldest
-schema that holds it: 3 only when it has :attr:`Policy.step_reuse` (which a reader of
-schema 2 would silently ignore), else 2."""
+schema that holds it (:attr:`Policy.written_schema`: the largest ``schema`` of a field
+declared in :mod:`.fields` that is not at its default, at least 2)."""
 READABLE_SCHEMAS = (1, 2, 3)
-MAX_STEPS = 10_000
-MAX_COEFFICIENT = 1e3
-"""Largest |a| or |b| a policy may hold: fitted coefficients are O(1); larger means a corrupted file."""
+
+
+def _show_rectification(form: str, policy: Policy) -> str:
+    on = policy.rect_enabled
+    return f"rectification: {form}" + (f", on at {int(on.sum())} of {len(policy.cached_steps) * len(policy.branches)} "
+                                       "(cached step, branch) pairs" if on is not None else "")
+
+
+def _show(label: str, when: Callable[[Any], bool] = lambda v: True) -> Callable[[Any, Any], str | None]:
+    return lambda value, policy: f"{label}: {value}" if when(value) else None
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,139 +77,97 @@ class Policy:
     """A calibrated caching policy for one model and one set of sampler settings.
 
     Step ``i`` (0-based, ``i = 0`` at t = 1) evaluates the model at ``t'_i`` and takes
-    the Euler step to ``t'_{i+1}`` of :attr:`sampling_grid`.
+    the Euler step to ``t'_{i+1}`` of :attr:`sampling_grid`. Each field is declared once
+    (:mod:`.fields`): its check, its form in the file and its summary line follow.
 
     Attributes:
         num_inference_steps: T.
         cached_steps: the set S of steps that reuse the cache (Algorithm 2), sorted.
         grid: the original ``T + 1`` times, 1 -> 0.
         adjusted_grid: the grid after timestep adjustment (Eq. 13-14), or None.
-        reuse: what the cache keeps (:data:`~ertacache.config.ReuseMode`; default calibration's,
+        reuse: what the cache keeps (:data:`~ertacache.core.config.ReuseMode`; default calibration's,
             :data:`~ertacache.core.reuse.DEFAULT_REUSE`).
-        step_reuse: ``{cached step: reuse mode}`` where a cached step rebuilds ``v~``
-            with another mode than ``reuse`` (one that keeps the same thing, e.g.
-            ``velocity`` inside an ``extrapolate`` policy); chosen per step by the
-            schedule search's error model (:func:`~ertacache.calibration.schedule.choose_step_reuse`).
-            Not in the paper.
         branches: guidance branch names, ``("cond",)`` or ``("cond", "uncond")``.
         rect_a, rect_b: rectification coefficients per branch, each ``(T, C)``
             float32 (C = 1 per step, or channels); zero where off. Eq. 21 with
             ``K = 4a``, ``B = 4(b - 1/2)``.
         rect_enabled: ``(n_branches, T)`` bool, the steps whose fit passed the
             held-out check. All false when rectification is off.
-        rect_form: ``linear``, ``sigmoid`` or ``off``.
+        rect_form: one of :data:`~ertacache.core.rectify.Rectification` (``linear``, ``sigmoid``, ``off``).
         shift: the time shift the grid was made with.
         guidance_scale: classifier-free guidance scale used in calibration.
         latent_shape: one sample's state shape, or None when any shape fits.
         model_fingerprint: :func:`ertacache.fingerprint.model_fingerprint` or None.
         config: the calibration config.
+        provenance: calibration set size, seeds, threshold, candidates, library
+            version, date, ...
         guidance: a pipeline's guidance settings at calibration, by argument name
             (``guidance_scale``, ``true_cfg_scale``, ``guidance_scale_2``); empty for
             the core sampler (whose scale is :attr:`guidance_scale`).
         sample_size: a pipeline's ``height``, ``width`` (pixels) and ``num_frames`` at
             calibration, where known.
-        provenance: calibration set size, seeds, threshold, candidates, library
-            version, date, ...
+        schema_version: the newest schema this library reads (not written: a file's schema is
+            :attr:`written_schema`).
+        step_reuse: ``{cached step: reuse mode}`` where a cached step rebuilds ``v~``
+            with another mode than ``reuse`` (one that keeps the same thing, e.g.
+            ``velocity`` inside an ``extrapolate`` policy); chosen per step by the
+            schedule search's error model (:func:`~ertacache.calibration.schedule.choose_step_reuse`).
+            Not in the paper.
     """
 
-    num_inference_steps: int
-    cached_steps: tuple[int, ...]
-    grid: tuple[float, ...]
-    adjusted_grid: tuple[float, ...] | None = None
-    reuse: ReuseMode = DEFAULT_REUSE
-    branches: tuple[str, ...] = ("cond",)
-    rect_a: dict[str, Tensor] = field(default_factory=dict)
-    rect_b: dict[str, Tensor] = field(default_factory=dict)
-    rect_enabled: Tensor | None = None
-    rect_form: str = "off"
-    shift: float = 1.0
-    guidance_scale: float = 1.0
-    latent_shape: tuple[int, ...] | None = None
-    model_fingerprint: str | None = None
-    config: CalibrationConfig = field(default_factory=CalibrationConfig)
-    provenance: dict[str, Any] = field(default_factory=dict)
-    guidance: dict[str, float] = field(default_factory=dict)
-    sample_size: dict[str, int] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
-    step_reuse: dict[int, str] = field(default_factory=dict)
+    num_inference_steps: int = field(metadata=spec(check=check_steps))
+    cached_steps: tuple[int, ...] = field(metadata=spec(
+        check=check_cached, to_json=listed, from_json=json_list("cached_steps"), show=_show("cached steps", bool)))
+    grid: tuple[float, ...] = field(metadata=spec(
+        check=check_grid, to_json=listed, from_json=json_list("grid"), like=True))
+    adjusted_grid: tuple[float, ...] | None = field(default=None, metadata=spec(
+        check=check_grid, to_json=listed, from_json=json_list("adjusted_grid", nullable=True),
+        show=lambda v, p: f"timestep adjustment: {'on' if v is not None else 'off'}"))
+    reuse: ReuseMode = field(default=DEFAULT_REUSE, metadata=spec(check=check_reuse, like=True, show=_show("reuse")))
+    branches: tuple[str, ...] = field(default=("cond",), metadata=spec(
+        check=check_branches, to_json=list, from_json=json_list("branches"), like=True, show=_show("branches")))
+    rect_a: dict[str, Tensor] = field(default_factory=dict, metadata=spec(check=check_coefficients, where="tensors"))
+    rect_b: dict[str, Tensor] = field(default_factory=dict, metadata=spec(check=check_coefficients, where="tensors"))
+    rect_enabled: Tensor | None = field(default=None, metadata=spec(where="tensors"))
+    rect_form: str = field(default="off", metadata=spec(check=check_rect_form, show=_show_rectification))
+    shift: float = field(default=1.0, metadata=spec(
+        check=lambda v, _: finite(v, "shift", positive=True), like=True, show=_show("shift")))
+    guidance_scale: float = field(default=1.0, metadata=spec(
+        check=lambda v, _: finite(v, "guidance_scale"), like=True, show=_show("guidance_scale")))
+    latent_shape: tuple[int, ...] | None = field(default=None, metadata=spec(
+        check=check_latent_shape, to_json=listed, from_json=json_list("latent_shape", nullable=True), like=True,
+        show=_show("latent shape")))
+    model_fingerprint: str | None = field(default=None, metadata=spec(
+        check=check_fingerprint, like=True, show=_show("model fingerprint")))
+    config: CalibrationConfig = field(default_factory=CalibrationConfig, metadata=spec(
+        check=check_config, to_json=lambda c: c.to_dict(), from_json=CalibrationConfig.from_dict, like=True))
+    provenance: dict[str, Any] = field(default_factory=dict, metadata=spec(
+        check=lambda v, _: check_json(v, "provenance"), from_json=json_object("provenance")))
+    guidance: dict[str, float] = field(default_factory=dict, metadata=spec(
+        check=lambda v, _: named_numbers(v, "guidance", float), to_json=dict, optional=True, like=True,
+        show=_show("calibrated with guidance", bool)))
+    sample_size: dict[str, int] = field(default_factory=dict, metadata=spec(
+        check=lambda v, _: named_numbers(v, "sample_size", int), to_json=dict, optional=True, like=True,
+        show=_show("calibrated at size", bool)))
+    schema_version: int = field(default=SCHEMA_VERSION, metadata=spec(check=check_schema, where="none"))
+    step_reuse: dict[int, str] = field(default_factory=dict, metadata=spec(
+        check=lambda v, e: check_step_reuse(v, e["reuse"], e["cached_steps"]),
+        to_json=lambda v: {str(k): m for k, m in v.items()}, from_json=step_reuse_from_json, optional=True,
+        omit_default=True, schema=3, show=_show("per-step reuse", bool)))
 
     def __post_init__(self) -> None:
-        T = self.num_inference_steps
-        if not _is_int(T) or not 1 <= T <= MAX_STEPS:
-            raise ErtaCacheError(f"num_inference_steps must be an int in 1..{MAX_STEPS}, got {T!r}")
-        object.__setattr__(self, "grid", tuple(check_grid(self.grid, T)))
-        if self.adjusted_grid is not None:
-            object.__setattr__(self, "adjusted_grid", tuple(check_grid(self.adjusted_grid, T)))
-        if isinstance(self.cached_steps, (str, bytes)) or not hasattr(self.cached_steps, "__iter__") \
-                or not all(_is_int(i) for i in self.cached_steps):
-            raise ErtaCacheError(f"cached_steps must be a list of int step indices, got {self.cached_steps!r}")
-        cached = tuple(sorted(int(i) for i in self.cached_steps))
-        if len(set(cached)) != len(cached) or any(not 0 < i < T - 1 for i in cached):
-            raise ErtaCacheError(
-                f"cached_steps must be distinct steps in 1..T-2 = 1..{T - 2} (the first and last steps are "
-                f"always computed), got {list(self.cached_steps)}"
-            )
-        object.__setattr__(self, "cached_steps", cached)
-        if not isinstance(self.reuse, str):
-            raise ErtaCacheError(f"reuse must be a reuse-mode name, got {self.reuse!r}")
-        get_reuse(self.reuse)
-        object.__setattr__(self, "step_reuse", check_step_reuse(self.step_reuse, self.reuse, cached))
-        branches = self.branches
-        if isinstance(branches, (str, bytes)) or not isinstance(branches, (tuple, list)) or not branches \
-                or not all(isinstance(b, str) and b for b in branches) or len(set(branches)) != len(branches):
-            raise ErtaCacheError(f"branches must be distinct guidance branch names, e.g. ['cond', 'uncond'], "
-                                 f"got {branches!r}")
-        object.__setattr__(self, "branches", tuple(branches))
-        if self.latent_shape is not None:
-            shape = self.latent_shape
-            if isinstance(shape, (str, bytes)) or not isinstance(shape, (tuple, list)) or not 1 <= len(shape) <= 8 \
-                    or not all(_is_int(s) and 0 < s <= 1 << 24 for s in shape):
-                raise ErtaCacheError(f"latent_shape must be a list of positive ints, got {shape!r}")
-            object.__setattr__(self, "latent_shape", tuple(int(s) for s in shape))
-        object.__setattr__(self, "shift", _finite(self.shift, "shift", positive=True))
-        object.__setattr__(self, "guidance_scale", _finite(self.guidance_scale, "guidance_scale"))
-        if self.model_fingerprint is not None and not isinstance(self.model_fingerprint, str):
-            raise ErtaCacheError(f"model_fingerprint must be a string or null, got {self.model_fingerprint!r}")
-        if not isinstance(self.config, CalibrationConfig):
-            raise ErtaCacheError(f"config must be a CalibrationConfig, got {type(self.config).__name__}")
-        object.__setattr__(self, "guidance", _named_numbers(self.guidance, "guidance", float))
-        object.__setattr__(self, "sample_size", _named_numbers(self.sample_size, "sample_size", int))
-        _check_json(self.provenance, "provenance")
-        if not _is_int(self.schema_version) or self.schema_version < 1:
-            raise ErtaCacheError(f"schema_version must be an int >= 1, got {self.schema_version!r}")
-        self._check_rectification()
+        earlier: dict[str, Any] = {}
+        for f in fields(self):
+            check = spec_of(f).check
+            value = getattr(self, f.name) if check is None else check(getattr(self, f.name), earlier)
+            object.__setattr__(self, f.name, value)
+            earlier[f.name] = value
+        check_rectification(self)
 
-    def _check_rectification(self) -> None:
-        T = self.num_inference_steps
-        if not isinstance(self.rect_form, str) or self.rect_form not in ("linear", "sigmoid", "off"):
-            raise ErtaCacheError(f"rect_form must be linear, sigmoid or off, got {self.rect_form!r}")
-        for coeffs in (self.rect_a, self.rect_b):
-            if not isinstance(coeffs, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
-                                                       for k, v in coeffs.items()):
-                raise ErtaCacheError("rect_a and rect_b must map branch names to tensors")
-            unknown = set(coeffs) - set(self.branches)
-            if unknown:
-                raise ErtaCacheError(f"rectification coefficients for unknown branches {sorted(unknown)}; "
-                                     f"the policy's branches are {list(self.branches)}")
-        if self.rect_form == "off":
-            return
-        widths = set()
-        for name in self.branches:
-            for label, coeffs in (("rect_a", self.rect_a), ("rect_b", self.rect_b)):
-                c = coeffs.get(name)
-                if c is None or c.ndim != 2 or c.shape[0] != T or c.shape[1] < 1 or not c.is_floating_point():
-                    raise ErtaCacheError(f"{label} for branch {name!r} must be a float (T={T}, C) tensor, got "
-                                         f"{None if c is None else (tuple(c.shape), str(c.dtype))}")
-                if not bool(torch.isfinite(c).all()) or float(c.abs().max()) > MAX_COEFFICIENT:
-                    raise ErtaCacheError(f"{label} for branch {name!r} holds non-finite or out-of-range values "
-                                         f"(|a|, |b| <= {MAX_COEFFICIENT:g}); the file is corrupted, recalibrate")
-                widths.add(c.shape[1])
-        if len(widths) != 1:
-            raise ErtaCacheError(f"rectification coefficients must have one channel count C, got {sorted(widths)}")
-        enabled = self.rect_enabled
-        if not isinstance(enabled, Tensor) or tuple(enabled.shape) != (len(self.branches), T) \
-                or enabled.dtype != torch.bool:
-            raise ErtaCacheError(f"rect_enabled must be a ({len(self.branches)}, {T}) bool tensor")
+    @property
+    def written_schema(self) -> int:
+        """The schema this policy's file is written with: the oldest that holds every field not at its default."""
+        return max([2] + [spec_of(f).schema for f in fields(self) if not at_default(self, f)])
 
     # ----- what inference needs -------------------------------------------------
     @property
@@ -261,10 +253,7 @@ class Policy:
         if like is not None:
             if like.num_inference_steps != num_inference_steps:
                 raise ErtaCacheError(f"like: that policy has T={like.num_inference_steps}, not {num_inference_steps}")
-            keep = dict(grid=like.grid, shift=like.shift, reuse=like.reuse, branches=like.branches,
-                        guidance_scale=like.guidance_scale, guidance=dict(like.guidance),
-                        latent_shape=like.latent_shape, model_fingerprint=like.model_fingerprint,
-                        sample_size=dict(like.sample_size), config=like.config)
+            keep = {f.name: getattr(like, f.name) for f in fields(cls) if spec_of(f).like}
             return cls(num_inference_steps, cached, **{**keep, **kwargs})
         if not {"branches", "guidance_scale", "guidance"} & set(kwargs):
             kwargs["provenance"] = {**kwargs.get("provenance", {}), "guidance": GUIDANCE_OF_THE_CALL}
@@ -367,7 +356,7 @@ class Policy:
             raise ErtaCacheError(f"no policy file at {path}")
         doc, tensors = policy_file.decode(path)
         version = doc.get("schema_version")
-        if not _is_int(version) or version not in READABLE_SCHEMAS:
+        if not is_int(version) or version not in READABLE_SCHEMAS:
             library = doc.get("provenance", {}).get("library_version") if isinstance(doc.get("provenance"), dict) \
                 else None
             raise ErtaCacheError(
@@ -387,9 +376,9 @@ class Policy:
         Raises:
             ErtaCacheError: as :meth:`load`, or a hub id that cannot be fetched.
         """
-        from .hub import from_pretrained
+        from .hub import resolve
 
-        return from_pretrained(source, revision)
+        return cls.load(resolve(source, revision))
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> str:
         """Upload to a Hugging Face Hub repository (:func:`~.hub.push_to_hub`); returns the commit URL."""
@@ -407,193 +396,47 @@ class Policy:
         return out
 
     def _header(self) -> dict[str, Any]:
-        return {
-            "format": policy_file.FORMAT_NAME,
-            "schema_version": 3 if self.step_reuse else 2,
-            "num_inference_steps": self.num_inference_steps,
-            "nfe": self.nfe,
-            "cached_steps": list(self.cached_steps),
-            "grid": list(self.grid),
-            "adjusted_grid": None if self.adjusted_grid is None else list(self.adjusted_grid),
-            "reuse": self.reuse,
-            **({"step_reuse": {str(k): v for k, v in self.step_reuse.items()}} if self.step_reuse else {}),
-            "branches": list(self.branches),
-            "rect_form": self.rect_form,
-            "shift": self.shift,
-            "guidance_scale": self.guidance_scale,
-            "guidance": dict(self.guidance),
-            "sample_size": dict(self.sample_size),
-            "latent_shape": None if self.latent_shape is None else list(self.latent_shape),
-            "model_fingerprint": self.model_fingerprint,
-            "config": self.config.to_dict(),
-            "provenance": self.provenance,
-        }
+        header: dict[str, Any] = {"format": policy_file.FORMAT_NAME, "schema_version": self.written_schema,
+                                  "nfe": self.nfe}
+        for f in fields(self):
+            s = spec_of(f)
+            if s.where == "header" and not (s.omit_default and at_default(self, f)):
+                header[f.name] = s.to_json(getattr(self, f.name))
+        return header
 
     @classmethod
     def _from_doc(cls, doc: dict[str, Any], tensors: dict[str, Tensor]) -> Policy:
-        branches = doc["branches"]
-        if not isinstance(branches, list) or not all(isinstance(b, str) for b in branches):
-            raise ErtaCacheError(f"branches must be a list of names, got {branches!r}")
-        expected = {f"rect_{k}.{b}" for k in "ab" for b in branches} | {"rect_enabled"}
-        unknown = set(tensors) - expected
+        """A policy from a file's header and tensors: each header field read as declared, then checked."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            s = spec_of(f)
+            if s.where != "header" or (s.optional and f.name not in doc):
+                continue
+            values[f.name] = s.from_json(doc[f.name])  # a missing field: KeyError, reported by load
+            if s.schema > int(doc.get("schema_version") or 0) and not is_default(f, values[f.name]):
+                raise ErtaCacheError(f"{f.name} needs schema version {s.schema}; the file is hand-edited or corrupted")
+        branches = values["branches"]
+        if not all(isinstance(b, str) for b in branches):
+            raise ErtaCacheError(f"branches must be a list of names, got {list(branches)!r}")
+        unknown = set(tensors) - ({f"rect_{k}.{b}" for k in "ab" for b in branches} | {"rect_enabled"})
         if unknown:
             raise ErtaCacheError(f"the policy file holds unknown tensors {sorted(unknown)}")
         enabled = tensors.get("rect_enabled")
         if enabled is not None and (enabled.dtype != torch.uint8 or bool((enabled > 1).any())):
             raise ErtaCacheError(f"rect_enabled must be a 0/1 uint8 tensor, got {enabled.dtype}")
-        for key in ("grid", "cached_steps"):
-            if not isinstance(doc[key], list):
-                raise ErtaCacheError(f"{key} must be a list, got {type(doc[key]).__name__}")
-        adjusted = doc["adjusted_grid"]
-        if adjusted is not None and not isinstance(adjusted, list):
-            raise ErtaCacheError(f"adjusted_grid must be a list or null, got {type(adjusted).__name__}")
-        latent_shape = doc["latent_shape"]
-        if latent_shape is not None and not isinstance(latent_shape, list):
-            raise ErtaCacheError(f"latent_shape must be a list or null, got {type(latent_shape).__name__}")
-        provenance = doc["provenance"]
-        if not isinstance(provenance, dict):
-            raise ErtaCacheError(f"provenance must be an object, got {type(provenance).__name__}")
-        step_reuse = doc.get("step_reuse", {})
-        if not isinstance(step_reuse, dict) or not all(isinstance(k, str) and k.isdigit() for k in step_reuse):
-            raise ErtaCacheError(f"step_reuse must map step numbers to reuse modes, got {step_reuse!r}")
-        if step_reuse and doc.get("schema_version") != 3:
-            raise ErtaCacheError("step_reuse needs schema version 3; the file is hand-edited or corrupted")
-        return cls(
-            num_inference_steps=doc["num_inference_steps"],
-            cached_steps=tuple(doc["cached_steps"]),
-            grid=tuple(doc["grid"]),
-            adjusted_grid=None if adjusted is None else tuple(adjusted),
-            reuse=doc["reuse"],
-            step_reuse={int(k): v for k, v in step_reuse.items()},
-            branches=tuple(branches),
-            rect_a={b: tensors[f"rect_a.{b}"] for b in branches if f"rect_a.{b}" in tensors},
-            rect_b={b: tensors[f"rect_b.{b}"] for b in branches if f"rect_b.{b}" in tensors},
-            rect_enabled=None if enabled is None else enabled.bool(),
-            rect_form=doc["rect_form"],
-            shift=doc["shift"],
-            guidance_scale=doc["guidance_scale"],
-            guidance=doc.get("guidance", {}),
-            sample_size=doc.get("sample_size", {}),
-            latent_shape=None if latent_shape is None else tuple(latent_shape),
-            model_fingerprint=doc["model_fingerprint"],
-            config=CalibrationConfig.from_dict(doc["config"]),
-            provenance=dict(provenance),
-        )
+        for k in "ab":
+            values[f"rect_{k}"] = {b: tensors[f"rect_{k}.{b}"] for b in branches if f"rect_{k}.{b}" in tensors}
+        return cls(**values, rect_enabled=None if enabled is None else enabled.bool())
 
     def summary(self) -> str:
         """A human-readable description (``ertacache inspect``)."""
-        lines = [
-            f"ertacache policy (schema {3 if self.step_reuse else 2})",
-            f"  steps T={self.num_inference_steps}, NFE={self.nfe} per branch "
-            f"({self.nfe_speedup:.2f}x fewer forwards), reuse={self.reuse}",
-            f"  cached steps: {list(self.cached_steps)}",
-            *([f"  per-step reuse: {self.step_reuse}"] if self.step_reuse else []),
-            f"  shift={self.shift}, guidance_scale={self.guidance_scale}, branches={list(self.branches)}, "
-            f"latent_shape={self.latent_shape}",
-            f"  timestep adjustment: {'on' if self.adjusted_grid is not None else 'off'}",
-            f"  rectification: {self.rect_form}"
-            + (f", on at {int(self.rect_enabled.sum())} of {len(self.cached_steps) * len(self.branches)} "
-               "(cached step, branch) pairs" if self.rect_enabled is not None else ""),
-            f"  model fingerprint: {self.model_fingerprint}",
-        ]
-        if self.guidance or self.sample_size:
-            lines.append(f"  calibrated with: {dict(**self.guidance, **self.sample_size)}")
-        for key in ("selected", "variant", "threshold", "calibration_size", "seeds", "mapped_from", "library_version",
-                    "date"):
-            if key in self.provenance:
-                lines.append(f"  {key}: {self.provenance[key]}")
-        if "judged_on" in self.provenance:
-            lines.append(f"  judged on: {self.provenance['judged_on']}")
-        for d in self.provenance.get("decisions", []) if isinstance(self.provenance.get("decisions"), list) else []:
-            numbers = isinstance(d, dict) and all(isinstance(d.get(k), (int, float)) and not isinstance(d.get(k), bool)
-                                                  for k in ("gain_db", "se_db"))
-            if numbers and {"decision", "n", "kept"} <= set(d):
-                check, fold = d.get("k_fold"), ""
-                if isinstance(check, dict) and {"folds", "refit_differs"} <= set(check):
-                    fold = (f"; {check['folds']}-fold, {check['refit_differs']} refitted sets differ, in-sample "
-                            f"{d.get('in_sample_gain_db', 0.0):+.2f} dB")
-                elif check:  # the check could not run (its reason)
-                    fold = f"; k-fold check {check}"
-                lines.append(f"  {d['decision']}: {d['gain_db']:+.2f} dB +- {d['se_db']:.2f} (standard error, "
-                             f"{d['n']} samples{fold}): {'kept' if d['kept'] else 'not kept'}")
-        cost = self.provenance.get("cost")
-        if isinstance(cost, dict) and "model_calls" in cost:
-            lines.append(f"  calibration cost: {cost['model_calls']} model calls ({cost.get('uncached_generations')} "
-                         f"uncached generations of the set), {cost.get('seconds')} s")
-            target, gt = cost.get("target"), cost.get("ground_truth")
-            if isinstance(target, dict) and isinstance(gt, dict):
-                lines.append(f"    this target: {target.get('model_calls')} model calls "
-                             f"({target.get('uncached_generations')} generations); ground truth (shared by every "
-                             f"target of the session): {gt.get('model_calls')}")
+        lines = [f"ertacache policy (schema {self.written_schema})",
+                 f"  steps T={self.num_inference_steps}, NFE={self.nfe} per branch "
+                 f"({self.nfe_speedup:.2f}x fewer forwards)"]
+        for f in fields(self):
+            show = spec_of(f).show
+            line = None if show is None else show(getattr(self, f.name), self)
+            if line is not None:
+                lines.append(f"  {line}")
+        lines += provenance_lines(self.provenance)
         return "\n".join(lines)
-
-
-GUIDANCE_OF_THE_CALL = "the call's"
-"""``provenance["guidance"]`` of a policy that follows the call's guidance (:meth:`Policy.uniform`)."""
-
-
-def uniform_cached_steps(num_inference_steps: int, nfe: int) -> tuple[int, ...]:
-    """Cached steps of evenly spaced computation: ``nfe`` computed steps incl. the first and last.
-
-    Raises:
-        ErtaCacheError: ``nfe`` outside ``2..T`` (or != 1 for T = 1).
-    """
-    T = num_inference_steps
-    if T == 1 and nfe == 1:
-        return ()
-    if not 2 <= nfe <= T:
-        raise ErtaCacheError(f"nfe must be in 2..T={T} (first and last steps are always computed), got {nfe}")
-    computed = {round(k * (T - 1) / (nfe - 1)) for k in range(nfe)}
-    return tuple(i for i in range(T) if i not in computed)
-
-
-def provenance(**extra: Any) -> dict[str, Any]:
-    """Standard provenance fields plus ``extra``."""
-    return {
-        "library_version": __version__,
-        "torch_version": torch.__version__,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **extra,
-    }
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _finite(x: object, name: str, positive: bool = False) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise ErtaCacheError(f"{name} must be a number, got {x!r}")
-    try:
-        value = float(x)
-    except OverflowError as exc:
-        raise ErtaCacheError(f"{name} is out of range: {x!r}") from exc
-    if not math.isfinite(value) or (positive and value <= 0) or abs(value) > 1e6:
-        raise ErtaCacheError(f"{name} must be a finite number{' > 0' if positive else ''} (|x| <= 1e6), got {x!r}")
-    return value
-
-
-def _named_numbers(d: object, name: str, kind: type) -> dict[str, Any]:
-    if not isinstance(d, dict):
-        raise ErtaCacheError(f"{name} must map names to numbers, got {type(d).__name__}")
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if not isinstance(key, str):
-            raise ErtaCacheError(f"{name} keys must be names, got {key!r}")
-        if kind is int:
-            if not _is_int(value) or not 0 < value <= 1 << 24:
-                raise ErtaCacheError(f"{name}[{key!r}] must be a positive int, got {value!r}")
-            out[key] = int(value)
-        else:
-            out[key] = _finite(value, f"{name}[{key!r}]")
-    return out
-
-
-def _check_json(value: object, name: str) -> None:
-    if not isinstance(value, dict):
-        raise ErtaCacheError(f"{name} must be an object, got {type(value).__name__}")
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ErtaCacheError(f"{name} must hold JSON values only (finite numbers, no deep nesting): "
-                             f"{type(exc).__name__}") from exc

@@ -3,7 +3,7 @@
 :class:`PipelineDriver` walks each trajectory as one pipeline call (``output_type="latent"``)
 on the rows a pass needs, with :class:`~.hooks.StepHook` on the transformer(s) running the
 pass; :class:`~ertacache.calibration.CalibrationSession` is the method, the same as for
-:func:`ertacache.calibrate`. Every option of :class:`~ertacache.config.CalibrationConfig`
+:func:`ertacache.calibrate`. Every option of :class:`~ertacache.core.config.CalibrationConfig`
 is honoured, or refused before the first model call. DDIM-family schedulers (CogVideoX)
 take no custom grid, so their candidates have no adjusted variant and the policy says
 why (docs/method.md section 5).
@@ -23,7 +23,7 @@ from ...calibration import CalibrationSession, check_goal
 from ...calibration.distributed import all_reduce_sum, rank_and_size, shard
 from ...calibration.drive import check_batch_size
 from ...calibration.passes import GroundTruth
-from ...config import CalibrationConfig
+from ...core.config import CalibrationConfig
 from ...core.engine import Engine, Pass
 from ...core.reuse import get_reuse
 from ...errors import ErtaCacheError

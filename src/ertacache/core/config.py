@@ -6,9 +6,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal, get_args
 
-from .core.rectify import Granularity, Rectification
-from .core.reuse import DEFAULT_REUSE, get_reuse
-from .errors import ErtaCacheError
+from ..errors import ErtaCacheError
+from .rectify import Granularity, Rectification
+from .reuse import DEFAULT_REUSE, get_reuse
 
 ReuseMode = str
 """What the cache keeps: the name of a registered reuse mode (:data:`ertacache.core.reuse.REUSE_MODES`, one
@@ -34,7 +34,7 @@ Source = Literal["threshold", "uniform", "search"]
 - ``search``: the budgeted shortest path over an error model logged by the
   ground-truth pass (:mod:`ertacache.calibration.schedule`).
 """
-SOURCES: tuple[str, ...] = ("threshold", "uniform", "search")
+SOURCES: tuple[str, ...] = get_args(Source)
 LEGACY_CANDIDATES = {"threshold": ("threshold",), "threshold_and_uniform": ("threshold", "uniform")}
 """``candidates`` as the policy files of ertacache 0.1 wrote it (one string)."""
 
@@ -145,7 +145,7 @@ class CalibrationConfig:
         measured cost and quality beside the default's.
         ``overrides`` replace fields, e.g. ``thorough(reuse="velocity")``.
         """
-        base: dict[str, Any] = dict(timestep_adjustment=True, candidates=("threshold", "uniform", "search"),
+        base: dict[str, Any] = dict(timestep_adjustment=True, candidates=SOURCES,
                                     search_candidates=2, max_passes=None, propagation_candidate=True)
         return cls(**{**base, **overrides})
 

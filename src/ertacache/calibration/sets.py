@@ -7,10 +7,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import CalibrationConfig, check_threshold
+from ..core.config import CalibrationConfig, check_threshold
 from ..errors import ErtaCacheError
 from ..policy import uniform_cached_steps
 
+Refit = Callable[[int], "tuple[tuple[int, ...], dict[int, str]] | None"]
+"""A fitted set's recipe: ``refit(k)`` is the set (cached steps, per-step reuse modes) it gives without fold k's
+samples, or None (no set)."""
 VARIANTS = ("plain", "adjusted", "rectified", "full")
 """Component variants of a candidate: no adjustment or rectification, adjustment only,
 rectification only (fitted on the original grid), both (fitted on the adjusted grid)."""
@@ -30,7 +33,7 @@ class SearchResult:
 @dataclass
 class Candidate:
     """One cached-step set competing for the policy, with each variant's held-out error (the geometric mean over
-    held-out samples of each one's MSE at t = 0; :meth:`~.session.CalibrationSession.error`)."""
+    held-out samples of each one's MSE at t = 0; :meth:`~.judge.Judge.error`)."""
 
     source: str
     threshold: float | None
@@ -43,7 +46,7 @@ class Candidate:
     """Cached steps that rebuild with another reuse mode than the config's (:attr:`ertacache.Policy.step_reuse`)."""
     inherited: str | None = None
     """For a smaller budget's chosen set competing for a larger one: the variant that budget kept."""
-    refit: Callable[[int], tuple[tuple[int, ...], dict[int, str]] | None] | None = field(
+    refit: Refit | None = field(
         default=None, repr=False, compare=False)
     """For a set fitted to the calibration samples: ``refit(k)`` is what the same recipe gives from the ground
     truth without fold k's samples (cached steps, per-step reuse modes), or None (no set); None: not fitted."""

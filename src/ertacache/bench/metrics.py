@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import ErtaCacheError
+from ..errors import ErtaCacheError
 
 INSTALL_HINT = "pip install 'ertacache[metrics]'"
 
