@@ -31,7 +31,7 @@ demo: $(VENV)/.demo
 	HF_HUB_OFFLINE=1 $(BIN)/ertacache demo --model moving-digits --out $(OUT)/moving-digits
 
 lint: $(VENV)/.dev
-	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff check src tests scripts training
 
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy

@@ -232,7 +232,7 @@ def test_steps_are_matched_by_the_nearest_time_on_a_dense_shifted_grid():
     from ertacache.core.engine import Engine, FollowPolicy
     from ertacache.core.reuse import get_reuse
     from ertacache.integrations.diffusers.families import FAMILIES
-    from ertacache.integrations.diffusers.hooks import PipelineRun
+    from ertacache.integrations.diffusers.run import PipelineRun
 
     grid = time_grid(50, 5.0)
     run_ = PipelineRun(Engine(FollowPolicy([True] * 50), grid), FAMILIES["wan"], get_reuse("velocity"))

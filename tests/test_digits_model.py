@@ -25,7 +25,7 @@ def test_bundled_weights_are_committed_with_their_command():
     path = bundled_weights_path()
     assert path.is_file() and path.stat().st_size <= 25 * 2**20
     meta = json.loads(path.with_suffix(".json").read_text())
-    assert meta["command"].startswith("python -m ertacache.models.train_digits")
+    assert meta["command"].startswith("python -m training.train_digits")
     assert "--seed 0" in meta["command"]
 
 

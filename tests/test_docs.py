@@ -76,7 +76,7 @@ def test_shell_command_parses_as_written(args, monkeypatch):
         with pytest.raises((Parsed, SystemExit)) as done:  # --help exits 0 once parsed
             main(args[1:])
         assert done.type is Parsed or done.value.code == 0, f"{args}: exit {done.value}"
-    elif prog.startswith("ertacache."):  # python -m ertacache.models.train_digits ...
+    elif prog.startswith(("ertacache.", "training.")):  # python -m training.train_digits ...
         monkeypatch.setattr(sys, "argv", [prog, *args[1:]])
         with pytest.raises(Parsed):
             runpy.run_module(prog, run_name="__main__")

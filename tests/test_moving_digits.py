@@ -41,7 +41,7 @@ def model():
 def test_weights_are_committed_with_their_command():
     assert WEIGHTS.is_file() and WEIGHTS.stat().st_size <= 25 * 2**20
     meta = json.loads(WEIGHTS.with_suffix(".json").read_text())
-    assert meta["command"].startswith("python -m ertacache.models.train_moving_digits")
+    assert meta["command"].startswith("python -m training.train_moving_digits")
     assert "--seed 0" in meta["command"]
     assert meta["seconds"] <= 45 * 60
 
@@ -129,7 +129,7 @@ def test_runs_as_a_wan_pipeline_matching_the_core_sampler(model):
 
 def test_training_with_another_architecture_loads_back_as_that_architecture(tmp_path):
     """``--patch-size``/``--num-layers``/``--heads`` are recorded in the weights' JSON; the loader builds that net."""
-    from ertacache.models.train_moving_digits import main
+    from training.train_moving_digits import main
 
     out = tmp_path / "w.safetensors"
     assert main(["--steps", "2", "--batch-size", "2", "--patch-size", "4,4,4", "--num-layers", "1", "--heads", "4",

@@ -31,7 +31,7 @@ def test_weights_are_committed_with_their_command():
     weights = bundled_weights_path()
     assert weights.is_file() and weights.stat().st_size <= 25 * 2**20
     meta = json.loads(weights.with_suffix(".json").read_text())
-    assert meta["command"].startswith("python -m ertacache.models.train_photos") and "--seed 0" in meta["command"]
+    assert meta["command"].startswith("python -m training.train_photos") and "--seed 0" in meta["command"]
     assert meta["seconds"] <= 45 * 60
 
 
@@ -105,7 +105,7 @@ def test_moving_photos_runs_as_a_wan_pipeline_matching_the_core_sampler():
     b = bundled_model("moving-photos")
     video = b.load(None)
     meta = json.loads(WEIGHTS.with_suffix(".json").read_text())
-    assert meta["command"].startswith("python -m ertacache.models.train_moving_photos") and meta["seconds"] <= 45 * 60
+    assert meta["command"].startswith("python -m training.train_moving_photos") and meta["seconds"] <= 45 * 60
     T = 4
     pipe = b.pipeline(video, 5.0)
     from ertacache.integrations.diffusers.scheduler import restore_scheduler, set_scheduler_grid

@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from ertacache.models.train_digits import fit
+from training.train_digits import fit
 
 
 class Tiny(torch.nn.Module):
@@ -53,8 +53,8 @@ def test_recorded_command_parses_back_to_the_same_options(monkeypatch):
     """The command written beside the weights reruns the training: a two-value option (--crop-sides) included."""
     import shlex
 
-    from ertacache.models import train_photos
-    from ertacache.models.train_digits import command_line
+    from training import train_photos
+    from training.train_digits import command_line
 
     argv = ["--minutes", "45", "--crop-sides", "32", "48", "--compile", "--out", "/tmp/w.safetensors"]
     parsed: dict = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
@@ -320,8 +321,19 @@ def _raised_in_pipeline_code(exc: BaseException) -> bool:
     return innermost is not None and any(innermost.is_relative_to(r) for r in roots)
 
 
+def show_progress() -> None:
+    """The library's progress messages (its modules' loggers, under ``ertacache``) on stderr, once."""
+    root = logging.getLogger("ertacache")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
+    show_progress()
     try:
         if args.command == "demo":
             from dataclasses import replace

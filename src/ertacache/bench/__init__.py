@@ -10,6 +10,7 @@ peak memory, PSNR, SSIM, and LPIPS where its weights exist locally.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
@@ -28,6 +29,8 @@ from ..io import atomic_write_text
 from . import methods as m
 from . import metrics
 from .report import write_report
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["BenchSettings", "run_bench"]
 BenchSettings = m.BenchSettings
@@ -150,7 +153,7 @@ def run_bench(docs_dir: str | Path, settings: m.BenchSettings, json_path: str | 
 
     def log(msg: str) -> None:
         if progress:
-            print(f"[bench] {msg}", flush=True)
+            logger.info(msg)
 
     start = time.perf_counter()
     bundled = bundled_model(settings.model)

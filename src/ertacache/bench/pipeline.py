@@ -10,6 +10,7 @@ pipelines. Fidelity is measured on the decoded outputs (``output_type="pt"``).
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -24,6 +25,8 @@ from ..errors import ErtaCacheError
 from ..integrations.diffusers.load import PipelineSettings
 from ..policy import Policy
 from .methods import Method
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ def run_pipeline_bench(settings: PipelineBenchSettings, command: str) -> list[di
     pipe.set_progress_bar_config(disable=True)
 
     def log(msg: str) -> None:
-        print(f"[bench] {msg}", flush=True)
+        logger.info(msg)
 
     start = time.perf_counter()
     targets = (1.5, 2.0, 3.0) if settings.quick else (1.5, 2.0, 2.5, 3.0)

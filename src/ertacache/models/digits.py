@@ -184,7 +184,7 @@ def load_digits_model(path: str | Path | None = None, device: str | torch.device
     """Load the bundled trained model (offline, from package data) or weights at ``path``.
 
     Args:
-        path: a ``.safetensors`` file written by ``ertacache.models.train_digits``;
+        path: a ``.safetensors`` file written by ``training.train_digits``;
             ``None`` loads the weights shipped in the package.
         device: where to put the model.
 
@@ -196,7 +196,7 @@ def load_digits_model(path: str | Path | None = None, device: str | torch.device
     weights = Path(path) if path is not None else bundled_weights_path()
     if not weights.is_file():
         raise ErtaCacheError(
-            f"no weights at {weights}; train them with `python -m ertacache.models.train_digits --out {weights}`"
+            f"no weights at {weights}; train them with `python -m training.train_digits --out {weights}`"
         )
     config_path = weights.with_suffix(".json")
     config = TRANSFORMER_CONFIG

@@ -207,14 +207,14 @@ def load_moving_digits_model(path: str | Path | None = None) -> MovingDigitsWan:
     """The bundled trained video model (eval mode, no grad), or weights at ``path``.
 
     Raises:
-        ErtaCacheError: no weights there (train them: ``python -m ertacache.models.train_moving_digits``).
+        ErtaCacheError: no weights there (train them: ``python -m training.train_moving_digits``).
     """
     from safetensors.torch import load_file
 
     weights = Path(path) if path is not None else WEIGHTS
     if not weights.is_file():
         raise ErtaCacheError(f"no video-model weights at {weights}; train them with "
-                             "python -m ertacache.models.train_moving_digits")
+                             "python -m training.train_moving_digits")
     meta = weights.with_suffix(".json")
     config = json.loads(meta.read_text())["transformer_config"] if meta.is_file() else TRANSFORMER_CONFIG
     config["patch_size"] = tuple(config["patch_size"])

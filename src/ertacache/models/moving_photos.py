@@ -106,7 +106,7 @@ def load_moving_photos_model(path: str | Path | None = None) -> MovingPhotosWan:
     """The bundled trained photo video model (eval mode, no grad), or weights at ``path``.
 
     Raises:
-        ErtaCacheError: no weights there (train them: ``python -m ertacache.models.train_moving_photos``),
+        ErtaCacheError: no weights there (train them: ``python -m training.train_moving_photos``),
             or weights of another architecture.
     """
     from safetensors.torch import load_file
@@ -114,7 +114,7 @@ def load_moving_photos_model(path: str | Path | None = None) -> MovingPhotosWan:
     weights = Path(path) if path is not None else WEIGHTS
     if not weights.is_file():
         raise ErtaCacheError(f"no video-model weights at {weights}; train them with "
-                             "python -m ertacache.models.train_moving_photos")
+                             "python -m training.train_moving_photos")
     meta = weights.with_suffix(".json")
     config = json.loads(meta.read_text())["transformer_config"] if meta.is_file() else dict(TRANSFORMER_CONFIG)
     config["patch_size"] = tuple(config["patch_size"])

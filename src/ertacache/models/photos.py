@@ -154,7 +154,7 @@ def load_photos_model(path: str | Path | None = None, device: str | torch.device
     weights = Path(path) if path is not None else bundled_weights_path()
     if not weights.is_file():
         raise ErtaCacheError(
-            f"no weights at {weights}; train them with `python -m ertacache.models.train_photos --out {weights}`"
+            f"no weights at {weights}; train them with `python -m training.train_photos --out {weights}`"
         )
     config_path = weights.with_suffix(".json")
     config = TRANSFORMER_CONFIG

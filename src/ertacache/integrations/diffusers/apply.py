@@ -14,7 +14,8 @@ from ...errors import ErtaCacheError, PolicyMismatchError
 from ...policy import Policy
 from .call import call_settings, check_guidance
 from .families import Family, family_for, pipeline_fingerprint, transformers_of
-from .hooks import PipelineRun, register_hooks, remove_hooks
+from .hooks import register_hooks, remove_hooks
+from .run import PipelineRun
 from .scheduler import grid_unsupported, restore_scheduler, set_scheduler_grid
 
 

@@ -12,6 +12,7 @@ why (docs/method.md section 5).
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -31,8 +32,11 @@ from ...policy import Policy
 from .adapters import block_stack
 from .call import call_settings
 from .families import family_for, pipeline_fingerprint, transformers_of
-from .hooks import PipelineRun, register_hooks, remove_hooks
+from .hooks import register_hooks, remove_hooks
+from .run import PipelineRun
 from .scheduler import grid_unsupported, restore_scheduler, set_scheduler_grid
+
+logger = logging.getLogger(__name__)
 
 
 class PipelineDriver:
@@ -312,7 +316,7 @@ def calibrate_pipeline(
     check_pipeline_config(pipe, config)
     driver = PipelineDriver(pipe, prompts, seeds, num_inference_steps, config.reuse, pipe_kwargs, batch_size)
     if driver.adjustment_off is not None and config.timestep_adjustment and progress:
-        print(f"[calibrate_pipeline] timestep adjustment off: {driver.adjustment_off}", flush=True)
+        logger.warning("timestep adjustment off: %s", driver.adjustment_off)
     session = CalibrationSession(driver, config, progress=progress, checkpoint_dir=checkpoint_dir)
     return session.policy(target_speedup, threshold)
 

@@ -6,7 +6,7 @@ pipeline's own state: host only, never by counting calls; a scheduler without it
 as DDIM's, has the ``timestep`` passed matched in order against the grid), runs the
 model when the engine's pass needs it, rebuilds ``v~`` from the unit's cache when
 asked, and reports the call to the :class:`~ertacache.core.engine.Engine` shared by all
-transformers of the pipeline (:class:`PipelineRun`). A unit is one ``cache_context`` branch of one transformer.
+transformers of the pipeline (:class:`~.run.PipelineRun`). A unit is one ``cache_context`` branch of one transformer.
 
 A step is decided when its last unit has called. Units called before it already
 returned their (provisional) output; where the decision changes it (a calibration
@@ -22,8 +22,6 @@ block returns ``h_in + r`` while the others pass their inputs through.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -31,31 +29,19 @@ from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import StateManager
 from torch import Tensor
 
-from ...core.engine import Engine, UnitCall
-from ...core.euler import check_finite_output
-from ...core.reuse import Reuse
-from ...errors import ErtaCacheError, PolicyMismatchError
+from ...errors import ErtaCacheError
 from .adapters import (
     BlockOutput,
     encoder_states_of,
     hidden_states_of,
-    latent_of,
-    output_like,
     sample_of,
-    timestep_of,
 )
 from .families import Family
-from .scheduler import write_grid
+from .run import PipelineRun
 
 STEP_HOOK = "ertacache"
 BLOCK_HOOK = "ertacache_block"
 RELAY_HOOK = "ertacache_context"
-
-
-def same_time(a: float, t: float) -> bool:
-    """Whether a grid time ``a`` and a call's time ``t`` (in [0, 1]) are one step's: bfloat16 timesteps are rounded
-    to 2^-9 relative."""
-    return abs(a - t) <= 1e-4 + 4e-3 * abs(t)
 
 
 class BlockSwitch(threading.local):
@@ -201,261 +187,6 @@ class StepHook(ModelHook):
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.state_manager.reset()
         return module
-
-
-@dataclass
-class PipelineRun:
-    """One engine driven from inside pipeline calls; shared by the hooks of all transformers.
-
-    Args:
-        engine: the pass and the grid (None while ground truth records it).
-        family: the pipeline family.
-        reuse: the reuse mode.
-        calls_per_step: how many transformer calls make one step (units), or None
-            while unknown (ground truth: decisions there change nothing).
-        chunks: how many micro-batches call concurrently (threads); a step is decided
-            when every micro-batch has made its calls, and each waits for that.
-        check_finite: raise on NaN/inf model output (calibration).
-        on_start: called with ``(hidden_states, branch)`` at each unit's step 0 (inference checks).
-        pipe: (inference) the pipeline, whose scheduler is read at each call (the user
-            may swap it). A call's step is its scheduler's ``step_index`` (host state, so
-            finding the step reads no tensor and syncs nothing with the device), checked
-            against the policy's step count; in calibration the scheduler is the
-            micro-batch's own (:attr:`schedulers`). A scheduler without ``step_index``
-            has the ``timestep`` matched against the grid.
-
-    Attributes:
-        times: the recorded step times (ground truth).
-        branches: branch names in the order they were first called.
-        schedulers: (calibration) each micro-batch's scheduler, in chunk order: where its step is
-            read, and where timestep adjustment writes a changed grid.
-        latent_shape: ``hidden_states.shape[1:]`` of the latest call.
-    """
-
-    engine: Engine
-    family: Family
-    reuse: Reuse
-    chunks: int = 1
-    calls_per_step: int | None = None
-    check_finite: bool = False
-    on_start: Callable[[Tensor, str], None] | None = None
-    pipe: Any = None
-    times: list[float] = field(default_factory=list)
-    branches: list[str] = field(default_factory=list)
-    latent_shape: tuple[int, ...] | None = None
-    last: dict[Hashable, int] = field(default_factory=dict)
-    schedulers: list[Any] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.local = threading.local()
-        self.lock = threading.Condition()
-        self.decided: set[int] = set()
-        self.made: dict[tuple[int, int], int] = {}
-        self.failed: BaseException | None = None
-
-    def enter_chunk(self, chunk: int, samples: Sequence[int], n_fit: int) -> None:
-        """This thread runs micro-batch ``chunk``: its calls' batch holds the calibration samples ``samples``
-        (global indices; repeated for batched CFG), the first ``n_fit`` of them fitting rows. Without it
-        (inference) every row fits."""
-        self.local.chunk, self.local.rows = chunk, (len(samples), n_fit)
-        self.local.samples = torch.tensor(list(samples), dtype=torch.long)
-
-    def fail(self, exc: BaseException) -> None:
-        """A micro-batch thread failed: wake the others, which raise too."""
-        with self.lock:
-            self.failed = exc
-            self.lock.notify_all()
-
-    def step_of(self, unit: Hashable, t: float) -> int:
-        """The step of a call at time t: the next grid time after the unit's last step (a new run at t_0)."""
-        grid = self.engine.grid
-        if grid is None:  # recording: a new time starts a new step
-            if not self.times or not same_time(self.times[-1], t):
-                self.times.append(t)
-                self.flush(len(self.times) - 1)
-            return len(self.times) - 1
-        last = self.last.get(unit, -1)
-        matches = sorted((abs(grid[i] - t), i) for i in range(len(grid) - 1) if same_time(grid[i], t))
-        later = [i for _, i in matches if i > last]
-        if matches and matches[0][1] == 0 and last >= 0:  # nearest t_0 again: a new run (after any other)
-            self.new_run()
-            step = 0
-        elif later:
-            step = later[0]  # the nearest time after the unit's last step (equal times: the earlier step)
-        else:
-            raise PolicyMismatchError(
-                f"the pipeline called the transformer at t = {t:.5f}, which is not the next time of the policy's "
-                f"grid (T = {len(grid) - 1}; grid starts {[round(g, 4) for g in grid[:4]]}). Call the pipeline "
-                "with the policy's num_inference_steps (and resolution), or recalibrate."
-            )
-        self.last[unit] = step
-        return step
-
-    def new_run(self) -> None:
-        """Forget the last call, whatever became of it (finished, interrupted or refused)."""
-        self.engine.reset()
-        self.last, self.decided, self.made = {}, set(), {}
-
-    def scheduler(self) -> Any:
-        """The scheduler of this thread's pipeline call if it keeps a ``step_index``, else None: the pipeline's
-        (inference, read at each call: the user may have swapped it) or this micro-batch's (calibration)."""
-        if self.pipe is not None:
-            scheduler = self.pipe.scheduler
-        elif self.schedulers:
-            scheduler = self.schedulers[getattr(self.local, "chunk", 0)]
-        else:
-            return None
-        return scheduler if hasattr(scheduler, "step_index") else None
-
-    @staticmethod
-    def _index(scheduler: Any) -> int:
-        index = scheduler.step_index
-        if index is None:  # before the first scheduler step of a call
-            index = getattr(scheduler, "begin_index", None) or 0
-        return int(index)
-
-    def record_step(self, scheduler: Any, t: float) -> int:
-        """Ground truth: the step of a call from the scheduler's ``step_index``, its time ``t`` recorded at the
-        step's first call (the steps before it decided then).
-
-        Raises:
-            ErtaCacheError: the scheduler skipped a step, or ran backwards, within one call.
-        """
-        index = self._index(scheduler)
-        if index == len(self.times):
-            self.times.append(t)
-            self.flush(index)
-        elif index > len(self.times) or not same_time(self.times[index], t):
-            raise ErtaCacheError(
-                f"the scheduler's step_index is {index} at t = {t:.5f} after {len(self.times)} recorded steps "
-                f"(times {[round(x, 4) for x in self.times[-3:]]}): the pipeline's scheduler does not step once "
-                "per denoising step; report the pipeline class")
-        return index
-
-    def index_step(self, unit: Hashable, scheduler: Any) -> int:
-        """The step of a call from the scheduler's ``step_index`` (a new run when it does not move forward).
-
-        Raises:
-            PolicyMismatchError: the scheduler runs another number of steps than the policy.
-        """
-        grid = self.engine.grid
-        assert grid is not None
-        T = len(grid) - 1
-        n = len(scheduler.timesteps)
-        if n != T:
-            raise PolicyMismatchError(
-                f"num_inference_steps: policy {T}, got {n}; call the pipeline with the policy's num_inference_steps, "
-                "or map the policy with policy.for_steps(n), or recalibrate")
-        index = self._index(scheduler)
-        if not 0 <= index < T:
-            raise PolicyMismatchError(f"the scheduler is at step {index}, outside the policy's 0..{T - 1}")
-        if index <= self.last.get(unit, -1):  # the unit called at this step or later already: a new call
-            self.new_run()
-        self.last[unit] = index
-        return int(index)
-
-    def flush(self, before: int) -> None:
-        """Decide every pending step before ``before`` (ground truth, where the unit count is unknown)."""
-        for step in sorted(s for s in self.engine.pending if s < before):
-            self.engine.end_step(step, write_back=True)
-
-    def fit_mask(self, batch: int) -> Tensor:
-        rows = getattr(self.local, "rows", None)
-        if rows is None:
-            return torch.ones(batch, dtype=torch.bool)
-        n, n_fit = rows
-        return (torch.arange(batch) % n) < n_fit
-
-    def sample_ids(self, batch: int) -> Tensor | None:
-        """``(batch,)`` each row's calibration sample (rows repeat the ``n`` samples for batched CFG), or None."""
-        samples = getattr(self.local, "samples", None)
-        if samples is None:
-            return None
-        return samples[torch.arange(batch) % samples.numel()]
-
-    def call(self, hook: StepHook, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """One transformer call: run, reuse or both, as the engine's pass asks; return the output to use."""
-        name = hook.branch()
-        if name not in self.branches:
-            self.branches.append(name)
-        hidden = hidden_states_of(args, kwargs)
-        self.latent_shape = tuple(hidden.shape[1:])
-        chunk = getattr(self.local, "chunk", 0)
-        unit = (hook.index, name) if self.chunks == 1 else (hook.index, name, chunk)
-        scheduler = self.scheduler()
-        if scheduler is None:
-            t = timestep_of(kwargs, self.family)
-            with self.lock:
-                step = self.step_of(unit, t)
-        elif self.engine.grid is None:
-            t = timestep_of(kwargs, self.family)
-            with self.lock:
-                step = self.record_step(scheduler, t)
-        else:
-            with self.lock:
-                step = self.index_step(unit, scheduler)
-            t = self.engine.grid[step]
-        if step == 0 and self.on_start is not None:
-            self.on_start(hidden, name)
-        engine = self.engine
-        out_obj = v = r = v_cached = None
-        if engine.needs_model(step, unit):
-            out_obj, h_res = hook.forward_full(args, kwargs)
-            v = sample_of(out_obj)
-            if self.check_finite:
-                check_finite_output(v, step, t, engine.pass_.name)
-            r = self.reuse.keep(v, self._latent(hidden, v.shape), h_res)
-        kept = engine.state(unit).kept
-        if kept is not None and engine.wants_cached(step, unit):
-            shape = v.shape if v is not None else kept.shape
-            v_cached = engine.reuse(step, self.reuse).rebuild(kept, self._latent(hidden, shape),
-                                          lambda res: hook.forward_head(args, kwargs, res), engine.history(unit, t))
-        done = v if v is not None else v_cached
-        x = hidden if done is None else self._latent(hidden, done.shape)
-        call = UnitCall(step, t, unit, name, x, self.fit_mask(hidden.shape[0]), v=v, r=r, v_cached=v_cached,
-                        samples=self.sample_ids(hidden.shape[0]))
-        with self.lock:
-            if self.chunks == 1 and self.calls_per_step is not None and any(s < step for s in engine.pending):
-                made = sorted({c.branch for s in engine.pending for c in engine.pending[s] if s < step})
-                raise PolicyMismatchError(
-                    f"the pipeline called the transformer {engine.pending_count(min(engine.pending))} time(s) at a "
-                    f"step ({made}) where {self.calls_per_step} calls (guidance branches) were expected: the "
-                    "guidance setting differs from the one calibrated; recalibrate for it")
-            out = engine.observe(call)
-            self._maybe_decide(step, chunk)
-        return out_obj if out_obj is not None and out is v else output_like(kwargs, out)
-
-    def _maybe_decide(self, step: int, chunk: int) -> None:
-        """Decide ``step`` once every unit has called; a micro-batch that made all its calls waits for that."""
-        if self.calls_per_step is None:
-            return
-        if self.engine.pending_count(step) >= self.calls_per_step:
-            before = list(self.engine.grid or [])
-            self.engine.end_step(step, write_back=True)
-            if self.engine.grid is not None and self.engine.grid != before:
-                for scheduler in self.schedulers:
-                    write_grid(scheduler, self.engine.grid, step + 1)
-            self.decided.add(step)
-            self.lock.notify_all()
-            return
-        if self.chunks == 1:
-            return
-        key = (chunk, step)
-        self.made[key] = self.made.get(key, 0) + 1
-        if self.made[key] >= self.calls_per_step // self.chunks:
-            while step not in self.decided:
-                if self.failed is not None:
-                    raise ErtaCacheError(f"another micro-batch failed: {self.failed}")
-                self.lock.wait(timeout=1.0)
-
-    def _latent(self, hidden: Tensor, shape: Any) -> Tensor:
-        if self.reuse.needs_blocks:
-            return hidden
-        return latent_of(hidden, tuple(shape))
-
-    def finish(self) -> None:
-        """Decide what is still pending (the end of a pipeline call)."""
-        self.flush(1 << 30)
 
 
 def register_hooks(transformers: list[Any], run: PipelineRun, family: Family, with_blocks: bool) -> list[Any]:

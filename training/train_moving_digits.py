@@ -2,7 +2,7 @@
 
 The committed weights come from exactly::
 
-    python -m ertacache.models.train_moving_digits --steps 20000 --minutes 44.0 --batch-size 16 \\
+    python -m training.train_moving_digits --steps 20000 --minutes 44.0 --batch-size 16 \\
         --lr 0.0015 --ema 0.995 --label-dropout 0.1 --seed 0 --threads 1 --save-every 100 --compile --heads 2 \\
         --out src/ertacache/weights/moving_digits_wan.safetensors
 
@@ -12,7 +12,7 @@ runs out.) ``--patch-size``, ``--num-layers`` and ``--heads`` try other architec
 the same budget (docs/bundled_models.md's table of what was tried).
 
 The loss, label dropout, EMA and resuming are those of the image model
-(:func:`ertacache.models.train_digits.fit`); each batch is new clips of random digits
+(:func:`training.train_digits.fit`); each batch is new clips of random digits
 moving with random velocities (:func:`~ertacache.models.moving_digits.moving_digits`).
 """
 
@@ -22,7 +22,15 @@ import argparse
 
 import torch
 
-from .moving_digits import CANVAS, FRAMES, TRANSFORMER_CONFIG, MovingDigitsWan, digit_sprites, moving_digits
+from ertacache.models.moving_digits import (
+    CANVAS,
+    FRAMES,
+    TRANSFORMER_CONFIG,
+    MovingDigitsWan,
+    digit_sprites,
+    moving_digits,
+)
+
 from .train_digits import command_line, fit
 
 

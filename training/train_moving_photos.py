@@ -3,7 +3,7 @@
 The committed weights come from the command recorded in ``moving_photos_wan.json`` beside
 them (its ``command`` field), run with one thread on a 2-core CPU inside ``--minutes``.
 The loss, label dropout, EMA, wall-clock budget and resuming are those of the digits
-model (:func:`ertacache.models.train_digits.fit`); each batch is new clips
+model (:func:`training.train_digits.fit`); each batch is new clips
 (:func:`~ertacache.models.moving_photos.panning_clips`), the label the photograph.
 """
 
@@ -13,8 +13,9 @@ import argparse
 
 import torch
 
-from .moving_photos import TRANSFORMER_CONFIG, MovingPhotosWan, panning_clips
-from .photos import NUM_CLASSES, photographs
+from ertacache.models.moving_photos import TRANSFORMER_CONFIG, MovingPhotosWan, panning_clips
+from ertacache.models.photos import NUM_CLASSES, photographs
+
 from .train_digits import command_line, fit
 
 

@@ -6,7 +6,7 @@ The committed weights come from the command recorded in ``photos_flux.json`` bes
 budget (docs/photos.md tabulates what was tried and the regime each reached).
 
 The loss, label dropout, EMA, wall-clock budget and resuming are those of the digits model
-(:func:`ertacache.models.train_digits.fit`); each batch is new random crops of the
+(:func:`training.train_digits.fit`); each batch is new random crops of the
 photographs (:func:`~ertacache.models.photos.photo_crops`), the label the photograph.
 """
 
@@ -16,7 +16,8 @@ import argparse
 
 import torch
 
-from .photos import CROP_SIDES, NUM_CLASSES, TRANSFORMER_CONFIG, PhotosFlux, photo_crops, photographs
+from ertacache.models.photos import CROP_SIDES, NUM_CLASSES, TRANSFORMER_CONFIG, PhotosFlux, photo_crops, photographs
+
 from .train_digits import command_line, fit
 
 

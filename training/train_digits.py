@@ -2,7 +2,7 @@
 
 The committed weights come from exactly::
 
-    python -m ertacache.models.train_digits --steps 3000 --seed 0 \\
+    python -m training.train_digits --steps 3000 --seed 0 \\
         --out src/ertacache/weights/digits_flux.safetensors
 
 Loss: flow matching (Eq. 3), ``|| v_theta(x_t, t, c) - (noise - x_0) ||^2`` with
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..io import atomic_write, atomic_write_text
-from .digits import NULL_CLASS, TRANSFORMER_CONFIG, DigitsFlux, digits_images
+from ertacache.io import atomic_write, atomic_write_text
+from ertacache.models.digits import NULL_CLASS, TRANSFORMER_CONFIG, DigitsFlux, digits_images
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -49,7 +49,7 @@ def train(args: argparse.Namespace) -> None:
 
     fit(DigitsFlux(TRANSFORMER_CONFIG), batch, args, {
         "transformer_config": TRANSFORMER_CONFIG,
-        "command": "python -m ertacache.models.train_digits "
+        "command": "python -m training.train_digits "
         + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out")
         + f" --out {args.out}",
         "data": "sklearn.datasets.load_digits, bilinear 8x8 -> 16x16, scaled to [-1, 1]",
@@ -57,14 +57,14 @@ def train(args: argparse.Namespace) -> None:
 
 
 def command_line(module: str, args: argparse.Namespace) -> str:
-    """The command that reproduces a training run: ``python -m ertacache.models.<module>`` with every option set
-    (flags bare, unset options left out), ``--out`` last."""
+    """The command that reproduces a training run: ``python -m training.<module>`` (from the repository root)
+    with every option set (flags bare, unset options left out), ``--out`` last."""
     def value(v: Any) -> str:
         return "" if v is True else " " + (" ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
 
     options = " ".join(f"--{k.replace('_', '-')}{value(v)}"
                        for k, v in vars(args).items() if k != "out" and v is not None and v is not False)
-    return f"python -m ertacache.models.{module} {options} --out {args.out}"
+    return f"python -m training.{module} {options} --out {args.out}"
 
 
 Batch = Callable[[torch.Generator, int], tuple[torch.Tensor, torch.Tensor]]
