@@ -130,13 +130,18 @@ def test_every_choice_is_a_paired_win_by_more_than_its_standard_error(tiny):
         assert any(d["kept"] and "over uniform" in d["decision"] for d in decisions)
     if a.provenance["variant"] != "plain":
         assert any(d["kept"] and d["decision"].startswith(a.provenance["variant"]) for d in decisions)
-    # a margin is the mean and the standard error of the paired per-sample dB differences
+    # a margin's measurement is the mean of the paired per-sample dB differences, its error their spread (pooled
+    # with the assumed spread as two pseudo-samples) over sqrt(n); with no prior that is the margin
+    from ertacache.calibration.evidence import PRIOR_SAMPLES, SPREAD_DB
     session = core_session(tiny, torch.tensor([1, 2, 3, 4, 5, 6]), range(6), latent_shape=(2, 4, 4),
                            num_inference_steps=10, guidance_scale=2.0, null_cond=torch.full((6,), 10))
     u4, u6 = (Policy(**{**session.base, "cached_steps": uniform_cached_steps(10, k)}) for k in (4, 6))
+    session.judge.evidence = None
     m = session.judge.margin(u4, u6)
     d = (session.judge.scores[evaluation_key(u4)] - session.judge.scores[evaluation_key(u6)]) * 10 / math.log(10)
-    assert m.gain_db == pytest.approx(float(d.mean())) and m.se_db == pytest.approx(float(d.std() / math.sqrt(6)))
+    spread2 = (PRIOR_SAMPLES * SPREAD_DB ** 2 + 5 * float(d.var())) / (PRIOR_SAMPLES + 5)
+    assert m.gain_db == pytest.approx(float(d.mean())) == pytest.approx(m.measured_db)
+    assert m.se_db == pytest.approx(math.sqrt(spread2 / 6)) and m.prior_db is None
     assert m.n == 6 and m.gain_db > 0  # computing more steps of the same spacing is better here
 
 

@@ -10,7 +10,6 @@ sample's fold (docs/method.md section 2.6).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,38 +18,14 @@ from torch import Tensor
 from ..policy import Policy
 from .checkpoint import digest
 from .drive import Driver
+from .evidence import DB, ErrorModelPrior, Margin, posterior
 from .runner import PassRunner
 from .sets import Candidate
 
-DB = 10.0 / math.log(10.0)
-"""dB per unit of natural-log MSE."""
 MSE_FLOOR = 1e-30
 """A sample's MSE below this counts as this (an exact match, e.g. a policy that caches nothing)."""
 Option = tuple[Candidate, str]
 """A candidate set and one of its variants (``plain``, ``adjusted``, ``rectified``, ``full``)."""
-
-
-@dataclass(frozen=True)
-class Margin:
-    """A paired comparison of two policies over the calibration samples.
-
-    ``gain_db`` is the mean over samples of ``10 log10(MSE_old / MSE_new)`` (each sample's
-    MSE at t = 0 against its uncached run), ``se_db`` its standard error
-    (``std / sqrt(n)``; 0 for one sample), ``n`` the samples.
-    """
-
-    gain_db: float
-    se_db: float
-    n: int
-
-    @property
-    def significant(self) -> bool:
-        """The new policy wins by more than the standard error (with one sample: wins at all)."""
-        return self.gain_db > self.se_db if self.n >= 2 else self.gain_db > 0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"gain_db": round(self.gain_db, 3), "se_db": round(self.se_db, 3), "n": self.n,
-                "kept": self.significant}
 
 
 class NoRoom(Exception):
@@ -77,6 +52,8 @@ class Judge:
         n_hold: the held-out rows (the last ones; 0: every row judges).
         folds: the k-fold partition of the rows (empty: no k-fold check).
         base: the :class:`~ertacache.policy.Policy` fields every candidate shares.
+        evidence: the error model's predictions, a prior for every margin (:mod:`.evidence`); None: the samples
+            alone.
 
     Attributes:
         scores: per evaluation key, each judging sample's log MSE at t = 0 (this process' rows).
@@ -84,10 +61,11 @@ class Judge:
     """
 
     def __init__(self, runner: PassRunner, driver: Driver, reference: Tensor, n_hold: int,
-                 folds: list[slice], base: dict[str, Any]) -> None:
+                 folds: list[slice], base: dict[str, Any], evidence: ErrorModelPrior | None = None) -> None:
         self.runner, self.driver, self.reference = runner, driver, reference
         self.T, n = driver.num_inference_steps, driver.size
         self.all, self.n_hold, self.folds, self.base = slice(0, n), n_hold, folds, base
+        self.evidence = evidence
         self.hold = slice(n - n_hold, n) if n_hold else self.all
         self.scores: dict[str, Tensor] = {}
         self.errors: dict[str, float] = {}
@@ -139,6 +117,8 @@ class Judge:
         run) is recorded instead of running the policy.
         """
         key = evaluation_key(policy)
+        if self.evidence is not None:
+            self.evidence.predict(key, policy)
         if key in self.errors:
             return self.errors[key]
         if log_mse is not None:
@@ -154,17 +134,15 @@ class Judge:
 
     def margin(self, old: Policy, new: Policy, old_shift: Tensor | None = None,
                new_shift: Tensor | None = None) -> Margin:
-        """The paired comparison of ``new`` against ``old`` over the judging samples (both evaluated); a shift
-        (:meth:`shift`) replaces each sample's score of a fitted set by its fold's refitted set's."""
+        """The paired comparison of ``new`` against ``old`` over the judging samples (both evaluated), with the
+        error model's prior where there is one (:func:`~.evidence.posterior`); a shift (:meth:`shift`) replaces each
+        sample's score of a fitted set by its fold's refitted set's."""
         self.error(old), self.error(new)
-        a, b = self.scores[evaluation_key(old)], self.scores[evaluation_key(new)]
+        k_old, k_new = evaluation_key(old), evaluation_key(new)
+        a, b = self.scores[k_old], self.scores[k_new]
         d = ((a if old_shift is None else a + old_shift) - (b if new_shift is None else b + new_shift)) * DB
-        sums = self.driver.reduce(torch.stack([d.sum(), d.square().sum(), torch.tensor(float(d.numel()),
-                                                                                      dtype=torch.float64)]))
-        n = int(sums[2])
-        mean = float(sums[0]) / n
-        var = max(0.0, (float(sums[1]) - n * mean * mean) / (n - 1)) if n > 1 else 0.0
-        return Margin(mean, math.sqrt(var / n), n)
+        prior = None if self.evidence is None else self.evidence.prior((k_old, old), (k_new, new))
+        return posterior(d, self.driver.reduce, prior)
 
     def error_without(self, key: str, fold: int) -> float:
         """An evaluation's calibration error (geometric mean of MSE) over every sample but fold ``fold``'s."""
@@ -251,6 +229,11 @@ class Judge:
             cand.cross_validated = {"folds": len(self.folds), "refit_differs": len(refitted),
                                     "in_sample_errors": in_sample}
         return self._shifts[id(cand)][1]
+
+    def known_shift(self, cand: Candidate) -> Tensor | None:
+        """The candidate's k-fold shift where its check was made (:meth:`shift`), else None (nothing is run)."""
+        entry = self._shifts.get(id(cand))
+        return None if entry is None or entry[0] is not cand else entry[1]
 
     def compare(self, old: Option, new: Option, variants: dict[int, dict[str, Policy]]
                 ) -> tuple[Margin, dict[str, Any]]:

@@ -33,7 +33,8 @@ from .checkpoint import Checkpoint
 from .components import Components
 from .distributed import check_shards, fold_slices
 from .drive import Driver
-from .judge import Judge, Margin, Option, evaluation_key
+from .evidence import ErrorModelPrior, Margin
+from .judge import Judge, Option, evaluation_key
 from .plan import plan, variant_passes
 from .proposals import Proposer
 from .runner import PassCallback, PassRunner
@@ -100,8 +101,10 @@ class CalibrationSession:
         self.base: dict[str, Any] = dict(driver.policy_fields(self.grid), config=self.config)
         self.runner.resize_bar(plan(self.config, self.T, self.targets, n * len(self.base["branches"])).model_calls)
         self.gt_cost = self.runner.snapshot()
-        self.judge = Judge(self.runner, driver, truth.final, n_hold, folds, self.base)
         self.proposer = Proposer(self.runner, self.config, truth, n_fit)
+        self.judge = Judge(self.runner, driver, truth.final, n_hold, folds, self.base)
+        self.judge.evidence = ErrorModelPrior(lambda: self.proposer.extrapolation_costs() or truth.search_costs,
+                                              self.judge.errors)
         self.components = Components(self.runner, self.judge, driver, self.config, truth, n_fit)
         self.winners: list[Candidate] = []  # the chosen set of each target so far
         self.variants: dict[str, Policy] = {}
@@ -153,6 +156,7 @@ class CalibrationSession:
         if self.targets_left <= 0:
             self.runner.close_bar()
         info = self._provenance(target_speedup, max_nfe, candidates, chosen, decisions, before)
+        info["decision"] = self._decision(candidates, base, (chosen, name), variants)
         return replace(policy, provenance=info)
 
     def policies(self, target_speedups: Sequence[float]) -> list[Policy]:
@@ -266,8 +270,9 @@ class CalibrationSession:
 
     def _choose(self, candidates: list[Candidate], start: Option, variants: dict[int, dict[str, Policy]],
                 decisions: list[dict[str, Any]]) -> Option:
-        """From ``start``, move to a judged policy of smaller error only on a paired win by more than its standard
-        error, until none wins: every policy kept beat the one it replaced, and a set's component
+        """From ``start``, move to the judged policy of the largest estimated gain that wins by more than its
+        posterior standard deviation (:mod:`.evidence`; a fitted set's win checked k-fold), until none wins:
+        every policy kept beat the one it replaced, and a set's component
         (rectification, adjustment) also beat the set without it."""
         def policy_of(option: Option) -> Policy:
             cand, name = option
@@ -279,9 +284,11 @@ class CalibrationSession:
         options = [(c, "plain") for c in candidates] + [(c, n) for c in candidates for n in variants.get(id(c), {})
                                                        if n != "plain"]
         current = start
-        while True:
-            better = sorted((o for o in options if o[0].errors[o[1]] < current[0].errors[current[1]]),
-                            key=lambda o: o[0].errors[o[1]])
+        visited = [start]  # never back to a policy left behind (a posterior need not order the options in a line)
+        while True:  # the options ranked by their estimated gain over the current one (no check run yet)
+            gains = [(self.judge.margin(policy_of(current), policy_of(o)).gain_db, k) for k, o in enumerate(options)
+                     if not any(o[0] is v[0] and o[1] == v[1] for v in visited)]
+            better = [options[k] for g, k in sorted(gains, key=lambda gk: (-gk[0], gk[1])) if g > 0]
             for option in better:
                 m, note = self.judge.compare(current, option, variants)
                 decisions.append({"decision": f"{label(option)} over {label(current)}", **m.as_dict(), **note})
@@ -293,9 +300,37 @@ class CalibrationSession:
                     decisions.append({"decision": f"{label(option)} over {label(own)}", **m.as_dict()})
                 if m.significant:
                     current = option
+                    visited.append(option)
                     break
             else:
                 return current
+
+    def _decision(self, candidates: list[Candidate], base: Candidate, chosen: Option,
+                  variants: dict[int, dict[str, Policy]]) -> dict[str, Any]:
+        """The choice stated against the evenly spaced set without components (the start): the chosen policy's
+        estimated gain over it, or, where that set was kept, the best alternative's (the one it did not keep), with
+        the 80 % interval and the evidence behind it (:mod:`.evidence`). Uses the k-fold checks already made."""
+        def policy_of(option: Option) -> Policy:
+            return variants[id(option[0])][option[1]] if option[1] != "plain" else self.judge.plain(option[0])
+
+        def margin(option: Option) -> Margin:
+            shift = self.judge.known_shift(option[0])
+            return self.judge.margin(self.judge.plain(base), policy_of(option), self.judge.known_shift(base), shift)
+
+        kept = not (chosen[0] is base and chosen[1] == "plain")
+        options = [chosen] if kept else [(c, n) for c in candidates for n in dict.fromkeys(["plain", *variants.get(
+            id(c), {})]) if not (c is base and n == "plain")]
+        if not options:
+            return {"option": None, "over": base.label(self.T), "kept": False}
+        scored = [(margin(o), o) for o in options]
+        m, option = max(scored, key=lambda s: s[0].gain_db)
+        label = option[0].label(self.T) + ("" if option[1] == "plain" else f", {option[1]}")
+        fit = self.judge.evidence.fit() if self.judge.evidence is not None else None
+        return {"option": label, "over": base.label(self.T), **m.as_dict(), "kept": kept,
+                "interval_db": [round(v, 3) for v in m.interval_db],
+                "evidence": {"samples": m.n, "predicted_policies": len(self.judge.evidence.predicted)
+                             if self.judge.evidence is not None else 0, "error_model_slope": None if fit is None
+                             else round(fit[0], 4)}}
 
     def _provenance(self, target_speedup: float | None, max_nfe: int, candidates: list[Candidate],
                     chosen: Candidate, decisions: list[dict[str, Any]], before: dict[str, dict[str, float]]
