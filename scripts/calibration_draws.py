@@ -12,7 +12,8 @@ the target's budget) and evenly spaced caching at the policy's NFE with the same
 - ``psnr``, ``uniform_psnr``: mean PSNR (dB) of the policy and of evenly spaced caching;
 - ``best_psnr``, ``gap_db``: the best of the policy and the candidates, and how far the policy is below it;
 - ``heldout_gain_db``: the mean over held-out seeds of ``10 log10(MSE_uniform / MSE_policy)``, and ``covered``:
-  whether the policy's stated gain over evenly spaced caching (``provenance["decision"]``: its interval) holds it.
+  whether the policy's stated gain over evenly spaced caching (``provenance["decision"]``: its interval) holds it
+  (draws that keep a set other than the evenly spaced one; else None).
 
 Rows are written after each draw (atomically); run the same command again to resume, ``--minutes`` bounds a run.
 """
@@ -59,8 +60,8 @@ def per_sample_mse(held: Reference, policy: Policy) -> torch.Tensor:
 def stated(policy: Policy) -> dict[str, Any] | None:
     """The policy's stated gain over evenly spaced caching at its NFE, with its interval (dB), if it states one."""
     d = policy.provenance.get("decision")
-    if isinstance(d, dict) and "interval_db" in d:
-        return {"gain_db": d["gain_db"], "interval_db": d["interval_db"]}
+    if isinstance(d, dict) and "interval_db" in d:  # about the policy where it kept a set, else about the best other
+        return {"gain_db": d["gain_db"], "interval_db": d["interval_db"], "kept": d["kept"], "option": d["option"]}
     for row in policy.provenance.get("decisions", []):  # a rule that states a margin: the gain +- its error
         if "uniform set" in row["decision"].split(" over ")[-1] and row.get("kept"):
             return {"gain_db": row["gain_db"], "interval_db": [row["gain_db"] - row["se_db"],
@@ -92,7 +93,7 @@ def score_draw(held: Reference, policies: list[Policy], targets: list[float]) ->
                      "best_psnr": best, "gap_db": round(best - psnr, 2), "chose_best": psnr >= best - 0.005,
                      "candidates": [{"rule": r, "nfe": n, "psnr": s} for r, n, s in cands.values()],
                      "heldout_gain_db": round(gain, 3), "stated": claim,
-                     "covered": None if claim is None else
+                     "covered": None if claim is None or not claim.get("kept", True) else
                      bool(claim["interval_db"][0] <= gain <= claim["interval_db"][1]),
                      "generations": pol.provenance.get("cost", {}).get("target", {}).get("uncached_generations")})
     return rows

@@ -46,7 +46,8 @@ def test_leave_one_out_on_identical_samples_is_the_full_fit(model):
 def test_one_sample_cannot_judge_a_fit_so_rectification_stays_off(model):
     policy = calibrate(model, torch.tensor([3]), [0], target_speedup=2.0, **kwargs(1))
     assert policy.provenance["variant"] == "plain" and policy.provenance["calibration_size"] == 1
-    for d in policy.provenance["decisions"]:  # one sample has no spread of its own: the assumed one, or less with a prior
+    # one sample has no spread of its own: the assumed one (less with a prior)
+    for d in policy.provenance["decisions"]:
         assert d["n"] == 1 and 0 < d["se_db"] <= 4.0 and d["kept"] == (d["gain_db"] > d["se_db"])
         assert d["measured"]["se_db"] == 4.0
 

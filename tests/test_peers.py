@@ -138,18 +138,26 @@ def test_cache_dit_peer_runs_through_its_public_api_on_the_bundled_pipeline():
 
 @pytest.mark.parametrize("quick", [True, False])
 def test_every_peer_setting_builds_its_diffusers_config(quick):
-    """One registry feeds both benchmarks: every setting of every sweep is a valid diffusers config, either layout."""
-    from ertacache.peers.diffusers_hooks import PEER_SWEEPS, peer_config, peer_settings
+    """One registry feeds both benchmarks: every setting of every sweep is a valid diffusers config, either layout;
+    every kind of peer has a runner in the core benchmark."""
+    from ertacache.bench.methods import RUNNERS
+    from ertacache.peers.diffusers_hooks import peer_config, peer_settings
+    from ertacache.peers.registry import PEERS, peer, peers
 
+    hooks = {p.name for p in peers("core", "diffusers_hook")}
     settings = peer_settings(quick, mag_ratios=[1.0] * 20)
-    assert {name for name, _ in settings} == set(PEER_SWEEPS)
-    assert {name for name, _ in peer_settings(quick, None)} == set(PEER_SWEEPS) - {"magcache"}
+    assert {name for name, _ in settings} == hooks == {p.name for p in peers("pipeline", "diffusers_hook")}
+    assert {name for name, _ in peer_settings(quick, None)} == hooks - {"magcache"}
+    assert {p.kind for p in PEERS} <= set(RUNNERS) and len({p.name for p in PEERS}) == len(PEERS)
+    assert all(p.sweep(quick) and all(p.label(s) for s in p.sweep(quick)) for p in PEERS)
+    with pytest.raises(ValueError, match="unknown peer 'nope'"):
+        peer("nope")
     for name, setting in settings:
         for packed in (True, False):
             config = peer_config(name, setting, lambda: 500.0, 20, packed_tokens=packed)
             assert type(config).__name__.lower().replace("config", "") in {
                 "firstblockcache", "taylorseercache", "magcache", "pyramidattentionbroadcast", "fastercache"}
-    with pytest.raises(ValueError, match="unknown peer 'teacache'"):
+    with pytest.raises(ValueError, match="'teacache' is not a diffusers peer"):
         peer_config("teacache", {}, lambda: 500.0, 20)
 
 

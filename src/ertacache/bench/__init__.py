@@ -79,7 +79,7 @@ class PeakMemory:
 def build_methods(ctx: m.Context, log: Any) -> list[m.Method]:
     out: list[m.Method] = []
     stages = [("uncached", m.uncached), ("uniform", m.uniform), ("ERTACache and its ablation", m.ertacache),
-              ("TeaCache", m.teacache), ("diffusers peers", m.diffusers_peers), ("cache-dit", m.cache_dit_peers)]
+              ("peers", m.peers)]
     if ctx.settings.options:
         stages.append(("options", m.options))
     for label, build in stages:

@@ -15,6 +15,7 @@ from ..core.config import CalibrationConfig
 from ..core.euler import sample, seeded_noise
 from ..core.reuse import DEFAULT_REUSE, REUSE_MODES
 from ..models.bundled import BundledModel, bundled_model
+from ..peers.cache_dit import CACHE_DIT_INSTALL
 from ..policy import Policy
 
 Runner = Callable[[Tensor, Tensor], tuple[Tensor, int]]
@@ -214,8 +215,15 @@ def options(ctx: Context) -> list[Method]:
     return out
 
 
-def teacache(ctx: Context) -> list[Method]:
+def _registered(kind: str) -> list[Any]:
+    from ..peers.registry import peers as registered
+
+    return registered("core", kind)  # type: ignore[arg-type]
+
+
+def wrapped_peers(ctx: Context, selected: list[Any] | None = None) -> list[Method]:
     """Our TeaCache, its polynomial fitted on the calibration conditions."""
+    selected = _registered("model_wrapper") if selected is None else selected
     from ..core.grids import time_grid
     from ..peers.teacache import TeaCacheModel, fit_coefficients
 
@@ -225,104 +233,106 @@ def teacache(ctx: Context) -> list[Method]:
                               s.num_inference_steps, s.guidance_scale, torch.full_like(ctx.cal_labels, ctx.null),
                               s.shift)
     grid = time_grid(s.num_inference_steps, s.shift)
-    thresholds = (0.02, 0.05, 0.1) if s.quick else (0.01, 0.02, 0.035, 0.05, 0.07, 0.1, 0.15)
     out = []
-    for th in thresholds:
-        tc = TeaCacheModel(ctx.model, modulated, th, coeffs, grid[0], grid[-2])
+    for peer in selected:
+        for setting in peer.sweep(s.quick):
+            tc = TeaCacheModel(ctx.model, modulated, setting["threshold"], coeffs, grid[0], grid[-2])
 
-        def run(noise: Tensor, labels: Tensor, tc: TeaCacheModel = tc) -> tuple[Tensor, int]:
-            tc.reset()
-            x = sample(tc, noise, labels, reuse="block_residual", **ctx.kwargs(labels)).x
-            return x, tc.nfe
+            def run(noise: Tensor, labels: Tensor, tc: TeaCacheModel = tc) -> tuple[Tensor, int]:
+                tc.reset()
+                x = sample(tc, noise, labels, reuse="block_residual", **ctx.kwargs(labels)).x
+                return x, tc.nfe
 
-        out.append(Method("teacache", f"thresh={th}", run))
+            out.append(Method(peer.name, peer.label(setting), run))
     return out
 
 
-def diffusers_peers(ctx: Context) -> list[Method]:
-    """diffusers' FirstBlockCache, TaylorSeer, MagCache, PAB and FasterCache, each over a sweep."""
-    from ..peers.diffusers_hooks import (
-        TransformerVelocity,
-        magcache_ratios,
-        peer_config,
-        peer_settings,
-        run_with_cache,
-        setting_label,
-    )
+def hooked_peers(ctx: Context, selected: list[Any] | None = None) -> list[Method]:
+    """diffusers' cache methods (FirstBlockCache, TaylorSeer, MagCache, PAB, FasterCache) on the transformer."""
+    selected = _registered("diffusers_hook") if selected is None else selected
+    from ..peers.diffusers_hooks import TransformerVelocity, magcache_ratios, peer_config, run_with_cache
 
     s = ctx.settings
     velocity = TransformerVelocity(ctx.model, ctx.bundled.counted(ctx.model))
-    ratios = magcache_ratios(velocity, seeded_noise(ctx.cal_seeds, ctx.latent_shape), ctx.cal_labels,
-                             torch.full_like(ctx.cal_labels, ctx.null), s.num_inference_steps, s.guidance_scale,
-                             s.shift)
+    ratios = None
+    if any(p.prepare == "mag_ratios" for p in selected):
+        ratios = magcache_ratios(velocity, seeded_noise(ctx.cal_seeds, ctx.latent_shape), ctx.cal_labels,
+                                 torch.full_like(ctx.cal_labels, ctx.null), s.num_inference_steps, s.guidance_scale,
+                                 s.shift)
     out = []
-    for name, setting in peer_settings(s.quick, ratios):
-        def run(noise: Tensor, labels: Tensor, name: str = name, setting: dict[str, Any] = setting
-                ) -> tuple[Tensor, int]:
-            config = peer_config(name, setting, lambda: velocity.timestep, s.num_inference_steps)
-            x, calls = run_with_cache(velocity, config, lambda vel: sample(vel, noise, labels,
-                                                                            **ctx.kwargs(labels)).x)
-            return x, calls
+    for peer in selected:
+        for setting in peer.sweep(s.quick):
+            setting = {**setting, "mag_ratios": ratios} if peer.prepare == "mag_ratios" else setting
 
-        out.append(Method(name, setting_label(setting), run))
+            def run(noise: Tensor, labels: Tensor, name: str = peer.name, setting: dict[str, Any] = setting
+                    ) -> tuple[Tensor, int]:
+                config = peer_config(name, setting, lambda: velocity.timestep, s.num_inference_steps)
+                return run_with_cache(velocity, config, lambda vel: sample(vel, noise, labels, **ctx.kwargs(labels)).x)
+
+            out.append(Method(peer.name, peer.label(setting), run))
     return out
 
 
-CACHE_DIT_INSTALL = "pip install 'ertacache[bench]'"
+def cache_dit_peers(ctx: Context, selected: list[Any] | None = None) -> list[Method]:
+    """cache-dit through its public ``cache_dit.enable_cache`` on the model's diffusers pipeline.
 
-
-def cache_dit_peers(ctx: Context) -> list[Method]:
-    """cache-dit (the peer library), through its public ``cache_dit.enable_cache`` on the model's diffusers pipeline.
-
-    DBCache at its documented default threshold (0.08) and a sweep, with ``Fn=1, Bn=0``
-    (the bundled models have 2-6 blocks, under DBCache's default ``Fn=8``) and
-    ``enable_separate_cfg`` (both pipelines call the transformer once per branch), and
-    DBCache + the TaylorSeer calibrator (order 1). The pipeline's scheduler is set to
-    the sampler's grid, so its uncached output is the reference's.
-
-    cache-dit runs on its own copy of the model: ``cache_dit.disable_cache`` (1.5.x)
-    leaves its patched FLUX transformer forward in place, which breaks the hooks of
-    the methods measured after it (diffusers' FirstBlockCache raised ``TypeError``
-    there) and would time them through cache-dit's forward.
+    The pipeline's scheduler is set to the sampler's grid, so its uncached output is the
+    reference's. cache-dit runs on its own copy of the model: ``cache_dit.disable_cache``
+    (1.5.x) leaves its patched FLUX transformer forward in place, which breaks the hooks of
+    the methods measured after it (diffusers' FirstBlockCache raised ``TypeError`` there)
+    and would time them through cache-dit's forward.
     """
+    selected = _registered("cache_dit") if selected is None else selected
     try:
         import cache_dit
-        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
     except ImportError:
         return [Method("cache_dit", f"unavailable: cache-dit is not installed ({CACHE_DIT_INSTALL})",
                        _unavailable, group="failed")]
     import logging
 
+    from ..core.grids import time_grid
+    from ..integrations.diffusers.scheduler import set_scheduler_grid
+    from ..peers.cache_dit import dbcache_config
+
     logging.getLogger("cache_dit").setLevel(logging.WARNING)
     s = ctx.settings
     model = copy.deepcopy(ctx.model)  # same weights, so the same uncached output; cache-dit's patches stay on it
     pipe = ctx.bundled.pipeline(model, s.shift)
-    from ..core.grids import time_grid
-    from ..integrations.diffusers.scheduler import set_scheduler_grid
-
     set_scheduler_grid(pipe.scheduler, time_grid(s.num_inference_steps, s.shift))
     counted = ctx.bundled.counted(model)
     calls = [0]
     counted.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    thresholds = (0.08, 0.2) if s.quick else (0.08, 0.12, 0.2, 0.3, 0.5)
-    settings = [("dbcache", th, False) for th in thresholds] + [("dbcache+taylorseer", th, True)
-                                                               for th in ((0.2,) if s.quick else (0.12, 0.2, 0.3))]
     out = []
-    for name, th, taylor in settings:
-        def run(noise: Tensor, labels: Tensor, th: float = th, taylor: bool = taylor) -> tuple[Tensor, int]:
-            config = DBCacheConfig(num_inference_steps=s.num_inference_steps, Fn_compute_blocks=1,
-                                   Bn_compute_blocks=0, residual_diff_threshold=th, enable_separate_cfg=True)
-            calibrator = TaylorSeerCalibratorConfig(taylorseer_order=1) if taylor else None
-            cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
-            try:
-                calls[0] = 0
-                x = ctx.bundled.pipeline_sample(pipe, model, noise, labels, s.num_inference_steps,
-                                                s.guidance_scale)
-                return x, calls[0] // 2  # forwards per branch (one call per branch and step)
-            finally:
-                cache_dit.disable_cache(pipe)
+    for peer in selected:
+        for setting in peer.sweep(s.quick):
+            def run(noise: Tensor, labels: Tensor, setting: dict[str, Any] = setting) -> tuple[Tensor, int]:
+                config, calibrator = dbcache_config(setting, s.num_inference_steps)
+                cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=calibrator)
+                try:
+                    calls[0] = 0
+                    x = ctx.bundled.pipeline_sample(pipe, model, noise, labels, s.num_inference_steps,
+                                                    s.guidance_scale)
+                    return x, calls[0] // 2  # forwards per branch (one call per branch and step)
+                finally:
+                    cache_dit.disable_cache(pipe)
 
-        out.append(Method(name.replace("dbcache", "cache_dit_dbcache"), f"F1B0, threshold={th}", run))
+            out.append(Method(peer.name, peer.label(setting), run))
+    return out
+
+
+RUNNERS: dict[str, Callable[[Context, list[Any] | None], list[Method]]] = {
+    "model_wrapper": wrapped_peers, "diffusers_hook": hooked_peers, "cache_dit": cache_dit_peers}
+"""How the core benchmark runs each kind of peer (:data:`ertacache.peers.registry.PeerKind`), in table order."""
+
+
+def peers(ctx: Context) -> list[Method]:
+    """Every peer of the registry (:mod:`ertacache.peers.registry`) that runs on the core sampler, over its sweep,
+    each kind through its runner."""
+    out: list[Method] = []
+    for kind, runner in RUNNERS.items():
+        selected = _registered(kind)
+        if selected:
+            out += runner(ctx, selected)
     return out
 
 

@@ -120,7 +120,7 @@ def pipeline_methods(pipe: Any, settings: PipelineSettings, cal_prompts: list[st
     def timestep() -> float:
         return float(pipe.current_timestep) if pipe.current_timestep is not None else 0.0
 
-    for name, setting in peer_settings(quick, ratios):
+    for name, setting in peer_settings(quick, ratios, where="pipeline"):
         methods.append(Method(name, setting_label(setting),
                               with_cache(peer_config(name, setting, timestep, T, packed_tokens=False))))
     return methods

@@ -25,6 +25,10 @@ import torch
 from torch import Tensor
 
 from ..core.euler import sample
+from .registry import PEERS, Where, peer, peers, setting_label
+
+__all__ = ["TransformerVelocity", "calibrate_magcache", "magcache_ratios", "peer_config", "peer_settings",
+           "run_with_cache", "setting_label"]
 
 
 class TransformerVelocity:
@@ -67,37 +71,17 @@ def _halves_swapped(x: Tensor) -> Tensor:
     return torch.cat([b, a])
 
 
-PEER_SWEEPS: dict[str, Callable[[bool], list[dict[str, Any]]]] = {
-    "first_block_cache": lambda quick: [{"threshold": th} for th in
-                                        ((0.1, 0.2) if quick else (0.08, 0.1, 0.12, 0.15, 0.2, 0.3))],
-    "taylorseer": lambda quick: [{"cache_interval": k, "disable_cache_before_step": 2, "max_order": 1}
-                                 for k in ((2, 3) if quick else (2, 3, 4, 5))],
-    "magcache": lambda quick: [{"threshold": th, "max_skip_steps": k} for th, k in
-                               (((0.06, 3), (0.24, 3)) if quick else
-                                ((0.02, 3), (0.04, 3), (0.06, 3), (0.12, 3), (0.24, 3), (0.5, 4)))],
-    "pab": lambda quick: [{"spatial_attention_block_skip_range": k, "spatial_attention_timestep_skip_range": (0, 1000)}
-                          for k in ((2,) if quick else (2, 3, 4, 6))],
-    # in diffusers 0.42 FasterCache hooks only the legacy Attention class, not FluxAttention: a no-op on FLUX
-    "fastercache": lambda quick: [{"spatial_attention_block_skip_range": 2}],
-}
-"""diffusers' cache methods the benchmarks run (the core's and the pipeline's), each with its sweep
-(``quick``: the short one). MagCache's ``mag_ratios`` come from its own calibration run."""
-
-
-def peer_settings(quick: bool, mag_ratios: list[float] | None) -> list[tuple[str, dict[str, Any]]]:
-    """``(peer name, setting)`` over every peer's sweep; MagCache only with ``mag_ratios``."""
+def peer_settings(quick: bool, mag_ratios: list[float] | None, where: Where = "core"
+                  ) -> list[tuple[str, dict[str, Any]]]:
+    """``(peer name, setting)`` over the sweep of every diffusers peer of the registry that runs ``where``
+    (:mod:`.registry`); MagCache only with ``mag_ratios`` (its own calibration run's)."""
     out = []
-    for name, sweep in PEER_SWEEPS.items():
-        if name == "magcache" and mag_ratios is None:
+    for p in peers(where, "diffusers_hook"):
+        if p.prepare == "mag_ratios" and mag_ratios is None:
             continue
-        for setting in sweep(quick):
-            out.append((name, {**setting, "mag_ratios": mag_ratios} if name == "magcache" else setting))
+        for setting in p.sweep(quick):
+            out.append((p.name, {**setting, "mag_ratios": mag_ratios} if p.prepare == "mag_ratios" else setting))
     return out
-
-
-def setting_label(setting: dict[str, Any]) -> str:
-    """A setting as the benchmark tables show it (``key=value, ...``, without MagCache's ratios)."""
-    return ", ".join(f"{key}={val}" for key, val in setting.items() if key != "mag_ratios")
 
 
 def peer_config(name: str, setting: dict[str, Any], timestep: Callable[[], float], num_inference_steps: int,
@@ -110,7 +94,7 @@ def peer_config(name: str, setting: dict[str, Any], timestep: Callable[[], float
             cannot run (it splits the output into frequencies as an image); a pipeline's own layout else.
 
     Raises:
-        ValueError: a name not in :data:`PEER_SWEEPS`.
+        ValueError: a name that is not a diffusers peer of the registry.
     """
     from diffusers.hooks import (
         FasterCacheConfig,
@@ -133,8 +117,9 @@ def peer_config(name: str, setting: dict[str, Any], timestep: Callable[[], float
         "fastercache": lambda: FasterCacheConfig(current_timestep_callback=current,
                                                  attention_weight_callback=lambda _: 0.5, **faster, **setting),
     }
-    if name not in builders:
-        raise ValueError(f"unknown peer {name!r}; the peers are {sorted(builders)}")
+    if peer(name).kind != "diffusers_hook":
+        hooks = [p.name for p in PEERS if p.kind == "diffusers_hook"]
+        raise ValueError(f"{name!r} is not a diffusers peer; those are {hooks}")
     return builders[name]()
 
 

@@ -24,6 +24,40 @@ def provenance(**extra: Any) -> dict[str, Any]:
 
 
 
+def _number(d: Any, key: str) -> float | None:
+    value = d.get(key) if isinstance(d, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _evidence(d: dict[str, Any]) -> str:
+    """What a margin rests on: its samples' mean gain and the error model's prior, where recorded."""
+    measured, prior = d.get("measured"), d.get("prior")
+    text = f"{d.get('n')} samples"
+    m, m_se = _number(measured, "gain_db"), _number(measured, "se_db")
+    if m is not None and m_se is not None:
+        text += f" {m:+.2f} +- {m_se:.2f}"
+    p, p_sd = _number(prior, "gain_db"), _number(prior, "sd_db")
+    if p is not None and p_sd is not None:
+        text += f", error model {p:+.2f} +- {p_sd:.2f}"
+    return text
+
+
+def _decision_lines(decision: Any) -> list[str]:
+    """The choice in one line: the estimated gain over evenly spaced caching, its 80 % interval, its evidence."""
+    gain, sd = _number(decision, "gain_db"), _number(decision, "se_db")
+    if not isinstance(decision, dict) or not isinstance(decision.get("option"), str) or gain is None or sd is None:
+        return []
+    interval = decision.get("interval_db")
+    ends = f", 80 % interval {interval[0]:+.2f} to {interval[1]:+.2f} dB" if isinstance(interval, list) and len(
+        interval) == 2 and all(isinstance(v, (int, float)) for v in interval) else ""
+    verdict = "kept" if decision.get("kept") else "not kept: the evidence does not show it better"
+    evidence = decision.get("evidence")
+    count = evidence.get("predicted_policies") if isinstance(evidence, dict) else None
+    fitted = f"; the error model calibrated on {count} judged policies" if isinstance(count, int) and count else ""
+    return [f"  decision: {decision['option']} over {decision.get('over')}: {gain:+.2f} dB +- {sd:.2f}{ends} "
+            f"({_evidence(decision)}{fitted}): {verdict}"]
+
+
 def provenance_lines(provenance: dict[str, Any]) -> list[str]:
     """Lines of :meth:`~ertacache.policy.Policy.summary` from a policy's provenance (a file's, any JSON: keys that
     are missing or of another type are left out)."""
@@ -44,8 +78,9 @@ def provenance_lines(provenance: dict[str, Any]) -> list[str]:
                         f"{d.get('in_sample_gain_db', 0.0):+.2f} dB")
             elif check:  # the check could not run (its reason)
                 fold = f"; k-fold check {check}"
-            lines.append(f"  {d['decision']}: {d['gain_db']:+.2f} dB +- {d['se_db']:.2f} (standard error, "
-                         f"{d['n']} samples{fold}): {'kept' if d['kept'] else 'not kept'}")
+            lines.append(f"  {d['decision']}: {d['gain_db']:+.2f} dB +- {d['se_db']:.2f} ({_evidence(d)}{fold}): "
+                         f"{'kept' if d['kept'] else 'not kept'}")
+    lines += _decision_lines(provenance.get("decision"))
     cost = provenance.get("cost")
     if isinstance(cost, dict) and "model_calls" in cost:
         lines.append(f"  calibration cost: {cost['model_calls']} model calls ({cost.get('uncached_generations')} "
