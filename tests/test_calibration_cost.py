@@ -44,12 +44,14 @@ def test_leave_one_out_on_identical_samples_is_the_full_fit(model):
 
 
 def test_one_sample_cannot_judge_a_fit_so_rectification_stays_off(model):
+    from ertacache.calibration.evidence import SPREAD_DB
+
     policy = calibrate(model, torch.tensor([3]), [0], target_speedup=2.0, **kwargs(1))
     assert policy.provenance["variant"] == "plain" and policy.provenance["calibration_size"] == 1
     # one sample has no spread of its own: the assumed one (less with a prior)
     for d in policy.provenance["decisions"]:
-        assert d["n"] == 1 and 0 < d["se_db"] <= 4.0 and d["kept"] == (d["gain_db"] > d["se_db"])
-        assert d["measured"]["se_db"] == 4.0
+        assert d["n"] == 1 and 0 < d["se_db"] <= SPREAD_DB and d["kept"] == (d["gain_db"] > d["se_db"])
+        assert d["measured"]["se_db"] == SPREAD_DB
 
 
 def test_default_cost_is_at_most_five_passes_and_the_plan_bounds_it(model):

@@ -45,6 +45,14 @@ __all__ = ["CalibrationSession", "Margin", "PassCallback"]
 logger = logging.getLogger(__name__)
 
 
+def _refines(current: Option, option: Option) -> bool:
+    """Whether ``option`` computes every step ``current`` computes, and more, with the same components and reuse:
+    a larger budget's refinement of a smaller budget's set (the nested candidate), whose estimated gain need not be
+    significant (more computation of the same set is the expected direction; "a larger budget left unused" else)."""
+    (a, va), (b, vb) = current, option
+    return va == vb and a.step_reuse == b.step_reuse and set(b.cached_steps) < set(a.cached_steps)
+
+
 class CalibrationSession:
     """One calibration set on one model: its ground truth, its candidates' evaluations, and the choices.
 
@@ -103,8 +111,9 @@ class CalibrationSession:
         self.gt_cost = self.runner.snapshot()
         self.proposer = Proposer(self.runner, self.config, truth, n_fit)
         self.judge = Judge(self.runner, driver, truth.final, n_hold, folds, self.base)
-        self.judge.evidence = ErrorModelPrior(lambda: self.proposer.extrapolation_costs() or truth.search_costs,
-                                              self.judge.errors)
+        if self.config.error_model_prior:
+            self.judge.evidence = ErrorModelPrior(lambda: self.proposer.extrapolation_costs() or truth.search_costs,
+                                                  self.judge.errors)
         self.components = Components(self.runner, self.judge, driver, self.config, truth, n_fit)
         self.winners: list[Candidate] = []  # the chosen set of each target so far
         self.variants: dict[str, Policy] = {}
@@ -290,6 +299,13 @@ class CalibrationSession:
                      if not any(o[0] is v[0] and o[1] == v[1] for v in visited)]
             better = [options[k] for g, k in sorted(gains, key=lambda gk: (-gk[0], gk[1])) if g > 0]
             for option in better:
+                if _refines(current, option):  # more computed steps of the same set: kept on any estimated gain
+                    decisions.append({"decision": f"{label(option)} over {label(current)}",
+                                      **self.judge.margin(policy_of(current), policy_of(option)).as_dict(),
+                                      "kept": True, "refines": True})
+                    current = option
+                    visited.append(option)
+                    break
                 m, note = self.judge.compare(current, option, variants)
                 decisions.append({"decision": f"{label(option)} over {label(current)}", **m.as_dict(), **note})
                 if not note.get("kept", True):

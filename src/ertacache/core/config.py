@@ -98,6 +98,11 @@ class CalibrationConfig:
             :func:`~ertacache.calibration.schedule.fit_propagation`), judged as the others;
             no extra model call beyond its evaluation (docs/calibration.md, "A
             propagation-weighted candidate"). Not in the paper.
+        error_model_prior: weigh each comparison's samples with the error model's prediction
+            (:class:`~ertacache.calibration.evidence.ErrorModelPrior`, docs/method.md section 2.7).
+            Off by default: the regression behind it is fitted on the same samples it would
+            add evidence to, and at one or two samples it made worse choices (docs/calibration.md,
+            "Error rates over many draws"). Not in the paper.
         component_check: judge the chosen set with and without timestep adjustment
             and rectification, and keep a component only where it wins a paired
             comparison over the calibration samples by more than its standard error
@@ -134,6 +139,7 @@ class CalibrationConfig:
     step_reuse_choice: bool = True
     propagation_candidate: bool = True
     max_passes: float | None = 4.0
+    error_model_prior: bool = False
 
     @classmethod
     def thorough(cls, **overrides: Any) -> CalibrationConfig:
@@ -154,7 +160,7 @@ class CalibrationConfig:
             raise ErtaCacheError(f"reuse must be a reuse-mode name, got {self.reuse!r}")
         get_reuse(self.reuse)
         for name in ("timestep_adjustment", "component_check", "sweep_early_stop", "step_reuse_choice",
-                     "propagation_candidate"):
+                     "propagation_candidate", "error_model_prior"):
             if not isinstance(getattr(self, name), bool):
                 raise ErtaCacheError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name, kind in (
