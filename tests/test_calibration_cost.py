@@ -157,7 +157,12 @@ def test_summary_gives_each_decision_and_this_targets_cost(model):
     text = many[0].summary()
     decisions = many[0].provenance["decisions"]
     assert decisions and all(f"{d['gain_db']:+.2f} dB" in text for d in decisions)
-    assert "standard error, 3 samples" in text and "this target:" in text and "judged on: every sample" in text
+    assert "(3 samples " in text and "this target:" in text and "judged on: every sample" in text
+    decision = many[0].provenance["decision"]  # the choice against evenly spaced caching, with its interval
+    lo, hi = decision["interval_db"]
+    assert lo < decision["gain_db"] < hi and decision["over"].startswith("uniform set")
+    assert f"decision: {decision['option']} over {decision['over']}: {decision['gain_db']:+.2f} dB" in text
+    assert f"80 % interval {lo:+.2f} to {hi:+.2f} dB" in text
 
 
 def test_the_budget_holds_at_shifted_30_step_targets_and_runner_up_components_compete(model):

