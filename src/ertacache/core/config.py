@@ -105,7 +105,7 @@ class CalibrationConfig:
             "Error rates over many draws"). Not in the paper.
         component_check: judge the chosen set with and without timestep adjustment
             and rectification, and keep a component only where it wins a paired
-            comparison over the calibration samples by more than its standard error
+            comparison over the calibration samples beyond its uncertainty (:mod:`~ertacache.calibration.evidence`)
             (a component that does not help is switched off, and the policy's
             provenance gives the margin). False keeps every component the config asks for.
         max_passes: whole-set passes each target may spend on evaluations and component
