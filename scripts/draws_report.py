@@ -68,10 +68,15 @@ def plot(groups: dict[tuple[Any, ...], list[dict[str, Any]]], out: str) -> None:
         label = f"{key[0]}, shift {key[1]:g}, {key[2]:g}x"
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
+    sizes = sorted({n for pts in series.values() for n, _, _ in pts})
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
     axes[0].axhline(1.0, color="gray", ls="--", lw=1)
     axes[1].axhline(-0.25, color="gray", ls="--", lw=1)
-    axes[0].set(xscale="log", xlabel="calibration samples N", ylabel="mean gap to the best candidate (dB)")
-    axes[1].set(xscale="log", xlabel="calibration samples N", ylabel="worst draw minus evenly spaced (dB)")
+    axes[0].set(xlabel="calibration samples N", ylabel="mean gap to the best candidate (dB)")
+    axes[1].set(xlabel="calibration samples N", ylabel="worst draw minus evenly spaced (dB)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
