@@ -28,6 +28,11 @@ Option = tuple[Candidate, str]
 """A candidate set and one of its variants (``plain``, ``adjusted``, ``rectified``, ``full``)."""
 
 
+def option_label(option: Option, T: int) -> str:
+    """A short name for decisions, e.g. ``search set (NFE 15), rectified``."""
+    return option[0].label(T) + ("" if option[1] == "plain" else f", {option[1]}")
+
+
 class NoRoom(Exception):
     """A k-fold check does not fit in ``max_passes``: the fitted set's win is not kept."""
 
@@ -78,6 +83,11 @@ class Judge:
     def plain(self, cand: Candidate) -> Policy:
         """The candidate's set alone: no adjustment, no rectification."""
         return Policy(cached_steps=cand.cached_steps, step_reuse=cand.step_reuse, **self.base)
+
+    def policy_of(self, option: Option, variants: dict[int, dict[str, Policy]]) -> Policy:
+        """An option's policy: its variant from ``variants`` (per candidate id), or the plain set."""
+        cand, name = option
+        return variants[id(cand)][name] if name != "plain" else self.plain(cand)
 
     # ----- scores ------------------------------------------------------------------
     def positions(self, rows: slice) -> list[int]:
@@ -239,11 +249,7 @@ class Judge:
                 ) -> tuple[Margin, dict[str, Any]]:
         """The paired comparison of two options (candidate, variant); a win of a set fitted to the samples is
         checked k-fold (:meth:`shift`). Returns the margin and what the decision records beside it."""
-        def policy_of(option: Option) -> Policy:
-            cand, name = option
-            return variants[id(cand)][name] if name != "plain" else self.plain(cand)
-
-        m = self.margin(policy_of(old), policy_of(new))
+        m = self.margin(self.policy_of(old, variants), self.policy_of(new, variants))
         fitted = [c for c in (old[0], new[0]) if c.refit is not None]
         if not m.significant or not self.folds or not fitted or old[0] is new[0]:
             return m, {}
@@ -251,6 +257,6 @@ class Judge:
             shifts = [self.shift(c, variants.get(id(c), {})) for c in (old[0], new[0])]
         except NoRoom:
             return m, {"kept": False, "k_fold": f"not run: over max_passes={self.runner.max_passes}"}
-        checked = self.margin(policy_of(old), policy_of(new), *shifts)
+        checked = self.margin(self.policy_of(old, variants), self.policy_of(new, variants), *shifts)
         return checked, {"in_sample_gain_db": round(m.gain_db, 3), "k_fold": {
             "folds": len(self.folds), "refit_differs": sum(len(self.refitted(c)) for c in fitted)}}

@@ -34,7 +34,7 @@ from .components import Components
 from .distributed import check_shards, fold_slices
 from .drive import Driver
 from .evidence import ErrorModelPrior, Margin
-from .judge import Judge, Option, evaluation_key
+from .judge import Judge, Option, evaluation_key, option_label
 from .plan import plan, variant_passes
 from .proposals import Proposer
 from .runner import PassCallback, PassRunner
@@ -284,11 +284,10 @@ class CalibrationSession:
         every policy kept beat the one it replaced, and a set's component
         (rectification, adjustment) also beat the set without it."""
         def policy_of(option: Option) -> Policy:
-            cand, name = option
-            return variants[id(cand)][name] if name != "plain" else self.judge.plain(cand)
+            return self.judge.policy_of(option, variants)
 
         def label(option: Option) -> str:
-            return option[0].label(self.T) + ("" if option[1] == "plain" else f", {option[1]}")
+            return option_label(option, self.T)
 
         options = [(c, "plain") for c in candidates] + [(c, n) for c in candidates for n in variants.get(id(c), {})
                                                        if n != "plain"]
@@ -326,12 +325,9 @@ class CalibrationSession:
         """The choice stated against the evenly spaced set without components (the start): the chosen policy's
         estimated gain over it, or, where that set was kept, the best alternative's (the one it did not keep), with
         the 80 % interval and the evidence behind it (:mod:`.evidence`). Uses the k-fold checks already made."""
-        def policy_of(option: Option) -> Policy:
-            return variants[id(option[0])][option[1]] if option[1] != "plain" else self.judge.plain(option[0])
-
         def margin(option: Option) -> Margin:
-            shift = self.judge.known_shift(option[0])
-            return self.judge.margin(self.judge.plain(base), policy_of(option), self.judge.known_shift(base), shift)
+            return self.judge.margin(self.judge.plain(base), self.judge.policy_of(option, variants),
+                                     self.judge.known_shift(base), self.judge.known_shift(option[0]))
 
         kept = not (chosen[0] is base and chosen[1] == "plain")
         options = [chosen] if kept else [(c, n) for c in candidates for n in dict.fromkeys(["plain", *variants.get(
@@ -340,7 +336,7 @@ class CalibrationSession:
             return {"option": None, "over": base.label(self.T), "kept": False}
         scored = [(margin(o), o) for o in options]
         m, option = max(scored, key=lambda s: s[0].gain_db)
-        label = option[0].label(self.T) + ("" if option[1] == "plain" else f", {option[1]}")
+        label = option_label(option, self.T)
         fit = self.judge.evidence.fit() if self.judge.evidence is not None else None
         return {"option": label, "over": base.label(self.T), **m.as_dict(), "kept": kept,
                 "interval_db": [round(v, 3) for v in m.interval_db],
