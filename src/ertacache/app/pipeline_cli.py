@@ -125,7 +125,7 @@ def generate(settings: GenerateSettings) -> int:
     path = output_path(settings.out, video=bool(family and family.video))
     pipe = load_pipeline(settings.pipeline)
     generator = torch.Generator().manual_seed(settings.seed)
-    handle = apply_ertacache(pipe, policy) if policy is not None else None
+    handle = apply_ertacache(pipe, policy, check_fingerprint=settings.check_fingerprint) if policy is not None else None
     try:
         out = pipe(prompt=settings.prompt, num_inference_steps=settings.pipeline.num_inference_steps,
                    generator=generator, **settings.pipeline.call_kwargs())

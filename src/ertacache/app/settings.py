@@ -92,3 +92,4 @@ class GenerateSettings(CommandSettings):
     digits: tuple[int, ...] = tuple(range(10))
     prompt: str | None = None
     fps: int = 16
+    check_fingerprint: bool = True

@@ -23,6 +23,7 @@ from ..core.grids import time_grid, uniform_cached_steps
 from ..core.rectify import CHANNELS_FIRST, ChannelLayout
 from ..core.reuse import DEFAULT_REUSE, check_step_reuse
 from ..errors import ErtaCacheError, PolicyMismatchError
+from ..fingerprint import fingerprint_id, same_model
 from ..io import atomic_write
 from . import file as policy_file
 from .checks import (
@@ -138,7 +139,8 @@ class Policy:
         check=check_latent_shape, to_json=listed, from_json=json_list("latent_shape", nullable=True), like=True,
         show=_show("latent shape")))
     model_fingerprint: str | None = field(default=None, metadata=spec(
-        check=check_fingerprint, like=True, show=_show("model fingerprint")))
+        check=check_fingerprint, like=True,
+        show=lambda v, _: f"model fingerprint: {v if v is None else fingerprint_id(v)}"))
     config: CalibrationConfig = field(default_factory=CalibrationConfig, metadata=spec(
         check=check_config, to_json=lambda c: c.to_dict(), from_json=CalibrationConfig.from_dict, like=True))
     provenance: dict[str, Any] = field(default_factory=dict, metadata=spec(
@@ -311,9 +313,10 @@ class Policy:
             diffs.append(f"guidance branches: policy {self.branches}, got {tuple(branches)}")
         if latent_shape is not None and self.latent_shape is not None and tuple(latent_shape) != self.latent_shape:
             diffs.append(f"latent shape: policy {self.latent_shape}, got {tuple(latent_shape)}")
-        fingerprints = (model_fingerprint, self.model_fingerprint)
-        if None not in fingerprints and fingerprints[0] != fingerprints[1]:
-            diffs.append(f"model fingerprint: policy {self.model_fingerprint}, got {model_fingerprint}")
+        if model_fingerprint is not None and self.model_fingerprint is not None \
+                and not same_model(self.model_fingerprint, model_fingerprint):
+            diffs.append(f"model fingerprint: policy {fingerprint_id(self.model_fingerprint)}, "
+                         f"got {fingerprint_id(model_fingerprint)} (another checkpoint)")
         if diffs:
             raise PolicyMismatchError(
                 "this policy was calibrated for other settings: " + "; ".join(diffs)

@@ -13,8 +13,9 @@ from ...core.reuse import get_reuse
 from ...errors import ErtaCacheError, PolicyMismatchError
 from ...policy import Policy
 from .call import call_settings, check_guidance
-from .families import Family, family_for, pipeline_fingerprint, transformers_of
+from .families import Family, family_for, transformers_of
 from .hooks import register_hooks, remove_hooks
+from .identity import AdapterWatch, check_identity
 from .run import PipelineRun
 from .scheduler import grid_unsupported, restore_scheduler, set_scheduler_grid
 
@@ -65,11 +66,12 @@ class ErtaCacheHandle:
         self.remove()
 
 
-def _checker(pipe: Any, policy: Policy, strict: bool) -> Any:
-    """The checks at each unit's first step: branches, guidance, and sample size (the call's own settings)."""
+def _checker(pipe: Any, policy: Policy, strict: bool, adapters: AdapterWatch) -> Any:
+    """The checks at each unit's first step: branches, guidance, sample size (the call's own settings), adapters."""
     warned: set[tuple[int, ...]] = set()
 
     def on_start(hidden: Tensor, branch: str) -> None:
+        adapters()
         if branch not in policy.branches and not policy.any_guidance:
             raise PolicyMismatchError(
                 f"the pipeline runs guidance branch {branch!r}, the policy was calibrated for branches "
@@ -111,7 +113,9 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
         pipe: a pipeline of a registered family (:func:`~.families.family_for`).
         policy: calibrated for this model and these settings; any reuse mode and
             granularity (``block_residual`` needs the family's block stack).
-        check_fingerprint: compare the policy's model fingerprint with the transformers'.
+        check_fingerprint: refuse another checkpoint than the policy's (its fingerprint, which
+            ignores precision, offloading, compilation and unfused LoRA adapters; adapters give one
+            :class:`~.identity.AdapterWarning`). False applies the policy to any weights.
         strict: refuse a call at another resolution or frame count than calibrated.
             By default such a call follows the policy by step index on the pipeline's
             own grid, with one :class:`PolicyTravelWarning` per size.
@@ -135,11 +139,10 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
     transformers = transformers_of(pipe, family)
     if not transformers:
         raise ErtaCacheError(f"{type(pipe).__name__} has none of the transformers {family.transformers}")
-    if check_fingerprint and policy.model_fingerprint is not None:
-        got = pipeline_fingerprint(pipe, family)
-        if got != policy.model_fingerprint:
-            raise PolicyMismatchError(f"model fingerprint: policy {policy.model_fingerprint}, got {got}; "
-                                      "calibrate a policy for this model")
+    if check_fingerprint:
+        check_identity(pipe, family, policy)
+    adapters = AdapterWatch(pipe, family, policy)
+    adapters()
     if policy.adjusted_grid is not None and grid_unsupported(pipe.scheduler) is not None:
         raise ErtaCacheError(str(grid_unsupported(pipe.scheduler)))
     reuse = get_reuse(policy.reuse)
@@ -148,7 +151,7 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
                                dtype=None if param is None else param.dtype)
     engine = Engine(follower, policy.sampling_grid, reuse.needs_history)
     run = PipelineRun(engine, family, reuse, calls_per_step=len(policy.branches),
-                      on_start=_checker(pipe, policy, strict), pipe=pipe)
+                      on_start=_checker(pipe, policy, strict, adapters), pipe=pipe)
     handle = ErtaCacheHandle(pipe, policy, family, run)
     handle.modules = register_hooks(transformers, run, family, with_blocks=reuse.needs_blocks)
     if policy.adjusted_grid is not None:

@@ -5,7 +5,6 @@ Adding a family is one :func:`register_family` call; no model code is copied.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,8 +74,7 @@ def pipeline_fingerprint(pipe: Any, family: Family) -> str:
     """One fingerprint over all of a pipeline's transformers (Wan 2.2 has two)."""
     from ...fingerprint import model_fingerprint
 
-    prints = [model_fingerprint(m) for m in transformers_of(pipe, family)]
-    return prints[0] if len(prints) == 1 else hashlib.sha256("|".join(prints).encode()).hexdigest()[:16]
+    return model_fingerprint(transformers_of(pipe, family))
 
 
 def family_for_class(cls: type) -> Family | None:

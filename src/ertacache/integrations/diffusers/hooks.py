@@ -22,6 +22,8 @@ block returns ``h_in + r`` while the others pass their inputs through.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -123,6 +125,29 @@ class ContextRelay(ModelHook):
         return module
 
 
+@contextmanager
+def beneath_accelerate(module: torch.nn.Module) -> Iterator[None]:
+    """Change the module's hooks with accelerate's hook (model or sequential CPU offload) lifted off, then put it
+    back on top: the hooks end up inside accelerate's.
+
+    accelerate wraps ``forward`` by replacing it and keeps the replaced one as ``_old_forward``; diffusers'
+    pipelines remove and re-add that hook at the end of every call (``maybe_free_model_hooks``), which puts
+    ``_old_forward`` back. A hook registered on top of accelerate's would be dropped there; one beneath it is
+    what accelerate keeps and wraps again. Without an accelerate hook this does nothing.
+    """
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None or not hasattr(module, "_old_forward"):
+        yield
+        return
+    from accelerate.hooks import add_hook_to_module, remove_hook_from_module
+
+    remove_hook_from_module(module)
+    try:
+        yield
+    finally:
+        add_hook_to_module(module, hook)
+
+
 def _registry(module: torch.nn.Module) -> Any:
     """The module's own hook registry (a compile wrapper gets one of its own, not its inner module's)."""
     from diffusers.hooks import HookRegistry
@@ -208,11 +233,13 @@ def register_hooks(transformers: list[Any], run: PipelineRun, family: Family, wi
         switch = BlockSwitch() if with_blocks else None
         for k, (block, output) in enumerate(blocks):
             block_hook = BlockHook(switch, output, first=k == 0, last=k == len(blocks) - 1)  # type: ignore[arg-type]
-            _registry(block).register_hook(block_hook, BLOCK_HOOK)
+            with beneath_accelerate(block):
+                _registry(block).register_hook(block_hook, BLOCK_HOOK)
             _route_compile(block, block_hook)
             hooked.append(block)
         step_hook = StepHook(run, index, switch)
-        _registry(tf).register_hook(step_hook, STEP_HOOK)
+        with beneath_accelerate(tf):
+            _registry(tf).register_hook(step_hook, STEP_HOOK)
         if isinstance(tf, _COMPILED):  # torch.compile(transformer): the hook is outside the compiled call
             _registry(tf._orig_mod).register_hook(ContextRelay(step_hook.state_manager), RELAY_HOOK)
             hooked.append(tf._orig_mod)
@@ -285,6 +312,7 @@ def remove_hooks(modules: list[Any]) -> None:
             if getattr(module.__dict__.get(routed), "__ertacache__", False):
                 delattr(module, routed)
         registry = _registry(module)
-        for name in (STEP_HOOK, BLOCK_HOOK, RELAY_HOOK):
-            if registry.get_hook(name) is not None:
-                registry.remove_hook(name, recurse=False)
+        with beneath_accelerate(module):
+            for name in (STEP_HOOK, BLOCK_HOOK, RELAY_HOOK):
+                if registry.get_hook(name) is not None:
+                    registry.remove_hook(name, recurse=False)
