@@ -6,6 +6,7 @@ import torch
 from conftest import assert_every_reuse_mode_on_pipeline
 from ertacache import Policy, PolicyMismatchError, apply_ertacache
 from ertacache.core.config import CalibrationConfig
+from ertacache.errors import ErtaCacheError
 from ertacache.integrations.diffusers.apply import PolicyTravelWarning
 from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 
@@ -140,6 +141,12 @@ def test_wan22_two_transformers_each_get_a_cache(tmp_path):
         with pytest.raises(PolicyMismatchError, match="guidance_scale_2: policy 4.0, got 6.0"):
             pipe(prompt_embeds=EMB[:1], negative_prompt_embeds=NEG[:1], num_inference_steps=T, output_type="latent",
                  guidance_scale_2=6.0, **KW)
+    assert torch.equal(run(pipe, slice(0, 1)), ref)
+    # a hand-made policy that caches the switch step would run a forward more than its NFE: refused at apply
+    uniform = Policy.uniform(T, 3, like=policy)
+    assert switch in uniform.cached_steps
+    with pytest.raises(ErtaCacheError, match=f"caches step {switch}, where WanPipeline hands over to transformer_2"):
+        apply_ertacache(pipe, uniform)
     assert torch.equal(run(pipe, slice(0, 1)), ref)
 
 

@@ -13,7 +13,7 @@ from ...core.reuse import get_reuse
 from ...errors import ErtaCacheError, PolicyMismatchError
 from ...policy import Policy
 from .call import call_settings, check_guidance
-from .families import Family, family_for, transformers_of
+from .families import Family, expert_switch_step, family_for, guidance_that_counts, transformers_of
 from .hooks import register_hooks, remove_hooks
 from .identity import AdapterWatch, check_identity
 from .run import PipelineRun
@@ -66,7 +66,7 @@ class ErtaCacheHandle:
         self.remove()
 
 
-def _checker(pipe: Any, policy: Policy, strict: bool, adapters: AdapterWatch) -> Any:
+def _checker(pipe: Any, family: Family, policy: Policy, strict: bool, adapters: AdapterWatch) -> Any:
     """The checks at each unit's first step: branches, guidance, sample size (the call's own settings), adapters."""
     warned: set[tuple[int, ...]] = set()
 
@@ -77,7 +77,8 @@ def _checker(pipe: Any, policy: Policy, strict: bool, adapters: AdapterWatch) ->
                 f"the pipeline runs guidance branch {branch!r}, the policy was calibrated for branches "
                 f"{policy.branches}: the guidance setting differs; recalibrate for it")
         guidance, size = call_settings(pipe)
-        check_guidance(policy.guidance, guidance)
+        counts = guidance_that_counts(pipe, family, policy.branches)
+        check_guidance({k: v for k, v in policy.guidance.items() if k in counts}, guidance)
         shape = tuple(hidden.shape[1:])
         if policy.latent_shape is None or shape == policy.latent_shape:
             return
@@ -130,8 +131,8 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
 
     Raises:
         ErtaCacheError: unknown pipeline, a transformer that already has ertacache
-            applied, a reuse mode the family cannot split for, or an adjusted grid on a
-            scheduler that takes none.
+            applied, a reuse mode the family cannot split for, an adjusted grid on a
+            scheduler that takes none, or a cached step where Wan 2.2 switches transformers.
         PolicyMismatchError: another model (fingerprint); at call time, another step
             count, guidance setting, guidance branches, or (``strict``) sample size.
     """
@@ -143,6 +144,12 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
         check_identity(pipe, family, policy)
     adapters = AdapterWatch(pipe, family, policy)
     adapters()
+    switch = expert_switch_step(pipe, family, policy.sampling_grid[:-1])
+    if switch is not None and switch in policy.cached_steps:
+        raise ErtaCacheError(f"the policy caches step {switch}, where {type(pipe).__name__} hands over to "
+                             "transformer_2, which has no output there to reuse (it would compute it, one forward "
+                             "more than the policy's NFE); calibrate on this pipeline (calibrated policies compute "
+                             "that step), or make a policy that computes it")
     if policy.adjusted_grid is not None and grid_unsupported(pipe.scheduler) is not None:
         raise ErtaCacheError(str(grid_unsupported(pipe.scheduler)))
     reuse = get_reuse(policy.reuse)
@@ -151,7 +158,7 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
                                dtype=None if param is None else param.dtype)
     engine = Engine(follower, policy.sampling_grid, reuse.needs_history)
     run = PipelineRun(engine, family, reuse, calls_per_step=len(policy.branches),
-                      on_start=_checker(pipe, policy, strict, adapters), pipe=pipe)
+                      on_start=_checker(pipe, family, policy, strict, adapters), pipe=pipe)
     handle = ErtaCacheHandle(pipe, policy, family, run)
     handle.modules = register_hooks(transformers, run, family, with_blocks=reuse.needs_blocks)
     if policy.adjusted_grid is not None:

@@ -31,7 +31,7 @@ from ...errors import ErtaCacheError
 from ...policy import Policy
 from .adapters import block_stack
 from .call import call_settings
-from .families import family_for, pipeline_fingerprint, transformers_of
+from .families import family_for, guidance_that_counts, pipeline_fingerprint, transformers_of
 from .hooks import register_hooks, remove_hooks
 from .run import PipelineRun
 from .scheduler import grid_unsupported, restore_scheduler, set_scheduler_grid
@@ -182,6 +182,8 @@ class PipelineDriver:
             summed = self.reduce(torch.tensor([gt.r_norms[i] for i in steps], dtype=torch.float64))
             gt.r_norms = {i: float(v) for i, v in zip(steps, summed)}
         guidance, size = seen[0] if seen else ({}, {})
+        counts = guidance_that_counts(self.pipe, self.family, tuple(run.branches))
+        guidance = {k: v for k, v in guidance.items() if k in counts}
         self.restore({"grid": [*run.times, 0.0], "branches": list(run.branches),
                       "latent_shape": list(run.latent_shape or ()), "guidance": guidance, "sample_size": size})
         self.last_model_calls = calls

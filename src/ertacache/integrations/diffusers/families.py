@@ -5,6 +5,7 @@ Adding a family is one :func:`register_family` call; no model code is copied.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,10 @@ class Family:
             and the last block of the stack need the order.)
         channels: where the output's channels are (per-channel rectification).
         video: the pipeline returns ``frames`` (written as MP4 by the CLI), not ``images``.
+        cfg_scales: the call's arguments that scale classifier-free guidance (they change the output only
+            when a negative branch runs).
+        embedded_guidance: the call's argument the transformer is given as a guidance embedding (FLUX.1-dev's
+            ``guidance_scale``), when its config has ``guidance_embeds``.
     """
 
     name: str
@@ -41,6 +46,8 @@ class Family:
     block_stacks: tuple[str, ...] = ("transformer_blocks",)
     channels: ChannelLayout = ChannelLayout()
     video: bool = False
+    cfg_scales: tuple[str, ...] = ("guidance_scale", "guidance_scale_2")
+    embedded_guidance: str | None = None
 
 
 FAMILIES: dict[str, Family] = {}
@@ -54,13 +61,15 @@ def register_family(family: Family) -> Family:
 
 register_family(Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline"), timestep_scale=1.0,
                        block_stacks=("transformer_blocks", "single_transformer_blocks"),
-                       channels=ChannelLayout(dim=-1, group=4)))  # packed 2x2 patches, channel-major
+                       channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major
+                       cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale"))
 register_family(Family("wan", ("WanPipeline", "WanImageToVideoPipeline"), ("transformer", "transformer_2"),
                        block_stacks=("blocks",), video=True))
 register_family(Family("cogvideox", ("CogVideoXPipeline",), channels=ChannelLayout(dim=2),  # (B, F, C, H, W)
                        video=True))
 register_family(Family("hunyuan_video", ("HunyuanVideoPipeline",),
-                       block_stacks=("transformer_blocks", "single_transformer_blocks"), video=True))
+                       block_stacks=("transformer_blocks", "single_transformer_blocks"), video=True,
+                       cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale"))
 register_family(Family("sd3", ("StableDiffusion3Pipeline",)))
 register_family(Family("ltx", ("LTXPipeline",), channels=ChannelLayout(dim=-1), video=True))  # packed (B, L, C)
 
@@ -68,6 +77,28 @@ register_family(Family("ltx", ("LTXPipeline",), channels=ChannelLayout(dim=-1), 
 def transformers_of(pipe: Any, family: Family) -> list[Any]:
     """The pipeline's transformers that exist (Wan 2.1 has no ``transformer_2``)."""
     return [getattr(pipe, a) for a in family.transformers if getattr(pipe, a, None) is not None]
+
+
+def guidance_that_counts(pipe: Any, family: Family, branches: tuple[str, ...]) -> set[str]:
+    """The guidance arguments that change what the transformer computes or how its outputs combine: the CFG
+    scales unless only the conditional branch runs, and the embedded guidance where the transformer embeds it.
+    A guidance-distilled FLUX.1-dev counts ``guidance_scale``; FLUX.1-schnell (no embedding) without true CFG
+    counts none."""
+    counts = set(family.cfg_scales) if tuple(branches) != ("cond",) else set()
+    if family.embedded_guidance and any(getattr(getattr(tf, "config", None), "guidance_embeds", False)
+                                        for tf in transformers_of(pipe, family)):
+        counts.add(family.embedded_guidance)
+    return counts
+
+
+def expert_switch_step(pipe: Any, family: Family, grid: Sequence[float]) -> int | None:
+    """The step where Wan 2.2 hands over to ``transformer_2`` (the first ``t * 1000`` below
+    ``boundary_ratio * num_train_timesteps``), or None for one transformer. ``grid``: t in [0, 1] per step."""
+    ratio = getattr(getattr(pipe, "config", None), "boundary_ratio", None)
+    if ratio is None or len(transformers_of(pipe, family)) < 2:
+        return None
+    boundary = ratio * getattr(pipe.scheduler.config, "num_train_timesteps", 1000)
+    return next((i for i, t in enumerate(grid) if t * family.timestep_scale < boundary), None)
 
 
 def pipeline_fingerprint(pipe: Any, family: Family) -> str:

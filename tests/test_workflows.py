@@ -1,0 +1,296 @@
+"""The workflows users run every day, on the bundled FLUX (digits) and Wan (moving digits) pipelines: offloading
+in every form and order, LoRA adapters, other precisions, guidance that changes nothing. Each test is a cell of
+the workflow matrix in docs/diffusers.md."""
+
+import tempfile
+import warnings
+
+import pytest
+import torch
+
+from ertacache import Policy, PolicyMismatchError, apply_ertacache, model_fingerprint
+from ertacache.core.config import CalibrationConfig
+from ertacache.errors import ErtaCacheError
+from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
+from ertacache.integrations.diffusers.identity import AdapterWarning
+
+CALLS = 3
+
+
+class Flux:
+    """The digits model as a FluxPipeline with true CFG (two branches), T = 10."""
+
+    T, NFE = 10, 5
+
+    def __init__(self):
+        from ertacache.models import digits
+
+        self.m = digits
+        self.model = digits.load_digits_model()
+        self.pipe = digits.digits_flux_pipeline(self.model)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    def kwargs(self, labels=(3, 5)):
+        labels = torch.tensor(labels)
+        tokens, pooled = self.model.prompt_embeds(labels)
+        null_tokens, null_pooled = self.model.prompt_embeds(torch.full_like(labels, self.m.NULL_CLASS))
+        noise = torch.randn(len(labels), 1, 16, 16, generator=torch.Generator().manual_seed(0))
+        dtype = self.transformer.dtype  # the inputs in the transformer's precision, as a text encoder gives them
+        return dict(prompt_embeds=tokens.to(dtype), pooled_prompt_embeds=pooled.to(dtype),
+                    negative_prompt_embeds=null_tokens.to(dtype), negative_pooled_prompt_embeds=null_pooled.to(dtype),
+                    true_cfg_scale=3.0, latents=self.m.pack(noise).to(dtype), height=16, width=16)
+
+    def __call__(self, **over):
+        kw = {**self.kwargs(), **over}
+        return self.pipe(num_inference_steps=self.T, output_type="latent", **kw).images
+
+    def policy(self, **kw):
+        return Policy.uniform(self.T, self.NFE, branches=("cond", "uncond"),
+                              model_fingerprint=model_fingerprint(self.transformer), **kw)
+
+
+class Wan:
+    """The moving-digits model as a WanPipeline with CFG (two branches), T = 8."""
+
+    T, NFE = 8, 4
+
+    def __init__(self):
+        from ertacache.models import moving_digits
+
+        self.m = moving_digits
+        self.model = moving_digits.load_moving_digits_model()
+        self.pipe = moving_digits.moving_digits_wan_pipeline(self.model)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @property
+    def transformer(self):
+        return self.pipe.transformer
+
+    def __call__(self, **over):
+        labels = torch.tensor([3])
+        kw = dict(prompt_embeds=self.model.prompt_embeds(labels), guidance_scale=3.0,
+                  negative_prompt_embeds=self.model.prompt_embeds(torch.full_like(labels, self.m.NULL_CLASS)),
+                  generator=torch.Generator().manual_seed(0), **self.m.PIPELINE_SIZE)
+        return self.pipe(num_inference_steps=self.T, output_type="latent", **{**kw, **over}).frames
+
+    def policy(self, **kw):
+        return Policy.uniform(self.T, self.NFE, branches=("cond", "uncond"),
+                              model_fingerprint=model_fingerprint(self.transformer), **kw)
+
+
+PIPELINES = {"flux": Flux, "wan": Wan}
+
+
+def offload(p, how):
+    cpu = torch.device("cpu")
+    if how == "model":
+        p.pipe.enable_model_cpu_offload(device="cpu")
+    elif how == "group-block":
+        p.transformer.enable_group_offload(cpu, offload_device=cpu, offload_type="block_level", num_blocks_per_group=1)
+    elif how == "group-leaf":
+        p.transformer.enable_group_offload(cpu, offload_device=cpu, offload_type="leaf_level")
+    elif how == "group-disk":
+        p.transformer.enable_group_offload(cpu, offload_device=cpu, offload_type="block_level",
+                                           num_blocks_per_group=1, offload_to_disk_path=tempfile.mkdtemp())
+
+
+@pytest.fixture(scope="module")
+def references():
+    """Per pipeline: the uncached output and the cached one without offloading."""
+    out = {}
+    for name, cls in PIPELINES.items():
+        p = cls()
+        with apply_ertacache(p.pipe, p.policy()):
+            cached = p()
+        out[name] = (p(), cached)
+    return out
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+@pytest.mark.parametrize("how", ["model", "group-block", "group-leaf", "group-disk"])
+@pytest.mark.parametrize("order", ["offload-then-apply", "apply-then-offload"])
+def test_offloading_keeps_the_cache_call_after_call(references, name, how, order):
+    p = PIPELINES[name]()
+    uncached, cached = references[name]
+    policy = p.policy()
+    if order == "offload-then-apply":
+        offload(p, how)
+    handle = apply_ertacache(p.pipe, policy)  # the fingerprint reads offloaded weights where they live
+    if order == "apply-then-offload":
+        offload(p, how)
+    outs = []
+    for _ in range(CALLS):  # model offload re-installs accelerate's hook at the end of every call
+        outs.append(p())
+        assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+    handle.remove()
+    # what offloading itself changes: nothing, but Wan's weights read back from disk move the output by 1e-5
+    drift = float((p() - uncached).abs().max())
+    assert drift <= (2e-5 if how == "group-disk" else 0.0)
+    for out in outs:  # the cache lost would move it by 0.2 (FLUX) or 0.03 (Wan)
+        assert float((out - cached).abs().max()) <= 4 * drift
+
+
+def test_sequential_offload_works_where_diffusers_runs_it(references):
+    """Where diffusers' sequential offload runs uncached, the cache follows it exactly; where it cannot (on this
+    CPU build accelerate fails to move a weight back to the meta device), the cache adds no failure of its own:
+    apply succeeds (the fingerprint reads the meta weights from accelerate's map) and the call fails as the
+    uncached one does."""
+    uncached, cached = references["flux"]
+    p = Flux()
+    policy = p.policy()
+    p.pipe.enable_sequential_cpu_offload(device="cpu")
+    try:
+        plain = p()
+    except Exception as e:  # noqa: BLE001 - whatever diffusers raises here, the cached call must raise alike
+        with apply_ertacache(p.pipe, policy), pytest.raises(type(e)):
+            p()
+        return
+    assert torch.equal(plain, uncached)
+    with apply_ertacache(p.pipe, policy) as handle:
+        for _ in range(CALLS):
+            assert torch.equal(p(), cached)
+            assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+
+
+def test_calibration_under_model_offload_gives_the_same_policy():
+    def calibrated(how):
+        p = Flux()
+        offload(p, how)
+        labels = torch.arange(4)
+        tokens, pooled = p.model.prompt_embeds(labels)
+        null_tokens, null_pooled = p.model.prompt_embeds(torch.full_like(labels, p.m.NULL_CLASS))
+        return calibrate_pipeline(p.pipe, None, num_inference_steps=p.T, target_speedup=2.0, seeds=range(4),
+                                  config=CalibrationConfig(candidates=("search",), component_check=False),
+                                  prompt_embeds=tokens, pooled_prompt_embeds=pooled,
+                                  negative_prompt_embeds=null_tokens, negative_pooled_prompt_embeds=null_pooled,
+                                  true_cfg_scale=3.0, height=16, width=16)
+
+    plain, offloaded = calibrated(None), calibrated("model")
+    assert offloaded.cached_steps == plain.cached_steps and offloaded.grid == plain.grid
+    assert offloaded.rect_form == plain.rect_form and offloaded.adjusted_grid == plain.adjusted_grid
+    for a, b in zip(offloaded.rect_a.values(), plain.rect_a.values()):
+        assert torch.equal(a, b)
+    assert offloaded.model_fingerprint == plain.model_fingerprint
+
+
+# ----- LoRA adapters -----------------------------------------------------------------------------------------
+def lora(p, name="style", identity=False, targets=("to_q", "to_k", "to_v")):
+    from peft import LoraConfig
+
+    p.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(targets),
+                                         init_lora_weights=identity), adapter_name=name)
+
+
+@pytest.mark.parametrize("name", PIPELINES)
+def test_an_adapter_keeps_the_base_policy_with_one_warning(references, name):
+    uncached, cached = references[name]
+    p = PIPELINES[name]()
+    policy = p.policy()
+    lora(p, identity=True)  # an adapter that adds zero: the output is the base model's
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with apply_ertacache(p.pipe, policy) as handle:
+            for _ in range(CALLS):
+                assert torch.equal(p(), cached)
+            assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+    adapter_warnings = [w for w in seen if issubclass(w.category, AdapterWarning)]
+    assert len(adapter_warnings) == 1 and "'style'" in str(adapter_warnings[0].message)
+    assert "Recalibrate on the adapted pipeline" in str(adapter_warnings[0].message)
+    p.transformer.disable_adapters()
+    with pytest.warns(AdapterWarning), apply_ertacache(p.pipe, policy):
+        assert torch.equal(p(), cached)
+    p.transformer.delete_adapters("style")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdapterWarning)
+        with apply_ertacache(p.pipe, policy):
+            assert torch.equal(p(), cached)
+
+
+def test_an_adapter_added_after_apply_is_seen_at_the_next_call():
+    p = Flux()
+    with apply_ertacache(p.pipe, p.policy()):
+        p()
+        lora(p, "late")
+        with pytest.warns(AdapterWarning, match="'late'"):
+            p()
+
+
+def test_fused_lora_weights_are_another_checkpoint(tmp_path):
+    """diffusers' own LoRA route: save, load_lora_weights, fuse_lora."""
+    from diffusers import FluxPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    source = Flux()
+    lora(source, "fused")
+    FluxPipeline.save_lora_weights(tmp_path, transformer_lora_layers=get_peft_model_state_dict(
+        source.transformer, adapter_name="fused"))
+    p = Flux()
+    policy = p.policy()
+    p.pipe.load_lora_weights(tmp_path, adapter_name="fused")
+    with pytest.warns(AdapterWarning), apply_ertacache(p.pipe, policy):  # loaded, not fused: the base policy applies
+        pass
+    p.pipe.fuse_lora()
+    with pytest.raises(PolicyMismatchError, match=r"LoRA adapter\(s\) \['fused'\] are fused .*check_fingerprint=False "
+                                                  r"\(CLI: --no-check-fingerprint\)"):
+        apply_ertacache(p.pipe, policy)
+    with apply_ertacache(p.pipe, policy, check_fingerprint=False) as handle:  # the user's call
+        p()
+        assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+
+
+def test_another_checkpoint_is_refused_with_the_way_out():
+    p = Flux()
+    policy = p.policy()
+    with torch.no_grad():
+        for w in p.transformer.parameters():
+            w.mul_(1.02)
+    with pytest.raises(PolicyMismatchError, match=r"another checkpoint.*check_fingerprint=False"):
+        apply_ertacache(p.pipe, policy)
+
+
+# ----- precision ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_float32_policy_fits_half_precision_copies(dtype):
+    p = Flux()
+    policy = p.policy()
+    p.transformer.to(dtype)
+    with apply_ertacache(p.pipe, policy) as handle:
+        if dtype == torch.bfloat16:  # float16 matmuls are not all on this CPU build
+            p()
+            assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+
+
+# ----- guidance ----------------------------------------------------------------------------------------------
+def test_guidance_that_changes_nothing_is_neither_recorded_nor_checked():
+    """The digits transformer has no guidance embedding: FLUX's guidance_scale changes nothing; true CFG does."""
+    p = Flux()
+    assert not p.transformer.config.guidance_embeds
+    labels = torch.arange(4)
+    tokens, pooled = p.model.prompt_embeds(labels)
+    null_tokens, null_pooled = p.model.prompt_embeds(torch.full_like(labels, p.m.NULL_CLASS))
+    policy = calibrate_pipeline(p.pipe, None, num_inference_steps=p.T, target_speedup=2.0, seeds=range(4),
+                                config=CalibrationConfig(candidates=("uniform",), component_check=False),
+                                prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null_tokens,
+                                negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=3.0, height=16, width=16)
+    assert policy.guidance == {"true_cfg_scale": 3.0}
+    old = p.policy(guidance={"guidance_scale": 3.5, "true_cfg_scale": 3.0})  # as policies recorded it before
+    for pol in (policy, old):
+        with apply_ertacache(p.pipe, pol):
+            assert torch.equal(p(guidance_scale=1.0), p(guidance_scale=3.5))  # FLUX.1-schnell's setting runs
+            with pytest.raises(PolicyMismatchError, match="true_cfg_scale: policy 3.0, got 2.0"):
+                p(true_cfg_scale=2.0)
+
+
+def test_guidance_without_a_negative_branch_is_not_checked():
+    p = Wan()
+    policy = Policy.uniform(p.T, p.NFE, branches=("cond",), guidance={"guidance_scale": 1.0},
+                            model_fingerprint=model_fingerprint(p.transformer))
+    with apply_ertacache(p.pipe, policy):
+        p(guidance_scale=1.0, negative_prompt_embeds=None)
+    with pytest.raises(ErtaCacheError):  # a CFG call has a branch the policy was not calibrated for
+        with apply_ertacache(p.pipe, policy):
+            p()
