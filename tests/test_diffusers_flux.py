@@ -312,7 +312,7 @@ def test_a_cached_call_reads_no_scalar_the_uncached_call_does_not(pipe, model, p
 
 
 def test_one_guidance_rule_for_every_guidance_argument(pipe, model, policy):
-    """true_cfg_scale and a distilled guidance_scale are read from the call and checked alike."""
+    """true_cfg_scale and a distilled guidance_scale are read from the call and checked alike, where they count."""
     from dataclasses import replace
 
     from ertacache.integrations.diffusers.call import call_settings
@@ -336,8 +336,17 @@ def test_one_guidance_rule_for_every_guidance_argument(pipe, model, policy):
                     width=16, output_type="latent")
         with pytest.raises(PolicyMismatchError, match="true_cfg_scale: policy 3.0, got 4.0"):
             pipe(true_cfg_scale=4.0, **call)
-        with pytest.raises(PolicyMismatchError, match="guidance_scale: policy 3.5, got 5.0"):
-            pipe(true_cfg_scale=3.0, guidance_scale=5.0, **call)
+        # this transformer embeds no guidance: FLUX's guidance_scale changes nothing and is not checked
+        assert torch.equal(pipe(true_cfg_scale=3.0, guidance_scale=5.0, **call).images,
+                           pipe(true_cfg_scale=3.0, guidance_scale=3.5, **call).images)
+    from types import SimpleNamespace
+
+    from ertacache.integrations.diffusers.families import FAMILIES, guidance_that_counts
+
+    distilled = SimpleNamespace(transformer=SimpleNamespace(config=SimpleNamespace(guidance_embeds=True)))
+    assert guidance_that_counts(distilled, FAMILIES["flux"], ("cond",)) == {"guidance_scale"}  # FLUX.1-dev
+    assert guidance_that_counts(pipe, FAMILIES["flux"], ("cond", "uncond")) == {"true_cfg_scale"}
+    assert guidance_that_counts(pipe, FAMILIES["flux"], ("cond",)) == set()  # FLUX.1-schnell
 
 
 def test_block_layouts_come_from_diffusers_registry_where_it_is_unambiguous():

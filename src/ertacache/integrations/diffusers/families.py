@@ -36,6 +36,9 @@ class Family:
             when a negative branch runs).
         embedded_guidance: the call's argument the transformer is given as a guidance embedding (FLUX.1-dev's
             ``guidance_scale``), when its config has ``guidance_embeds``.
+        context_free_branches: the branch of the k-th transformer call of a step in the family's pipelines that
+            set no ``cache_context`` (FluxImg2ImgPipeline: cond, then uncond with true CFG); the first call of a
+            step otherwise is ``default_context``.
     """
 
     name: str
@@ -48,6 +51,11 @@ class Family:
     video: bool = False
     cfg_scales: tuple[str, ...] = ("guidance_scale", "guidance_scale_2")
     embedded_guidance: str | None = None
+    context_free_branches: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.context_free_branches:
+            object.__setattr__(self, "context_free_branches", (self.default_context,))
 
 
 FAMILIES: dict[str, Family] = {}
@@ -62,7 +70,8 @@ def register_family(family: Family) -> Family:
 register_family(Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline"), timestep_scale=1.0,
                        block_stacks=("transformer_blocks", "single_transformer_blocks"),
                        channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major
-                       cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale"))
+                       cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale",
+                       context_free_branches=("cond", "uncond")))
 register_family(Family("wan", ("WanPipeline", "WanImageToVideoPipeline"), ("transformer", "transformer_2"),
                        block_stacks=("blocks",), video=True))
 register_family(Family("cogvideox", ("CogVideoXPipeline",), channels=ChannelLayout(dim=2),  # (B, F, C, H, W)

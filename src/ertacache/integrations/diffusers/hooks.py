@@ -177,10 +177,6 @@ class StepHook(ModelHook):
         self.state_manager = ThreadContext()
         self.compiled: Any = None  # the transformer's own forward, compiled (module.compile() after apply)
 
-    def branch(self) -> str:
-        context = self.state_manager._context
-        return self.run.family.default_context if context is None else context.name
-
     def forward_full(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Tensor | None]:
         """The whole model: ``(output, block residual or None)``."""
         forward: Any = self.compiled or self.fn_ref.original_forward

@@ -83,6 +83,7 @@ class PipelineRun:
         self.decided: set[int] = set()
         self.made: dict[tuple[int, int], int] = {}
         self.failed: BaseException | None = None
+        self.context_free: dict[tuple[int, int], tuple[Any, int]] = {}
 
     def enter_chunk(self, chunk: int, samples: Sequence[int], n_fit: int) -> None:
         """This thread runs micro-batch ``chunk``: its calls' batch holds the calibration samples ``samples``
@@ -139,11 +140,33 @@ class PipelineRun:
         return scheduler if hasattr(scheduler, "step_index") else None
 
     @staticmethod
-    def _index(scheduler: Any) -> int:
+    def _begin(scheduler: Any) -> int:
+        """The scheduler's first step (image-to-image at strength < 1 starts part-way down the grid)."""
+        return int(getattr(scheduler, "begin_index", None) or 0)
+
+    @classmethod
+    def _index(cls, scheduler: Any) -> int:
+        """The step among those the call runs: 0 at its first step, whatever strength skipped before it."""
+        begin = cls._begin(scheduler)
         index = scheduler.step_index
         if index is None:  # before the first scheduler step of a call
-            index = getattr(scheduler, "begin_index", None) or 0
-        return int(index)
+            index = begin
+        return int(index) - begin
+
+    def branch_of(self, hook: Any, scheduler: Any, kwargs: dict[str, Any]) -> str:
+        """The call's branch: its ``cache_context``, or for a pipeline that sets none, the family's name for the
+        k-th call at this step (FluxImg2ImgPipeline calls cond, then uncond, with no context)."""
+        context = hook.state_manager._context
+        if context is not None:
+            return str(context.name)
+        key = (getattr(self.local, "chunk", 0), hook.index)
+        step = (scheduler.step_index, id(scheduler.timesteps)) if scheduler is not None \
+            else float(timestep_of(kwargs, self.family))
+        seen, k = self.context_free.get(key, (None, -1))
+        k = k + 1 if seen == step else 0
+        self.context_free[key] = (step, k)
+        names = self.family.context_free_branches
+        return names[k] if k < len(names) else f"{self.family.default_context}{k}"
 
     def record_step(self, scheduler: Any, t: float) -> int:
         """Ground truth: the step of a call from the scheduler's ``step_index``, its time ``t`` recorded at the
@@ -172,11 +195,13 @@ class PipelineRun:
         grid = self.engine.grid
         assert grid is not None
         T = len(grid) - 1
-        n = len(scheduler.timesteps)
+        begin = self._begin(scheduler)
+        n = len(scheduler.timesteps) - begin
         if n != T:
+            runs = f"{n} (the steps that run: strength skips the first {begin} of {n + begin})" if begin else f"{n}"
             raise PolicyMismatchError(
-                f"num_inference_steps: policy {T}, got {n}; call the pipeline with the policy's num_inference_steps, "
-                "or map the policy with policy.for_steps(n), or recalibrate")
+                f"num_inference_steps: policy {T}, got {runs}; call the pipeline with the policy's "
+                "num_inference_steps (and strength), or map the policy with policy.for_steps(n), or recalibrate")
         index = self._index(scheduler)
         if not 0 <= index < T:
             raise PolicyMismatchError(f"the scheduler is at step {index}, outside the policy's 0..{T - 1}")
@@ -206,14 +231,15 @@ class PipelineRun:
 
     def call(self, hook: StepHook, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One transformer call: run, reuse or both, as the engine's pass asks; return the output to use."""
-        name = hook.branch()
+        scheduler = self.scheduler()
+        with self.lock:
+            name = self.branch_of(hook, scheduler, kwargs)
         if name not in self.branches:
             self.branches.append(name)
         hidden = hidden_states_of(args, kwargs)
         self.latent_shape = tuple(hidden.shape[1:])
         chunk = getattr(self.local, "chunk", 0)
         unit = (hook.index, name) if self.chunks == 1 else (hook.index, name, chunk)
-        scheduler = self.scheduler()
         if scheduler is None:
             t = timestep_of(kwargs, self.family)
             with self.lock:
