@@ -294,3 +294,59 @@ def test_guidance_without_a_negative_branch_is_not_checked():
     with pytest.raises(ErtaCacheError):  # a CFG call has a branch the policy was not calibrated for
         with apply_ertacache(p.pipe, policy):
             p()
+
+
+# ----- image-to-image ----------------------------------------------------------------------------------------
+class FluxImg2Img(Flux):
+    """FluxImg2ImgPipeline over the digits model: it sets no cache_context, and strength < 1 starts part-way down."""
+
+    def __init__(self):
+        from diffusers import FluxImg2ImgPipeline
+
+        super().__init__()
+        self.pipe = FluxImg2ImgPipeline.from_pipe(self.pipe)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.image = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def call_kwargs(self, labels, cfg):
+        kw = self.kwargs(labels)
+        for k in ("latents", "height", "width") + (() if cfg else ("negative_prompt_embeds",
+                                                                    "negative_pooled_prompt_embeds")):
+            kw.pop(k)
+        if not cfg:
+            kw["true_cfg_scale"] = 1.0
+        return dict(image=self.image[:len(labels)], height=16, width=16, **kw)
+
+    def __call__(self, strength, cfg=True, **over):
+        gens = [torch.Generator().manual_seed(i) for i in range(2)]
+        return self.pipe(num_inference_steps=self.T, strength=strength, output_type="latent", generator=gens,
+                         **{**self.call_kwargs((3, 5), cfg), **over}).images
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+@pytest.mark.parametrize("cfg", [True, False], ids=["true-cfg", "distilled"])
+def test_image_to_image_calibrates_and_follows_the_steps_that_run(strength, cfg):
+    from ertacache.bench.metrics import psnr
+
+    p = FluxImg2Img()
+    runs = p.T - int(p.T - p.T * strength)  # diffusers' img2img: the first T - T * strength steps are skipped
+    ref = p(strength, cfg)
+    policy = calibrate_pipeline(p.pipe, None, num_inference_steps=p.T, target_speedup=2.0, seeds=range(4),
+                                strength=strength, config=CalibrationConfig(candidates=("search", "uniform")),
+                                **p.call_kwargs((0, 1, 2, 3), cfg))
+    branches = ("cond", "uncond") if cfg else ("cond",)
+    assert policy.num_inference_steps == runs and policy.branches == branches  # each CFG branch its own cache
+    assert policy.provenance["strength"] == strength and policy.provenance["pipeline_steps"] == p.T
+    assert policy.nfe <= runs // 2
+    every = Policy(runs, (), policy.grid, branches=branches, model_fingerprint=policy.model_fingerprint)
+    with apply_ertacache(p.pipe, every):
+        assert torch.equal(p(strength, cfg), ref)
+    with apply_ertacache(p.pipe, policy) as handle:
+        out = p(strength, cfg)
+        assert handle.forwards() == dict.fromkeys(branches, policy.nfe)
+        assert psnr(p.m.unpack(out), p.m.unpack(ref)) > 25.0
+        with pytest.raises(PolicyMismatchError, match="strength skips the first"):
+            p(0.8 if strength < 1 else 0.6, cfg)
+    with apply_ertacache(p.pipe, Policy.uniform(runs, policy.nfe, like=policy)):
+        uniform = p(strength, cfg)
+    assert psnr(p.m.unpack(out), p.m.unpack(ref)) >= psnr(p.m.unpack(uniform), p.m.unpack(ref)) - 0.25

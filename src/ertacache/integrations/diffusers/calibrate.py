@@ -62,7 +62,8 @@ class PipelineDriver:
         self.prompts = None if prompts is None else list(prompts)
         self.kwargs = dict(pipe_kwargs)
         self.seeds = [int(s) for s in seeds]
-        self.size, self.num_inference_steps = len(self.seeds), num_inference_steps
+        self.size, self.call_steps = len(self.seeds), num_inference_steps
+        self.num_inference_steps = steps_that_run(num_inference_steps, self.kwargs.get("strength"))
         self.reuse = get_reuse(reuse)
         self.transformers = transformers_of(pipe, self.family)
         if not self.transformers:
@@ -129,7 +130,7 @@ class PipelineDriver:
             run.enter_chunk(c, rows, sum(1 for i in rows if i < n_fit))
             try:
                 gens = [torch.Generator().manual_seed(self.seeds[i]) for i in rows]
-                out = pipes[c](generator=gens, num_inference_steps=self.num_inference_steps, output_type="latent",
+                out = pipes[c](generator=gens, num_inference_steps=self.call_steps, output_type="latent",
                                **self._rows(rows))
                 outs[c] = torch.as_tensor(out.frames if hasattr(out, "frames") else out.images)
             except BaseException as exc:
@@ -218,7 +219,19 @@ class PipelineDriver:
                     guidance=self.guidance, sample_size=self.sample_size)
 
     def provenance(self) -> dict[str, Any]:
-        return {"seeds": list(self.seeds), "pipeline": type(self.pipe).__name__}
+        strength = self.kwargs.get("strength")
+        return {"seeds": list(self.seeds), "pipeline": type(self.pipe).__name__,
+                **({} if strength is None else {"strength": float(strength), "pipeline_steps": self.call_steps})}
+
+
+def steps_that_run(num_inference_steps: int, strength: Any) -> int:
+    """The denoising steps an image-to-image call runs: diffusers' pipelines skip the first
+    ``int(T - min(T * strength, T))`` of the ``T`` steps' grid (strength 1: all of them). A policy covers the steps
+    that run (its ``num_inference_steps``), indexed from the first."""
+    if strength is None:
+        return num_inference_steps
+    T = num_inference_steps
+    return T - int(max(T - min(T * float(strength), T), 0))
 
 
 def _pipe_copy(pipe: Any) -> Any:
