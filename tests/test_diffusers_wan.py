@@ -184,3 +184,47 @@ def test_wan22_ti2v_per_token_timesteps_calibrate_and_follow(tmp_path):
         out = run_()
         assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
+
+
+def test_wan_image_to_video_calibrates_and_follows():
+    """WanImageToVideoPipeline (the image's latents and mask beside the noise: 12 input channels, 4 output)."""
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanImageToVideoPipeline,
+        WanTransformer3DModel,
+    )
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                        in_channels=12, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                        rope_max_seq_len=32)
+    pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                                   scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), image_encoder=None,
+                                   image_processor=None)
+    pipe.set_progress_bar_config(disable=True)
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))  # one image: diffusers encodes it
+    call = dict(image=image, height=16, width=16, num_frames=5, guidance_scale=4.0)  # once per generator
+
+    def i2v():
+        return pipe(prompt_embeds=EMB[:1], negative_prompt_embeds=NEG[:1], num_inference_steps=T, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **call).frames
+
+    ref = i2v()
+    policy = calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(4),
+                                config=CalibrationConfig(candidates=("search", "uniform")), prompt_embeds=EMB,
+                                negative_prompt_embeds=NEG, **call)
+    assert policy.branches == ("cond", "uncond") and policy.nfe <= T // 2
+    every = Policy(T, (), policy.grid, branches=policy.branches, model_fingerprint=policy.model_fingerprint)
+    with apply_ertacache(pipe, every):
+        assert torch.equal(i2v(), ref)
+    with apply_ertacache(pipe, policy) as handle:
+        out = i2v()
+        assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+    with apply_ertacache(pipe, Policy.uniform(T, policy.nfe, like=policy)):
+        uniform = i2v()
+    assert (out - ref).square().mean() <= (uniform - ref).square().mean() * 10 ** 0.025  # within 0.25 dB or better
+    assert torch.equal(i2v(), ref)
