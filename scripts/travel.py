@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 import warnings
 from pathlib import Path
 
@@ -92,6 +93,10 @@ class Video:
         return f"8x{size}x{size}"
 
 
+STEP_COUNTS = ((30, 20), (30, 50), (50, 30))
+"""The step counts ``for_steps`` maps between (calibrated, run)."""
+
+
 def measure(bench, n_cal, n_held):
     pipe = bench.pipe
     cal_labels = torch.arange(n_cal) % 10
@@ -116,12 +121,11 @@ def measure(bench, n_cal, n_held):
         return psnr(out, refs[(size, steps)]), nfe
 
     fingerprint = pipeline_fingerprint(pipe, FAMILIES["flux" if bench.name == "digits" else "wan"])
-    (s0, s1), (t0, t1) = bench.sizes, bench.steps
-    cases = [((s0, t0), (s1, t0), "another resolution (step index, the pipeline's grid)"),
-             ((s0, t0), (s0, t1), "another step count (for_steps)")]
+    (s0, s1), t0 = bench.sizes, bench.steps[0]
+    cases = [((s0, t0), (s1, t0), "another resolution (step index, the pipeline's grid)")]
     if bench.name == "digits":
-        cases += [((s1, t0), (s0, t0), "another resolution (step index, the pipeline's grid)"),
-                  ((s0, t1), (s0, t0), "another step count (for_steps)")]
+        cases += [((s1, t0), (s0, t0), "another resolution (step index, the pipeline's grid)")]
+    cases += [((s0, a), (s0, b), "another step count (for_steps)") for a, b in STEP_COUNTS]
     rows = []
     for (size0, steps0), (size1, steps1), how in cases:
         travelled = calibrated(size0, steps0).for_steps(steps1)
@@ -152,6 +156,10 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['calibrated']} | {r['run']} | {r['how']} | {r['travelled'][0]} "
                      f"({r['travelled'][1]}) | {r['native'][0]} ({r['native'][1]}) | {r['uniform_same_nfe']} |")
+    from calibration_draws import commit
+
+    lines.append(f"\nMade by `python scripts/travel.py --models {args.models}` at commit {commit()}, "
+                 f"{time.strftime('%Y-%m-%d')}.")
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)

@@ -1,19 +1,23 @@
-"""A policy mapped to another step count by relative position (as MagCache resamples its ratios).
+"""A policy mapped to another step count: where along t the calibration put its computed steps, at ``T'`` steps.
 
-Step ``j`` of ``T'`` steps sits at the relative position ``p = j (T - 1) / (T' - 1)``
-of the calibrated ``T`` steps and takes what the nearest calibrated step ``k =
-floor(p + 1/2)`` decided: cached or computed, its rectification ``(a, b)`` and whether it
-is on, and its timestep-adjustment factor phi (Eq. 13, recovered from the adjusted
-grid and applied with Eq. 14). The first and last steps stay computed.
+What a calibrated set knows is which regions of t tolerate reuse: it computes densely where the
+velocity changes fast and sparsely where it does not. The mapping keeps that density and the
+speedup. With the ``M`` computed steps at times ``t_(0) > ... > t_(M-1)`` (the unadjusted grid), and
+``M' = round(M T' / T)`` computed steps at ``T'``, the ``k``-th new computed step is the free step of
+the new grid nearest the time at quantile ``k / (M' - 1)`` of the old computed times (interpolated
+between neighbours), taken in order. Evenly spaced caching maps to evenly spaced caching; a set that
+computes every second step early and every fourth late does the same at ``T'``.
 
-It is an approximation: the error a cached step makes grows with the distance to the
-last computed step, which the mapping changes. docs/diffusers.md, "Policies that travel",
-measures what it costs against a policy calibrated at ``T'``.
+Each new cached step takes from the old cached step nearest in t its rectification ``(a, b)`` and whether
+it is on, its reuse mode, and its timestep-adjustment factor phi (Eq. 13, recovered from the adjusted grid
+and applied with Eq. 14).
+
+It is an approximation (the errors a cached step makes depend on the step size, which the mapping
+changes); docs/travel.md measures it against evenly spaced caching and a policy calibrated at ``T'``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -38,6 +42,23 @@ def _resample_grid(grid: tuple[float, ...], shift: float, steps: int) -> list[fl
         out.append(grid[k] + (s - k) * (grid[k + 1] - grid[k]))
     out[0], out[-1] = grid[0], 0.0
     return out
+
+
+def computed_by_density(policy: Policy, grid: list[float]) -> set[int]:
+    """The computed steps at ``len(grid) - 1`` steps: the old computed times' quantiles, each to the nearest free
+    step, in order (module docstring)."""
+    T, T2 = policy.num_inference_steps, len(grid) - 1
+    times = [policy.grid[i] for i in range(T) if i not in set(policy.cached_steps)]
+    m, m2 = len(times), min(T2, max(2, round(len(times) * T2 / T)))
+    picked: list[int] = [0]  # the first and the last step are computed, as in every policy
+    for k in range(1, m2 - 1):
+        q = k * (m - 1) / (m2 - 1) if m2 > 1 else 0.0
+        lo = min(int(q), m - 1)
+        hi = min(lo + 1, m - 1)
+        target = times[lo] + (q - lo) * (times[hi] - times[lo])
+        first, last = picked[-1] + 1, T2 - (m2 - k)  # leave room for the steps still to pick
+        picked.append(min(range(first, last + 1), key=lambda j: (abs(grid[j] - target), j)))
+    return {*picked, T2 - 1}
 
 
 def recovered_phis(policy: Policy) -> dict[int, float]:
@@ -75,10 +96,13 @@ def for_steps(policy: Policy, num_inference_steps: int) -> Policy:
         return policy
     if T < 2:
         raise ErtaCacheError(f"a policy of T = {T} step has no relative positions to map")
-    nearest = [math.floor(j * (T - 1) / (T2 - 1) + 0.5) for j in range(T2)]  # halves round up
-    cached_old = set(policy.cached_steps)
-    cached = tuple(j for j in range(1, T2 - 1) if nearest[j] in cached_old)
     grid = _resample_grid(policy.grid, policy.shift, T2)
+    computed = computed_by_density(policy, grid)
+    cached = tuple(j for j in range(T2) if j not in computed)
+    cached_old = list(policy.cached_steps)
+    nearest = list(range(T2))  # for each new cached step, the old cached step nearest in t
+    for j in cached:
+        nearest[j] = min(cached_old, key=lambda i: (abs(policy.grid[i] - grid[j]), i))
     adjusted = None
     if policy.adjusted_grid is not None:
         phis = recovered_phis(policy)
