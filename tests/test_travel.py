@@ -18,22 +18,49 @@ def test_same_step_count_is_the_policy_itself():
     assert p.for_steps(8) is p
 
 
-def test_mapping_keeps_relative_positions_coefficients_and_the_ends():
+def nearest_cached(p, q, j):
+    """The old cached step nearest in t to the new step j."""
+    return min(p.cached_steps, key=lambda i: (abs(p.grid[i] - q.grid[j]), i))
+
+
+def test_mapping_keeps_the_speedup_coefficients_and_the_ends():
     p = rich_policy()  # T = 8, cached (2, 3, 5), rectified at some of them
     q = p.for_steps(15)
     assert q.num_inference_steps == 15 and q.provenance["mapped_from"] == {"num_inference_steps": 8}
-    nearest = [int(j * 7 / 14 + 0.5) for j in range(15)]
-    assert q.cached_steps == tuple(j for j in range(1, 14) if nearest[j] in (2, 3, 5))
-    assert q.compute_mask[0] and q.compute_mask[-1]
+    assert q.nfe == round(p.nfe * 15 / 8) and q.compute_mask[0] and q.compute_mask[-1]
     assert q.grid == tuple(time_grid(15, 3.0))  # a shifted grid is re-made exactly
     for k, name in enumerate(p.branches):
         for j in range(15):
-            on = j in q.cached_steps and bool(p.rect_enabled[k, nearest[j]])
+            old = nearest_cached(p, q, j)
+            on = j in q.cached_steps and bool(p.rect_enabled[k, old])
             assert bool(q.rect_enabled[k, j]) == on
             if on:
-                assert torch.equal(q.rect_a[name][j], p.rect_a[name][nearest[j]])
-                assert torch.equal(q.rect_b[name][j], p.rect_b[name][nearest[j]])
+                assert torch.equal(q.rect_a[name][j], p.rect_a[name][old])
+                assert torch.equal(q.rect_b[name][j], p.rect_b[name][old])
     assert_same_policy(q.for_steps(15), q)
+
+
+@pytest.mark.parametrize("steps", [(30, 20), (30, 50), (50, 30), (20, 30)])
+def test_evenly_spaced_maps_to_evenly_spaced(steps):
+    T, T2 = steps
+    q, u = Policy.uniform(T, T // 2, shift=3.0).for_steps(T2), Policy.uniform(T2, T2 // 2, shift=3.0)
+    assert q.nfe == u.nfe  # the same computed steps, up to where rounding puts a pair of neighbours
+    computed = [[j for j in range(T2) if x.compute_mask[j]] for x in (q, u)]
+    assert max(abs(a - b) for a, b in zip(*computed)) <= 1
+
+
+def test_where_the_calibration_computes_densely_the_mapping_does_too():
+    """Computed every step early (t > 0.6) and every third step late: the same at another step count, with no
+    run of cached steps longer than the calibrated one (the old relative-position mapping made runs of ten)."""
+    grid = time_grid(30, 3.0)
+    cached = tuple(i for i in range(1, 29) if grid[i] < 0.6 and i % 3 != 0)
+    p = Policy(30, cached, tuple(grid), shift=3.0)
+    for T2 in (20, 50):
+        q = p.for_steps(T2)
+        early = [j for j in range(T2) if q.grid[j] >= 0.62]
+        assert all(q.compute_mask[j] for j in early)
+        runs = "".join("c" if c else "." for c in q.compute_mask).split("c")
+        assert max(len(r) for r in runs) <= 2
 
 
 def test_timestep_adjustment_factors_are_recovered_and_carried():
@@ -42,9 +69,9 @@ def test_timestep_adjustment_factors_are_recovered_and_carried():
     p = Policy(10, (3, 6), tuple(grid), adjusted_grid=tuple(adjusted), shift=3.0)
     phis = recovered_phis(p)
     assert phis.keys() == {3, 6} and abs(phis[3] - 0.6) < 1e-9 and abs(phis[6] - 0.8) < 1e-9
-    q = p.for_steps(19)  # step j of 19 sits at 9j/18 = j/2, halves rounding up: 5, 6 -> 3 and 11, 12 -> 6
-    assert q.cached_steps == (5, 6, 11, 12)
-    expected = {5: 0.6, 6: 0.6, 11: 0.8, 12: 0.8}
+    q = p.for_steps(19)
+    assert len(q.cached_steps) == 19 - round(8 * 19 / 10)
+    expected = {j: phis[nearest_cached(p, q, j)] for j in q.cached_steps}
     got = recovered_phis(q)
     assert got.keys() == expected.keys() and all(abs(got[k] - v) < 1e-9 for k, v in expected.items())
 

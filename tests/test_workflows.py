@@ -350,3 +350,109 @@ def test_image_to_image_calibrates_and_follows_the_steps_that_run(strength, cfg)
     with apply_ertacache(p.pipe, Policy.uniform(runs, policy.nfe, like=policy)):
         uniform = p(strength, cfg)
     assert psnr(p.m.unpack(out), p.m.unpack(ref)) >= psnr(p.m.unpack(uniform), p.m.unpack(ref)) - 0.25
+
+
+# ----- schedulers --------------------------------------------------------------------------------------------
+def scheduler(name):
+    import diffusers
+
+    flow = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    return {"euler": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0),
+            "euler-dynamic": lambda: diffusers.FlowMatchEulerDiscreteScheduler(
+                use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=64,
+                max_image_seq_len=256),
+            "unipc": lambda: diffusers.UniPCMultistepScheduler(**flow),
+            "dpm++": lambda: diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **flow),
+            "heun": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)}[name]()
+
+
+def wan_policy(p, **config):
+    labels = torch.arange(2)
+    return calibrate_pipeline(p.pipe, None, num_inference_steps=p.T, target_speedup=2.0, seeds=range(2),
+                              config=CalibrationConfig(candidates=("search", "uniform"), **config),
+                              prompt_embeds=p.model.prompt_embeds(labels), guidance_scale=3.0,
+                              negative_prompt_embeds=p.model.prompt_embeds(torch.full_like(labels, p.m.NULL_CLASS)),
+                              **p.m.PIPELINE_SIZE)
+
+
+@pytest.mark.parametrize("name", ["euler", "unipc", "dpm++"])
+def test_schedulers_calibrate_and_follow(name):
+    p = Wan()
+    p.pipe.scheduler = scheduler(name)
+    ref = p()
+    policy = wan_policy(p, timestep_adjustment=name == "euler")  # an adjusted grid needs a flow-matching scheduler
+    assert policy.provenance["scheduler"]["class"] == type(p.pipe.scheduler).__name__
+    every = Policy(p.T, (), policy.grid, branches=policy.branches, model_fingerprint=policy.model_fingerprint)
+    from ertacache.integrations.diffusers.apply import SchedulerWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SchedulerWarning)  # the scheduler's grid is the policy's
+        with apply_ertacache(p.pipe, every):
+            assert torch.equal(p(), ref)
+        with apply_ertacache(p.pipe, policy) as handle:
+            p()
+            assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+
+
+def test_dynamic_shifting_calibrates_and_follows():
+    p = Flux()
+    p.pipe.scheduler = scheduler("euler-dynamic")
+    ref = p()
+    labels = torch.arange(4)
+    tokens, pooled = p.model.prompt_embeds(labels)
+    null_tokens, null_pooled = p.model.prompt_embeds(torch.full_like(labels, p.m.NULL_CLASS))
+    policy = calibrate_pipeline(p.pipe, None, num_inference_steps=p.T, target_speedup=2.0, seeds=range(4),
+                                config=CalibrationConfig(candidates=("search",), component_check=False),
+                                prompt_embeds=tokens, pooled_prompt_embeds=pooled, negative_prompt_embeds=null_tokens,
+                                negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=3.0, height=16, width=16)
+    assert policy.provenance["scheduler"]["use_dynamic_shifting"] is True
+    every = Policy(p.T, (), policy.grid, branches=policy.branches, model_fingerprint=policy.model_fingerprint)
+    from ertacache.integrations.diffusers.apply import SchedulerWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SchedulerWarning)
+        with apply_ertacache(p.pipe, every):
+            assert torch.equal(p(), ref)
+        with apply_ertacache(p.pipe, policy) as handle:
+            p()
+            assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+
+
+def test_a_second_order_scheduler_is_refused_before_the_first_model_call():
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    p = Wan()
+    policy = p.policy()
+    p.pipe.scheduler = FlowMatchHeunDiscreteScheduler(shift=5.0)
+    calls = []
+    p.transformer.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))  # the model runs
+    with pytest.raises(ErtaCacheError, match="FlowMatchHeunDiscreteScheduler calls the transformer 2 times per step"):
+        apply_ertacache(p.pipe, policy)
+    with pytest.raises(ErtaCacheError, match="FlowMatchHeunDiscreteScheduler calls the transformer 2 times"):
+        wan_policy(p)
+    assert not calls
+    p.pipe.scheduler = scheduler("euler")
+    with apply_ertacache(p.pipe, policy):  # swapped in after apply: refused at the call
+        p.pipe.scheduler = FlowMatchHeunDiscreteScheduler(shift=5.0)
+        with pytest.raises(ErtaCacheError, match="2 times per step"):
+            p()
+    assert not calls
+
+
+def test_another_scheduler_or_shift_after_calibration_warns_once_or_is_refused():
+    from ertacache.integrations.diffusers.apply import SchedulerWarning
+
+    p = Wan()
+    policy = wan_policy(p, timestep_adjustment=False)
+    p.pipe.scheduler = scheduler("euler")
+    p.pipe.scheduler.register_to_config(shift=3.0)
+    p.pipe.scheduler = type(p.pipe.scheduler).from_config(p.pipe.scheduler.config)
+    with pytest.warns(SchedulerWarning, match="another scheduler, shift or dynamic shifting") as seen:
+        with apply_ertacache(p.pipe, policy) as handle:
+            p()
+            p()
+            assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+    assert len([w for w in seen if issubclass(w.category, SchedulerWarning)]) == 1
+    with apply_ertacache(p.pipe, policy, strict=True):
+        with pytest.raises(PolicyMismatchError, match="the scheduler's grid differs"):
+            p()

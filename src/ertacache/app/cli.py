@@ -324,11 +324,23 @@ def _raised_in_pipeline_code(exc: BaseException) -> bool:
     return innermost is not None and any(innermost.is_relative_to(r) for r in roots)
 
 
+class _Stderr(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to ``sys.stderr`` as it is at each message (a test's captured stream, or a redirected one)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def show_progress() -> None:
     """The library's progress messages (its modules' loggers, under ``ertacache``) on stderr, once."""
     root = logging.getLogger("ertacache")
     if not root.handlers:
-        handler = logging.StreamHandler()
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)

@@ -100,7 +100,7 @@ def for_steps(policy: Policy, num_inference_steps: int) -> Policy:
     computed = computed_by_density(policy, grid)
     cached = tuple(j for j in range(T2) if j not in computed)
     cached_old = list(policy.cached_steps)
-    nearest = list(range(T2))  # for each new cached step, the old cached step nearest in t
+    nearest = [0] * T2  # for each new cached step, the old cached step nearest in t (computed steps: unused)
     for j in cached:
         nearest[j] = min(cached_old, key=lambda i: (abs(policy.grid[i] - grid[j]), i))
     adjusted = None

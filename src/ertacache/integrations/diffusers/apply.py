@@ -17,7 +17,7 @@ from .families import Family, expert_switch_step, family_for, guidance_that_coun
 from .hooks import register_hooks, remove_hooks
 from .identity import AdapterWatch, check_identity
 from .run import PipelineRun
-from .scheduler import grid_unsupported, restore_scheduler, set_scheduler_grid
+from .scheduler import grid_unsupported, restore_scheduler, scheduler_grid, scheduler_refusal, set_scheduler_grid
 
 
 @dataclass
@@ -68,10 +68,11 @@ class ErtaCacheHandle:
 
 def _checker(pipe: Any, family: Family, policy: Policy, strict: bool, adapters: AdapterWatch) -> Any:
     """The checks at each unit's first step: branches, guidance, sample size (the call's own settings), adapters."""
-    warned: set[tuple[int, ...]] = set()
+    warned: set[Any] = set()
 
     def on_start(hidden: Tensor, branch: str) -> None:
         adapters()
+        _check_scheduler(pipe.scheduler, policy, strict, warned)
         if branch not in policy.branches and not policy.any_guidance:
             raise PolicyMismatchError(
                 f"the pipeline runs guidance branch {branch!r}, the policy was calibrated for branches "
@@ -97,6 +98,32 @@ def _checker(pipe: Any, family: Family, policy: Policy, strict: bool, adapters: 
     return on_start
 
 
+def _check_scheduler(scheduler: Any, policy: Policy, strict: bool, warned: set[Any]) -> None:
+    """The scheduler's grid against the policy's (another scheduler, shift or dynamic shifting moves it): one
+    :class:`SchedulerWarning` per grid, or (``strict``) a refusal."""
+    T = policy.num_inference_steps
+    grid = scheduler_grid(scheduler, T)
+    if grid is None or all(abs(a - b) <= 1e-3 for a, b in zip(grid, policy.sampling_grid[:T])):
+        return
+    calibrated = policy.provenance.get("scheduler", {}).get("class", "the calibrated scheduler")
+    ours = [round(t, 3) for t in policy.sampling_grid[:4]]
+    text = (f"the scheduler's grid differs from the policy's ({type(scheduler).__name__}: t = "
+            f"{[round(t, 3) for t in grid[:4]]}..., policy ({calibrated}): {ours}...: another scheduler, shift or "
+            "dynamic shifting)")
+    if strict:
+        raise PolicyMismatchError(f"{text}; recalibrate with this scheduler, or apply with strict=False to follow the "
+                                  "policy by step index")
+    key = (type(scheduler).__name__, tuple(round(t, 4) for t in grid))
+    if key not in warned:
+        warned.add(key)
+        warnings.warn(f"ertacache: {text}; following the policy by step index. Recalibrate with this scheduler for the "
+                      "best fidelity.", SchedulerWarning, stacklevel=3)
+
+
+class SchedulerWarning(UserWarning):
+    """A policy is followed on another scheduler's grid than it was calibrated on."""
+
+
 class PolicyTravelWarning(UserWarning):
     """A policy is followed at another resolution or frame count than it was calibrated at."""
 
@@ -117,9 +144,10 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
         check_fingerprint: refuse another checkpoint than the policy's (its fingerprint, which
             ignores precision, offloading, compilation and unfused LoRA adapters; adapters give one
             :class:`~.identity.AdapterWarning`). False applies the policy to any weights.
-        strict: refuse a call at another resolution or frame count than calibrated.
-            By default such a call follows the policy by step index on the pipeline's
-            own grid, with one :class:`PolicyTravelWarning` per size.
+        strict: refuse a call at another resolution or frame count than calibrated, or on
+            another grid (another scheduler, shift or dynamic shifting). By default such a
+            call follows the policy by step index on the pipeline's own grid, with one
+            :class:`PolicyTravelWarning` per size or :class:`SchedulerWarning` per grid.
 
     Each call's step is the scheduler's ``step_index`` (host state): following the
     policy reads no tensor and copies nothing between host and device; the
@@ -132,7 +160,8 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
     Raises:
         ErtaCacheError: unknown pipeline, a transformer that already has ertacache
             applied, a reuse mode the family cannot split for, an adjusted grid on a
-            scheduler that takes none, or a cached step where Wan 2.2 switches transformers.
+            scheduler that takes none, a cached step where Wan 2.2 switches transformers, or
+            a scheduler of order 2 or more (Heun's), also one swapped in after apply (at the call).
         PolicyMismatchError: another model (fingerprint); at call time, another step
             count, guidance setting, guidance branches, or (``strict``) sample size.
     """
@@ -150,6 +179,8 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
                              "transformer_2, which has no output there to reuse (it would compute it, one forward "
                              "more than the policy's NFE); calibrate on this pipeline (calibrated policies compute "
                              "that step), or make a policy that computes it")
+    if scheduler_refusal(pipe.scheduler) is not None:
+        raise ErtaCacheError(str(scheduler_refusal(pipe.scheduler)))
     if policy.adjusted_grid is not None and grid_unsupported(pipe.scheduler) is not None:
         raise ErtaCacheError(str(grid_unsupported(pipe.scheduler)))
     reuse = get_reuse(policy.reuse)

@@ -34,7 +34,7 @@ from .call import call_settings
 from .families import family_for, guidance_that_counts, pipeline_fingerprint, transformers_of
 from .hooks import register_hooks, remove_hooks
 from .run import PipelineRun
-from .scheduler import grid_unsupported, restore_scheduler, set_scheduler_grid
+from .scheduler import grid_unsupported, restore_scheduler, scheduler_refusal, set_scheduler_grid
 
 logger = logging.getLogger(__name__)
 
@@ -220,8 +220,17 @@ class PipelineDriver:
 
     def provenance(self) -> dict[str, Any]:
         strength = self.kwargs.get("strength")
-        return {"seeds": list(self.seeds), "pipeline": type(self.pipe).__name__,
+        config = dict(getattr(self.pipe.scheduler, "config", {}))
+        scheduler = {"class": type(self.pipe.scheduler).__name__,
+                     **{k: config[k] for k in GRID_SETTINGS if isinstance(config.get(k), (int, float, bool, str))}}
+        return {"seeds": list(self.seeds), "pipeline": type(self.pipe).__name__, "scheduler": scheduler,
                 **({} if strength is None else {"strength": float(strength), "pipeline_steps": self.call_steps})}
+
+
+GRID_SETTINGS = ("shift", "flow_shift", "use_dynamic_shifting", "base_shift", "max_shift", "time_shift_type",
+                 "use_flow_sigmas", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                 "prediction_type", "timestep_spacing", "shift_terminal")
+"""Scheduler settings that define its grid, recorded in a policy's provenance with the scheduler's class."""
 
 
 def steps_that_run(num_inference_steps: int, strength: Any) -> int:
@@ -329,6 +338,9 @@ def calibrate_pipeline(
     if n == 0 or len(seeds) != n:
         raise ErtaCacheError(f"the calibration set is empty or its seeds do not match: {n} samples, {len(seeds)} seeds")
     check_pipeline_config(pipe, config)
+    refusal = scheduler_refusal(getattr(pipe, "scheduler", None))
+    if refusal is not None:
+        raise ErtaCacheError(refusal)
     driver = PipelineDriver(pipe, prompts, seeds, num_inference_steps, config.reuse, pipe_kwargs, batch_size)
     if driver.adjustment_off is not None and config.timestep_adjustment and progress:
         logger.warning("timestep adjustment off: %s", driver.adjustment_off)

@@ -22,7 +22,7 @@ from ...core.reuse import Reuse
 from ...errors import ErtaCacheError, PolicyMismatchError
 from .adapters import hidden_states_of, latent_of, output_like, sample_of, timestep_of
 from .families import Family
-from .scheduler import write_grid
+from .scheduler import scheduler_refusal, write_grid
 
 if TYPE_CHECKING:
     from .hooks import StepHook
@@ -232,6 +232,9 @@ class PipelineRun:
     def call(self, hook: StepHook, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One transformer call: run, reuse or both, as the engine's pass asks; return the output to use."""
         scheduler = self.scheduler()
+        refusal = scheduler_refusal(self.pipe.scheduler if self.pipe is not None else scheduler)
+        if refusal is not None:
+            raise ErtaCacheError(refusal)
         with self.lock:
             name = self.branch_of(hook, scheduler, kwargs)
         if name not in self.branches:

@@ -11,6 +11,30 @@ import torch
 from ...errors import ErtaCacheError, PolicyMismatchError
 
 
+def scheduler_refusal(scheduler: Any) -> str | None:
+    """Why ertacache cannot cache steps of ``scheduler``, or None: a solver of order 2 or more (Heun's) calls the
+    transformer several times per step at points in between, where a step's cache has nothing to reuse."""
+    order = getattr(scheduler, "order", 1)
+    if isinstance(order, int) and order > 1:
+        return (f"{type(scheduler).__name__} calls the transformer {order} times per step (a solver of order "
+                f"{order}); ertacache caches steps of one call: use FlowMatchEulerDiscreteScheduler, "
+                "UniPCMultistepScheduler or DPMSolverMultistepScheduler (use_flow_sigmas=True), or run this "
+                "scheduler uncached")
+    return None
+
+
+def scheduler_grid(scheduler: Any, steps: int) -> list[float] | None:
+    """The times ``t`` in [0, 1] the scheduler's running call takes at its ``steps`` steps (from its first step:
+    strength may skip some), or None where it keeps no flow-matching ``sigmas`` on the host (reading them from a
+    device would wait for it)."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    begin = int(getattr(scheduler, "begin_index", None) or 0)
+    if not isinstance(sigmas, torch.Tensor) or sigmas.device.type != "cpu" or sigmas.numel() < begin + steps:
+        return None
+    values = [float(v) for v in sigmas[begin:begin + steps].tolist()]
+    return values if all(-1e-6 <= v <= 1 + 1e-6 for v in values) else None
+
+
 def grid_unsupported(scheduler: Any) -> str | None:
     """Why ``scheduler`` cannot follow an explicit grid of times, or None when it can (flow matching)."""
     if not hasattr(scheduler, "sigmas") or not hasattr(getattr(scheduler, "config", None), "num_train_timesteps") \
