@@ -201,7 +201,7 @@ class PipelineRun:
             runs = f"{n} (the steps that run: strength skips the first {begin} of {n + begin})" if begin else f"{n}"
             raise PolicyMismatchError(
                 f"num_inference_steps: policy {T}, got {runs}; call the pipeline with the policy's "
-                "num_inference_steps (and strength), or map the policy with policy.for_steps(n), or recalibrate")
+                f"num_inference_steps (and strength), or recalibrate for {n} steps")
         index = self._index(scheduler)
         if not 0 <= index < T:
             raise PolicyMismatchError(f"the scheduler is at step {index}, outside the policy's 0..{T - 1}")
