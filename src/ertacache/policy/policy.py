@@ -278,7 +278,8 @@ class Policy:
         )
 
     def for_steps(self, num_inference_steps: int) -> Policy:
-        """This policy mapped to another step count, keeping where along t it computes (:func:`ertacache.policy.travel.for_steps`)."""
+        """This policy mapped to another step count, keeping where along t it computes
+        (:func:`ertacache.policy.travel.for_steps`)."""
         from .travel import for_steps
 
         return for_steps(self, num_inference_steps)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor
@@ -133,14 +135,23 @@ def _size_text(size: dict[str, int], latent_shape: Any) -> str:
     return f"{named + ', ' if named else ''}latent shape {tuple(latent_shape)}"
 
 
-def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True,
-                    strict: bool = False) -> ErtaCacheHandle:
-    """Cache a diffusers pipeline's transformer(s) by ``policy`` (Algorithm 1, inference).
+def apply_ertacache(pipe: Any, policy: Policy | None = None, *, target_speedup: float | None = None,
+                    cache_dir: str | Path | None = None, recalibrate: bool = False,
+                    calibration_prompts: Sequence[str] | None = None, check_fingerprint: bool = True,
+                    strict: bool = False) -> Any:
+    """Cache a diffusers pipeline's transformer(s) by ``policy`` (Algorithm 1, inference), or, given a
+    ``target_speedup`` instead, by the policy of each call's settings, calibrated on the first such call
+    and kept on disk (:mod:`~.auto`).
 
     Args:
         pipe: a pipeline of a registered family (:func:`~.families.family_for`).
         policy: calibrated for this model and these settings; any reuse mode and
             granularity (``block_residual`` needs the family's block stack).
+        target_speedup: without a policy: T / NFE to calibrate for, on the first call of each setting
+            (its own rows, or ``calibration_prompts``), with the default configuration.
+        cache_dir: where those policies are kept (default ``$ERTACACHE_CACHE`` or ``~/.cache/ertacache``).
+        recalibrate: calibrate again for each setting met, replacing the kept policy.
+        calibration_prompts: calibrate on these prompts instead of the first call's rows.
         check_fingerprint: refuse another checkpoint than the policy's (its fingerprint, which
             ignores precision, offloading, compilation and unfused LoRA adapters; adapters give one
             :class:`~.identity.AdapterWarning`). False applies the policy to any weights.
@@ -155,7 +166,8 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
 
     Returns:
         A handle; ``handle.remove()`` (or leaving its ``with`` block) restores the
-        pipeline exactly (hooks and, for an adjusted grid, the scheduler).
+        pipeline exactly (hooks and, for an adjusted grid, the scheduler). With a
+        ``target_speedup``, an :class:`~.auto.AutoHandle` (the same methods).
 
     Raises:
         ErtaCacheError: unknown pipeline, a transformer that already has ertacache
@@ -165,6 +177,18 @@ def apply_ertacache(pipe: Any, policy: Policy, *, check_fingerprint: bool = True
         PolicyMismatchError: another model (fingerprint); at call time, another step
             count, guidance setting, guidance branches, or (``strict``) sample size.
     """
+    if policy is None:
+        if target_speedup is None:
+            raise ErtaCacheError("apply_ertacache needs a policy, or target_speedup= to calibrate one on the first "
+                                 "call of each setting")
+        from .auto import AutoCache, AutoHandle
+
+        family_for(pipe)
+        return AutoHandle(AutoCache(pipe, target_speedup, cache_dir, recalibrate,
+                                    None if calibration_prompts is None else list(calibration_prompts),
+                                    {"check_fingerprint": check_fingerprint, "strict": strict}))
+    if target_speedup is not None:
+        raise ErtaCacheError("give apply_ertacache a policy or a target_speedup, not both")
     family = family_for(pipe)
     transformers = transformers_of(pipe, family)
     if not transformers:

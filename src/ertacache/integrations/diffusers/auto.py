@@ -1,0 +1,294 @@
+"""One line: ``apply_ertacache(pipe, target_speedup=2.0)``. The first call with new settings calibrates on its own
+rows, and the policy is kept on disk, one file per setting, for every later call and process.
+
+A call's settings are what a policy is checked against: the checkpoint (its fingerprint) and any LoRA adapters,
+the pipeline and scheduler classes and the scheduler's grid settings, the step count, strength, size or frame
+count, every guidance argument the call passes, the target, the policy schema and :data:`LOGIC_VERSION` (a
+policy of an older decision rule is not reused). A call with settings the cache has no policy for:
+
+1. says once, on the ``ertacache`` logger, that this is a one-time calibration and what it will cost;
+2. calibrates with the default configuration on the call's own rows (its prompts, or its ``prompt_embeds``
+   rows; seeds ``0..N-1``), or on ``calibration_prompts`` where given, under a file lock (another process
+   calibrating the same setting finishes first, and this one loads its file);
+3. writes the policy atomically to ``<cache_dir>/<key>.safetensors`` (an unwritable directory: one warning, the
+   policy is kept in memory) and runs the call with it: the first call returns the cached output.
+
+A cached file that cannot be read is replaced (one warning). ``recalibrate=True`` calibrates once more for
+each setting met. The cache directory is ``cache_dir``, else ``$ERTACACHE_CACHE``, else
+``$XDG_CACHE_HOME/ertacache`` (``~/.cache/ertacache``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import threading
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ...errors import ErtaCacheError
+from ...fingerprint import adapters_of, fingerprint_id, model_fingerprint
+from ...policy import SCHEMA_VERSION, Policy
+from .families import Family, family_for, transformers_of
+
+logger = logging.getLogger(__name__)
+
+LOGIC_VERSION = 1
+"""The calibration logic's version in the cache key: raised when a change makes older policies worth redoing."""
+SETTING_ARGUMENTS = ("num_inference_steps", "height", "width", "num_frames", "strength", "guidance_scale",
+                     "true_cfg_scale", "guidance_scale_2", "num_images_per_prompt")
+"""The call's arguments that are part of its setting (as passed; a default is its own setting)."""
+ROW_ARGUMENTS = ("prompt", "prompt_embeds", "pooled_prompt_embeds", "negative_prompt", "negative_prompt_embeds",
+                 "negative_pooled_prompt_embeds", "prompt_attention_mask", "negative_prompt_attention_mask",
+                 "image")
+"""The call's per-row inputs that calibration takes as its calibration set."""
+NOT_FOR_CALIBRATION = ("generator", "latents", "output_type", "return_dict", "callback_on_step_end",
+                       "callback_on_step_end_tensor_inputs", "num_images_per_prompt")
+
+
+def cache_home() -> Path:
+    """``$ERTACACHE_CACHE``, else ``$XDG_CACHE_HOME/ertacache``, else ``~/.cache/ertacache``."""
+    if os.environ.get("ERTACACHE_CACHE"):
+        return Path(os.environ["ERTACACHE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ertacache"
+
+
+def setting_key(pipe: Any, family: Family, kwargs: dict[str, Any], target_speedup: float) -> tuple[str, dict]:
+    """``(file stem, the setting)`` of a call: a hash of everything a policy is checked against."""
+    transformers = transformers_of(pipe, family)
+    adapters = {}
+    for tf in transformers:
+        for name, fused in adapters_of(tf).items():
+            config: Any = getattr(tf, "peft_config", {}).get(name)
+            adapters[name] = {"fused": fused, "config": repr(config.to_dict() if hasattr(config, "to_dict")
+                                                              else config)}
+    scheduler = pipe.scheduler
+    setting = {
+        "model": fingerprint_id(model_fingerprint(transformers)),
+        "model_values": hashlib.sha256(model_fingerprint(transformers).encode()).hexdigest()[:16],
+        "adapters": adapters, "pipeline": type(pipe).__name__, "scheduler": type(scheduler).__name__,
+        "scheduler_config": {k: v for k, v in dict(scheduler.config).items()
+                             if isinstance(v, (int, float, bool, str, type(None)))},
+        "call": {k: kwargs[k] for k in SETTING_ARGUMENTS if isinstance(kwargs.get(k), (int, float, bool))},
+        "target_speedup": float(target_speedup), "schema": SCHEMA_VERSION, "logic": LOGIC_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return digest, setting
+
+
+@dataclass
+class PolicyCache:
+    """Policies by setting: in memory, and as files in ``directory`` (None: memory only)."""
+
+    directory: Path | None
+    memory: dict[str, Policy] = field(default_factory=dict)
+    unwritable: bool = False
+
+    def path(self, key: str) -> Path | None:
+        return None if self.directory is None or self.unwritable else self.directory / f"{key}.safetensors"
+
+    def load(self, key: str) -> Policy | None:
+        if key in self.memory:
+            return self.memory[key]
+        path = self.path(key)
+        if path is None or not path.is_file():
+            return None
+        try:
+            policy = Policy.load(path)
+        except Exception as exc:  # noqa: BLE001 - a damaged file is replaced, whatever the damage
+            warnings.warn(f"ertacache: the cached policy {path} cannot be read ({type(exc).__name__}: {exc}); "
+                          "calibrating again and replacing it", RuntimeWarning, stacklevel=4)
+            return None
+        self.memory[key] = policy
+        return policy
+
+    def store(self, key: str, policy: Policy) -> None:
+        self.memory[key] = policy
+        path = self.path(key)
+        if path is None:
+            return
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            policy.save(path)
+        except OSError as exc:
+            self.unwritable = True
+            warnings.warn(f"ertacache: cannot write the policy cache at {self.directory} ({exc}); keeping "
+                          "policies in memory for this process (set cache_dir= or $ERTACACHE_CACHE)",
+                          RuntimeWarning, stacklevel=4)
+
+    def lock(self, key: str) -> Any:
+        """A file lock for calibrating ``key`` (another process waits, then loads), or a no-op."""
+        import contextlib
+
+        path = self.path(key)
+        if path is None:
+            return contextlib.nullcontext()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            from filelock import FileLock
+
+            return FileLock(str(path) + ".lock")
+        except OSError:
+            return contextlib.nullcontext()
+
+
+_inside = threading.local()
+
+
+class AutoCache:
+    """What ``apply_ertacache(pipe, target_speedup=...)`` installs: the pipeline's class is swapped for a subclass
+    whose ``__call__`` finds or calibrates the policy of the call's setting, applies it, and runs the call."""
+
+    def __init__(self, pipe: Any, target_speedup: float, cache_dir: str | Path | None, recalibrate: bool,
+                 calibration_prompts: list[str] | None, apply_kwargs: dict[str, Any]) -> None:
+        from ...calibration.sets import check_target_speedup
+
+        self.pipe, self.family = pipe, family_for(pipe)
+        check_target_speedup(target_speedup, 10**6)
+        self.target_speedup = float(target_speedup)
+        self.cache = PolicyCache(Path(cache_dir) if cache_dir is not None else cache_home())
+        self.recalibrate, self.calibration_prompts = recalibrate, calibration_prompts
+        self.apply_kwargs = apply_kwargs
+        self.redone: set[str] = set()
+        self.calibrations = 0
+        self.handle: Any = None
+        self.key: str | None = None
+        self.original_class = type(pipe)
+        auto = self
+
+        signature = inspect.signature(self.original_class.__call__)
+
+        class Cached(self.original_class):  # type: ignore[name-defined, misc]
+            def __call__(self, *args: Any, **kwargs: Any) -> Any:
+                if getattr(_inside, "calibrating", False):
+                    return super().__call__(*args, **kwargs)
+                bound = signature.bind_partial(self, *args, **kwargs).arguments
+                named = {k: v for k, v in bound.items() if k != "self" and k != "kwargs"}
+                named.update(bound.get("kwargs", {}))
+                return auto.call(super().__call__, named)
+
+        Cached.__name__ = Cached.__qualname__ = self.original_class.__name__
+        pipe.__class__ = Cached
+
+    def policy_for(self, kwargs: dict[str, Any]) -> tuple[str, Policy]:
+        key, setting = setting_key(self.pipe, self.family, kwargs, self.target_speedup)
+        redo = self.recalibrate and key not in self.redone
+        policy = None if redo else self.cache.load(key)
+        if policy is not None:
+            return key, policy
+        with self.cache.lock(key):
+            policy = None if redo else self.cache.load(key)  # another process may have written it meanwhile
+            if policy is None:
+                policy = self.calibrate(kwargs, setting)
+                self.cache.store(key, policy)
+                self.redone.add(key)
+        return key, policy
+
+    def calibrate(self, kwargs: dict[str, Any], setting: dict[str, Any]) -> Policy:
+        from .calibrate import calibrate_pipeline
+
+        steps = int(kwargs.get("num_inference_steps") or _default_steps(self.pipe))
+        pipe_kwargs = {k: v for k, v in kwargs.items() if k not in NOT_FOR_CALIBRATION and k != "num_inference_steps"}
+        prompts = self.calibration_prompts
+        if prompts is None:
+            prompt = pipe_kwargs.pop("prompt", None)
+            prompts = [prompt] if isinstance(prompt, str) else (list(prompt) if prompt is not None else None)
+        else:
+            for k in ROW_ARGUMENTS:
+                if k.startswith("prompt") or k == "prompt":
+                    pipe_kwargs.pop(k, None)
+        rows = len(prompts) if prompts is not None else _rows(pipe_kwargs)
+        logger.warning("ertacache: one-time calibration for these settings (%s; %d calibration row%s, about 4-5 "
+                       "uncached generations of them at %gx); later calls with these settings reuse it",
+                       ", ".join(f"{k}={v}" for k, v in setting["call"].items()) or "the pipeline's defaults",
+                       rows, "" if rows == 1 else "s", self.target_speedup)
+        self.remove_inner()
+        _inside.calibrating = True
+        try:
+            policy = calibrate_pipeline(self.pipe, prompts, num_inference_steps=steps,
+                                        target_speedup=self.target_speedup, **pipe_kwargs)
+        finally:
+            _inside.calibrating = False
+        self.calibrations += 1
+        return policy
+
+    def call(self, run: Any, kwargs: dict[str, Any]) -> Any:
+        from .apply import apply_ertacache
+
+        key, policy = self.policy_for(kwargs)
+        if key != self.key or self.handle is None:
+            self.remove_inner()
+            self.handle = apply_ertacache(self.pipe, policy, **self.apply_kwargs)
+            self.key = key
+        return run(**kwargs)
+
+    def remove_inner(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle, self.key = None, None
+
+    def remove(self) -> None:
+        self.remove_inner()
+        self.pipe.__class__ = self.original_class
+
+
+class AutoHandle:
+    """What ``apply_ertacache(pipe, target_speedup=...)`` returns: ``remove()``, a context manager, the last call's
+    stats (:meth:`forwards`, :meth:`steps`), the policy in use (:attr:`policy`) and :attr:`calibrations` (how
+    many calibrations this handle ran)."""
+
+    def __init__(self, auto: AutoCache) -> None:
+        self.auto = auto
+
+    @property
+    def policy(self) -> Policy | None:
+        return None if self.auto.handle is None else self.auto.handle.policy
+
+    @property
+    def calibrations(self) -> int:
+        return self.auto.calibrations
+
+    @property
+    def cache_dir(self) -> Path | None:
+        return self.auto.cache.directory
+
+    def forwards(self) -> dict[str, int]:
+        """Transformer forwards of the last call per branch (NFE per branch); calibration calls not counted."""
+        if self.auto.handle is None:
+            raise ErtaCacheError("no call has run under this handle yet")
+        return dict(self.auto.handle.forwards())
+
+    def steps(self, transformer: int | None = None) -> dict[str, dict[str, list[int]]]:
+        if self.auto.handle is None:
+            raise ErtaCacheError("no call has run under this handle yet")
+        return dict(self.auto.handle.steps(transformer))
+
+    def remove(self) -> None:
+        """The pipeline exactly as before: its class back, the hooks of the policy in use removed."""
+        self.auto.remove()
+
+    def __enter__(self) -> AutoHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+
+def _default_steps(pipe: Any) -> int:
+    default = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+    if default is None or not isinstance(default.default, int):
+        raise ErtaCacheError(f"{type(pipe).__name__}: pass num_inference_steps to the call")
+    return int(default.default)
+
+
+def _rows(kwargs: dict[str, Any]) -> int:
+    embeds = kwargs.get("prompt_embeds")
+    if embeds is None:
+        raise ErtaCacheError("the call has neither a prompt nor prompt_embeds to calibrate on; pass "
+                             "calibration_prompts= to apply_ertacache")
+    return int(embeds.shape[0])

@@ -1,0 +1,130 @@
+"""One line on a pipeline: apply_ertacache(pipe, target_speedup=2.0); the first call of each setting calibrates on
+its own rows, the policy is kept on disk per setting, and what can go wrong is said and survived."""
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from ertacache import apply_ertacache, calibrate_pipeline
+from ertacache.errors import ErtaCacheError
+from test_workflows import Flux
+
+T = 10
+
+
+def call(p, steps=T, labels=(3,), **over):
+    kw = p.kwargs(labels)
+    kw.pop("latents")
+    return p.pipe(num_inference_steps=steps, output_type="latent", generator=torch.Generator().manual_seed(0),
+                  **{**kw, **over}).images
+
+
+def test_the_first_call_calibrates_on_its_rows_and_later_calls_reuse(tmp_path, caplog):
+    p = Flux()
+    cls = type(p.pipe)
+    uncached = call(p)
+    with caplog.at_level("WARNING", logger="ertacache"):
+        handle = apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path)
+        first = call(p)
+    assert handle.calibrations == 1 and "one-time calibration for these settings" in caplog.text
+    files = list(tmp_path.glob("*.safetensors"))
+    assert len(files) == 1
+    policy = handle.policy
+    assert policy.nfe == T // 2 and handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+    # the offline calibration on the same row and seed gives the same policy: one method
+    kw = p.kwargs((3,))
+    kw.pop("latents")
+    handle.remove()
+    offline = calibrate_pipeline(p.pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=[0], **kw)
+    assert offline.cached_steps == policy.cached_steps and offline.grid == policy.grid
+    handle = apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path)
+    assert torch.equal(call(p), first) and handle.calibrations == 0  # the file, not a new calibration
+    call(p, labels=(5, 7))  # other prompts, same setting: no calibration
+    assert handle.calibrations == 0
+    call(p, steps=12)  # another step count: its own policy
+    assert handle.calibrations == 1 and len(list(tmp_path.glob("*.safetensors"))) == 2
+    handle.remove()
+    assert type(p.pipe) is cls and torch.equal(call(p), uncached)
+
+
+def test_a_second_process_finds_the_policy(tmp_path):
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_one_line import call
+from test_workflows import Flux
+from ertacache import apply_ertacache
+p = Flux()
+h = apply_ertacache(p.pipe, target_speedup=2.0)
+call(p)
+print("calibrations", h.calibrations)
+"""
+    env = {**os.environ, "ERTACACHE_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    assert [r.stdout.strip().splitlines()[-1] for r in runs] == ["calibrations 1", "calibrations 0"], runs[1].stderr
+
+
+def test_a_damaged_cached_file_is_replaced(tmp_path):
+    p = Flux()
+    with apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path):
+        call(p)
+    (path,) = tmp_path.glob("*.safetensors")
+    path.write_bytes(path.read_bytes()[:100])  # truncated
+    with apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path) as handle:
+        with pytest.warns(RuntimeWarning, match="cannot be read"):
+            call(p)
+        assert handle.calibrations == 1
+    with apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path) as handle:
+        call(p)
+        assert handle.calibrations == 0
+
+
+def test_an_unwritable_cache_warns_once_and_keeps_policies_in_memory(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    p = Flux()
+    with apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=blocked / "cache") as handle:
+        with pytest.warns(RuntimeWarning, match="cannot write the policy cache"):
+            call(p)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            call(p)
+        assert handle.calibrations == 1
+
+
+def test_an_interrupted_first_call_leaves_no_file(tmp_path, monkeypatch):
+    from ertacache.integrations.diffusers import calibrate
+
+    p = Flux()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(calibrate, "calibrate_pipeline", interrupted)
+    with apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path) as handle:
+        with pytest.raises(KeyboardInterrupt):
+            call(p)
+        assert not list(tmp_path.glob("*.safetensors"))
+        monkeypatch.undo()
+        call(p)
+        assert handle.calibrations == 1
+
+
+def test_recalibrate_and_bad_arguments(tmp_path):
+    p = Flux()
+    with apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path):
+        call(p)
+    with apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path, recalibrate=True) as handle:
+        call(p)
+        call(p)
+        assert handle.calibrations == 1
+    with pytest.raises(ErtaCacheError, match="needs a policy, or target_speedup="):
+        apply_ertacache(p.pipe)
+    with pytest.raises(ErtaCacheError, match="target_speedup"):
+        apply_ertacache(p.pipe, target_speedup=0.5, cache_dir=tmp_path)
