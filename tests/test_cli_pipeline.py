@@ -188,3 +188,21 @@ def test_a_size_the_pipeline_cannot_run_is_one_line(folder, tmp_path, capsys, mo
     with pytest.raises(RuntimeError):
         main(argv)
     assert not (tmp_path / "p.safetensors").exists()
+
+
+def test_generate_with_a_target_calibrates_once_and_keeps_the_policy(folder, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    gen = ["generate", "--pipeline", str(folder), *COMMON, "--target-speedup", "2", "--cache-dir", str(cache),
+           "--prompt", "a cat"]
+    assert main([*gen, "--out", str(tmp_path / "a")]) == 0
+    (path,) = cache.glob("*.safetensors")
+    written = path.stat().st_mtime_ns
+    assert main([*gen, "--out", str(tmp_path / "b")]) == 0  # the same settings: the kept policy, no calibration
+    assert path.stat().st_mtime_ns == written and (tmp_path / "b.mp4").is_file()
+    capsys.readouterr()
+    assert main(["cache", "list", "--cache-dir", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "1 policies in" in out and "WanPipeline, T = 8, NFE" in out
+    assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0 and not list(cache.glob("*.safetensors"))
+    assert main([*gen, "--policy", "x.safetensors", "--out", str(tmp_path / "c")]) == 2
+    assert "use it with --pipeline and without --policy" in capsys.readouterr().err

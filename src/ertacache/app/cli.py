@@ -103,6 +103,11 @@ def _add_other_parsers(sub: Any) -> None:
     _add_sampler_args(p)
     p.add_argument("--policy", default=None,
                    help="policy file, folder or hub id (Policy.from_pretrained); omit for the uncached sampler")
+    p.add_argument("--target-speedup", type=float, default=None,
+                   help="with --pipeline and no --policy: calibrate on the first run of these settings (this prompt) "
+                        "and keep the policy in the cache directory for later runs")
+    p.add_argument("--cache-dir", default=None,
+                   help="where --target-speedup keeps policies (default $ERTACACHE_CACHE or ~/.cache/ertacache)")
     p.add_argument("--digit", type=int, action="append",
                    help="class of the bundled model (repeatable; default all: 0-9, photos 0-15)")
     p.add_argument("--seed", type=int, default=0)
@@ -115,6 +120,10 @@ def _add_other_parsers(sub: Any) -> None:
 
     p = sub.add_parser("inspect", help="print a policy")
     p.add_argument("policy", help="policy file, folder or hub id")
+
+    p = sub.add_parser("cache", help="the policies kept by --target-speedup / apply_ertacache(target_speedup=...)")
+    p.add_argument("action", choices=["list", "clear"])
+    p.add_argument("--cache-dir", default=None, help="default $ERTACACHE_CACHE or ~/.cache/ertacache")
 
     p = sub.add_parser("bench", help="ERTACache against every peer method on the bundled model")
     p.add_argument("--model", dest="bundled", choices=list(MODELS), default="digits",
@@ -238,13 +247,41 @@ def generate_settings(args: argparse.Namespace) -> GenerateSettings:
     pipeline = _pipeline_settings(args)
     if pipeline is not None and not args.prompt:
         raise ErtaCacheError("--prompt TEXT is required with --pipeline")
+    if args.target_speedup is not None and (args.policy or pipeline is None):
+        raise ErtaCacheError("--target-speedup in generate calibrates a pipeline on its first run: use it with "
+                             "--pipeline and without --policy")
     n = 10 if pipeline is not None else _bundled(args.model)[0].num_classes
     digits = tuple(args.digit or range(n))
     if any(not 0 <= d < n for d in digits):
         raise ErtaCacheError(f"--digit takes classes 0-{n - 1} for this model, got {list(digits)}")
     return GenerateSettings(out=args.out, policy=args.policy, seed=args.seed, **_sampler(args, pipeline),
                             model=args.model, digits=digits, pipeline=pipeline,
-                            prompt=args.prompt, fps=args.fps, check_fingerprint=args.check_fingerprint)
+                            prompt=args.prompt, fps=args.fps, check_fingerprint=args.check_fingerprint,
+                            target_speedup=args.target_speedup, cache_dir=args.cache_dir)
+
+
+def _cache(action: str, cache_dir: str | None) -> int:
+    from ..integrations.diffusers.auto import cache_home
+    from ..policy import Policy
+
+    folder = Path(cache_dir) if cache_dir else cache_home()
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if action == "clear":
+        for f in files:
+            f.unlink()
+        for lock in folder.glob("*.safetensors.lock") if folder.is_dir() else []:
+            lock.unlink()
+        print(f"removed {len(files)} policies from {folder}")
+        return 0
+    print(f"{len(files)} policies in {folder}")
+    for f in files:
+        try:
+            p = Policy.load(f)
+            print(f"{f.name}: {p.provenance.get('pipeline', '?')}, T = {p.num_inference_steps}, NFE {p.nfe}, "
+                  f"guidance {p.guidance or '-'}, size {p.sample_size or '-'}")
+        except Exception as exc:  # noqa: BLE001 - a damaged file is listed as such
+            print(f"{f.name}: unreadable ({type(exc).__name__}); the next run with its settings replaces it")
+    return 0
 
 
 def _generate(settings: GenerateSettings) -> int:
@@ -362,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             return _calibrate(calibrate_settings(args))
         elif args.command == "generate":
             return _generate(generate_settings(args))
+        elif args.command == "cache":
+            return _cache(args.action, args.cache_dir)
         elif args.command == "inspect":
             from ..policy import Policy
 

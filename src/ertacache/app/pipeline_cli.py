@@ -125,7 +125,11 @@ def generate(settings: GenerateSettings) -> int:
     path = output_path(settings.out, video=bool(family and family.video))
     pipe = load_pipeline(settings.pipeline)
     generator = torch.Generator().manual_seed(settings.seed)
-    handle = apply_ertacache(pipe, policy, check_fingerprint=settings.check_fingerprint) if policy is not None else None
+    if policy is None and settings.target_speedup is not None:
+        handle: Any = apply_ertacache(pipe, target_speedup=settings.target_speedup, cache_dir=settings.cache_dir,
+                                      check_fingerprint=settings.check_fingerprint)
+    else:
+        handle = None if policy is None else apply_ertacache(pipe, policy, check_fingerprint=settings.check_fingerprint)
     try:
         out = pipe(prompt=settings.prompt, num_inference_steps=settings.pipeline.num_inference_steps,
                    generator=generator, **settings.pipeline.call_kwargs())

@@ -93,3 +93,5 @@ class GenerateSettings(CommandSettings):
     prompt: str | None = None
     fps: int = 16
     check_fingerprint: bool = True
+    target_speedup: float | None = None
+    cache_dir: str | None = None
