@@ -148,3 +148,14 @@ def oracle_run(pipe, run, cached_steps, mode, n_branches):
 
     with mock.patch.object(transformer, "forward", replaced):
         return run()
+
+
+def assert_not_below_uniform(pipe, run, policy, out, ref, tol_db=0.25):
+    """The fidelity bound of a calibrated policy on a pipeline: its output ``out`` is no more than ``tol_db`` below
+    evenly spaced caching at the same NFE (same reuse, branches and grid), in PSNR against ``ref``."""
+    from ertacache import Policy, apply_ertacache
+
+    with apply_ertacache(pipe, Policy.uniform(policy.num_inference_steps, policy.nfe, like=policy)):
+        uniform = run()
+    err, err_uniform = float((out - ref).double().square().mean()), float((uniform - ref).double().square().mean())
+    assert 0 < err <= err_uniform * 10 ** (tol_db / 10), (err, err_uniform)

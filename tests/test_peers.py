@@ -121,10 +121,10 @@ def test_cache_dit_peer_runs_through_its_public_api_on_the_bundled_pipeline():
     strict, loose = methods["F1B0, threshold=0.08"], methods["F1B0, threshold=0.2"]
     x_strict, nfe_strict = strict.run(noise, labels)
     x_loose, nfe_loose = loose.run(noise, labels)
-    assert nfe_loose < nfe_strict <= 20 and torch.isfinite(x_loose).all()
+    assert nfe_loose < nfe_strict <= 20
     assert psnr(x_strict, ref) > psnr(x_loose, ref) > 20
     x_taylor, nfe_taylor = methods["F1B0, threshold=0.2+taylorseer"].run(noise, labels)
-    assert nfe_taylor < 20 and torch.isfinite(x_taylor).all()
+    assert nfe_taylor < 20 and psnr(x_taylor, ref) > 20
     # cache-dit's disable_cache leaves its patched forward behind; the shared model must not carry it, or the
     # methods measured next (FirstBlockCache raised TypeError in the full benchmark's second repeat) break
     assert "forward" not in vars(model.transformer) and torch.equal(ctx.policy_runner(None)(noise, labels)[0], ref)
@@ -133,7 +133,7 @@ def test_cache_dit_peer_runs_through_its_public_api_on_the_bundled_pipeline():
     velocity = TransformerVelocity(model, bundled.counted(model))
     config = peer_config("first_block_cache", {"threshold": 0.1}, lambda: velocity.timestep, 20)
     x_fbc, _ = run_with_cache(velocity, config, lambda vel: sample(vel, noise, labels, **ctx.kwargs(labels)).x)
-    assert torch.isfinite(x_fbc).all()
+    assert psnr(x_fbc, ref) > 20
 
 
 @pytest.mark.parametrize("quick", [True, False])
