@@ -20,12 +20,12 @@ from .errors import ErtaCacheError, PolicyMismatchError
 from .fingerprint import model_fingerprint
 from .policy import Policy
 
-_PIPELINE_API = ("apply_ertacache", "calibrate_pipeline")
+_PIPELINE_API = ("apply_ertacache", "calibrate_pipeline", "estimate_pipeline")
 
 
 def __getattr__(name: str) -> Any:
-    """``apply_ertacache`` and ``calibrate_pipeline``: the diffusers integration's own functions (their
-    signatures and docstrings), imported on first use so that the core needs no diffusers."""
+    """``apply_ertacache``, ``calibrate_pipeline`` and ``estimate_pipeline``: the diffusers integration's own
+    functions (their signatures and docstrings), imported on first use so that the core needs no diffusers."""
     if name in _PIPELINE_API:
         try:
             from .integrations import diffusers as integration
@@ -37,7 +37,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "CalibrationConfig", "ErtaCacheError", "Policy", "PolicyMismatchError", "SampleResult", "SampleStats",
-    "apply_ertacache", "calibrate_pipeline",
+    "apply_ertacache", "calibrate_pipeline", "estimate_pipeline",
     "__version__", "calibrate", "calibrate_many", "check_target_speedup", "model_fingerprint", "sample",
     "seeded_noise", "time_grid",
 ]

@@ -184,11 +184,16 @@ def apply_ertacache(pipe: Any, policy: Policy | None = None, *, target_speedup: 
         from .auto import AutoCache, AutoHandle
 
         family_for(pipe)
-        return AutoHandle(AutoCache(pipe, target_speedup, cache_dir, recalibrate,
-                                    None if calibration_prompts is None else list(calibration_prompts),
-                                    {"check_fingerprint": check_fingerprint, "strict": strict}))
+        calibration = None if calibration_prompts is None else list(calibration_prompts)
+        return AutoHandle(AutoCache(pipe, target_speedup, cache_dir, recalibrate, calibration,
+                                    lambda p: apply_policy(pipe, p, check_fingerprint, strict)))
     if target_speedup is not None:
         raise ErtaCacheError("give apply_ertacache a policy or a target_speedup, not both")
+    return apply_policy(pipe, policy, check_fingerprint, strict)
+
+
+def apply_policy(pipe: Any, policy: Policy, check_fingerprint: bool, strict: bool) -> ErtaCacheHandle:
+    """:func:`apply_ertacache` with a policy (its arguments and errors)."""
     family = family_for(pipe)
     transformers = transformers_of(pipe, family)
     if not transformers:

@@ -27,6 +27,7 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,7 +146,7 @@ class AutoCache:
     whose ``__call__`` finds or calibrates the policy of the call's setting, applies it, and runs the call."""
 
     def __init__(self, pipe: Any, target_speedup: float, cache_dir: str | Path | None, recalibrate: bool,
-                 calibration_prompts: list[str] | None, apply_kwargs: dict[str, Any]) -> None:
+                 calibration_prompts: list[str] | None, apply: Callable[[Policy], Any]) -> None:
         from ...calibration.sets import check_target_speedup
 
         self.pipe, self.family = pipe, family_for(pipe)
@@ -153,7 +154,7 @@ class AutoCache:
         self.target_speedup = float(target_speedup)
         self.cache = PolicyCache(Path(cache_dir) if cache_dir is not None else cache_home())
         self.recalibrate, self.calibration_prompts = recalibrate, calibration_prompts
-        self.apply_kwargs = apply_kwargs
+        self.apply = apply
         self.redone: set[str] = set()
         self.calibrations = 0
         self.handle: Any = None
@@ -218,12 +219,10 @@ class AutoCache:
         return policy
 
     def call(self, run: Any, kwargs: dict[str, Any]) -> Any:
-        from .apply import apply_ertacache
-
         key, policy = self.policy_for(kwargs)
         if key != self.key or self.handle is None:
             self.remove_inner()
-            self.handle = apply_ertacache(self.pipe, policy, **self.apply_kwargs)
+            self.handle = self.apply(policy)
             self.key = key
         return run(**kwargs)
 
