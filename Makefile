@@ -37,7 +37,8 @@ typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
 test: lint typecheck
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	# two workers, one file each at a time (a file's module fixtures are made once); torch runs one thread per test
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 
 bench-step: $(VENV)/.demo
 	HF_HUB_OFFLINE=1 $(BIN)/ertacache step-cost
