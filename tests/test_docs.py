@@ -135,3 +135,14 @@ def test_python_blocks_run_as_written(path, tmp_path):
     done = subprocess.run([sys.executable, str(program)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, textwrap.shorten(done.stderr[-4000:], 4000)
+
+
+def test_the_options_reference_is_the_code():
+    """docs/options.md's tables of CalibrationConfig fields and CLI flags are what scripts/options_reference.py makes
+    from the dataclass and the parser: a field or flag added, removed or changed shows here."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from options_reference import BEGIN, END, PAGE, reference
+
+    text = PAGE.read_text()
+    assert text[text.index(BEGIN):text.index(END) + len(END)] == reference(), \
+        "docs/options.md is stale: run python scripts/options_reference.py"

@@ -128,3 +128,14 @@ def test_recalibrate_and_bad_arguments(tmp_path):
         apply_ertacache(p.pipe)
     with pytest.raises(ErtaCacheError, match="target_speedup"):
         apply_ertacache(p.pipe, target_speedup=0.5, cache_dir=tmp_path)
+
+
+def test_a_call_with_no_rows_is_one_line_and_writes_nothing(tmp_path):
+    p = Flux()
+    with apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path) as handle:
+        kw = p.kwargs((3,))
+        kw.pop("latents")
+        empty = {k: (v[:0] if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+        with pytest.raises(ErtaCacheError, match="the calibration set is empty"):
+            p.pipe(num_inference_steps=T, output_type="latent", **empty)
+        assert not list(tmp_path.glob("*.safetensors")) and handle.calibrations == 0
