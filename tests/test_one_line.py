@@ -139,3 +139,29 @@ def test_a_call_with_no_rows_is_one_line_and_writes_nothing(tmp_path):
         with pytest.raises(ErtaCacheError, match="the calibration set is empty"):
             p.pipe(num_inference_steps=T, output_type="latent", **empty)
         assert not list(tmp_path.glob("*.safetensors")) and handle.calibrations == 0
+
+
+def test_the_core_sampler_has_the_one_line_too(tmp_path, caplog):
+    import ertacache
+    from conftest import LinearField
+    from ertacache.models.digits import NULL_CLASS, load_digits_model
+
+    model = load_digits_model()
+    labels = torch.tensor([3, 7])
+    kw = dict(num_inference_steps=T, shift=3.0, guidance_scale=3.0, null_cond=torch.full_like(labels, NULL_CLASS))
+    noise = ertacache.seeded_noise([5, 6], (1, 16, 16))
+    with caplog.at_level("WARNING", logger="ertacache"):
+        out = ertacache.sample(model, noise, labels, target_speedup=2.0, cache_dir=tmp_path, **kw)
+    assert caplog.text.count("one-time calibration") == 1 and len(list(tmp_path.glob("core-*.safetensors"))) == 1
+    policy = ertacache.calibrate(model, labels, range(2), latent_shape=(1, 16, 16), target_speedup=2.0, **kw)
+    assert torch.equal(out.x, ertacache.sample(model, noise, labels, policy=policy, **kw).x)  # the same method
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ertacache"):
+        again = ertacache.sample(load_digits_model(), noise, labels, target_speedup=2.0, cache_dir=tmp_path, **kw)
+    assert "one-time calibration" not in caplog.text and torch.equal(again.x, out.x)  # the file, by fingerprint
+    field = LinearField()  # not a module: its policies stay with it, in memory
+    a = ertacache.sample(field, torch.randn(1, 1, 4, 4), None, num_inference_steps=T, target_speedup=2.0)
+    assert a.stats.nfe == {"cond": T // 2}
+    with pytest.raises(ErtaCacheError, match="a policy or a target_speedup"):
+        ertacache.sample(field, torch.randn(1, 1, 4, 4), None, num_inference_steps=T, target_speedup=2.0,
+                         policy=policy)

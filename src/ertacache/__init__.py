@@ -13,8 +13,9 @@ from typing import Any
 
 from ._version import __version__
 from .calibration import calibrate, calibrate_many, check_target_speedup
+from .calibration.auto import sample
 from .core.config import CalibrationConfig
-from .core.euler import SampleResult, SampleStats, sample, seeded_noise
+from .core.euler import SampleResult, SampleStats, seeded_noise
 from .core.grids import time_grid
 from .errors import ErtaCacheError, PolicyMismatchError
 from .fingerprint import model_fingerprint

@@ -261,8 +261,8 @@ def generate_settings(args: argparse.Namespace) -> GenerateSettings:
 
 
 def _cache(action: str, cache_dir: str | None) -> int:
-    from ..integrations.diffusers.auto import cache_home
     from ..policy import Policy
+    from ..policy.cache import cache_home
 
     folder = Path(cache_dir) if cache_dir else cache_home()
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []

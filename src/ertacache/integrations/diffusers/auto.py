@@ -24,23 +24,19 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 import threading
-import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ...errors import ErtaCacheError
 from ...fingerprint import adapters_of, fingerprint_id, model_fingerprint
 from ...policy import SCHEMA_VERSION, Policy
+from ...policy.cache import LOGIC_VERSION, PolicyCache, cache_home
 from .families import Family, family_for, transformers_of
 
 logger = logging.getLogger(__name__)
 
-LOGIC_VERSION = 1
-"""The calibration logic's version in the cache key: raised when a change makes older policies worth redoing."""
 SETTING_ARGUMENTS = ("num_inference_steps", "height", "width", "num_frames", "strength", "guidance_scale",
                      "true_cfg_scale", "guidance_scale_2", "num_images_per_prompt")
 """The call's arguments that are part of its setting (as passed; a default is its own setting)."""
@@ -50,13 +46,6 @@ ROW_ARGUMENTS = ("prompt", "prompt_embeds", "pooled_prompt_embeds", "negative_pr
 """The call's per-row inputs that calibration takes as its calibration set."""
 NOT_FOR_CALIBRATION = ("generator", "latents", "output_type", "return_dict", "callback_on_step_end",
                        "callback_on_step_end_tensor_inputs", "num_images_per_prompt")
-
-
-def cache_home() -> Path:
-    """``$ERTACACHE_CACHE``, else ``$XDG_CACHE_HOME/ertacache``, else ``~/.cache/ertacache``."""
-    if os.environ.get("ERTACACHE_CACHE"):
-        return Path(os.environ["ERTACACHE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ertacache"
 
 
 def setting_key(pipe: Any, family: Family, kwargs: dict[str, Any], target_speedup: float) -> tuple[str, dict]:
@@ -80,62 +69,6 @@ def setting_key(pipe: Any, family: Family, kwargs: dict[str, Any], target_speedu
     }
     digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return digest, setting
-
-
-@dataclass
-class PolicyCache:
-    """Policies by setting: in memory, and as files in ``directory`` (None: memory only)."""
-
-    directory: Path | None
-    memory: dict[str, Policy] = field(default_factory=dict)
-    unwritable: bool = False
-
-    def path(self, key: str) -> Path | None:
-        return None if self.directory is None or self.unwritable else self.directory / f"{key}.safetensors"
-
-    def load(self, key: str) -> Policy | None:
-        if key in self.memory:
-            return self.memory[key]
-        path = self.path(key)
-        if path is None or not path.is_file():
-            return None
-        try:
-            policy = Policy.load(path)
-        except Exception as exc:  # noqa: BLE001 - a damaged file is replaced, whatever the damage
-            warnings.warn(f"ertacache: the cached policy {path} cannot be read ({type(exc).__name__}: {exc}); "
-                          "calibrating again and replacing it", RuntimeWarning, stacklevel=4)
-            return None
-        self.memory[key] = policy
-        return policy
-
-    def store(self, key: str, policy: Policy) -> None:
-        self.memory[key] = policy
-        path = self.path(key)
-        if path is None:
-            return
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            policy.save(path)
-        except OSError as exc:
-            self.unwritable = True
-            warnings.warn(f"ertacache: cannot write the policy cache at {self.directory} ({exc}); keeping "
-                          "policies in memory for this process (set cache_dir= or $ERTACACHE_CACHE)",
-                          RuntimeWarning, stacklevel=4)
-
-    def lock(self, key: str) -> Any:
-        """A file lock for calibrating ``key`` (another process waits, then loads), or a no-op."""
-        import contextlib
-
-        path = self.path(key)
-        if path is None:
-            return contextlib.nullcontext()
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            from filelock import FileLock
-
-            return FileLock(str(path) + ".lock")
-        except OSError:
-            return contextlib.nullcontext()
 
 
 _inside = threading.local()
