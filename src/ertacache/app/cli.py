@@ -129,7 +129,8 @@ def _add_other_parsers(sub: Any) -> None:
     p.add_argument("--model", dest="bundled", choices=list(MODELS), default="digits",
                    help="bundled model, sampled with its family's settings (digits, photos: T=30, shift 3; "
                         "moving-digits, moving-photos: T=50, shift 5)")
-    p.add_argument("--quick", action="store_true", help="fewer settings and samples (under 5 minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer settings and samples (6 to 26 minutes on 2 cores, by model: docs/benchmarks)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--docs", default=None, help="folder for table, plot and grid (default docs/benchmarks[/quick])")
     p.add_argument("--repeats", type=int, default=None, help="timing repeats per method (median)")
