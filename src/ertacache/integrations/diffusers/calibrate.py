@@ -176,6 +176,7 @@ class PipelineDriver:
             engine = Engine(pass_, None, self.reuse.needs_history)
             run = PipelineRun(engine, self.family, self.reuse, check_finite=True, on_start=settings)
             outs.append(self._calls(run, [chunk], n_fit, None))
+            run.check_calls_per_step()
             calls += engine.model_calls
         gt = pass_
         if isinstance(gt, GroundTruth):

@@ -5,6 +5,7 @@ Adding a family is one :func:`register_family` call; no model code is copied.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -126,15 +127,57 @@ def family_for_class(cls: type) -> Family | None:
     return None
 
 
+class DetectedFamilyWarning(UserWarning):
+    """A pipeline no family names is cached with what was detected from it (:func:`detect_family`)."""
+
+
+_WARNED: set[str] = set()
+
+
+def detect_family(pipe: Any) -> Family | None:
+    """A family for a pipeline no registration names, or None where detection cannot decide.
+
+    It needs one transformer (``pipe.transformer``; a second, as Wan 2.2's, cannot be told apart from a branch)
+    and a scheduler that keeps its step (``step_index``) and its flow-matching ``sigmas``, from which each call's
+    time is read (the ``timestep`` a pipeline passes has a scale of its own). The branches are the calls of a
+    step: their ``cache_context`` names, else their order (``call``, ``call1``, ...); calibration refuses a
+    pipeline whose number of calls changes from step to step. No block stack is known (``block_residual``
+    reuse is refused), and rectification keeps the channels on axis 1.
+    """
+    import torch
+
+    transformer = getattr(pipe, "transformer", None)
+    scheduler = getattr(pipe, "scheduler", None)
+    if not isinstance(transformer, torch.nn.Module) or getattr(pipe, "transformer_2", None) is not None:
+        return None
+    if not hasattr(scheduler, "sigmas") or not hasattr(scheduler, "step_index"):
+        return None
+    name = type(pipe).__name__
+    return Family(f"detected:{name}", (name,), timestep_scale=0.0, default_context="call", block_stacks=())
+
+
 def family_for(pipe: Any) -> Family:
-    """The family of a pipeline instance (its class or any base class is registered).
+    """The family of a pipeline instance (its class or any base class is registered), else a detected one
+    (:func:`detect_family`, with one :class:`DetectedFamilyWarning` per pipeline class).
 
     Raises:
-        ErtaCacheError: an unknown pipeline, listing the supported ones and how to register one.
+        ErtaCacheError: an unknown pipeline that detection cannot decide, listing the supported ones and how to
+            register one.
     """
     family = family_for_class(type(pipe))
     if family is not None:
         return family
+    detected = detect_family(pipe)
+    if detected is not None:
+        if detected.name not in _WARNED:
+            _WARNED.add(detected.name)
+            warnings.warn(
+                f"ertacache: {type(pipe).__name__} is not a registered family; detected one transformer and a "
+                f"flow-matching scheduler ({type(pipe.scheduler).__name__}): each call's time is read from the "
+                "scheduler and its branches from the calls of each step (cache_context names, else call order). "
+                "Register the family for certainty: ertacache.integrations.diffusers.register_family(Family(...)) "
+                "(docs/diffusers.md, 'A new family is one data entry').", DetectedFamilyWarning, stacklevel=3)
+        return detected
     supported = sorted(p for f in FAMILIES.values() for p in f.pipelines)
     raise ErtaCacheError(
         f"no ertacache family for pipeline {type(pipe).__name__}; supported: {', '.join(supported)}. Register one "

@@ -84,6 +84,7 @@ class PipelineRun:
         self.made: dict[tuple[int, int], int] = {}
         self.failed: BaseException | None = None
         self.context_free: dict[tuple[int, int], tuple[Any, int]] = {}
+        self.units_at: dict[int, list[Hashable]] = {}
 
     def enter_chunk(self, chunk: int, samples: Sequence[int], n_fit: int) -> None:
         """This thread runs micro-batch ``chunk``: its calls' batch holds the calibration samples ``samples``
@@ -153,6 +154,30 @@ class PipelineRun:
             index = begin
         return int(index) - begin
 
+    def time_of(self, kwargs: dict[str, Any], scheduler: Any) -> float:
+        """The call's time t in [0, 1]: from its ``timestep`` (the family's scale), or for a detected family from
+        the scheduler's ``sigmas`` at its step (host state)."""
+        if self.family.timestep_scale:
+            return timestep_of(kwargs, self.family)
+        if scheduler is None:
+            raise ErtaCacheError(f"{self.family.name}: a detected family needs a scheduler that keeps step_index")
+        return float(scheduler.sigmas[self._index(scheduler) + self._begin(scheduler)])
+
+    def check_calls_per_step(self) -> None:
+        """Ground truth: the same transformer calls (units) at every step, or a one-line error naming what was seen.
+
+        Raises:
+            ErtaCacheError: the calls change from step to step.
+        """
+        kinds = {tuple(sorted(map(str, units))) for units in self.units_at.values()}
+        if len(kinds) > 1:
+            counts = sorted({len(units) for units in self.units_at.values()})
+            names: set[str] = {str(u[1]) for units in self.units_at.values() for u in units}  # type: ignore[index]
+            raise ErtaCacheError(
+                f"{self.family.name}: the transformer's calls change from step to step ({counts} calls a step, "
+                f"branches {sorted(names)}); ertacache needs the same calls at every step: register the family "
+                "with its branches (register_family)")
+
     def branch_of(self, hook: Any, scheduler: Any, kwargs: dict[str, Any]) -> str:
         """The call's branch: its ``cache_context``, or for a pipeline that sets none, the family's name for the
         k-th call at this step (FluxImg2ImgPipeline calls cond, then uncond, with no context)."""
@@ -161,7 +186,7 @@ class PipelineRun:
             return str(context.name)
         key = (getattr(self.local, "chunk", 0), hook.index)
         step = (scheduler.step_index, id(scheduler.timesteps)) if scheduler is not None \
-            else float(timestep_of(kwargs, self.family))
+            else float(self.time_of(kwargs, None))
         seen, k = self.context_free.get(key, (None, -1))
         k = k + 1 if seen == step else 0
         self.context_free[key] = (step, k)
@@ -244,13 +269,14 @@ class PipelineRun:
         chunk = getattr(self.local, "chunk", 0)
         unit = (hook.index, name) if self.chunks == 1 else (hook.index, name, chunk)
         if scheduler is None:
-            t = timestep_of(kwargs, self.family)
+            t = self.time_of(kwargs, None)
             with self.lock:
                 step = self.step_of(unit, t)
         elif self.engine.grid is None:
-            t = timestep_of(kwargs, self.family)
+            t = self.time_of(kwargs, scheduler)
             with self.lock:
                 step = self.record_step(scheduler, t)
+                self.units_at.setdefault(step, []).append(unit)
         else:
             with self.lock:
                 step = self.index_step(unit, scheduler)
