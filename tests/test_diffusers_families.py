@@ -67,6 +67,26 @@ def ltx():
     return LTXPipeline, pipe, none, kwargs, ("cond_uncond",)
 
 
+def qwenimage():
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+
+    tf = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                                     num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                 temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    none = dict(tokenizer=None, text_encoder=None)
+    pipe = QwenImagePipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
+    emb, mask = _emb(3, N, 8, 16), torch.ones(N, 8, dtype=torch.long)
+    kwargs = dict(prompt_embeds=emb, prompt_embeds_mask=mask, negative_prompt_embeds=emb * 0,
+                  negative_prompt_embeds_mask=mask, true_cfg_scale=4.0, height=32, width=32)
+    return QwenImagePipeline, pipe, none, kwargs, ("cond", "uncond")
+
+
 def hunyuan_video():
     from diffusers import (
         AutoencoderKLHunyuanVideo,
@@ -96,7 +116,7 @@ def rows(kwargs, n):
     return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
 
 
-@pytest.mark.parametrize("build", [cogvideox, ltx, hunyuan_video], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("build", [cogvideox, ltx, hunyuan_video, qwenimage], ids=lambda f: f.__name__)
 def test_family(build, tmp_path):
     torch.manual_seed(0)
     cls, pipe, none, kwargs, branches = build()

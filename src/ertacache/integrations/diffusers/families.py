@@ -73,6 +73,9 @@ register_family(Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline"), timestep
                        channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major
                        cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale",
                        context_free_branches=("cond", "uncond")))
+register_family(Family("qwenimage", ("QwenImagePipeline",), timestep_scale=1.0,
+                       channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major (as FLUX)
+                       cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale"))
 register_family(Family("wan", ("WanPipeline", "WanImageToVideoPipeline"), ("transformer", "transformer_2"),
                        block_stacks=("blocks",), video=True))
 register_family(Family("cogvideox", ("CogVideoXPipeline",), channels=ChannelLayout(dim=2),  # (B, F, C, H, W)
