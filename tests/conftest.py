@@ -91,8 +91,16 @@ def assert_every_reuse_mode_on_pipeline(pipe, run, every, ref):
     from ertacache.core.reuse import REUSE_MODES
     from ertacache.policy import uniform_cached_steps
 
+    from ertacache.core.reuse import get_reuse
+    from ertacache.errors import ErtaCacheError
+    from ertacache.integrations.diffusers.families import family_for
+
     T = every.num_inference_steps
     for mode in REUSE_MODES:
+        if get_reuse(mode).needs_blocks and not family_for(pipe).block_stacks:  # a family with no block stack
+            with pytest.raises(ErtaCacheError, match="block"):
+                apply_ertacache(pipe, replace(every, reuse=mode))
+            continue
         with apply_ertacache(pipe, replace(every, reuse=mode)) as handle:
             assert torch.equal(run(), ref), mode
             assert handle.forwards() == {b: T for b in every.branches}

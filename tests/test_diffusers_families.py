@@ -87,6 +87,25 @@ def qwenimage():
     return QwenImagePipeline, pipe, none, kwargs, ("cond", "uncond")
 
 
+def chroma():
+    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    tf = ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                  axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=32,
+                                  approximator_layers=1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=2, use_quant_conv=False, use_post_quant_conv=False,
+                        shift_factor=0.0, scaling_factor=1.0)
+    none = dict(tokenizer=None, text_encoder=None)
+    pipe = ChromaPipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
+    emb, mask = _emb(4, N, 8, 16), torch.ones(N, 8, dtype=torch.bool)
+    kwargs = dict(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=emb * 0,
+                  negative_prompt_attention_mask=mask, guidance_scale=4.0, height=16, width=16)
+    return ChromaPipeline, pipe, none, kwargs, ("cond", "uncond")  # its calls set no cache_context
+
+
 def hunyuan_video():
     from diffusers import (
         AutoencoderKLHunyuanVideo,
@@ -116,7 +135,7 @@ def rows(kwargs, n):
     return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
 
 
-@pytest.mark.parametrize("build", [cogvideox, ltx, hunyuan_video, qwenimage], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("build", [cogvideox, ltx, hunyuan_video, qwenimage, chroma], ids=lambda f: f.__name__)
 def test_family(build, tmp_path):
     torch.manual_seed(0)
     cls, pipe, none, kwargs, branches = build()

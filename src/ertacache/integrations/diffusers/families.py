@@ -73,6 +73,11 @@ register_family(Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline"), timestep
                        channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major
                        cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale",
                        context_free_branches=("cond", "uncond")))
+register_family(Family("chroma", ("ChromaPipeline",), timestep_scale=1.0,
+                       block_stacks=(),  # its single-stream blocks take text and image tokens joined: no one residual
+                       channels=ChannelLayout(dim=-1, group=4),  # FLUX's packing
+                       cfg_scales=("guidance_scale",),
+                       context_free_branches=("cond", "uncond")))  # no cache_context: cond, then uncond
 register_family(Family("qwenimage", ("QwenImagePipeline",), timestep_scale=1.0,
                        channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major (as FLUX)
                        cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale"))
