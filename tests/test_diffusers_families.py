@@ -106,6 +106,21 @@ def chroma():
     return ChromaPipeline, pipe, none, kwargs, ("cond", "uncond")  # its calls set no cache_context
 
 
+def flux2():
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+
+    tf = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                 timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4))
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                             latent_channels=4, norm_num_groups=2, use_quant_conv=False, use_post_quant_conv=False)
+    none = dict(tokenizer=None, text_encoder=None)
+    pipe = Flux2Pipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
+    kwargs = dict(prompt_embeds=_emb(5, N, 8, 16), guidance_scale=4.0, height=16, width=16)
+    return Flux2Pipeline, pipe, none, kwargs, ("cond",)  # guidance-distilled: one call a step
+
+
 def hunyuan_video():
     from diffusers import (
         AutoencoderKLHunyuanVideo,
@@ -135,7 +150,7 @@ def rows(kwargs, n):
     return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
 
 
-@pytest.mark.parametrize("build", [cogvideox, ltx, hunyuan_video, qwenimage, chroma], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("build", [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2], ids=lambda f: f.__name__)
 def test_family(build, tmp_path):
     torch.manual_seed(0)
     cls, pipe, none, kwargs, branches = build()
