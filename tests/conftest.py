@@ -88,12 +88,10 @@ def assert_every_reuse_mode_on_pipeline(pipe, run, every, ref):
     from dataclasses import replace
 
     from ertacache import apply_ertacache
-    from ertacache.core.reuse import REUSE_MODES
-    from ertacache.policy import uniform_cached_steps
-
-    from ertacache.core.reuse import get_reuse
+    from ertacache.core.reuse import REUSE_MODES, get_reuse
     from ertacache.errors import ErtaCacheError
     from ertacache.integrations.diffusers.families import family_for
+    from ertacache.policy import uniform_cached_steps
 
     T = every.num_inference_steps
     for mode in REUSE_MODES:
