@@ -121,6 +121,22 @@ def flux2():
     return Flux2Pipeline, pipe, none, kwargs, ("cond",)  # guidance-distilled: one call a step
 
 
+def cogview4():
+    from diffusers import AutoencoderKL, CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    tf = CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+                                    num_attention_heads=2, text_embed_dim=16, time_embed_dim=8, condition_dim=4,
+                                    pos_embed_max_size=16, sample_size=8, rope_axes_dim=(4, 4))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=2, scaling_factor=1.0)
+    none = dict(tokenizer=None, text_encoder=None)
+    pipe = CogView4Pipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
+    emb = _emb(6, N, 8, 16)
+    kwargs = dict(prompt_embeds=emb, negative_prompt_embeds=emb * 0, guidance_scale=4.0, height=16, width=16)
+    return CogView4Pipeline, pipe, none, kwargs, ("cond", "uncond")
+
+
 def hunyuan_video():
     from diffusers import (
         AutoencoderKLHunyuanVideo,
@@ -150,7 +166,7 @@ def rows(kwargs, n):
     return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
 
 
-@pytest.mark.parametrize("build", [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("build", [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2, cogview4], ids=lambda f: f.__name__)
 def test_family(build, tmp_path):
     torch.manual_seed(0)
     cls, pipe, none, kwargs, branches = build()
