@@ -137,6 +137,21 @@ def cogview4():
     return CogView4Pipeline, pipe, none, kwargs, ("cond", "uncond")
 
 
+def sana():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+
+    tf = SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                cross_attention_dim=16, caption_channels=16, sample_size=8, patch_size=1)
+    none = dict(tokenizer=None, text_encoder=None, vae=None)  # output_type="latent" needs no VAE
+    pipe = SanaPipeline(transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
+    emb, mask = _emb(7, N, 8, 16), torch.ones(N, 8)
+    kwargs = dict(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt=None, negative_prompt_embeds=emb * 0,
+                  negative_prompt_attention_mask=mask, guidance_scale=4.0, height=256, width=256,
+                  use_resolution_binning=False)
+    return SanaPipeline, pipe, none, kwargs, ("cond_uncond",)  # both CFG halves in one batched call
+
+
 def hunyuan_video():
     from diffusers import (
         AutoencoderKLHunyuanVideo,
@@ -166,7 +181,7 @@ def rows(kwargs, n):
     return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
 
 
-@pytest.mark.parametrize("build", [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2, cogview4], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("build", [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2, cogview4, sana], ids=lambda f: f.__name__)
 def test_family(build, tmp_path):
     torch.manual_seed(0)
     cls, pipe, none, kwargs, branches = build()

@@ -50,7 +50,7 @@ def register_block(class_name: str, output: BlockOutput) -> None:
 
 
 register_block("JointTransformerBlock", BlockOutput(hidden=1, encoder=0))  # SD3; not in diffusers' registry
-for _name in ("WanTransformerBlock", "LTXVideoTransformerBlock"):  # one tensor out
+for _name in ("WanTransformerBlock", "LTXVideoTransformerBlock", "SanaTransformerBlock"):  # one tensor out
     register_block(_name, BlockOutput())
 
 

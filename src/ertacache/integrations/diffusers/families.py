@@ -82,6 +82,7 @@ register_family(Family("flux2", ("Flux2Pipeline",), timestep_scale=1.0, block_st
                        channels=ChannelLayout(dim=-1), cfg_scales=(), embedded_guidance="guidance_scale",
                        context_free_branches=("cond",)))  # guidance-distilled: one call a step, no cache_context
 register_family(Family("cogview4", ("CogView4Pipeline",)))  # cond / uncond contexts, timestep = 1000 t
+register_family(Family("sana", ("SanaPipeline",)))  # batched CFG in one call; timestep = 1000 t (timestep_scale 1)
 register_family(Family("qwenimage", ("QwenImagePipeline",), timestep_scale=1.0,
                        channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major (as FLUX)
                        cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale"))
