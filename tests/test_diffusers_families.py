@@ -181,7 +181,10 @@ def rows(kwargs, n):
     return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
 
 
-@pytest.mark.parametrize("build", [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2, cogview4, sana], ids=lambda f: f.__name__)
+FAMILY_BUILDS = [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2, cogview4, sana]
+
+
+@pytest.mark.parametrize("build", FAMILY_BUILDS, ids=lambda f: f.__name__)
 def test_family(build, tmp_path):
     torch.manual_seed(0)
     cls, pipe, none, kwargs, branches = build()
