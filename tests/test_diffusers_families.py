@@ -214,3 +214,31 @@ def test_family(build, tmp_path):
         assert handle.forwards() == {b: policy.nfe for b in branches}
     assert_not_below_uniform(pipe, run, policy, out, ref)
     assert torch.equal(run(), ref)
+
+
+TESTED = {  # every registered pipeline class -> the test that runs it on a tiny pipeline
+    "FluxPipeline": "test_diffusers_flux.py", "FluxImg2ImgPipeline": "test_workflows.py::test_image_to_image_*",
+    "WanPipeline": "test_diffusers_wan.py",
+    "WanImageToVideoPipeline": "test_diffusers_wan.py::test_wan_image_to_video_*",
+    "StableDiffusion3Pipeline": "test_diffusers_sd3.py",
+    **{name: f"test_family[{b.__name__}]" for b, name in [
+        (cogvideox, "CogVideoXPipeline"), (ltx, "LTXPipeline"), (hunyuan_video, "HunyuanVideoPipeline"),
+        (qwenimage, "QwenImagePipeline"), (chroma, "ChromaPipeline"), (flux2, "Flux2Pipeline"),
+        (cogview4, "CogView4Pipeline"), (sana, "SanaPipeline")]},
+}
+
+
+def test_every_registered_pipeline_is_tested_and_in_the_docs_table():
+    from pathlib import Path
+
+    from ertacache.integrations.diffusers.families import FAMILIES
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "diffusers.md").read_text()
+    table = text[text.index("| family | pipelines |"):]
+    table = table[:table.index("\n\n")]
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    for family in FAMILIES.values():
+        assert family.name in rows, f"family {family.name} has no row in docs/diffusers.md's table"
+        for pipeline in family.pipelines:
+            assert pipeline in rows[family.name], f"{pipeline} missing from its family's row"
+            assert pipeline in TESTED, f"{pipeline} is registered but no test runs it"
