@@ -152,6 +152,23 @@ def sana():
     return SanaPipeline, pipe, none, kwargs, ("cond_uncond",)  # both CFG halves in one batched call
 
 
+def lumina2():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    tf = Lumina2Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=1,
+                                   num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2, multiple_of=16,
+                                   axes_dim_rope=(4, 6, 6), axes_lens=(32, 32, 32), cap_feat_dim=16)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=2, scaling_factor=1.0)
+    none = dict(tokenizer=None, text_encoder=None)
+    pipe = Lumina2Pipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
+    emb, mask = _emb(8, N, 8, 16), torch.ones(N, 8, dtype=torch.bool)
+    kwargs = dict(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=emb * 0,
+                  negative_prompt_attention_mask=mask, guidance_scale=4.0, height=32, width=32)
+    return Lumina2Pipeline, pipe, none, kwargs, ("cond", "uncond")  # time reversed (1 - t): read from the scheduler
+
+
 def hunyuan_video():
     from diffusers import (
         AutoencoderKLHunyuanVideo,
@@ -181,7 +198,7 @@ def rows(kwargs, n):
     return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
 
 
-FAMILY_BUILDS = [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2, cogview4, sana]
+FAMILY_BUILDS = [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2, cogview4, sana, lumina2]
 
 
 @pytest.mark.parametrize("build", FAMILY_BUILDS, ids=lambda f: f.__name__)
@@ -224,7 +241,7 @@ TESTED = {  # every registered pipeline class -> the test that runs it on a tiny
     **{name: f"test_family[{b.__name__}]" for b, name in [
         (cogvideox, "CogVideoXPipeline"), (ltx, "LTXPipeline"), (hunyuan_video, "HunyuanVideoPipeline"),
         (qwenimage, "QwenImagePipeline"), (chroma, "ChromaPipeline"), (flux2, "Flux2Pipeline"),
-        (cogview4, "CogView4Pipeline"), (sana, "SanaPipeline")]},
+        (cogview4, "CogView4Pipeline"), (sana, "SanaPipeline"), (lumina2, "Lumina2Pipeline")]},
 }
 
 
@@ -242,3 +259,14 @@ def test_every_registered_pipeline_is_tested_and_in_the_docs_table():
         for pipeline in family.pipelines:
             assert pipeline in rows[family.name], f"{pipeline} missing from its family's row"
             assert pipeline in TESTED, f"{pipeline} is registered but no test runs it"
+
+
+def test_lumina2_truncated_guidance_is_refused_in_one_line():
+    """cfg_trunc_ratio < 1 stops the negative call part-way: the calls change from step to step."""
+    from ertacache.errors import ErtaCacheError
+
+    _, pipe, _, kwargs, _ = lumina2()
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ErtaCacheError, match=r"calls change from step to step \(\[1, 2\] calls a step"):
+        calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(N),
+                           cfg_trunc_ratio=0.5, **kwargs)

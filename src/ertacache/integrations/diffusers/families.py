@@ -24,7 +24,8 @@ class Family:
         transformers: pipeline attributes holding transformers; each gets its own
             cache (Wan 2.2 has ``transformer`` and ``transformer_2``).
         timestep_scale: the transformer's ``timestep`` argument is ``t * timestep_scale``
-            (FLUX passes sigma itself: 1; the others pass ``1000 * sigma``).
+            (FLUX passes sigma itself: 1; the others pass ``1000 * sigma``); 0: the time is read
+            from the scheduler's ``sigmas`` at its step (Lumina 2 passes ``1 - t``).
         default_context: the branch name used when the pipeline sets no
             ``cache_context`` (SD3 batches both CFG branches in one call).
         block_stacks: attributes of the transformer holding its block lists, in the
@@ -83,6 +84,9 @@ register_family(Family("flux2", ("Flux2Pipeline",), timestep_scale=1.0, block_st
                        context_free_branches=("cond",)))  # guidance-distilled: one call a step, no cache_context
 register_family(Family("cogview4", ("CogView4Pipeline",)))  # cond / uncond contexts, timestep = 1000 t
 register_family(Family("sana", ("SanaPipeline",)))  # batched CFG in one call; timestep = 1000 t (timestep_scale 1)
+register_family(Family("lumina2", ("Lumina2Pipeline",), timestep_scale=0.0, block_stacks=(),
+                       cfg_scales=("guidance_scale",),  # cond, then uncond, with no cache_context
+                       context_free_branches=("cond", "uncond")))  # cfg_trunc_ratio < 1 drops uncond late: refused
 register_family(Family("qwenimage", ("QwenImagePipeline",), timestep_scale=1.0,
                        channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major (as FLUX)
                        cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale"))

@@ -160,7 +160,9 @@ class PipelineRun:
         if self.family.timestep_scale:
             return timestep_of(kwargs, self.family)
         if scheduler is None:
-            raise ErtaCacheError(f"{self.family.name}: a detected family needs a scheduler that keeps step_index")
+            raise ErtaCacheError(f"{self.family.name}: this family's time is read from the scheduler, and "
+                                 f"{type(self.pipe.scheduler).__name__ if self.pipe is not None else 'its scheduler'} "
+                                 "keeps no step_index: use a flow-matching scheduler")
         return float(scheduler.sigmas[self._index(scheduler) + self._begin(scheduler)])
 
     def check_calls_per_step(self) -> None:
