@@ -62,6 +62,8 @@ def setting_key(pipe: Any, family: Family, kwargs: dict[str, Any], target_speedu
         "model": fingerprint_id(model_fingerprint(transformers)),
         "model_values": hashlib.sha256(model_fingerprint(transformers).encode()).hexdigest()[:16],
         "adapters": adapters, "pipeline": type(pipe).__name__, "scheduler": type(scheduler).__name__,
+        "pipeline_config": {k: v for k, v in dict(getattr(pipe, "config", {})).items()  # Wan 2.2's boundary_ratio
+                            if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))},
         "scheduler_config": {k: v for k, v in dict(scheduler.config).items()
                              if isinstance(v, (int, float, bool, str, type(None)))},
         "call": {k: kwargs[k] for k in SETTING_ARGUMENTS if isinstance(kwargs.get(k), (int, float, bool))},
