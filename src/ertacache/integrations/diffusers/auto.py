@@ -24,7 +24,6 @@ import hashlib
 import inspect
 import json
 import logging
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,9 +72,6 @@ def setting_key(pipe: Any, family: Family, kwargs: dict[str, Any], target_speedu
     return digest, setting
 
 
-_inside = threading.local()
-
-
 class AutoCache:
     """What ``apply_ertacache(pipe, target_speedup=...)`` installs: the pipeline's class is swapped for a subclass
     whose ``__call__`` finds or calibrates the policy of the call's setting, applies it, and runs the call."""
@@ -91,6 +87,7 @@ class AutoCache:
         self.recalibrate, self.calibration_prompts = recalibrate, calibration_prompts
         self.apply = apply
         self.redone: set[str] = set()
+        self.calibrating = False
         self.calibrations = 0
         self.handle: Any = None
         self.key: str | None = None
@@ -101,7 +98,7 @@ class AutoCache:
 
         class Cached(self.original_class):  # type: ignore[name-defined, misc]
             def __call__(self, *args: Any, **kwargs: Any) -> Any:
-                if getattr(_inside, "calibrating", False):
+                if auto.calibrating:  # calibration's own calls (micro-batch threads included) run as they are
                     return super().__call__(*args, **kwargs)
                 bound = signature.bind_partial(self, *args, **kwargs).arguments
                 named = {k: v for k, v in bound.items() if k != "self" and k != "kwargs"}
@@ -144,12 +141,12 @@ class AutoCache:
                        ", ".join(f"{k}={v}" for k, v in setting["call"].items()) or "the pipeline's defaults",
                        rows, "" if rows == 1 else "s", self.target_speedup)
         self.remove_inner()
-        _inside.calibrating = True
+        self.calibrating = True
         try:
             policy = calibrate_pipeline(self.pipe, prompts, num_inference_steps=steps,
                                         target_speedup=self.target_speedup, **pipe_kwargs)
         finally:
-            _inside.calibrating = False
+            self.calibrating = False
         self.calibrations += 1
         return policy
 
