@@ -171,7 +171,8 @@ class PipelineRun:
         Raises:
             ErtaCacheError: the calls change from step to step.
         """
-        kinds = {tuple(sorted(map(str, units))) for units in self.units_at.values()}
+        # the branches called at each step (Wan 2.2 hands them from one transformer to the other part-way)
+        kinds = {tuple(sorted(str(u[1]) for u in units)) for units in self.units_at.values()}  # type: ignore[index]
         if len(kinds) > 1:
             counts = sorted({len(units) for units in self.units_at.values()})
             names: set[str] = {str(u[1]) for units in self.units_at.values() for u in units}  # type: ignore[index]
