@@ -23,28 +23,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from heldout import Reference
+from results import commit
 
 from ertacache import CalibrationConfig, Policy, calibrate_many
 from ertacache.bench.metrics import psnr as metrics_psnr
 from ertacache.io import atomic_write_text
-
-
-def commit() -> str:
-    """The repository's commit (``-dirty`` with uncommitted changes), or ``unknown``."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def draw_set(model: str, shift: float, n: int, draw: int, classes: int) -> tuple[torch.Tensor, list[int]]:

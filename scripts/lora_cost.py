@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import warnings
-from pathlib import Path
 
 import torch
-from calibration_draws import commit
+from results import write_results
 from travel import Image
 
 from ertacache import Policy, apply_ertacache, calibrate_pipeline
@@ -90,11 +88,7 @@ def main() -> None:
         same = "yes" if r["same_cached_steps"] else "no"
         lines.append(f"| {r['strength']:g} | {r['base_policy']} ({r['base_nfe']}) | {r['recalibrated']} "
                      f"({r['recalibrated_nfe']}) | {r['uniform_same_nfe']} | {same} |")
-    lines.append(f"\nMade by `python scripts/lora_cost.py --strengths {args.strengths}` at commit {commit()}, "
-                 f"{time.strftime('%Y-%m-%d')}.")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("\n".join(lines))
+    print(write_results(args.out, lines, rows, f"python scripts/lora_cost.py --strengths {args.strengths}"))
 
 
 if __name__ == "__main__":

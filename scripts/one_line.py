@@ -18,10 +18,9 @@ import json
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
 import torch
-from calibration_draws import commit
+from results import write_results
 from travel import Image, Video
 
 from ertacache import Policy, apply_ertacache, calibrate_pipeline
@@ -89,11 +88,8 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['target']:g}x | {r['one_row'][0]} ({r['one_row'][1]}) | "
                      f"{r['first_call_x_one_row']} | {r['four_rows'][0]} ({r['four_rows'][1]}) | "
                      f"{r['first_call_x_four_rows']} | {o[0]} ({o[1]}, {o[2]}) | {r['uniform_same_nfe']} |")
-    lines.append(f"\nMade by `python scripts/one_line.py --models {args.models} --targets {args.targets}` at commit "
-                 f"{commit()}, {time.strftime('%Y-%m-%d')}.")
-    Path(args.out).write_text("\n".join(lines) + "\n")
-    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
-    print("\n".join(lines))
+    print(write_results(args.out, lines, rows,
+                        f"python scripts/one_line.py --models {args.models} --targets {args.targets}"))
 
 
 if __name__ == "__main__":

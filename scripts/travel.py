@@ -15,10 +15,7 @@ PSNR (dB) against the uncached pipeline on held-out seeds (image 20, video 10).
 from __future__ import annotations
 
 import argparse
-import json
-import time
 import warnings
-from pathlib import Path
 
 import torch
 
@@ -156,15 +153,9 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['model']} | {r['calibrated']} | {r['run']} | {r['how']} | {r['travelled'][0]} "
                      f"({r['travelled'][1]}) | {r['native'][0]} ({r['native'][1]}) | {r['uniform_same_nfe']} |")
-    from calibration_draws import commit
+    from results import write_results
 
-    lines.append(f"\nMade by `python scripts/travel.py --models {args.models}` at commit {commit()}, "
-                 f"{time.strftime('%Y-%m-%d')}.")
-    text = "\n".join(lines) + "\n"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
-    Path(args.out).with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    print(text)
+    print(write_results(args.out, lines, rows, f"python scripts/travel.py --models {args.models}"))
 
 
 if __name__ == "__main__":

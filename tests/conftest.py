@@ -156,6 +156,23 @@ def oracle_run(pipe, run, cached_steps, mode, n_branches):
         return run()
 
 
+def assert_policy_follows(pipe, run, policy, ref, tol_db=0.25):
+    """A calibrated policy on a pipeline: its all-compute version reproduces ``ref`` bit for bit, it runs NFE
+    forwards per branch, and it is not below evenly spaced caching (:func:`assert_not_below_uniform`).
+    Returns its output."""
+    from ertacache import Policy, apply_ertacache
+
+    every = Policy(policy.num_inference_steps, (), policy.grid, branches=policy.branches,
+                   model_fingerprint=policy.model_fingerprint)
+    with apply_ertacache(pipe, every):
+        assert torch.equal(run(), ref)
+    with apply_ertacache(pipe, policy) as handle:
+        out = run()
+        assert handle.forwards() == dict.fromkeys(policy.branches, policy.nfe)
+    assert_not_below_uniform(pipe, run, policy, out, ref, tol_db)
+    return out
+
+
 def assert_not_below_uniform(pipe, run, policy, out, ref, tol_db=0.25):
     """The fidelity bound of a calibrated policy on a pipeline: its output ``out`` is no more than ``tol_db`` below
     evenly spaced caching at the same NFE (same reuse, branches and grid), in PSNR against ``ref``."""

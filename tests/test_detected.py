@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, FluxPipeline
 
-from ertacache import Policy, apply_ertacache, calibrate_pipeline
+from conftest import assert_policy_follows
+from ertacache import calibrate_pipeline
 from ertacache.core.config import CalibrationConfig
 from ertacache.errors import ErtaCacheError
 from ertacache.integrations.diffusers.families import DetectedFamilyWarning, family_for
@@ -58,15 +59,7 @@ def test_an_unregistered_pipeline_is_detected_calibrated_and_followed():
         policy = calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(len(labels)),
                                     config=CalibrationConfig(candidates=("search", "uniform")), **cal)
         assert policy.branches == ("cond", "uncond")  # FLUX's own cache_context names, read from the calls
-        every = Policy(T, (), policy.grid, branches=policy.branches, model_fingerprint=policy.model_fingerprint)
-        with apply_ertacache(pipe, every):
-            assert torch.equal(run(), ref)
-        with apply_ertacache(pipe, policy) as handle:
-            out = run()
-            assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
-        with apply_ertacache(pipe, Policy.uniform(T, policy.nfe, like=policy)):
-            uniform = run()
-    assert (out - ref).square().mean() <= (uniform - ref).square().mean() * 10 ** 0.025
+        assert_policy_follows(pipe, run, policy, ref)
     # the same policy as the registered FluxPipeline's: detection reads what the registration says
     registered = calibrate_pipeline(p.pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(4),
                                     config=CalibrationConfig(candidates=("search", "uniform")), **cal)

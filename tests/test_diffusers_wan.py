@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import assert_every_reuse_mode_on_pipeline, assert_not_below_uniform
+from conftest import assert_every_reuse_mode_on_pipeline, assert_not_below_uniform, assert_policy_follows
 from ertacache import Policy, PolicyMismatchError, apply_ertacache
 from ertacache.core.config import CalibrationConfig
 from ertacache.errors import ErtaCacheError
@@ -176,14 +176,8 @@ def test_wan22_ti2v_per_token_timesteps_calibrate_and_follow(tmp_path):
                                 config=CalibrationConfig(thresholds=(0.05, 0.2, 0.5)),
                                 prompt_embeds=EMB[:2], negative_prompt_embeds=NEG[:2], image=image,
                                 **{k: v for k, v in kw.items() if k not in ("image", "output_type")})
-    assert policy.grid[0] == 1.0 and policy.nfe <= T // 2
-    every = Policy(T, (), policy.grid, branches=policy.branches, model_fingerprint=policy.model_fingerprint)
-    with apply_ertacache(pipe, every):
-        assert torch.equal(run_(), ref)
-    with apply_ertacache(pipe, policy) as handle:
-        out = run_()
-        assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
-    assert_not_below_uniform(pipe, run_, policy, out, ref)
+    assert policy.grid[0] == 1.0 and policy.nfe <= T // 2 and policy.branches == ("cond", "uncond")
+    assert_policy_follows(pipe, run_, policy, ref)
 
 
 def test_wan_image_to_video_calibrates_and_follows():
@@ -218,13 +212,5 @@ def test_wan_image_to_video_calibrates_and_follows():
                                 config=CalibrationConfig(candidates=("search", "uniform")), prompt_embeds=EMB,
                                 negative_prompt_embeds=NEG, **call)
     assert policy.branches == ("cond", "uncond") and policy.nfe <= T // 2
-    every = Policy(T, (), policy.grid, branches=policy.branches, model_fingerprint=policy.model_fingerprint)
-    with apply_ertacache(pipe, every):
-        assert torch.equal(i2v(), ref)
-    with apply_ertacache(pipe, policy) as handle:
-        out = i2v()
-        assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
-    with apply_ertacache(pipe, Policy.uniform(T, policy.nfe, like=policy)):
-        uniform = i2v()
-    assert (out - ref).square().mean() <= (uniform - ref).square().mean() * 10 ** 0.025  # within 0.25 dB or better
+    assert_policy_follows(pipe, i2v, policy, ref)
     assert torch.equal(i2v(), ref)

@@ -57,9 +57,10 @@ def setting_key(pipe: Any, family: Family, kwargs: dict[str, Any], target_speedu
             adapters[name] = {"fused": fused, "config": repr(config.to_dict() if hasattr(config, "to_dict")
                                                               else config)}
     scheduler = pipe.scheduler
+    fingerprint = model_fingerprint(transformers)
     setting = {
-        "model": fingerprint_id(model_fingerprint(transformers)),
-        "model_values": hashlib.sha256(model_fingerprint(transformers).encode()).hexdigest()[:16],
+        "model": fingerprint_id(fingerprint),
+        "model_values": hashlib.sha256(fingerprint.encode()).hexdigest()[:16],
         "adapters": adapters, "pipeline": type(pipe).__name__, "scheduler": type(scheduler).__name__,
         "pipeline_config": {k: v for k, v in dict(getattr(pipe, "config", {})).items()  # Wan 2.2's boundary_ratio
                             if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))},

@@ -22,7 +22,7 @@ from ...core.reuse import Reuse
 from ...errors import ErtaCacheError, PolicyMismatchError
 from .adapters import hidden_states_of, latent_of, output_like, sample_of, timestep_of
 from .families import Family
-from .scheduler import scheduler_refusal, write_grid
+from .scheduler import begin_index, scheduler_refusal, write_grid
 
 if TYPE_CHECKING:
     from .hooks import StepHook
@@ -141,14 +141,9 @@ class PipelineRun:
         return scheduler if hasattr(scheduler, "step_index") else None
 
     @staticmethod
-    def _begin(scheduler: Any) -> int:
-        """The scheduler's first step (image-to-image at strength < 1 starts part-way down the grid)."""
-        return int(getattr(scheduler, "begin_index", None) or 0)
-
-    @classmethod
-    def _index(cls, scheduler: Any) -> int:
+    def _index(scheduler: Any) -> int:
         """The step among those the call runs: 0 at its first step, whatever strength skipped before it."""
-        begin = cls._begin(scheduler)
+        begin = begin_index(scheduler)
         index = scheduler.step_index
         if index is None:  # before the first scheduler step of a call
             index = begin
@@ -163,7 +158,7 @@ class PipelineRun:
             raise ErtaCacheError(f"{self.family.name}: this family's time is read from the scheduler, and "
                                  f"{type(self.pipe.scheduler).__name__ if self.pipe is not None else 'its scheduler'} "
                                  "keeps no step_index: use a flow-matching scheduler")
-        return float(scheduler.sigmas[self._index(scheduler) + self._begin(scheduler)])
+        return float(scheduler.sigmas[self._index(scheduler) + begin_index(scheduler)])
 
     def check_calls_per_step(self) -> None:
         """Ground truth: the same transformer calls (units) at every step, or a one-line error naming what was seen.
@@ -223,7 +218,7 @@ class PipelineRun:
         grid = self.engine.grid
         assert grid is not None
         T = len(grid) - 1
-        begin = self._begin(scheduler)
+        begin = begin_index(scheduler)
         n = len(scheduler.timesteps) - begin
         if n != T:
             runs = f"{n} (the steps that run: strength skips the first {begin} of {n + begin})" if begin else f"{n}"

@@ -23,12 +23,17 @@ def scheduler_refusal(scheduler: Any) -> str | None:
     return None
 
 
+def begin_index(scheduler: Any) -> int:
+    """The scheduler's first step (image-to-image at strength < 1 starts part-way down the grid)."""
+    return int(getattr(scheduler, "begin_index", None) or 0)
+
+
 def scheduler_grid(scheduler: Any, steps: int) -> list[float] | None:
     """The times ``t`` in [0, 1] the scheduler's running call takes at its ``steps`` steps (from its first step:
     strength may skip some), or None where it keeps no flow-matching ``sigmas`` on the host (reading them from a
     device would wait for it)."""
     sigmas = getattr(scheduler, "sigmas", None)
-    begin = int(getattr(scheduler, "begin_index", None) or 0)
+    begin = begin_index(scheduler)
     if not isinstance(sigmas, torch.Tensor) or sigmas.device.type != "cpu" or sigmas.numel() < begin + steps:
         return None
     values = [float(v) for v in sigmas[begin:begin + steps].tolist()]
