@@ -132,12 +132,15 @@ def test_a_win_the_folds_do_not_reproduce_is_not_kept(tiny, monkeypatch):
     assert p.provenance["judged_on"] == "every sample (rectification leave-one-out, searched sets checked 5-fold)"
 
 
-def test_one_fold_or_one_sample_judges_in_sample(tiny):
-    s = session(tiny, CalibrationConfig(folds=1))
+@pytest.mark.parametrize("fresh", [True, False])
+def test_one_fold_or_one_sample_judges_in_sample(tiny, fresh):
+    """Without folds a fitted set is judged on its samples; its win is checked on fresh noise (test_fresh.py)."""
+    s = session(tiny, CalibrationConfig(folds=1, fresh_check=fresh))
     assert s.folds == [] and s.truth.fold_costs == []
     p = s.policy(target_speedup=2.0)
     assert all("k_fold" not in d for d in p.provenance["decisions"])
-    assert p.provenance["judged_on"] == "every sample (rectification leave-one-out)"
+    assert p.provenance["judged_on"] == "every sample (rectification leave-one-out" + (
+        ", a searched set's win checked on fresh noise)" if fresh else ")")
 
 
 def test_timestep_adjustment_is_judged_on_samples_its_grid_was_not_fitted_to(tiny):

@@ -77,7 +77,7 @@ def estimate(model: Any, cond: Tensor | None, seeds: Sequence[int], *, target_sp
     c = None if cond is None else cond[:1].to(device)
     with torch.no_grad():
         seconds = time_one_call(lambda: model(x, t, c))
-    return replace(plan(config, num_inference_steps, target_speedups, rows), seconds_per_call=seconds)
+    return replace(plan(config, num_inference_steps, target_speedups, rows, len(seeds)), seconds_per_call=seconds)
 
 
 def calibrate(model: Any, cond: Tensor | None, seeds: Sequence[int], *, target_speedup: float | None = None,

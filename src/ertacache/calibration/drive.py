@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -68,6 +69,9 @@ class Driver(Protocol):
     def restore(self, recorded: dict[str, Any]) -> None:
         """Take back :meth:`recorded` when ground truth is not run again."""
         ...
+
+    # Optional: ``twin() -> Driver | None``, the same set under fresh noise seeds (:mod:`.fresh`), None where the
+    # driver cannot draw other noise (then ``twin_off`` says why).
 
 
 def check_batch_size(batch_size: object) -> int | None:
@@ -162,6 +166,16 @@ class CoreDriver:
                 "conditions": digest(*(c for c in (self.cond, self.null_cond) if c is not None)),
                 "latent_shape": list(self.latent_shape), "num_inference_steps": self.num_inference_steps,
                 "shift": self.shift, "guidance_scale": self.guidance_scale, "dtype": str(self.noise.dtype)}
+
+    def twin(self) -> CoreDriver:
+        """The same conditions under fresh noise seeds (:func:`~.fresh.fresh_seeds`), for the fresh-noise check."""
+        from .fresh import fresh_seeds
+
+        twin = copy.copy(self)
+        twin.seeds = fresh_seeds(self.seeds)
+        twin.noise = seeded_noise(twin.seeds, self.latent_shape, self.noise.dtype, self.noise.device)
+        twin.last_model_calls = 0
+        return twin
 
     def recorded(self) -> dict[str, Any]:
         return {}

@@ -10,7 +10,7 @@ sample's fold (docs/method.md section 2.6).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -22,10 +22,19 @@ from .evidence import DB, ErrorModelPrior, Margin, posterior
 from .runner import PassRunner
 from .sets import Candidate
 
+if TYPE_CHECKING:
+    from .fresh import FreshCheck
+
 MSE_FLOOR = 1e-30
 """A sample's MSE below this counts as this (an exact match, e.g. a policy that caches nothing)."""
 Option = tuple[Candidate, str]
 """A candidate set and one of its variants (``plain``, ``adjusted``, ``rectified``, ``full``)."""
+
+
+def sample_log_mse(final: Tensor, reference: Tensor) -> Tensor:
+    """Each sample's log MSE at t = 0 of ``final`` against ``reference`` (both ``(n, *latent_shape)``), float64 on
+    the CPU, floored at :data:`MSE_FLOOR`."""
+    return (final.to(reference) - reference).double().square().flatten(1).mean(1).clamp_min(MSE_FLOOR).log().cpu()
 
 
 def option_label(option: Option, T: int) -> str:
@@ -71,6 +80,8 @@ class Judge:
         self.T, n = driver.num_inference_steps, driver.size
         self.all, self.n_hold, self.folds, self.base = slice(0, n), n_hold, folds, base
         self.evidence = evidence
+        self.fresh: FreshCheck | None = None  # the fresh-noise check of fitted sets where no fold can be left out
+        self.fresh_off: str | None = None  # why there is none where one was asked for
         self.hold = slice(n - n_hold, n) if n_hold else self.all
         self.scores: dict[str, Tensor] = {}
         self.errors: dict[str, float] = {}
@@ -97,8 +108,7 @@ class Judge:
 
     def log_mse(self, final: Tensor, rows: slice) -> Tensor:
         """Each sample's log MSE at t = 0 against its uncached run (this process' part of ``rows``, float64)."""
-        ref: Tensor = self.reference[self.positions(rows)]
-        return (final.to(ref) - ref).double().square().flatten(1).mean(1).clamp_min(MSE_FLOOR).log().cpu()
+        return sample_log_mse(final, self.reference[self.positions(rows)])
 
     def geometric(self, log_mse: Tensor) -> float:
         """The geometric mean over processes of the MSEs whose logs are ``log_mse`` (this process' rows)."""
@@ -248,11 +258,14 @@ class Judge:
     def compare(self, old: Option, new: Option, variants: dict[int, dict[str, Policy]]
                 ) -> tuple[Margin, dict[str, Any]]:
         """The paired comparison of two options (candidate, variant); a win of a set fitted to the samples is
-        checked k-fold (:meth:`shift`). Returns the margin and what the decision records beside it."""
+        checked k-fold (:meth:`shift`), or, where no fold can be left out, on fresh noise (:meth:`fresh_check`).
+        Returns the margin and what the decision records beside it (``"kept": False`` where a check failed)."""
         m = self.margin(self.policy_of(old, variants), self.policy_of(new, variants))
         fitted = [c for c in (old[0], new[0]) if c.refit is not None]
-        if not m.significant or not self.folds or not fitted or old[0] is new[0]:
+        if not m.significant or not fitted or old[0] is new[0]:
             return m, {}
+        if not self.folds:
+            return m, self.fresh_check(old, new, variants) if new[0].refit is not None else {}
         try:
             shifts = [self.shift(c, variants.get(id(c), {})) for c in (old[0], new[0])]
         except NoRoom:
@@ -260,3 +273,26 @@ class Judge:
         checked = self.margin(self.policy_of(old, variants), self.policy_of(new, variants), *shifts)
         return checked, {"in_sample_gain_db": round(m.gain_db, 3), "k_fold": {
             "folds": len(self.folds), "refit_differs": sum(len(self.refitted(c)) for c in fitted)}}
+
+    def fresh_check(self, old: Option, new: Option, variants: dict[int, dict[str, Policy]]) -> dict[str, Any]:
+        """A fitted set's win judged on the samples it was fitted to, checked on fresh noise (:mod:`.fresh`): kept
+        only where ``new`` also beats ``old`` there. Nothing is checked where every sample is held out (the sets are
+        fitted on the others) or the config turned the check off; where the driver cannot draw other noise, the
+        reason is recorded and the in-sample judgement stands."""
+        if self.n_hold:
+            return {}
+        if self.fresh is None:
+            return {} if self.fresh_off is None else {"fresh_check": f"not run: {self.fresh_off}"}
+        a, b = self.policy_of(old, variants), self.policy_of(new, variants)
+        got = self.fresh.gain((evaluation_key(a), a), (evaluation_key(b), b))
+        return {"fresh_check": got, "kept": got["gain_db"] > 0.0}
+
+    def known_fresh_gain(self, old: Policy, new: Policy) -> dict[str, Any] | None:
+        """``new``'s gain over ``old`` on fresh noise where both were scored there already, else None (nothing
+        is run)."""
+        if self.fresh is None:
+            return None
+        keys = evaluation_key(old), evaluation_key(new)
+        if not all(k in self.fresh.scores for k in keys):
+            return None
+        return self.fresh.gain((keys[0], old), (keys[1], new))

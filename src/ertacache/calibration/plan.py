@@ -29,6 +29,8 @@ class Plan:
         rows: calibration samples times guidance branches (the rows of one pass).
         per_target: ``[(target_speedup, passes, model_calls)]`` beside the shared ground truth.
         seconds_per_call: measured time of one model call on one row, or None.
+        shared: the passes every target shares: the ground truth, and its fresh-noise twin where fitted sets
+            are checked on fresh noise.
     """
 
     passes: float
@@ -36,6 +38,7 @@ class Plan:
     rows: int
     per_target: list[tuple[float, float, int]] = field(default_factory=list)
     seconds_per_call: float | None = None
+    shared: float = 1.0
 
     @property
     def seconds(self) -> float | None:
@@ -46,7 +49,8 @@ class Plan:
         """A few lines for a user: passes, calls per branch and sample, the time estimate."""
         lines = [f"calibration plan: at most {self.passes:.1f} whole-set passes, {self.model_calls} model calls "
                  f"({self.model_calls / max(self.rows, 1):.0f} per sample and branch)",
-                 "  ground truth: 1 pass (shared by every target)"]
+                 f"  ground truth: {self.shared:g} pass{'es' if self.shared != 1 else ''} (shared by every "
+                 f"target{'; the second under fresh noise' if self.shared > 1 else ''})"]
         for target, passes, calls in self.per_target:
             lines.append(f"  target {target:g}x: at most {passes:.1f} passes, {calls} model calls")
         if self.seconds_per_call is not None and self.seconds is not None:
@@ -109,7 +113,15 @@ def target_passes(config: CalibrationConfig, T: int, max_nfe: int, first: bool) 
     return passes
 
 
-def plan(config: CalibrationConfig, num_inference_steps: int, target_speedups: Sequence[float], rows: int) -> Plan:
+def fresh_checked(config: CalibrationConfig, samples: int | None, world_size: int = 1) -> bool:
+    """Whether fitted sets are checked on fresh noise (:mod:`.fresh`): the config asks for it, a set is fitted,
+    every sample judges, and there is no fold to leave out (fewer than 2 samples per process, or ``folds=1``)."""
+    return (config.fresh_check and "search" in config.candidates and config.holdout_fraction == 0
+            and samples is not None and (samples // max(world_size, 1) < 2 or config.folds < 2))
+
+
+def plan(config: CalibrationConfig, num_inference_steps: int, target_speedups: Sequence[float], rows: int,
+         samples: int | None = None) -> Plan:
     """The cost of calibrating ``target_speedups`` in one session (ground truth shared).
 
     Args:
@@ -117,18 +129,21 @@ def plan(config: CalibrationConfig, num_inference_steps: int, target_speedups: S
         num_inference_steps: T.
         target_speedups: the targets (``T / NFE``), as :func:`ertacache.calibrate_many` takes them.
         rows: calibration samples times guidance branches.
+        samples: the calibration samples, where known: with one, the fresh-noise check's uncached pass and its
+            two evaluations per target are counted (:func:`fresh_checked`).
     """
     T = num_inference_steps
-    total = 1.0
+    fresh = fresh_checked(config, samples)
+    total = 1.0 + fresh
     per: list[tuple[float, float, int]] = []
     budgets = sorted(((math.floor(T / s + 1e-9), s) for s in target_speedups), key=lambda b: b[0])
     for k, (max_nfe, s) in enumerate(budgets):
-        passes = target_passes(config, T, max_nfe, first=k == 0)
+        passes = target_passes(config, T, max_nfe, first=k == 0) + fresh * 2 * min(max_nfe, T) / T
         per.append((s, passes, math.ceil(passes * rows * T)))
         total += passes
     order = {s: i for i, s in enumerate(target_speedups)}
     per.sort(key=lambda p: order.get(p[0], 0))
-    return Plan(total, math.ceil(total * rows * T), rows, per)
+    return Plan(total, math.ceil(total * rows * T), rows, per, shared=1.0 + fresh)
 
 
 def time_one_call(call: Callable[[], Any], repeats: int = 3) -> float:

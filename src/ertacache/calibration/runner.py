@@ -55,18 +55,22 @@ class PassRunner:
         self._spent = 0.0  # whole-set passes the current target has spent
 
     # ----- running and keeping ---------------------------------------------------
-    def run(self, kind: str, pass_: Pass, rows: slice, grid: Sequence[float] | None) -> Tensor:
+    def run(self, kind: str, pass_: Pass, rows: slice, grid: Sequence[float] | None,
+            driver: Driver | None = None) -> Tensor:
         """Run ``pass_`` over this process' part of ``rows`` on ``grid``; counted under ``kind`` even when it
-        stops early (:class:`~ertacache.core.engine.StopPass`). Returns x at t = 0 of those rows."""
+        stops early (:class:`~ertacache.core.engine.StopPass`). Returns x at t = 0 of those rows.
+
+        ``driver``: another set's driver (the fresh-noise check's, :mod:`.fresh`), whose rows all judge."""
         if self.bar is not None:
             self.bar.set_description(f"calibration: {kind}")
             pass_.progress = self.tick
         start = time.perf_counter()
-        self.driver.last_model_calls = 0
+        walker = self.driver if driver is None else driver
+        walker.last_model_calls = 0
         try:
-            return self.driver.run(pass_, rows, self.n_fit, grid)
+            return walker.run(pass_, rows, self.n_fit if driver is None else 0, grid)
         finally:
-            self._last = {"kind": kind, "model_calls": self.driver.last_model_calls,
+            self._last = {"kind": kind, "model_calls": walker.last_model_calls,
                           "seconds": time.perf_counter() - start}
             self._count(self._last)
 

@@ -34,6 +34,7 @@ from .components import Components
 from .distributed import check_shards, fold_slices
 from .drive import Driver
 from .evidence import ErrorModelPrior, Margin
+from .fresh import FreshCheck, twin_of
 from .judge import Judge, Option, evaluation_key, option_label
 from .plan import plan, variant_passes
 from .proposals import Proposer
@@ -100,20 +101,24 @@ class CalibrationSession:
         self.targets_left = max(1, len(targets or ()))
         if progress:
             branches = len(getattr(driver, "names", ("cond", "uncond")))  # a pipeline's are known after ground truth
-            self.runner.open_bar(plan(self.config, self.T, self.targets, n * branches).model_calls)
+            self.runner.open_bar(plan(self.config, self.T, self.targets, n * branches, n // world).model_calls)
         logger.info("ground truth on %d samples%s", n, f" ({n_hold} of them held out)" if n_hold else "")
         truth = record_truth(self.runner, driver, self.config, folds)
         if len(truth.fold_costs) != len(folds):  # a driver that does not say which sample a row is
             folds, truth.fold_costs = [], []
         self.truth, self.grid = truth, truth.grid
         self.base: dict[str, Any] = dict(driver.policy_fields(self.grid), config=self.config)
-        self.runner.resize_bar(plan(self.config, self.T, self.targets, n * len(self.base["branches"])).model_calls)
+        self.runner.resize_bar(plan(self.config, self.T, self.targets, n * len(self.base["branches"]),
+                                    n // world).model_calls)
         self.gt_cost = self.runner.snapshot()
         self.proposer = Proposer(self.runner, self.config, truth, n_fit)
         self.judge = Judge(self.runner, driver, truth.final, n_hold, folds, self.base)
         if self.config.error_model_prior:
             self.judge.evidence = ErrorModelPrior(lambda: self.proposer.extrapolation_costs() or truth.search_costs,
                                                   self.judge.errors)
+        if self.config.fresh_check and not folds and not n_hold:  # a fitted set's win: checked on fresh noise
+            twin, self.judge.fresh_off = twin_of(driver)
+            self.judge.fresh = None if twin is None else FreshCheck(self.runner, twin)
         self.components = Components(self.runner, self.judge, driver, self.config, truth, n_fit)
         self.winners: list[Candidate] = []  # the chosen set of each target so far
         self.variants: dict[str, Policy] = {}
@@ -338,11 +343,12 @@ class CalibrationSession:
         m, option = max(scored, key=lambda s: s[0].gain_db)
         label = option_label(option, self.T)
         fit = self.judge.evidence.fit() if self.judge.evidence is not None else None
+        fresh = self.judge.known_fresh_gain(self.judge.plain(base), self.judge.policy_of(option, variants))
         return {"option": label, "over": base.label(self.T), **m.as_dict(), "kept": kept,
                 "interval_db": [round(v, 3) for v in m.interval_db],
                 "evidence": {"samples": m.n, "predicted_policies": len(self.judge.evidence.predicted)
                              if self.judge.evidence is not None else 0, "error_model_slope": None if fit is None
-                             else round(fit[0], 4)}}
+                             else round(fit[0], 4), **({} if fresh is None else {"fresh_check": fresh})}}
 
     def _provenance(self, target_speedup: float | None, max_nfe: int, candidates: list[Candidate],
                     chosen: Candidate, decisions: list[dict[str, Any]], before: dict[str, dict[str, float]]
@@ -364,7 +370,8 @@ class CalibrationSession:
         if self.judge.n_hold:
             return f"{self.judge.n_hold} held-out samples"
         k = len(self.folds)
-        check = f", searched sets checked {k}-fold" if k else ""
+        check = f", searched sets checked {k}-fold" if k else (
+            ", a searched set's win checked on fresh noise" if self.judge.fresh is not None else "")
         if k and self.components.adjustable:
             check += f", timestep adjustment checked {k}-fold where it helps"
         return f"every sample (rectification leave-one-out{check})"

@@ -103,6 +103,12 @@ class CalibrationConfig:
             Off by default: the regression behind it is fitted on the same samples it would
             add evidence to, and at one or two samples it made worse choices (docs/calibration.md,
             "Error rates over many draws"). Not in the paper.
+        fresh_check: where no fold can be left out (one sample per process), a set the schedule
+            search fitted to the samples wins only where it also wins on the same conditions under
+            fresh noise seeds (:mod:`~ertacache.calibration.fresh`): one more uncached pass of the
+            set, shared by every target, and one evaluation per policy compared, outside
+            ``max_passes``; run only when such a set would be kept. False judges it on the samples
+            it was fitted to. Not in the paper.
         component_check: judge the chosen set with and without timestep adjustment
             and rectification, and keep a component only where it wins a paired
             comparison over the calibration samples beyond its uncertainty (:mod:`~ertacache.calibration.evidence`)
@@ -140,6 +146,7 @@ class CalibrationConfig:
     propagation_candidate: bool = True
     max_passes: float | None = 4.0
     error_model_prior: bool = False
+    fresh_check: bool = True
 
     @classmethod
     def thorough(cls, **overrides: Any) -> CalibrationConfig:
@@ -160,7 +167,7 @@ class CalibrationConfig:
             raise ErtaCacheError(f"reuse must be a reuse-mode name, got {self.reuse!r}")
         get_reuse(self.reuse)
         for name in ("timestep_adjustment", "component_check", "sweep_early_stop", "step_reuse_choice",
-                     "propagation_candidate", "error_model_prior"):
+                     "propagation_candidate", "error_model_prior", "fresh_check"):
             if not isinstance(getattr(self, name), bool):
                 raise ErtaCacheError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name, kind in (

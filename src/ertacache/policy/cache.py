@@ -16,7 +16,7 @@ from typing import Any
 
 from .policy import Policy
 
-LOGIC_VERSION = 1
+LOGIC_VERSION = 2
 """The calibration logic's version in a cache key: raised when a change makes older policies worth redoing."""
 
 

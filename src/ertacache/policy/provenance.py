@@ -78,6 +78,11 @@ def provenance_lines(provenance: dict[str, Any]) -> list[str]:
                         f"{d.get('in_sample_gain_db', 0.0):+.2f} dB")
             elif check:  # the check could not run (its reason)
                 fold = f"; k-fold check {check}"
+            fresh = d.get("fresh_check")
+            if isinstance(fresh, dict) and _number(fresh, "gain_db") is not None:
+                fold += f"; on fresh noise {fresh['gain_db']:+.2f} dB ({fresh.get('samples')} samples)"
+            elif isinstance(fresh, str):
+                fold += f"; fresh-noise check {fresh}"
             lines.append(f"  {d['decision']}: {d['gain_db']:+.2f} dB +- {d['se_db']:.2f} ({_evidence(d)}{fold}): "
                          f"{'kept' if d['kept'] else 'not kept'}")
     lines += _decision_lines(provenance.get("decision"))

@@ -191,6 +191,21 @@ class PipelineDriver:
         self.last_model_calls = calls
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
+    @property
+    def twin_off(self) -> str | None:
+        """Why the set cannot be drawn under other noise (the call passes its own ``latents``), or None."""
+        return "the calibration call passes its own latents" if self.kwargs.get("latents") is not None else None
+
+    def twin(self) -> PipelineDriver | None:
+        """The same rows under fresh noise seeds (:func:`~ertacache.calibration.fresh.fresh_seeds`) for the
+        fresh-noise check; None where the call passes its own ``latents`` (:attr:`twin_off`)."""
+        from ...calibration.fresh import fresh_seeds
+
+        if self.twin_off is not None:
+            return None
+        return PipelineDriver(self.pipe, self.prompts, fresh_seeds(self.seeds), self.call_steps, self.reuse.name,
+                              self.kwargs, self.batch_size)
+
     def recorded(self) -> dict[str, Any]:
         return {"grid": self.own_grid, "branches": list(self.branches), "latent_shape": list(self.latent_shape or ()),
                 "guidance": self.guidance, "sample_size": self.sample_size}
@@ -410,4 +425,4 @@ def estimate_pipeline(pipe: Any, prompts: Sequence[str] | None, *, num_inference
     rows_per_sample = max(1, round(sum(r for _, r in timings) / 2))
     later = timings[len(timings) // 2:] or timings  # the second step's forwards: past first-call set-up
     per_row = min(s / r for s, r in later)
-    return replace(plan(config, num_inference_steps, target_speedups, n * rows_per_sample), seconds_per_call=per_row)
+    return replace(plan(config, num_inference_steps, target_speedups, n * rows_per_sample, n), seconds_per_call=per_row)

@@ -1,0 +1,111 @@
+"""Calibration's fresh-noise room: a set fitted to the samples, checked on noise it was not fitted to.
+
+With two or more samples per process, a set the schedule search fitted to the calibration
+samples is checked k-fold (:meth:`~.judge.Judge.shift`). With one sample there is no fold
+to leave out: the set is judged on the very trajectory it was fitted to, and its in-sample
+win can be large and false (docs/calibration.md, "Error rates over many draws": on the
+photo model one sample rated a per-step-reuse set +10.7 dB that was 6.0 dB *below* evenly
+spaced caching on held-out seeds). The fresh check runs the same conditions with other
+noise seeds (:func:`fresh_seeds`): their uncached ground truth once per session, then the
+two policies of a comparison. A fitted set's win is kept only where it also wins there
+(docs/method.md section 2.8).
+
+The check costs one uncached pass of the set (shared by every target) and one evaluation
+per policy compared; it runs outside ``max_passes``, as the ground truth does, and is
+counted in the policy's cost under ``fresh ground truth`` and ``fresh evaluation``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..policy import Policy
+from .drive import Driver
+from .evidence import DB
+from .judge import sample_log_mse
+from .passes import GroundTruth
+from .runner import PassRunner
+
+FRESH_SEED_OFFSET = 1_000_003
+"""A fresh seed is the calibration seed plus this (mod 2**63): other noise, the same conditions, reproducible."""
+
+
+def fresh_seeds(seeds: Sequence[int]) -> list[int]:
+    """The noise seeds of the fresh check: each calibration seed moved by :data:`FRESH_SEED_OFFSET`."""
+    return [(int(s) + FRESH_SEED_OFFSET) % 2 ** 63 for s in seeds]
+
+
+def twin_of(driver: Driver) -> tuple[Driver | None, str | None]:
+    """The driver of the same calibration set under fresh noise, or ``(None, why not)``.
+
+    A driver offers one with a ``twin()`` method (the core loop and the pipeline driver do); a
+    pipeline call that passes its own ``latents`` has no other noise to draw."""
+    make = getattr(driver, "twin", None)
+    if make is None:
+        return None, f"{type(driver).__name__} cannot draw other noise"
+    twin = make()
+    if twin is None:
+        return None, getattr(driver, "twin_off", None) or "the driver cannot draw other noise"
+    return twin, None
+
+
+class FreshCheck:
+    """Scores of policies on the calibration set's conditions under fresh noise (:func:`fresh_seeds`).
+
+    Args:
+        runner: the session's runner (counts the passes, keeps them in its checkpoint).
+        twin: the driver of the same set with fresh seeds (:func:`twin_of`).
+
+    Attributes:
+        scores: per evaluation key, each fresh sample's log MSE at t = 0 against its uncached run.
+    """
+
+    def __init__(self, runner: PassRunner, twin: Driver) -> None:
+        self.runner, self.twin = runner, twin
+        self.scores: dict[str, Tensor] = {}
+        self._reference: Tensor | None = None
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(getattr(self.twin, "seeds", []))
+
+    def reference(self) -> Tensor:
+        """x at t = 0 of the uncached run under fresh noise (this process' rows), run once."""
+        if self._reference is None:
+            key = "fresh ground truth"
+            hit = self.runner.kept(key)
+            if hit is not None:
+                self._reference = hit[1]["x"]
+            else:
+                self._reference = self.runner.run(key, GroundTruth(None), slice(0, self.twin.size), None,
+                                                  driver=self.twin)
+                self.runner.done(key, {}, {"x": self._reference})
+        return self._reference
+
+    def score(self, key: str, policy: Policy) -> Tensor:
+        """Each fresh sample's log MSE at t = 0 of ``policy`` (evaluation key ``key``), run once per key."""
+        if key not in self.scores:
+            ref = self.reference()
+            kept_key = f"fresh {key}"
+            hit = self.runner.kept(kept_key)
+            if hit is not None:
+                self.scores[key] = hit[1]["log_mse"]
+            else:
+                final = self.runner.run("fresh evaluation", policy.follower(self.twin.layout),
+                                        slice(0, self.twin.size), policy.sampling_grid, driver=self.twin)
+                log_mse = sample_log_mse(final, ref)
+                self.runner.done(kept_key, {}, {"log_mse": log_mse})
+                self.scores[key] = log_mse
+        return self.scores[key]
+
+    def gain(self, old: tuple[str, Policy], new: tuple[str, Policy]) -> dict[str, Any]:
+        """``new``'s gain over ``old`` (each ``(evaluation key, policy)``) on the fresh samples: the mean over
+        samples of ``10 log10(MSE_old / MSE_new)`` (dB, every process' rows) and the samples counted."""
+        d = (self.score(*old) - self.score(*new)) * DB
+        sums = self.twin.reduce(torch.stack([d.sum(), d.new_tensor(float(d.numel()))]))
+        n = int(sums[1])
+        return {"gain_db": round(float(sums[0]) / max(n, 1), 3), "samples": n, "seeds": self.seeds}
