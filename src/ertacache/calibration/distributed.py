@@ -28,6 +28,15 @@ def rank_and_size() -> tuple[int, int]:
 
 def all_reduce_sum(t: Tensor) -> Tensor:
     """The sum of ``t`` over all ranks (a copy; ``t`` itself on one process)."""
+    return _all_reduce(t, "sum")
+
+
+def all_reduce_max(t: Tensor) -> Tensor:
+    """The elementwise maximum of ``t`` over all ranks (a copy; ``t`` itself on one process)."""
+    return _all_reduce(t, "max")
+
+
+def _all_reduce(t: Tensor, op: str) -> Tensor:
     import torch.distributed as dist
 
     if rank_and_size()[1] == 1:
@@ -35,8 +44,30 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     out = t.detach().clone()
     if dist.get_backend() == "nccl":
         out = out.to(f"cuda:{torch.cuda.current_device()}")
-    dist.all_reduce(out)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
     return out.to(t.device)
+
+
+def same_on_every_rank(value: int) -> bool:
+    """Whether every rank holds the same ``value`` (an int below 2**62; True on one process)."""
+    both = all_reduce_max(torch.tensor([value, -value], dtype=torch.int64))
+    return int(both[0]) == -int(both[1])
+
+
+def rows_over_processes(n: int) -> int:
+    """The calibration set's size when each process passes its own ``n`` rows (:func:`ertacache.calibrate_pipeline`
+    with ``local_rows=True``): ``n`` times the world size.
+
+    Raises:
+        ErtaCacheError: the processes pass different numbers of rows.
+    """
+    world = rank_and_size()[1]
+    if world == 1:
+        return n
+    if not same_on_every_rank(n):
+        raise ErtaCacheError(f"with local_rows=True every process must pass as many calibration rows; this one "
+                             f"passes {n}, another a different number: give each process the same number of prompts")
+    return n * world
 
 
 def init_from_env() -> bool:

@@ -14,7 +14,14 @@ policy of an older decision rule is not reused). A call with settings the cache 
    policy is kept in memory) and runs the call with it: the first call returns the cached output.
 
 A cached file that cannot be read is replaced (one warning). ``recalibrate=True`` calibrates once more for
-each setting met. The cache directory is ``cache_dir``, else ``$ERTACACHE_CACHE``, else
+each setting met.
+
+Under ``torch.distributed`` (every process calls the pipeline with its own rows, as data-parallel inference
+does), the processes agree on one policy: their settings must be the same (else an error on every process); a
+policy is taken from the cache only where every process finds the same one; otherwise they calibrate together
+on all their rows (:func:`~.calibrate.calibrate_pipeline` with ``local_rows=True``: each process walks its own
+rows, statistics are summed over processes) and each process whose cache lacked it writes it. No file lock is
+taken there (a process waiting on another's lock would never join the collective calibration). The cache directory is ``cache_dir``, else ``$ERTACACHE_CACHE``, else
 ``$XDG_CACHE_HOME/ertacache`` (``~/.cache/ertacache``).
 """
 
@@ -28,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ...calibration.distributed import rank_and_size, same_on_every_rank
+from ...calibration.judge import evaluation_key
 from ...errors import ErtaCacheError
 from ...fingerprint import adapters_of, fingerprint_id, model_fingerprint
 from ...policy import SCHEMA_VERSION, Policy
@@ -111,6 +120,8 @@ class AutoCache:
 
     def policy_for(self, kwargs: dict[str, Any]) -> tuple[str, Policy]:
         key, setting = setting_key(self.pipe, self.family, kwargs, self.target_speedup)
+        if rank_and_size()[1] > 1:
+            return key, self.agreed_policy(key, setting, kwargs)
         redo = self.recalibrate and key not in self.redone
         policy = None if redo else self.cache.load(key)
         if policy is not None:
@@ -123,7 +134,28 @@ class AutoCache:
                 self.redone.add(key)
         return key, policy
 
-    def calibrate(self, kwargs: dict[str, Any], setting: dict[str, Any]) -> Policy:
+    def agreed_policy(self, key: str, setting: dict[str, Any], kwargs: dict[str, Any]) -> Policy:
+        """One policy for every process of the group (see the module docstring).
+
+        Raises:
+            ErtaCacheError: the processes call with different settings.
+        """
+        if not same_on_every_rank(_as_int(key)):
+            raise ErtaCacheError(f"the processes call the pipeline with different settings (this one: "
+                                 f"{setting['call']}); under torch.distributed every process must use the same "
+                                 "settings (step count, size, guidance, scheduler, model)")
+        redo = self.recalibrate and key not in self.redone
+        found = None if redo else self.cache.load(key)
+        mark = _as_int(evaluation_key(found)) if found is not None else 0  # 0: not found (every process asks)
+        if same_on_every_rank(mark) and found is not None:
+            return found
+        policy = self.calibrate(kwargs, setting, local_rows=True)
+        if found is None or evaluation_key(found) != evaluation_key(policy):
+            self.cache.store(key, policy)
+        self.redone.add(key)
+        return policy
+
+    def calibrate(self, kwargs: dict[str, Any], setting: dict[str, Any], local_rows: bool = False) -> Policy:
         from .calibrate import calibrate_pipeline
 
         steps = int(kwargs.get("num_inference_steps") or _default_steps(self.pipe))
@@ -145,7 +177,7 @@ class AutoCache:
         self.calibrating = True
         try:
             policy = calibrate_pipeline(self.pipe, prompts, num_inference_steps=steps,
-                                        target_speedup=self.target_speedup, **pipe_kwargs)
+                                        target_speedup=self.target_speedup, local_rows=local_rows, **pipe_kwargs)
         finally:
             self.calibrating = False
         self.calibrations += 1
@@ -216,6 +248,11 @@ def _default_steps(pipe: Any) -> int:
     if default is None or not isinstance(default.default, int):
         raise ErtaCacheError(f"{type(pipe).__name__}: pass num_inference_steps to the call")
     return int(default.default)
+
+
+def _as_int(text: str) -> int:
+    """A 60-bit number from a string's hash (what processes compare)."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 
 def _rows(kwargs: dict[str, Any]) -> int:

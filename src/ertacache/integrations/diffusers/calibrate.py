@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ...calibration import CalibrationSession, check_goal
-from ...calibration.distributed import all_reduce_sum, rank_and_size, shard
+from ...calibration.distributed import all_reduce_sum, rank_and_size, rows_over_processes, shard
 from ...calibration.drive import check_batch_size
 from ...calibration.passes import GroundTruth
 from ...core.config import CalibrationConfig
@@ -57,12 +57,16 @@ class PipelineDriver:
     """
 
     def __init__(self, pipe: Any, prompts: Sequence[str] | None, seeds: Sequence[int], num_inference_steps: int,
-                 reuse: str, pipe_kwargs: dict[str, Any], batch_size: int | None = None) -> None:
+                 reuse: str, pipe_kwargs: dict[str, Any], batch_size: int | None = None,
+                 local_rows: bool = False) -> None:
         self.pipe, self.family = pipe, family_for(pipe)
         self.prompts = None if prompts is None else list(prompts)
         self.kwargs = dict(pipe_kwargs)
         self.seeds = [int(s) for s in seeds]
         self.size, self.call_steps = len(self.seeds), num_inference_steps
+        self.rank, self.world_size = rank_and_size()
+        self.local_rows = bool(local_rows) and self.world_size > 1  # global row i is rank i % W's row i // W
+        self.rows_here = self.size // self.world_size if self.local_rows else self.size
         self.num_inference_steps = steps_that_run(num_inference_steps, self.kwargs.get("strength"))
         self.reuse = get_reuse(reuse)
         self.transformers = transformers_of(pipe, self.family)
@@ -75,7 +79,6 @@ class PipelineDriver:
         self.latent_shape: tuple[int, ...] | None = None
         self.guidance: dict[str, float] = {}
         self.sample_size: dict[str, int] = {}
-        self.rank, self.world_size = rank_and_size()
         self.last_model_calls = 0
         self.batch_size = check_batch_size(batch_size)
 
@@ -86,16 +89,18 @@ class PipelineDriver:
         return all_reduce_sum(t)
 
     def _rows(self, idx: list[int]) -> dict[str, Any]:
+        """The call arguments of global rows ``idx`` (this process' own, with ``local_rows``)."""
+        at = [i // self.world_size for i in idx] if self.local_rows else idx
         out: dict[str, Any] = {}
         for key, value in self.kwargs.items():
-            if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == self.size:
-                out[key] = value[torch.tensor(idx, dtype=torch.long, device=value.device)]
-            elif isinstance(value, list) and len(value) == self.size:
-                out[key] = [value[i] for i in idx]
+            if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == self.rows_here:
+                out[key] = value[torch.tensor(at, dtype=torch.long, device=value.device)]
+            elif isinstance(value, list) and len(value) == self.rows_here:
+                out[key] = [value[i] for i in at]
             else:
                 out[key] = value
         if self.prompts is not None:
-            out["prompt"] = [self.prompts[i] for i in idx]
+            out["prompt"] = [self.prompts[i] for i in at]
         return out
 
     @torch.no_grad()
@@ -204,7 +209,7 @@ class PipelineDriver:
         if self.twin_off is not None:
             return None
         return PipelineDriver(self.pipe, self.prompts, fresh_seeds(self.seeds), self.call_steps, self.reuse.name,
-                              self.kwargs, self.batch_size)
+                              self.kwargs, self.batch_size, self.local_rows)
 
     def recorded(self) -> dict[str, Any]:
         return {"grid": self.own_grid, "branches": list(self.branches), "latent_shape": list(self.latent_shape or ()),
@@ -317,6 +322,7 @@ def calibrate_pipeline(
     progress: bool = False,
     batch_size: int | None = None,
     checkpoint_dir: str | None = None,
+    local_rows: bool = False,
     **pipe_kwargs: Any,
 ) -> Policy:
     """Calibrate a policy for ``pipe`` by running ``pipe(...)`` itself on a calibration set.
@@ -337,6 +343,10 @@ def calibrate_pipeline(
         batch_size: rows per pipeline call (peak memory is bounded by it; the policy
             does not depend on it): concurrent calls that meet at every step.
         checkpoint_dir: keep each finished pass there; the same call again resumes.
+        local_rows: under ``torch.distributed``, the prompts (or per-row tensors) passed are this process' own,
+            and every process passes as many: the calibration set is all of them (global row ``i`` is process
+            ``i % world_size``'s row ``i // world_size``; ``seeds`` cover the whole set). False: every process
+            passes the whole set and walks its share.
         pipe_kwargs: everything else the pipeline call needs (height, width,
             num_frames, guidance_scale, ...), the same as for inference.
 
@@ -350,6 +360,8 @@ def calibrate_pipeline(
     config = config or CalibrationConfig()
     check_goal(target_speedup, threshold, num_inference_steps)
     n = set_size(prompts, pipe_kwargs)
+    if local_rows:
+        n = rows_over_processes(n)
     seeds = list(range(n)) if seeds is None else [int(s) for s in seeds]
     if n == 0 or len(seeds) != n:
         raise ErtaCacheError(f"the calibration set is empty or its seeds do not match: {n} samples, {len(seeds)} seeds")
@@ -357,7 +369,8 @@ def calibrate_pipeline(
     refusal = scheduler_refusal(getattr(pipe, "scheduler", None))
     if refusal is not None:
         raise ErtaCacheError(refusal)
-    driver = PipelineDriver(pipe, prompts, seeds, num_inference_steps, config.reuse, pipe_kwargs, batch_size)
+    driver = PipelineDriver(pipe, prompts, seeds, num_inference_steps, config.reuse, pipe_kwargs, batch_size,
+                            local_rows)
     if driver.adjustment_off is not None and config.timestep_adjustment and progress:
         logger.warning("timestep adjustment off: %s", driver.adjustment_off)
     session = CalibrationSession(driver, config, progress=progress, checkpoint_dir=checkpoint_dir)
