@@ -235,6 +235,7 @@ def test_family(build, tmp_path):
 
 TESTED = {  # every registered pipeline class -> the test that runs it on a tiny pipeline
     "FluxPipeline": "test_diffusers_flux.py", "FluxImg2ImgPipeline": "test_workflows.py::test_image_to_image_*",
+    "FluxKontextPipeline": "test_workflows.py::test_flux_kontext_*",
     "WanPipeline": "test_diffusers_wan.py",
     "WanImageToVideoPipeline": "test_diffusers_wan.py::test_wan_image_to_video_*",
     "StableDiffusion3Pipeline": "test_diffusers_sd3.py",

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import assert_policy_follows
 from ertacache import Policy, PolicyMismatchError, apply_ertacache, model_fingerprint
 from ertacache.core.config import CalibrationConfig
 from ertacache.errors import ErtaCacheError
@@ -350,6 +351,34 @@ def test_image_to_image_calibrates_and_follows_the_steps_that_run(strength, cfg)
     with apply_ertacache(p.pipe, Policy.uniform(runs, policy.nfe, like=policy)):
         uniform = p(strength, cfg)
     assert psnr(p.m.unpack(out), p.m.unpack(ref)) >= psnr(p.m.unpack(uniform), p.m.unpack(ref)) - 0.25
+
+
+@pytest.mark.parametrize("cfg", [True, False], ids=["true-cfg", "distilled"])
+def test_flux_kontext_caches_with_its_reference_image_tokens(cfg, tmp_path):
+    """FluxKontextPipeline: the reference image's tokens join the latents' in every transformer call (128 tokens for
+    64 latents here), its calls set no cache_context (branches by call order); saved and loaded from a folder."""
+    from diffusers import FluxKontextPipeline
+
+    p = FluxImg2Img()
+    FluxKontextPipeline.from_pipe(p.pipe).save_pretrained(tmp_path)
+    pipe = FluxKontextPipeline.from_pretrained(tmp_path, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                                               tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def kw(labels):
+        out = {**p.call_kwargs(labels, cfg), "height": 16, "width": 16, "_auto_resize": False, "max_area": 256}
+        return {**out, "image": p.image[: len(labels)]}
+
+    def run():
+        return pipe(num_inference_steps=p.T, output_type="latent", generator=torch.Generator().manual_seed(5),
+                    **kw((3, 5))).images
+
+    ref = run()
+    policy = calibrate_pipeline(pipe, None, num_inference_steps=p.T, target_speedup=2.0, seeds=range(4),
+                                **kw((0, 1, 2, 3)))
+    assert policy.branches == (("cond", "uncond") if cfg else ("cond",)) and policy.latent_shape == (128, 4)
+    assert_policy_follows(pipe, run, policy, ref)
+    assert torch.equal(run(), ref)  # removed: the uncached output
 
 
 # ----- schedulers --------------------------------------------------------------------------------------------

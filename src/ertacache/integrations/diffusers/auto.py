@@ -14,15 +14,15 @@ policy of an older decision rule is not reused). A call with settings the cache 
    policy is kept in memory) and runs the call with it: the first call returns the cached output.
 
 A cached file that cannot be read is replaced (one warning). ``recalibrate=True`` calibrates once more for
-each setting met.
+each setting met. The cache directory is ``cache_dir``, else ``$ERTACACHE_CACHE``, else
+``$XDG_CACHE_HOME/ertacache`` (``~/.cache/ertacache``).
 
 Under ``torch.distributed`` (every process calls the pipeline with its own rows, as data-parallel inference
 does), the processes agree on one policy: their settings must be the same (else an error on every process); a
 policy is taken from the cache only where every process finds the same one; otherwise they calibrate together
 on all their rows (:func:`~.calibrate.calibrate_pipeline` with ``local_rows=True``: each process walks its own
 rows, statistics are summed over processes) and each process whose cache lacked it writes it. No file lock is
-taken there (a process waiting on another's lock would never join the collective calibration). The cache directory is ``cache_dir``, else ``$ERTACACHE_CACHE``, else
-``$XDG_CACHE_HOME/ertacache`` (``~/.cache/ertacache``).
+taken there (a process waiting on another's lock would never join the collective calibration).
 """
 
 from __future__ import annotations

@@ -69,7 +69,7 @@ def register_family(family: Family) -> Family:
     return family
 
 
-register_family(Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline"), timestep_scale=1.0,
+register_family(Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline", "FluxKontextPipeline"), timestep_scale=1.0,
                        block_stacks=("transformer_blocks", "single_transformer_blocks"),
                        channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major
                        cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale",
