@@ -147,6 +147,7 @@ def test_thorough_and_component_flags_build_the_config():
     assert not config("--thorough", "--no-timestep-adjustment").timestep_adjustment
     assert config("--timestep-adjustment").timestep_adjustment
     assert not config("--no-step-reuse-choice").step_reuse_choice
+    assert config().fresh_check and not config("--no-fresh-check").fresh_check
     assert config("--candidates", "search").candidates == ("search",)
 
 

@@ -96,6 +96,9 @@ def _add_calibrate_parser(sub: Any) -> None:
     p.add_argument("--step-reuse-choice", action=argparse.BooleanOptionalAction, default=None,
                    help="also try the schedule search's best set with each cached step's reuse mode chosen by the "
                         "error model (default: on)")
+    p.add_argument("--fresh-check", action=argparse.BooleanOptionalAction, default=None,
+                   help="with one calibration prompt, keep a searched set only where it also wins on fresh noise "
+                        "(one more uncached pass; default: on)")
 
 
 def _add_other_parsers(sub: Any) -> None:
@@ -190,6 +193,8 @@ def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
         options["timestep_adjustment"] = args.timestep_adjustment
     if args.step_reuse_choice is not None:
         options["step_reuse_choice"] = args.step_reuse_choice
+    if args.fresh_check is not None:
+        options["fresh_check"] = args.fresh_check
     if args.candidates is not None:
         options["candidates"] = tuple(c.strip() for c in args.candidates.split(",") if c.strip())
     config = CalibrationConfig.thorough(**options) if args.thorough else CalibrationConfig(**options)  # type: ignore[arg-type]

@@ -72,7 +72,7 @@ class CalibrationConfig:
         holdout_fraction: 0 (default): every calibration sample both fits and judges
             (rectification is judged leave-one-out, the cached sets on every sample);
             otherwise the part of the set (taken from its end, in (0, 0.9]) that alone
-            judges, as releases before 0.4 did.
+            judges.
         folds: k of the k-fold check of the sets the schedule search fits to the
             calibration samples (with ``holdout_fraction=0``): a searched set replaces
             another only when it wins the paired comparison with each sample scored by
