@@ -68,6 +68,11 @@ def test_a_win_fresh_noise_confirms_is_kept_and_its_check_is_what_inference_give
     assert p.provenance["selected"] == "search"
     fresh = p.provenance["decision"]["evidence"]["fresh_check"]
     assert fresh["samples"] == 1 and fresh["seeds"] == fresh_seeds([CONFIRMED["seed"]]) and fresh["gain_db"] > 0
+    # the stated gain rests on both samples: the one fitted to and the fresh one
+    decision = p.provenance["decision"]
+    in_sample = next(d for d in p.provenance["decisions"] if d["kept"])["gain_db"]
+    assert decision["n"] == 2 and decision["gain_db"] == pytest.approx((in_sample + fresh["gain_db"]) / 2, abs=2e-3)
+    assert "1 of them on fresh noise" in p.summary()
     # the check's gain is the one sampling the fresh noise with either policy gives
     labels, seeds, shift = torch.tensor([CONFIRMED["label"]]), fresh["seeds"], CONFIRMED["shift"]
     ref = run(model, None, labels, seeds, shift)

@@ -153,14 +153,17 @@ class Judge:
         return self.record(key, log_mse)
 
     def margin(self, old: Policy, new: Policy, old_shift: Tensor | None = None,
-               new_shift: Tensor | None = None) -> Margin:
+               new_shift: Tensor | None = None, with_fresh: bool = False) -> Margin:
         """The paired comparison of ``new`` against ``old`` over the judging samples (both evaluated), with the
         error model's prior where there is one (:func:`~.evidence.posterior`); a shift (:meth:`shift`) replaces each
-        sample's score of a fitted set by its fold's refitted set's."""
+        sample's score of a fitted set by its fold's refitted set's. ``with_fresh``: the fresh-noise samples
+        (:mod:`.fresh`) count as samples too where both policies were scored there."""
         self.error(old), self.error(new)
         k_old, k_new = evaluation_key(old), evaluation_key(new)
         a, b = self.scores[k_old], self.scores[k_new]
         d = ((a if old_shift is None else a + old_shift) - (b if new_shift is None else b + new_shift)) * DB
+        if with_fresh and self.fresh is not None and k_old in self.fresh.scores and k_new in self.fresh.scores:
+            d = torch.cat([d, (self.fresh.scores[k_old] - self.fresh.scores[k_new]) * DB])
         prior = None if self.evidence is None else self.evidence.prior((k_old, old), (k_new, new))
         return posterior(d, self.driver.reduce, prior)
 

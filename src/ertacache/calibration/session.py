@@ -329,10 +329,11 @@ class CalibrationSession:
                   variants: dict[int, dict[str, Policy]]) -> dict[str, Any]:
         """The choice stated against the evenly spaced set without components (the start): the chosen policy's
         estimated gain over it, or, where that set was kept, the best alternative's (the one it did not keep), with
-        the 80 % interval and the evidence behind it (:mod:`.evidence`). Uses the k-fold checks already made."""
+        the 80 % interval and the evidence behind it (:mod:`.evidence`). Uses the k-fold checks already made, and
+        the fresh-noise samples where both policies were scored there (no pass is run for the statement)."""
         def margin(option: Option) -> Margin:
             return self.judge.margin(self.judge.plain(base), self.judge.policy_of(option, variants),
-                                     self.judge.known_shift(base), self.judge.known_shift(option[0]))
+                                     self.judge.known_shift(base), self.judge.known_shift(option[0]), with_fresh=True)
 
         kept = not (chosen[0] is base and chosen[1] == "plain")
         options = [chosen] if kept else [(c, n) for c in candidates for n in dict.fromkeys(["plain", *variants.get(

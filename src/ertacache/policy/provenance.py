@@ -32,7 +32,7 @@ def _number(d: Any, key: str) -> float | None:
 def _evidence(d: dict[str, Any]) -> str:
     """What a margin rests on: its samples' mean gain and the error model's prior, where recorded."""
     measured, prior = d.get("measured"), d.get("prior")
-    text = f"{d.get('n')} samples"
+    text = f"{d.get('n')} sample{'' if d.get('n') == 1 else 's'}"
     m, m_se = _number(measured, "gain_db"), _number(measured, "se_db")
     if m is not None and m_se is not None:
         text += f" {m:+.2f} +- {m_se:.2f}"
@@ -54,6 +54,9 @@ def _decision_lines(decision: Any) -> list[str]:
     evidence = decision.get("evidence")
     count = evidence.get("predicted_policies") if isinstance(evidence, dict) else None
     fitted = f"; the error model calibrated on {count} judged policies" if isinstance(count, int) and count else ""
+    fresh = evidence.get("fresh_check") if isinstance(evidence, dict) else None
+    if isinstance(fresh, dict) and _number(fresh, "gain_db") is not None:
+        fitted += f"; {fresh.get('samples')} of them on fresh noise, {fresh['gain_db']:+.2f} dB there"
     return [f"  decision: {decision['option']} over {decision.get('over')}: {gain:+.2f} dB +- {sd:.2f}{ends} "
             f"({_evidence(decision)}{fitted}): {verdict}"]
 
@@ -80,7 +83,8 @@ def provenance_lines(provenance: dict[str, Any]) -> list[str]:
                 fold = f"; k-fold check {check}"
             fresh = d.get("fresh_check")
             if isinstance(fresh, dict) and _number(fresh, "gain_db") is not None:
-                fold += f"; on fresh noise {fresh['gain_db']:+.2f} dB ({fresh.get('samples')} samples)"
+                n = fresh.get("samples")
+                fold += f"; on fresh noise {fresh['gain_db']:+.2f} dB ({n} sample{'' if n == 1 else 's'})"
             elif isinstance(fresh, str):
                 fold += f"; fresh-noise check {fresh}"
             lines.append(f"  {d['decision']}: {d['gain_db']:+.2f} dB +- {d['se_db']:.2f} ({_evidence(d)}{fold}): "
