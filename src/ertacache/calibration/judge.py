@@ -273,7 +273,7 @@ class Judge:
             shifts = [self.shift(c, variants.get(id(c), {})) for c in (old[0], new[0])]
         except NoRoom:
             return m, {"kept": False, "k_fold": f"not run: over max_passes={self.runner.max_passes}"}
-        checked = self.margin(self.policy_of(old, variants), self.policy_of(new, variants), *shifts)
+        checked = self.margin(self.policy_of(old, variants), self.policy_of(new, variants), shifts[0], shifts[1])
         return checked, {"in_sample_gain_db": round(m.gain_db, 3), "k_fold": {
             "folds": len(self.folds), "refit_differs": sum(len(self.refitted(c)) for c in fitted)}}
 
