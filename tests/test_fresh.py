@@ -3,8 +3,9 @@ prompt": a guard for sets judged only on the sample they were fitted to).
 
 With one sample there is no fold to leave out; the schedule search's set is judged on the trajectory it was fitted
 to. On the bundled digits model (T = 10, shift 1, label 1, seed 1) such a set wins by +9.4 dB on its sample and is
-10 dB *below* evenly spaced caching on held-out seeds; the fresh-noise check refuses it. Where fresh noise confirms a
-win (shift 3, label 0, seed 0), the set is kept and the check is stated.
+10 dB *below* evenly spaced caching on held-out seeds; the check on fresh noise (the sample's class and the
+unconditional prompt) refuses it. Where the check confirms a win (shift 3, label 0, seed 0), the set is kept and the
+check is stated.
 """
 
 import pytest
@@ -19,8 +20,8 @@ from ertacache.integrations.diffusers import PipelineDriver
 from ertacache.models.digits import LATENT_SHAPE, NULL_CLASS, digits_flux_pipeline, load_digits_model
 
 T, GUIDANCE = 10, 3.0
-REFUTED = dict(label=1, seed=1, shift=1.0)  # in-sample +9.4 dB, fresh noise -9.8 dB, held-out -10.0 dB
-CONFIRMED = dict(label=0, seed=0, shift=3.0)  # in-sample +9.8 dB, fresh noise +6.2 dB
+REFUTED = dict(label=1, seed=1, shift=1.0)  # in-sample +9.4 dB, fresh rows -8.2 dB, held-out -10.0 dB
+CONFIRMED = dict(label=0, seed=0, shift=3.0)  # in-sample +9.8 dB, fresh rows +5.1 dB
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,9 @@ def test_a_set_fitted_to_one_sample_that_fresh_noise_refutes_is_not_kept(model):
     p = session(model, **REFUTED).policy(target_speedup=2.0)
     checked = [d for d in p.provenance["decisions"] if "fresh_check" in d]
     assert checked and all(not d["kept"] and d["fresh_check"]["gain_db"] < 0 < d["gain_db"] for d in checked)
-    assert checked[0]["fresh_check"]["seeds"] == fresh_seeds([REFUTED["seed"]])
+    seeds = fresh_seeds([REFUTED["seed"]])
+    assert checked[0]["fresh_check"]["seeds"] == seeds + fresh_seeds(seeds)  # its class, then the null class
+    assert checked[0]["fresh_check"]["unconditional"]["samples"] == 1
     assert p.provenance["selected"] == "uniform"
     assert held_out_psnr(model, p, shift) >= held_out_psnr(model, uniform, shift) - 0.25
     assert "on fresh noise -" in p.summary()
@@ -67,25 +70,29 @@ def test_a_win_fresh_noise_confirms_is_kept_and_its_check_is_what_inference_give
     p = s.policy(target_speedup=2.0)
     assert p.provenance["selected"] == "search"
     fresh = p.provenance["decision"]["evidence"]["fresh_check"]
-    assert fresh["samples"] == 1 and fresh["seeds"] == fresh_seeds([CONFIRMED["seed"]]) and fresh["gain_db"] > 0
-    # the stated gain rests on both samples: the one fitted to and the fresh one
+    seeds = fresh_seeds([CONFIRMED["seed"]])
+    assert fresh["samples"] == 2 and fresh["seeds"] == seeds + fresh_seeds(seeds) and fresh["gain_db"] > 0
+    # the stated gain rests on every sample: the one fitted to and the fresh ones
     decision = p.provenance["decision"]
     in_sample = next(d for d in p.provenance["decisions"] if d["kept"])["gain_db"]
-    assert decision["n"] == 2 and decision["gain_db"] == pytest.approx((in_sample + fresh["gain_db"]) / 2, abs=2e-3)
-    assert "1 of them on fresh noise" in p.summary()
-    # the check's gain is the one sampling the fresh noise with either policy gives
-    labels, seeds, shift = torch.tensor([CONFIRMED["label"]]), fresh["seeds"], CONFIRMED["shift"]
+    assert decision["n"] == 3
+    assert decision["gain_db"] == pytest.approx((in_sample + 2 * fresh["gain_db"]) / 3, abs=2e-3)
+    assert "2 of them on fresh noise" in p.summary()
+    # the check's gain is the one sampling the fresh rows (the class, then the null class) with either policy gives
+    labels, seeds, shift = torch.tensor([CONFIRMED["label"], NULL_CLASS]), fresh["seeds"], CONFIRMED["shift"]
     ref = run(model, None, labels, seeds, shift)
 
     def mse(policy):
-        return (run(model, policy, labels, seeds, shift) - ref).double().square().mean()
+        return (run(model, policy, labels, seeds, shift) - ref).double().square().flatten(1).mean(1)
 
     uniform = Policy.uniform(T, p.nfe, like=p)
-    assert fresh["gain_db"] == pytest.approx(float(10 * torch.log10(mse(uniform) / mse(p))), abs=1e-3)
+    per_row = 10 * torch.log10(mse(uniform) / mse(p))
+    assert fresh["gain_db"] == pytest.approx(float(per_row.mean()), abs=1e-3)
+    assert fresh["unconditional"]["gain_db"] == pytest.approx(float(per_row[1]), abs=1e-3)
     # its cost: one uncached pass of the set, shared, and one evaluation per policy compared
     assert s.cost["fresh ground truth"]["passes"] == 1 and s.cost["fresh evaluation"]["passes"] == 2
-    assert s.cost["fresh ground truth"]["model_calls"] == s.cost["ground truth"]["model_calls"]
-    assert plan(CalibrationConfig(), T, [2.0], rows=2, samples=1).shared == 2.0
+    assert s.cost["fresh ground truth"]["model_calls"] == 2 * s.cost["ground truth"]["model_calls"]
+    assert plan(CalibrationConfig(), T, [2.0], rows=2, samples=1).shared == 3.0
     assert plan(CalibrationConfig(), T, [2.0], rows=4, samples=2).shared == 1.0
 
 
@@ -152,4 +159,25 @@ def test_a_fresh_check_compares_like_with_like(model):
     from ertacache.calibration.judge import evaluation_key
 
     got = s.judge.fresh.gain((evaluation_key(u), u), (evaluation_key(u), u))
-    assert got["gain_db"] == 0.0 and got["samples"] == 1
+    assert got["gain_db"] == 0.0 and got["samples"] == 2 and got["unconditional"]["samples"] == 1
+
+
+def test_a_pipeline_twin_adds_the_unconditional_prompt():
+    """The twin's rows: the set's under fresh seeds, then the negative prompt's (or ""; with embeddings, the
+    negative_* rows); none where the call has no unconditional prompt to give."""
+    from docs_blocks import tiny_flux_text_pipeline
+
+    pipe = tiny_flux_text_pipeline()
+    seeds = fresh_seeds([7, 8])
+    twin = PipelineDriver(pipe, ["a red fox", "a cat"], [7, 8], T, "extrapolate", {"guidance_scale": 3.5}).twin()
+    assert twin.prompts == ["a red fox", "a cat", "", ""] and twin.seeds == seeds + fresh_seeds(seeds)
+    assert twin.unconditional_rows == 2 and twin.kwargs == {"guidance_scale": 3.5}
+    twin = PipelineDriver(pipe, ["a red fox"], [7], T, "extrapolate", {"negative_prompt": "blurry"}).twin()
+    assert twin.prompts == ["a red fox", "blurry"]
+    emb, neg = torch.ones(1, 4, 16), torch.zeros(1, 4, 16)
+    twin = PipelineDriver(pipe, None, [7], T, "extrapolate", {"prompt_embeds": emb, "negative_prompt_embeds": neg,
+                                                              "true_cfg_scale": 2.0}).twin()
+    assert torch.equal(twin.kwargs["prompt_embeds"], torch.cat([emb, neg]))
+    assert torch.equal(twin.kwargs["negative_prompt_embeds"], torch.cat([neg, neg])) and twin.unconditional_rows == 1
+    twin = PipelineDriver(pipe, None, [7], T, "extrapolate", {"prompt_embeds": emb}).twin()  # distilled, embeddings
+    assert twin.size == 1 and twin.unconditional_rows == 0 and twin.seeds == fresh_seeds([7])

@@ -105,6 +105,7 @@ class CoreDriver:
 
     adjustment_off: str | None = None
     last_model_calls = 0
+    unconditional_rows = 0  # a fresh-noise twin's rows of the null condition (its last ones)
 
     def __init__(self, model: Any, cond: Tensor | None, seeds: Sequence[int], latent_shape: Sequence[int],
                  num_inference_steps: int, shift: float, guidance_scale: float, null_cond: Tensor | None,
@@ -168,12 +169,21 @@ class CoreDriver:
                 "shift": self.shift, "guidance_scale": self.guidance_scale, "dtype": str(self.noise.dtype)}
 
     def twin(self) -> CoreDriver:
-        """The same conditions under fresh noise seeds (:func:`~.fresh.fresh_seeds`), for the fresh-noise check."""
+        """The set for the fresh-noise check (:mod:`.fresh`): its conditions under fresh noise seeds, then, with a
+        null condition (CFG), as many rows of the null condition (the unconditional prompt) under other fresh
+        seeds: ``2N`` rows, or ``N`` without one."""
         from .fresh import fresh_seeds
 
         twin = copy.copy(self)
-        twin.seeds = fresh_seeds(self.seeds)
+        unconditional = self.cond is not None and self.null_cond is not None
+        twin.seeds = fresh_seeds(self.seeds) + (fresh_seeds(fresh_seeds(self.seeds)) if unconditional else [])
         twin.noise = seeded_noise(twin.seeds, self.latent_shape, self.noise.dtype, self.noise.device)
+        if unconditional:
+            assert self.cond is not None and self.null_cond is not None
+            twin.cond = torch.cat([self.cond, self.null_cond])
+            twin.null_cond = torch.cat([self.null_cond, self.null_cond])
+        twin.size = len(twin.seeds)
+        twin.unconditional_rows = self.size if unconditional else 0
         twin.last_model_calls = 0
         return twin
 

@@ -50,7 +50,7 @@ class Plan:
         lines = [f"calibration plan: at most {self.passes:.1f} whole-set passes, {self.model_calls} model calls "
                  f"({self.model_calls / max(self.rows, 1):.0f} per sample and branch)",
                  f"  ground truth: {self.shared:g} pass{'es' if self.shared != 1 else ''} (shared by every "
-                 f"target{'; the second under fresh noise' if self.shared > 1 else ''})"]
+                 f"target{'; all but one under fresh noise' if self.shared > 1 else ''})"]
         for target, passes, calls in self.per_target:
             lines.append(f"  target {target:g}x: at most {passes:.1f} passes, {calls} model calls")
         if self.seconds_per_call is not None and self.seconds is not None:
@@ -129,16 +129,17 @@ def plan(config: CalibrationConfig, num_inference_steps: int, target_speedups: S
         num_inference_steps: T.
         target_speedups: the targets (``T / NFE``), as :func:`ertacache.calibrate_many` takes them.
         rows: calibration samples times guidance branches.
-        samples: the calibration samples, where known: with one, the fresh-noise check's uncached pass and its
-            two evaluations per target are counted (:func:`fresh_checked`).
+        samples: the calibration samples, where known: with one, the fresh-noise check's uncached passes (its
+            rows: the set's and as many of the unconditional prompt) and its two evaluations of them per target
+            are counted (:func:`fresh_checked`).
     """
     T = num_inference_steps
-    fresh = fresh_checked(config, samples)
+    fresh = 2 * fresh_checked(config, samples)  # the set's rows and as many of the unconditional prompt, at most
     total = 1.0 + fresh
     per: list[tuple[float, float, int]] = []
     budgets = sorted(((math.floor(T / s + 1e-9), s) for s in target_speedups), key=lambda b: b[0])
     for k, (max_nfe, s) in enumerate(budgets):
-        passes = target_passes(config, T, max_nfe, first=k == 0) + fresh * 2 * min(max_nfe, T) / T
+        passes = target_passes(config, T, max_nfe, first=k == 0) + fresh * 2 * min(max_nfe, T) / T  # 2 policies
         per.append((s, passes, math.ceil(passes * rows * T)))
         total += passes
     order = {s: i for i, s in enumerate(target_speedups)}

@@ -67,6 +67,7 @@ class PipelineDriver:
         self.rank, self.world_size = rank_and_size()
         self.local_rows = bool(local_rows) and self.world_size > 1  # global row i is rank i % W's row i // W
         self.rows_here = self.size // self.world_size if self.local_rows else self.size
+        self.unconditional_rows = 0  # a fresh-noise twin's rows of the unconditional prompt (its last ones)
         self.num_inference_steps = steps_that_run(num_inference_steps, self.kwargs.get("strength"))
         self.reuse = get_reuse(reuse)
         self.transformers = transformers_of(pipe, self.family)
@@ -202,14 +203,53 @@ class PipelineDriver:
         return "the calibration call passes its own latents" if self.kwargs.get("latents") is not None else None
 
     def twin(self) -> PipelineDriver | None:
-        """The same rows under fresh noise seeds (:func:`~ertacache.calibration.fresh.fresh_seeds`) for the
-        fresh-noise check; None where the call passes its own ``latents`` (:attr:`twin_off`)."""
+        """The set for the fresh-noise check (:mod:`~ertacache.calibration.fresh`): its rows under fresh noise
+        seeds, then as many rows of the unconditional prompt (the negative prompt, or ``""``; with embeddings, each
+        ``negative_*`` tensor in place of its row) under other fresh seeds where the call has one; None where the
+        call passes its own ``latents`` (:attr:`twin_off`)."""
         from ...calibration.fresh import fresh_seeds
 
         if self.twin_off is not None:
             return None
-        return PipelineDriver(self.pipe, self.prompts, fresh_seeds(self.seeds), self.call_steps, self.reuse.name,
-                              self.kwargs, self.batch_size, self.local_rows)
+        null = self._null_rows()
+        seeds = fresh_seeds(self.seeds)
+        if null is None:
+            return PipelineDriver(self.pipe, self.prompts, seeds, self.call_steps, self.reuse.name, self.kwargs,
+                                  self.batch_size, self.local_rows)
+        prompts, kwargs = null
+        # with local_rows too: each process' rows are its own then its unconditional ones, so that global row i
+        # (process i % W's local row i // W) is the set's row i, then row i - N's unconditional one
+        twin = PipelineDriver(self.pipe, prompts, seeds + fresh_seeds(seeds), self.call_steps, self.reuse.name,
+                              kwargs, self.batch_size, self.local_rows)
+        twin.unconditional_rows = self.size
+        return twin
+
+    def _null_rows(self) -> tuple[list[str] | None, dict[str, Any]] | None:
+        """``(prompts, kwargs)`` of this process' rows followed by as many rows of the unconditional prompt, or
+        None where the call has none (embeddings without ``negative_prompt_embeds``)."""
+        n = self.rows_here
+
+        def per_row(value: Any) -> bool:
+            return (isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n) or (
+                isinstance(value, list) and len(value) == n)
+
+        if self.prompts is None and not per_row(self.kwargs.get("negative_prompt_embeds")):
+            return None
+        kwargs: dict[str, Any] = {}
+        for key, value in self.kwargs.items():
+            if not per_row(value):
+                kwargs[key] = value
+                continue
+            other = self.kwargs.get(f"negative_{key}")
+            null: Any = other if per_row(other) and type(other) is type(value) else value
+            kwargs[key] = torch.cat([value, null.to(value)]) if isinstance(value, Tensor) else value + null
+        prompts = None
+        if self.prompts is not None:
+            negative = self.kwargs.get("negative_prompt")
+            null_prompts = negative if isinstance(negative, list) and len(negative) == n else \
+                [negative if isinstance(negative, str) else ""] * n
+            prompts = self.prompts + null_prompts
+        return prompts, kwargs
 
     def recorded(self) -> dict[str, Any]:
         return {"grid": self.own_grid, "branches": list(self.branches), "latent_shape": list(self.latent_shape or ()),
