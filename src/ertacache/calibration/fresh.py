@@ -11,8 +11,8 @@ or empty prompt), as many rows of that unconditional prompt under other fresh se
 uncached ground truth once per session, then the two policies of a comparison. A fitted
 set's win is kept only where its mean gain over those rows is positive (docs/method.md
 section 2.8): fresh noise exposes a set fitted to one trajectory's luck, the unconditional
-prompt one fitted to its prompt (on the photo model, a set that gained 7.5 dB on fresh noise
-of its own class lost 18.7 dB on the unconditional prompt and 6.0 dB on held-out classes).
+prompt one fitted to its prompt (on the photo model, a set that gained 7.5 to 12.7 dB on fresh
+noise of its own class lost 15 to 20 dB on the unconditional prompt and 6.0 dB on held-out seeds).
 
 The check costs one uncached pass of its rows (twice the set's with the unconditional rows; shared by every
 target) and one evaluation of them per policy compared; it runs outside ``max_passes``, as the ground truth
