@@ -52,7 +52,11 @@ def stated(policy: Policy) -> dict[str, Any] | None:
     """The policy's stated gain over evenly spaced caching at its NFE, with its interval (dB), if it states one."""
     d = policy.provenance.get("decision")
     if isinstance(d, dict) and "interval_db" in d:  # about the policy where it kept a set, else about the best other
-        return {"gain_db": d["gain_db"], "interval_db": d["interval_db"], "kept": d["kept"], "option": d["option"]}
+        checks = [r["fresh_check"] for r in policy.provenance.get("decisions", []) if isinstance(r.get("fresh_check"),
+                                                                                                dict)]
+        return {"gain_db": d["gain_db"], "interval_db": d["interval_db"], "kept": d["kept"], "option": d["option"],
+                **({"fresh_checks": [{k: c[k] for k in ("gain_db", "unconditional") if k in c} for c in checks]}
+                   if checks else {})}
     for row in policy.provenance.get("decisions", []):  # a rule that states a margin: the gain +- its error
         if "uniform set" in row["decision"].split(" over ")[-1] and row.get("kept"):
             return {"gain_db": row["gain_db"], "interval_db": [row["gain_db"] - row["se_db"],
