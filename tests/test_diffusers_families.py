@@ -238,6 +238,7 @@ TESTED = {  # every registered pipeline class -> the test that runs it on a tiny
     "FluxKontextPipeline": "test_workflows.py::test_flux_kontext_*",
     "WanPipeline": "test_diffusers_wan.py",
     "WanImageToVideoPipeline": "test_diffusers_wan.py::test_wan_image_to_video_*",
+    "WanVACEPipeline": "test_diffusers_wan.py::test_wan_vace_*",
     "StableDiffusion3Pipeline": "test_diffusers_sd3.py",
     **{name: f"test_family[{b.__name__}]" for b, name in [
         (cogvideox, "CogVideoXPipeline"), (ltx, "LTXPipeline"), (hunyuan_video, "HunyuanVideoPipeline"),

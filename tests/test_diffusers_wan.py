@@ -214,3 +214,36 @@ def test_wan_image_to_video_calibrates_and_follows():
     assert policy.branches == ("cond", "uncond") and policy.nfe <= T // 2
     assert_policy_follows(pipe, i2v, policy, ref)
     assert torch.equal(i2v(), ref)
+
+
+def test_wan_vace_calibrates_and_follows_with_its_control_input(tmp_path):
+    """WanVACEPipeline: every transformer call also takes the control video's latents (control_hidden_states, here
+    the pipeline's own for no control video), whose hints join the blocks; saved and loaded from a folder. It takes
+    one generator, so calibration runs its rows as concurrent one-row calls, whose VAE encodes take turns (Wan's
+    causal VAE keeps state between the chunks of one encode: concurrent encodes broke it)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    transformer = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                            in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                            num_layers=2, cross_attn_norm=True, rope_max_seq_len=32, vace_layers=[0],
+                                            vace_in_channels=72)
+    WanVACEPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
+                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)).save_pretrained(tmp_path)
+    pipe = WanVACEPipeline.from_pretrained(tmp_path, tokenizer=None, text_encoder=None)
+    pipe.set_progress_bar_config(disable=True)
+
+    def vace():
+        return pipe(prompt_embeds=EMB[:1], negative_prompt_embeds=NEG[:1], num_inference_steps=T, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **KW).frames
+
+    ref = vace()
+    policy = calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(4),
+                                config=CalibrationConfig(candidates=("search", "uniform")), prompt_embeds=EMB,
+                                negative_prompt_embeds=NEG, **KW)
+    assert policy.branches == ("cond", "uncond") and policy.nfe <= T // 2
+    assert_policy_follows(pipe, vace, policy, ref)
+    assert torch.equal(vace(), ref)
+

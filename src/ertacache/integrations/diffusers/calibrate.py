@@ -82,6 +82,8 @@ class PipelineDriver:
         self.sample_size: dict[str, int] = {}
         self.last_model_calls = 0
         self.batch_size = check_batch_size(batch_size)
+        if any(c.__name__ in self.family.one_generator for c in type(pipe).__mro__):
+            self.batch_size = 1  # the pipeline takes one generator: one row a call
 
     def local(self, rows: slice) -> list[int]:
         return shard(range(self.size)[rows], self.rank, self.world_size)
@@ -136,8 +138,8 @@ class PipelineDriver:
             run.enter_chunk(c, rows, sum(1 for i in rows if i < n_fit))
             try:
                 gens = [torch.Generator().manual_seed(self.seeds[i]) for i in rows]
-                out = pipes[c](generator=gens, num_inference_steps=self.call_steps, output_type="latent",
-                               **self._rows(rows))
+                out = pipes[c](generator=gens if len(gens) > 1 else gens[0], num_inference_steps=self.call_steps,
+                               output_type="latent", **self._rows(rows))
                 outs[c] = torch.as_tensor(out.frames if hasattr(out, "frames") else out.images)
             except BaseException as exc:
                 run.fail(exc)
@@ -304,10 +306,35 @@ def steps_that_run(num_inference_steps: int, strength: Any) -> int:
     return T - int(max(T - min(T * float(strength), T), 0))
 
 
+_VAE_LOCK = threading.Lock()
+
+
+class _OneAtATime:
+    """A VAE shared by concurrent pipeline calls, whose ``encode`` and ``decode`` run one call at a time: Wan's
+    causal VAE keeps its convolutions' frames on the module between the chunks of one call."""
+
+    def __init__(self, vae: Any) -> None:
+        object.__setattr__(self, "_vae", vae)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._vae, name)
+
+    def encode(self, *args: Any, **kwargs: Any) -> Any:
+        with _VAE_LOCK:
+            return self._vae.encode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> Any:
+        with _VAE_LOCK:
+            return self._vae.decode(*args, **kwargs)
+
+
 def _pipe_copy(pipe: Any) -> Any:
-    """The same pipeline (modules shared) with a scheduler of its own: concurrent calls step independently."""
+    """The same pipeline (modules shared) with a scheduler of its own: concurrent calls step independently; their
+    VAE calls take turns (:class:`_OneAtATime`)."""
     other = copy.copy(pipe)
     object.__setattr__(other, "scheduler", copy.deepcopy(pipe.scheduler))
+    if getattr(pipe, "vae", None) is not None:
+        object.__setattr__(other, "vae", _OneAtATime(pipe.vae))
     return other
 
 

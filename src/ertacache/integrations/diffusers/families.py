@@ -41,6 +41,9 @@ class Family:
         context_free_branches: the branch of the k-th transformer call of a step in the family's pipelines that
             set no ``cache_context`` (FluxImg2ImgPipeline: cond, then uncond with true CFG); the first call of a
             step otherwise is ``default_context``.
+        one_generator: pipeline classes of the family that take one ``generator``, not a list of them
+            (WanVACEPipeline): calibration calls them one row at a time (micro-batches of one row, which meet at
+            every step as any micro-batches do).
     """
 
     name: str
@@ -54,6 +57,7 @@ class Family:
     cfg_scales: tuple[str, ...] = ("guidance_scale", "guidance_scale_2")
     embedded_guidance: str | None = None
     context_free_branches: tuple[str, ...] = ()
+    one_generator: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.context_free_branches:
@@ -90,8 +94,9 @@ register_family(Family("lumina2", ("Lumina2Pipeline",), timestep_scale=0.0, bloc
 register_family(Family("qwenimage", ("QwenImagePipeline",), timestep_scale=1.0,
                        channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major (as FLUX)
                        cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale"))
-register_family(Family("wan", ("WanPipeline", "WanImageToVideoPipeline"), ("transformer", "transformer_2"),
-                       block_stacks=("blocks",), video=True))
+register_family(Family("wan", ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline"),
+                       ("transformer", "transformer_2"), block_stacks=("blocks",), video=True,
+                       one_generator=("WanVACEPipeline",)))  # VACE's control input joins the blocks as hints
 register_family(Family("cogvideox", ("CogVideoXPipeline",), channels=ChannelLayout(dim=2),  # (B, F, C, H, W)
                        video=True))
 register_family(Family("hunyuan_video", ("HunyuanVideoPipeline",),
