@@ -198,7 +198,24 @@ def rows(kwargs, n):
     return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
 
 
-FAMILY_BUILDS = [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2, cogview4, sana, lumina2]
+def mochi():
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
+
+    tf = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                                 pooled_projection_dim=16, in_channels=12, qk_norm="rms_norm", text_embed_dim=16,
+                                 time_embed_dim=4, activation_fn="swiglu", max_sequence_length=16)
+    vae = AutoencoderKLMochi(latent_channels=12, out_channels=3, encoder_block_out_channels=(32,) * 4,
+                             decoder_block_out_channels=(32,) * 4, layers_per_block=(1,) * 5)
+    none = dict(tokenizer=None, text_encoder=None)
+    pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True), vae=vae, transformer=tf,
+                         **none)
+    emb, mask = _emb(7, N, 8, 16), torch.ones(N, 8, dtype=torch.long)
+    kwargs = dict(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt_embeds=emb * 0,
+                  negative_prompt_attention_mask=mask, guidance_scale=4.0, height=16, width=16, num_frames=7)
+    return MochiPipeline, pipe, none, kwargs, ("cond_uncond",)  # inverted sigmas; CFG batched in one call
+
+
+FAMILY_BUILDS = [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2, cogview4, sana, lumina2, mochi]
 
 
 @pytest.mark.parametrize("build", FAMILY_BUILDS, ids=lambda f: f.__name__)
@@ -217,6 +234,7 @@ def test_family(build, tmp_path):
     policy = calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(N),
                                 config=CalibrationConfig(thresholds=(0.1, 0.3)), **kwargs)
     assert policy.branches == branches and policy.nfe <= T // 2
+    assert list(policy.grid) == sorted(policy.grid, reverse=True) and policy.grid[0] > 0.5  # t from 1 (noise) down
     if build is cogvideox:  # DDIM: no custom grid, so adjustment is off and the policy says why
         assert policy.provenance["timestep_adjustment"].startswith("off: timestep adjustment needs a flow-matching")
     ref = run()
@@ -243,7 +261,8 @@ TESTED = {  # every registered pipeline class -> the test that runs it on a tiny
     **{name: f"test_family[{b.__name__}]" for b, name in [
         (cogvideox, "CogVideoXPipeline"), (ltx, "LTXPipeline"), (hunyuan_video, "HunyuanVideoPipeline"),
         (qwenimage, "QwenImagePipeline"), (chroma, "ChromaPipeline"), (flux2, "Flux2Pipeline"),
-        (cogview4, "CogView4Pipeline"), (sana, "SanaPipeline"), (lumina2, "Lumina2Pipeline")]},
+        (cogview4, "CogView4Pipeline"), (sana, "SanaPipeline"), (lumina2, "Lumina2Pipeline"),
+        (mochi, "MochiPipeline")]},
 }
 
 

@@ -97,6 +97,8 @@ register_family(Family("qwenimage", ("QwenImagePipeline",), timestep_scale=1.0,
 register_family(Family("wan", ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline"),
                        ("transformer", "transformer_2"), block_stacks=("blocks",), video=True,
                        one_generator=("WanVACEPipeline",)))  # VACE's control input joins the blocks as hints
+register_family(Family("mochi", ("MochiPipeline",), timestep_scale=0.0,  # inverted sigmas: t = 1 - sigma
+                       video=True))  # batched CFG in one call; time read from the scheduler
 register_family(Family("cogvideox", ("CogVideoXPipeline",), channels=ChannelLayout(dim=2),  # (B, F, C, H, W)
                        video=True))
 register_family(Family("hunyuan_video", ("HunyuanVideoPipeline",),

@@ -22,7 +22,7 @@ from ...core.reuse import Reuse
 from ...errors import ErtaCacheError, PolicyMismatchError
 from .adapters import hidden_states_of, latent_of, output_like, sample_of, timestep_of
 from .families import Family
-from .scheduler import begin_index, scheduler_refusal, write_grid
+from .scheduler import begin_index, inverted, scheduler_refusal, write_grid
 
 if TYPE_CHECKING:
     from .hooks import StepHook
@@ -158,7 +158,8 @@ class PipelineRun:
             raise ErtaCacheError(f"{self.family.name}: this family's time is read from the scheduler, and "
                                  f"{type(self.pipe.scheduler).__name__ if self.pipe is not None else 'its scheduler'} "
                                  "keeps no step_index: use a flow-matching scheduler")
-        return float(scheduler.sigmas[self._index(scheduler) + begin_index(scheduler)])
+        sigma = float(scheduler.sigmas[self._index(scheduler) + begin_index(scheduler)])
+        return 1.0 - sigma if inverted(scheduler) else sigma
 
     def check_calls_per_step(self) -> None:
         """Ground truth: the same transformer calls (units) at every step, or a one-line error naming what was seen.

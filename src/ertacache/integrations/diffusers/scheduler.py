@@ -28,6 +28,11 @@ def begin_index(scheduler: Any) -> int:
     return int(getattr(scheduler, "begin_index", None) or 0)
 
 
+def inverted(scheduler: Any) -> bool:
+    """Whether the scheduler keeps ``1 - t`` in its ``sigmas`` and ``timesteps`` (``invert_sigmas``: Mochi)."""
+    return bool(getattr(getattr(scheduler, "config", None), "invert_sigmas", False))
+
+
 def scheduler_grid(scheduler: Any, steps: int) -> list[float] | None:
     """The times ``t`` in [0, 1] the scheduler's running call takes at its ``steps`` steps (from its first step:
     strength may skip some), or None where it keeps no flow-matching ``sigmas`` on the host (reading them from a
@@ -37,6 +42,8 @@ def scheduler_grid(scheduler: Any, steps: int) -> list[float] | None:
     if not isinstance(sigmas, torch.Tensor) or sigmas.device.type != "cpu" or sigmas.numel() < begin + steps:
         return None
     values = [float(v) for v in sigmas[begin:begin + steps].tolist()]
+    if inverted(scheduler):
+        values = [1.0 - v for v in values]
     return values if all(-1e-6 <= v <= 1 + 1e-6 for v in values) else None
 
 
@@ -53,7 +60,8 @@ def set_scheduler_grid(scheduler: Any, grid: Sequence[float]) -> None:
     """Make ``scheduler.set_timesteps`` end with the times ``grid`` (``T + 1`` values, 1 -> 0).
 
     The scheduler's own ``set_timesteps`` still runs (it sets the step count and its
-    state); then its ``sigmas`` become ``grid`` and its ``timesteps`` ``1000 * grid[:-1]``.
+    state); then its ``sigmas`` become ``grid`` and its ``timesteps`` ``1000 * grid[:-1]`` (``1 - grid`` for a
+    scheduler that keeps inverted sigmas).
     This is the one way in that every family shares: FLUX's dynamic shifting would
     re-shift ``sigmas=`` passed to the call, and Wan takes none.
 
@@ -66,7 +74,7 @@ def set_scheduler_grid(scheduler: Any, grid: Sequence[float]) -> None:
         raise ErtaCacheError(reason)
     restore_scheduler(scheduler)
     original = scheduler.set_timesteps
-    values = [float(t) for t in grid]
+    values = [1.0 - float(t) if inverted(scheduler) else float(t) for t in grid]  # as the scheduler keeps them
 
     @functools.wraps(original)  # pipelines inspect its signature for `sigmas` / `timesteps`
     def set_timesteps(*args: Any, **kwargs: Any) -> Any:
@@ -98,6 +106,7 @@ def write_grid(scheduler: Any, grid: Sequence[float], start: int) -> None:
     A pipeline iterates views of ``scheduler.timesteps`` and steps with ``scheduler.sigmas``;
     writing into both changes the steps not yet taken.
     """
-    values = torch.tensor([float(t) for t in grid[start:-1]], dtype=torch.float32)
+    values = torch.tensor([1.0 - float(t) if inverted(scheduler) else float(t) for t in grid[start:-1]],
+                          dtype=torch.float32)
     scheduler.sigmas[start:-1] = values.to(scheduler.sigmas)
     scheduler.timesteps[start:] = (values * scheduler.config.num_train_timesteps).to(scheduler.timesteps)
