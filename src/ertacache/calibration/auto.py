@@ -82,8 +82,9 @@ def _calibrate(model: Any, noise: Tensor, cond: Tensor | None, target_speedup: f
 
     rows = noise.shape[0]
     logging.getLogger(__name__).warning(
-        "ertacache: one-time calibration for this setting (T = %s, %d calibration row%s, about 4-5 uncached "
-        "generations of them at %gx)", kwargs["num_inference_steps"], rows, "" if rows == 1 else "s", target_speedup)
+        "ertacache: one-time calibration for this setting (T = %s, %d calibration row%s, about %s uncached "
+        "generations of them at %gx)", kwargs["num_inference_steps"], rows, "" if rows == 1 else "s",
+        "4-8" if rows == 1 else "4-5", target_speedup)
     keep = ("num_inference_steps", "shift", "guidance_scale", "null_cond")
     return calibrate(model, cond, range(rows), latent_shape=tuple(noise.shape[1:]), target_speedup=target_speedup,
                      model_fingerprint=fingerprint,

@@ -169,10 +169,10 @@ class AutoCache:
                 if k.startswith("prompt") or k == "prompt":
                     pipe_kwargs.pop(k, None)
         rows = len(prompts) if prompts is not None else _rows(pipe_kwargs)
-        logger.warning("ertacache: one-time calibration for these settings (%s; %d calibration row%s, about 4-5 "
+        logger.warning("ertacache: one-time calibration for these settings (%s; %d calibration row%s, about %s "
                        "uncached generations of them at %gx); later calls with these settings reuse it",
                        ", ".join(f"{k}={v}" for k, v in setting["call"].items()) or "the pipeline's defaults",
-                       rows, "" if rows == 1 else "s", self.target_speedup)
+                       rows, "" if rows == 1 else "s", "4-8" if rows == 1 else "4-5", self.target_speedup)
         self.remove_inner()
         self.calibrating = True
         try:
