@@ -21,7 +21,7 @@ import torch
 from results import commit
 
 from ertacache import CalibrationConfig, Policy, calibrate, sample, seeded_noise
-from ertacache.calibration.fresh import FRESH_SEED_OFFSET
+from ertacache.calibration.drive import FRESH_SEED_OFFSET
 from ertacache.io import atomic_write_text
 from ertacache.models.bundled import bundled_model
 

@@ -134,7 +134,7 @@ def test_margin_significance_rule():
 
 
 def test_pipeline_estimate_counts_the_calls_guidance_branches(model):
-    from ertacache.integrations.diffusers.calibrate import estimate_pipeline
+    from ertacache.integrations.diffusers.estimate import estimate_pipeline
     from ertacache.models.digits import digits_flux_pipeline
 
     pipe = digits_flux_pipeline(model)

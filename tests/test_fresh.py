@@ -14,7 +14,8 @@ import torch
 from ertacache import CalibrationConfig, Policy, sample, seeded_noise
 from ertacache.bench.metrics import psnr
 from ertacache.calibration import CalibrationSession, core_session
-from ertacache.calibration.fresh import FreshCheck, fresh_seeds
+from ertacache.calibration.drive import fresh_seeds
+from ertacache.calibration.fresh import FreshCheck
 from ertacache.calibration.plan import plan
 from ertacache.integrations.diffusers import PipelineDriver
 from ertacache.models.digits import LATENT_SHAPE, NULL_CLASS, digits_flux_pipeline, load_digits_model

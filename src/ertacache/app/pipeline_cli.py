@@ -88,7 +88,7 @@ def calibrate(settings: CalibrateSettings) -> int:
     check_call_arguments(pipeline_class(settings.pipeline), settings.pipeline)
     pipe = load_pipeline(settings.pipeline)
     if settings.dry_run:
-        from ..integrations.diffusers.calibrate import estimate_pipeline
+        from ..integrations.diffusers.estimate import estimate_pipeline
 
         steps = settings.pipeline.num_inference_steps
         plan = estimate_pipeline(pipe, list(settings.prompts), num_inference_steps=steps,

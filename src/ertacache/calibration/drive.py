@@ -17,6 +17,14 @@ from ..core.reuse import get_reuse
 from ..errors import ErtaCacheError
 from .distributed import all_reduce_sum, rank_and_size, shard
 
+FRESH_SEED_OFFSET = 1_000_003
+"""A fresh seed is the calibration seed plus this (mod 2**63): other noise, the same conditions, reproducible."""
+
+
+def fresh_seeds(seeds: Sequence[int]) -> list[int]:
+    """The noise seeds of the fresh-noise check (:mod:`.fresh`): each seed moved by :data:`FRESH_SEED_OFFSET`."""
+    return [(int(s) + FRESH_SEED_OFFSET) % 2 ** 63 for s in seeds]
+
 
 class Driver(Protocol):
     """What a calibration session needs from a driver (the core loop, or a pipeline).
@@ -172,8 +180,6 @@ class CoreDriver:
         """The set for the fresh-noise check (:mod:`.fresh`): its conditions under fresh noise seeds, then, with a
         null condition (CFG), as many rows of the null condition (the unconditional prompt) under other fresh
         seeds: ``2N`` rows, or ``N`` without one."""
-        from .fresh import fresh_seeds
-
         twin = copy.copy(self)
         unconditional = self.cond is not None and self.null_cond is not None
         twin.seeds = fresh_seeds(self.seeds) + (fresh_seeds(fresh_seeds(self.seeds)) if unconditional else [])

@@ -6,7 +6,7 @@ to leave out: the set is judged on the very trajectory it was fitted to, and its
 win can be large and false (docs/calibration.md, "Error rates over many draws": on the
 photo model one sample rated a per-step-reuse set +10.7 dB that was 6.0 dB *below* evenly
 spaced caching on held-out seeds). The fresh check runs the same conditions with other
-noise seeds (:func:`fresh_seeds`), and, where the set has a null condition (CFG's negative
+noise seeds (:func:`~.drive.fresh_seeds`), and, where the set has a null condition (CFG's negative
 or empty prompt), as many rows of that unconditional prompt under other fresh seeds: their
 uncached ground truth once per session, then the two policies of a comparison. A fitted
 set's win is kept only where its mean gain over those rows is positive (docs/method.md
@@ -21,7 +21,6 @@ does, and is counted in the policy's cost under ``fresh ground truth`` and ``fre
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,14 +32,6 @@ from .evidence import DB
 from .judge import sample_log_mse
 from .passes import GroundTruth
 from .runner import PassRunner
-
-FRESH_SEED_OFFSET = 1_000_003
-"""A fresh seed is the calibration seed plus this (mod 2**63): other noise, the same conditions, reproducible."""
-
-
-def fresh_seeds(seeds: Sequence[int]) -> list[int]:
-    """The noise seeds of the fresh check: each calibration seed moved by :data:`FRESH_SEED_OFFSET`."""
-    return [(int(s) + FRESH_SEED_OFFSET) % 2 ** 63 for s in seeds]
 
 
 def twin_of(driver: Driver) -> tuple[Driver | None, str | None]:
@@ -58,7 +49,7 @@ def twin_of(driver: Driver) -> tuple[Driver | None, str | None]:
 
 
 class FreshCheck:
-    """Scores of policies on the calibration set's conditions under fresh noise (:func:`fresh_seeds`).
+    """Scores of policies on the calibration set's conditions under fresh noise (:func:`~.drive.fresh_seeds`).
 
     Args:
         runner: the session's runner (counts the passes, keeps them in its checkpoint).

@@ -3,7 +3,8 @@
 from .adapters import BLOCK_OUTPUTS, BlockOutput, register_block
 from .apply import ErtaCacheHandle, PolicyTravelWarning, SchedulerWarning, apply_ertacache
 from .auto import AutoHandle
-from .calibrate import PipelineDriver, calibrate_pipeline, estimate_pipeline
+from .calibrate import PipelineDriver, calibrate_pipeline
+from .estimate import estimate_pipeline
 from .families import FAMILIES, Family, family_for, register_family
 from .identity import AdapterWarning
 

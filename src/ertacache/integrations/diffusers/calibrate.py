@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ...calibration import CalibrationSession, check_goal
 from ...calibration.distributed import all_reduce_sum, rank_and_size, rows_over_processes, shard
-from ...calibration.drive import check_batch_size
+from ...calibration.drive import check_batch_size, fresh_seeds
 from ...calibration.passes import GroundTruth
 from ...core.config import CalibrationConfig
 from ...core.engine import Engine, Pass
@@ -209,8 +209,6 @@ class PipelineDriver:
         seeds, then as many rows of the unconditional prompt (the negative prompt, or ``""``; with embeddings, each
         ``negative_*`` tensor in place of its row) under other fresh seeds where the call has one; None where the
         call passes its own ``latents`` (:attr:`twin_off`)."""
-        from ...calibration.fresh import fresh_seeds
-
         if self.twin_off is not None:
             return None
         null = self._null_rows()
@@ -442,67 +440,3 @@ def calibrate_pipeline(
         logger.warning("timestep adjustment off: %s", driver.adjustment_off)
     session = CalibrationSession(driver, config, progress=progress, checkpoint_dir=checkpoint_dir)
     return session.policy(target_speedup, threshold)
-
-
-def estimate_pipeline(pipe: Any, prompts: Sequence[str] | None, *, num_inference_steps: int,
-                      target_speedups: Sequence[float], config: CalibrationConfig | None = None,
-                      seeds: Sequence[int] | None = None, **pipe_kwargs: Any) -> Any:
-    """What :func:`calibrate_pipeline` would cost, without running it (a dry run).
-
-    Runs the pipeline once on the first prompt for 2 steps, timing each transformer forward
-    and counting its rows (guidance branches per sample), then counts the passes and
-    model calls of ``config`` (:func:`ertacache.calibration.plan`, an upper bound).
-
-    Returns:
-        A :class:`~ertacache.calibration.Plan` with ``seconds_per_call`` (one row of one forward).
-
-    Raises:
-        ErtaCacheError: an empty set, an invalid target, a pipeline of no registered family.
-    """
-    import time
-    from dataclasses import replace
-
-    from ...calibration.plan import plan
-
-    config = config or CalibrationConfig()
-    for s in target_speedups:
-        check_goal(s, None, num_inference_steps)
-    n = set_size(prompts, pipe_kwargs)
-    if n == 0:
-        raise ErtaCacheError("the calibration set is empty: give at least one prompt")
-    family = family_for(pipe)
-    seed = 0 if not seeds else int(list(seeds)[0])
-    timings: list[tuple[float, int]] = []
-    started: list[float] = []
-
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    def before(module: Any, args: Any, kwargs: Any) -> None:
-        sync()
-        started.append(time.perf_counter())
-
-    def after(module: Any, args: Any, kwargs: Any, output: Any) -> None:
-        sync()
-        x = kwargs.get("hidden_states", args[0] if args else None)
-        timings.append((time.perf_counter() - started.pop(), int(x.shape[0]) if isinstance(x, Tensor) else 1))
-
-    handles = []
-    for tf in transformers_of(pipe, family):
-        handles.append(tf.register_forward_pre_hook(before, with_kwargs=True))
-        handles.append(tf.register_forward_hook(after, with_kwargs=True))
-    one = {k: (v[:1] if isinstance(v, Tensor) and v.shape[0] == n else v) for k, v in pipe_kwargs.items()}
-    try:
-        with torch.no_grad():
-            pipe(**({"prompt": [prompts[0]]} if prompts is not None else {}), num_inference_steps=2,
-                 generator=torch.Generator().manual_seed(seed), output_type="latent", **one)
-    finally:
-        for h in handles:
-            h.remove()
-    if not timings:
-        raise ErtaCacheError(f"{type(pipe).__name__} ran no transformer forward in a 2-step call")
-    rows_per_sample = max(1, round(sum(r for _, r in timings) / 2))
-    later = timings[len(timings) // 2:] or timings  # the second step's forwards: past first-call set-up
-    per_row = min(s / r for s, r in later)
-    return replace(plan(config, num_inference_steps, target_speedups, n * rows_per_sample, n), seconds_per_call=per_row)
