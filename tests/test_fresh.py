@@ -30,6 +30,13 @@ def model():
     return load_digits_model()
 
 
+@pytest.fixture(scope="module")
+def refuted(model):
+    """The checked calibration of the refuted case: its session and its 2x policy (made once)."""
+    s = session(model, **REFUTED)
+    return s, s.policy(target_speedup=2.0)
+
+
 def session(model, label, seed, shift, config=None, **kw):
     return core_session(model, torch.tensor([label]), [seed], latent_shape=LATENT_SHAPE, num_inference_steps=T,
                         shift=shift, guidance_scale=GUIDANCE, null_cond=torch.full((1,), NULL_CLASS),
@@ -47,14 +54,14 @@ def held_out_psnr(model, policy, shift):
     return psnr(run(model, policy, labels, seeds, shift), run(model, None, labels, seeds, shift))
 
 
-def test_a_set_fitted_to_one_sample_that_fresh_noise_refutes_is_not_kept(model):
+def test_a_set_fitted_to_one_sample_that_fresh_noise_refutes_is_not_kept(model, refuted):
     shift = REFUTED["shift"]
     unchecked = session(model, config=CalibrationConfig(fresh_check=False), **REFUTED).policy(target_speedup=2.0)
     uniform = Policy.uniform(T, unchecked.nfe, like=unchecked)
     assert unchecked.provenance["selected"] == "search"  # judged on its own sample only: kept ...
     assert held_out_psnr(model, unchecked, shift) < held_out_psnr(model, uniform, shift) - 3.0  # ... and wrong
 
-    p = session(model, **REFUTED).policy(target_speedup=2.0)
+    p = refuted[1]
     checked = [d for d in p.provenance["decisions"] if "fresh_check" in d]
     assert checked and all(not d["kept"] and d["fresh_check"]["gain_db"] < 0 < d["gain_db"] for d in checked)
     seeds = fresh_seeds([REFUTED["seed"]])
@@ -126,7 +133,7 @@ def test_the_fresh_check_resumes_from_the_checkpoint(model, tmp_path):
     assert again.cost["fresh ground truth"]["passes"] == 1  # counted again, as every kept pass is
 
 
-def test_the_pipeline_path_checks_the_same_way(model):
+def test_the_pipeline_path_checks_the_same_way(model, refuted):
     """One method: the pipeline driver's fresh noise is the core loop's (the same seeds, the same decision)."""
     pipe = digits_flux_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
@@ -138,7 +145,7 @@ def test_the_pipeline_path_checks_the_same_way(model):
                   negative_pooled_prompt_embeds=null_pooled, true_cfg_scale=GUIDANCE, height=16, width=16)
     driver = PipelineDriver(pipe, None, [REFUTED["seed"]], T, CalibrationConfig().reuse, kwargs)
     p = CalibrationSession(driver, CalibrationConfig()).policy(target_speedup=2.0)
-    core = session(model, **REFUTED).policy(target_speedup=2.0)
+    core = refuted[1]
     assert p.cached_steps == core.cached_steps and p.provenance["selected"] == "uniform"
     pick = [(d["decision"], d["fresh_check"]["gain_db"]) for d in p.provenance["decisions"] if "fresh_check" in d]
     want = [(d["decision"], d["fresh_check"]["gain_db"]) for d in core.provenance["decisions"] if "fresh_check" in d]
@@ -152,11 +159,11 @@ def test_the_pipeline_path_checks_the_same_way(model):
     assert s.judge.fresh is None and "its own latents" in s.judge.fresh_off
 
 
-def test_a_fresh_check_compares_like_with_like(model):
-    """The same policy on both sides gains exactly 0 dB on fresh noise; the reference is run once."""
-    s = session(model, **REFUTED)
+def test_a_fresh_check_compares_like_with_like(refuted):
+    """The same policy on both sides gains exactly 0 dB on fresh noise."""
+    s, p = refuted
     assert isinstance(s.judge.fresh, FreshCheck)
-    u = Policy.uniform(T, 5, like=s.policy(target_speedup=2.0))
+    u = Policy.uniform(T, 5, like=p)
     from ertacache.calibration.judge import evaluation_key
 
     got = s.judge.fresh.gain((evaluation_key(u), u), (evaluation_key(u), u))
