@@ -34,13 +34,15 @@ def main() -> None:
     p.add_argument("--seed", type=int, required=True)
     p.add_argument("--target", type=float, default=3.0)
     p.add_argument("--fresh", type=int, default=4, help="fresh seeds of the sample's class and of the null class")
+    p.add_argument("--steps", type=int, default=None, help="num_inference_steps (default: the model's)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", required=True)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     b = bundled_model(args.model)
     model = b.load(None)
-    kw = dict(num_inference_steps=b.num_inference_steps, shift=args.shift, guidance_scale=b.guidance_scale)
+    kw = dict(num_inference_steps=args.steps or b.num_inference_steps, shift=args.shift,
+              guidance_scale=b.guidance_scale)
     label = torch.tensor([args.label])
 
     def policy(check: bool) -> Policy:
@@ -77,8 +79,8 @@ def main() -> None:
                                                    if "fresh_check" in d), None)}}
     print(json.dumps(row, indent=1))
     doc = {"meta": {"command": "python scripts/fresh_rows.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("threads",)),
-        "commit": commit(), "date": time.strftime("%Y-%m-%d"), "T": b.num_inference_steps}, "result": row}
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "threads" and v is not None),
+        "commit": commit(), "date": time.strftime("%Y-%m-%d"), "T": kw["num_inference_steps"]}, "result": row}
     atomic_write_text(Path(args.out), json.dumps(doc, indent=1) + "\n")
 
 
