@@ -279,11 +279,9 @@ class Judge:
 
     def fresh_check(self, old: Option, new: Option, variants: dict[int, dict[str, Policy]]) -> dict[str, Any]:
         """A fitted set's win judged on the samples it was fitted to, checked on fresh noise (:mod:`.fresh`): kept
-        only where ``new`` also beats ``old`` there. Nothing is checked where every sample is held out (the sets are
-        fitted on the others) or the config turned the check off; where the driver cannot draw other noise, the
-        reason is recorded and the in-sample judgement stands."""
-        if self.n_hold:
-            return {}
+        only where ``new`` also beats ``old`` there. Nothing is checked where the session made no check (samples held
+        out, the config turned it off); where the driver cannot draw other noise, the reason is recorded and the
+        in-sample judgement stands."""
         if self.fresh is None:
             return {} if self.fresh_off is None else {"fresh_check": f"not run: {self.fresh_off}"}
         a, b = self.policy_of(old, variants), self.policy_of(new, variants)

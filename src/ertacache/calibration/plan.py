@@ -113,11 +113,11 @@ def target_passes(config: CalibrationConfig, T: int, max_nfe: int, first: bool) 
     return passes
 
 
-def fresh_checked(config: CalibrationConfig, samples: int | None, world_size: int = 1) -> bool:
+def fresh_checked(config: CalibrationConfig, samples: int | None) -> bool:
     """Whether fitted sets are checked on fresh noise (:mod:`.fresh`): the config asks for it, a set is fitted,
-    every sample judges, and there is no fold to leave out (fewer than 2 samples per process, or ``folds=1``)."""
+    every sample judges, and there is no fold to leave out (fewer than 2 ``samples`` per process, or ``folds=1``)."""
     return (config.fresh_check and "search" in config.candidates and config.holdout_fraction == 0
-            and samples is not None and (samples // max(world_size, 1) < 2 or config.folds < 2))
+            and samples is not None and (samples < 2 or config.folds < 2))
 
 
 def plan(config: CalibrationConfig, num_inference_steps: int, target_speedups: Sequence[float], rows: int,
@@ -129,9 +129,9 @@ def plan(config: CalibrationConfig, num_inference_steps: int, target_speedups: S
         num_inference_steps: T.
         target_speedups: the targets (``T / NFE``), as :func:`ertacache.calibrate_many` takes them.
         rows: calibration samples times guidance branches.
-        samples: the calibration samples, where known: with one, the fresh-noise check's uncached passes (its
-            rows: the set's and as many of the unconditional prompt) and its two evaluations of them per target
-            are counted (:func:`fresh_checked`).
+        samples: the calibration samples per process, where known: with one, the fresh-noise check's uncached
+            passes (its rows: the set's and as many of the unconditional prompt) and its two evaluations of them
+            per target are counted (:func:`fresh_checked`).
     """
     T = num_inference_steps
     fresh = 2 * fresh_checked(config, samples)  # the set's rows and as many of the unconditional prompt, at most

@@ -104,11 +104,12 @@ class CalibrationConfig:
             add evidence to, and at one or two samples it made worse choices (docs/calibration.md,
             "Error rates over many draws"). Not in the paper.
         fresh_check: where no fold can be left out (one sample per process), a set the schedule
-            search fitted to the samples wins only where it also wins on the same conditions under
-            fresh noise seeds (:mod:`~ertacache.calibration.fresh`): one more uncached pass of the
-            set, shared by every target, and one evaluation per policy compared, outside
-            ``max_passes``; run only when such a set would be kept. False judges it on the samples
-            it was fitted to. Not in the paper.
+            search fitted to the samples wins only where its mean gain is positive on fresh rows:
+            the same conditions under fresh noise seeds and, with a null condition, as many rows
+            of the unconditional prompt (:mod:`~ertacache.calibration.fresh`): one uncached pass
+            of those rows (up to twice the set), shared by every target, and one evaluation of
+            them per policy compared, outside ``max_passes``; run only when such a set would be
+            kept. False judges it on the samples it was fitted to. Not in the paper.
         component_check: judge the chosen set with and without timestep adjustment
             and rectification, and keep a component only where it wins a paired
             comparison over the calibration samples beyond its uncertainty (:mod:`~ertacache.calibration.evidence`)

@@ -29,10 +29,14 @@ def _number(d: Any, key: str) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _samples(n: Any) -> str:
+    return f"{n} sample{'' if n == 1 else 's'}"
+
+
 def _evidence(d: dict[str, Any]) -> str:
     """What a margin rests on: its samples' mean gain and the error model's prior, where recorded."""
     measured, prior = d.get("measured"), d.get("prior")
-    text = f"{d.get('n')} sample{'' if d.get('n') == 1 else 's'}"
+    text = _samples(d.get("n"))
     m, m_se = _number(measured, "gain_db"), _number(measured, "se_db")
     if m is not None and m_se is not None:
         text += f" {m:+.2f} +- {m_se:.2f}"
@@ -83,8 +87,7 @@ def provenance_lines(provenance: dict[str, Any]) -> list[str]:
                 fold = f"; k-fold check {check}"
             fresh = d.get("fresh_check")
             if isinstance(fresh, dict) and _number(fresh, "gain_db") is not None:
-                n = fresh.get("samples")
-                fold += f"; on fresh noise {fresh['gain_db']:+.2f} dB ({n} sample{'' if n == 1 else 's'})"
+                fold += f"; on fresh noise {fresh['gain_db']:+.2f} dB ({_samples(fresh.get('samples'))})"
             elif isinstance(fresh, str):
                 fold += f"; fresh-noise check {fresh}"
             lines.append(f"  {d['decision']}: {d['gain_db']:+.2f} dB +- {d['se_db']:.2f} ({_evidence(d)}{fold}): "

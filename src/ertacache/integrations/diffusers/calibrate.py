@@ -91,17 +91,22 @@ class PipelineDriver:
     def reduce(self, t: Tensor) -> Tensor:
         return all_reduce_sum(t)
 
+    def _per_row(self, value: Any) -> bool:
+        """Whether a call argument has one entry per row this process holds (a tensor's first dimension, a list)."""
+        return (isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == self.rows_here) or (
+            isinstance(value, list) and len(value) == self.rows_here)
+
     def _rows(self, idx: list[int]) -> dict[str, Any]:
         """The call arguments of global rows ``idx`` (this process' own, with ``local_rows``)."""
         at = [i // self.world_size for i in idx] if self.local_rows else idx
         out: dict[str, Any] = {}
         for key, value in self.kwargs.items():
-            if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == self.rows_here:
-                out[key] = value[torch.tensor(at, dtype=torch.long, device=value.device)]
-            elif isinstance(value, list) and len(value) == self.rows_here:
-                out[key] = [value[i] for i in at]
-            else:
+            if not self._per_row(value):
                 out[key] = value
+            elif isinstance(value, Tensor):
+                out[key] = value[torch.tensor(at, dtype=torch.long, device=value.device)]
+            else:
+                out[key] = [value[i] for i in at]
         if self.prompts is not None:
             out["prompt"] = [self.prompts[i] for i in at]
         return out
@@ -213,35 +218,27 @@ class PipelineDriver:
             return None
         null = self._null_rows()
         seeds = fresh_seeds(self.seeds)
-        if null is None:
-            return PipelineDriver(self.pipe, self.prompts, seeds, self.call_steps, self.reuse.name, self.kwargs,
-                                  self.batch_size, self.local_rows)
-        prompts, kwargs = null
         # with local_rows too: each process' rows are its own then its unconditional ones, so that global row i
         # (process i % W's local row i // W) is the set's row i, then row i - N's unconditional one
-        twin = PipelineDriver(self.pipe, prompts, seeds + fresh_seeds(seeds), self.call_steps, self.reuse.name,
-                              kwargs, self.batch_size, self.local_rows)
-        twin.unconditional_rows = self.size
+        prompts, kwargs = (self.prompts, self.kwargs) if null is None else null
+        twin = PipelineDriver(self.pipe, prompts, seeds + ([] if null is None else fresh_seeds(seeds)),
+                              self.call_steps, self.reuse.name, kwargs, self.batch_size, self.local_rows)
+        twin.unconditional_rows = 0 if null is None else self.size
         return twin
 
     def _null_rows(self) -> tuple[list[str] | None, dict[str, Any]] | None:
         """``(prompts, kwargs)`` of this process' rows followed by as many rows of the unconditional prompt, or
         None where the call has none (embeddings without ``negative_prompt_embeds``)."""
         n = self.rows_here
-
-        def per_row(value: Any) -> bool:
-            return (isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == n) or (
-                isinstance(value, list) and len(value) == n)
-
-        if self.prompts is None and not per_row(self.kwargs.get("negative_prompt_embeds")):
+        if self.prompts is None and not self._per_row(self.kwargs.get("negative_prompt_embeds")):
             return None
         kwargs: dict[str, Any] = {}
         for key, value in self.kwargs.items():
-            if not per_row(value):
+            if not self._per_row(value):
                 kwargs[key] = value
                 continue
             other = self.kwargs.get(f"negative_{key}")
-            null: Any = other if per_row(other) and type(other) is type(value) else value
+            null: Any = other if self._per_row(other) and type(other) is type(value) else value
             kwargs[key] = torch.cat([value, null.to(value)]) if isinstance(value, Tensor) else value + null
         prompts = None
         if self.prompts is not None:
