@@ -13,21 +13,32 @@ from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 T = 8
 
 
-def tiny_transformer(seed):
+def tiny_transformer(seed, cls=None, **over):
+    """A tiny Wan transformer (``cls``: WanTransformer3DModel or a variant; ``over``: config changes); ``seed``
+    None draws its weights from the generator's state as it is."""
     from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(seed)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                                 out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2,
-                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    if seed is not None:
+        torch.manual_seed(seed)
+    config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+                  text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                  qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+    return (cls or WanTransformer3DModel)(**{**config, **over})
+
+
+def tiny_vae():
+    """A tiny Wan VAE, its weights drawn from seed 0."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    return AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
 
 
 def tiny_pipe(tmp_path, two_transformers=False):
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    vae = tiny_vae()
     extra = dict(transformer_2=tiny_transformer(1), boundary_ratio=0.5) if two_transformers else {}
     pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=tiny_transformer(0), vae=vae,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), **extra)
@@ -152,11 +163,9 @@ def test_wan22_two_transformers_each_get_a_cache(tmp_path):
 
 def test_wan22_ti2v_per_token_timesteps_calibrate_and_follow(tmp_path):
     """Wan 2.2 TI2V (expand_timesteps): the conditioning frame's tokens have t = 0, the noise tokens t."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
 
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    vae = tiny_vae()
     pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=tiny_transformer(0),
                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), image_encoder=None,
                                    image_processor=None, expand_timesteps=True)
@@ -183,19 +192,12 @@ def test_wan22_ti2v_per_token_timesteps_calibrate_and_follow(tmp_path):
 def test_wan_image_to_video_calibrates_and_follows():
     """WanImageToVideoPipeline (the image's latents and mask beside the noise: 12 input channels, 4 output)."""
     from diffusers import (
-        AutoencoderKLWan,
         FlowMatchEulerDiscreteScheduler,
         WanImageToVideoPipeline,
-        WanTransformer3DModel,
     )
 
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                        in_channels=12, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
-                                        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                                        rope_max_seq_len=32)
+    vae = tiny_vae()
+    transformer = tiny_transformer(None, in_channels=12)
     pipe = WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), image_encoder=None,
                                    image_processor=None)
@@ -221,15 +223,10 @@ def test_wan_vace_calibrates_and_follows_with_its_control_input(tmp_path):
     the pipeline's own for no control video), whose hints join the blocks; saved and loaded from a folder. It takes
     one generator, so calibration runs its rows as concurrent one-row calls, whose VAE encodes take turns (Wan's
     causal VAE keeps state between the chunks of one encode: concurrent encodes broke it)."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanVACEPipeline, WanVACETransformer3DModel
 
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    transformer = WanVACETransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                                            in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
-                                            num_layers=2, cross_attn_norm=True, rope_max_seq_len=32, vace_layers=[0],
-                                            vace_in_channels=72)
+    vae = tiny_vae()
+    transformer = tiny_transformer(None, WanVACETransformer3DModel, vace_layers=[0], vace_in_channels=72)
     WanVACEPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer,
                     scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)).save_pretrained(tmp_path)
     pipe = WanVACEPipeline.from_pretrained(tmp_path, tokenizer=None, text_encoder=None)
