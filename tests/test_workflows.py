@@ -392,7 +392,7 @@ def scheduler(name):
                 max_image_seq_len=256),
             "unipc": lambda: diffusers.UniPCMultistepScheduler(**flow),
             "dpm++": lambda: diffusers.DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", **flow),
-            "heun": lambda: diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)}[name]()
+            }[name]()
 
 
 def wan_policy(p, **config):
@@ -447,22 +447,56 @@ def test_dynamic_shifting_calibrates_and_follows():
             assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
 
 
-def test_a_second_order_scheduler_is_refused_before_the_first_model_call():
+def test_heun_calibrates_and_caches_its_calls():
+    """FlowMatchHeunDiscreteScheduler calls the transformer 2T - 1 times for T steps: each call is a step of the
+    policy, a 2x policy halves them, the all-compute policy is exact, and timestep adjustment is refused."""
     from diffusers import FlowMatchHeunDiscreteScheduler
+
+    from ertacache.bench.metrics import psnr
+
+    p = Wan()
+    p.pipe.scheduler = FlowMatchHeunDiscreteScheduler(shift=5.0)
+    ref = p()
+    policy = wan_policy(p)  # timestep adjustment asked for: off, with the reason recorded
+    calls = 2 * p.T - 1
+    assert policy.num_inference_steps == calls and policy.provenance["pipeline_steps"] == p.T
+    assert policy.adjusted_grid is None and calls / policy.nfe >= 2.0
+    every = Policy(calls, (), policy.grid, branches=policy.branches, model_fingerprint=policy.model_fingerprint)
+    with apply_ertacache(p.pipe, every):
+        assert torch.equal(p(), ref)
+    with apply_ertacache(p.pipe, policy) as handle:
+        out = p()
+        assert handle.forwards() == {"cond": policy.nfe, "uncond": policy.nfe}
+    with apply_ertacache(p.pipe, Policy.uniform(calls, policy.nfe, like=policy)):
+        uniform = p()
+    assert psnr(out, ref) >= psnr(uniform, ref) - 0.25
+    p.T -= 1  # another step count: 2T - 3 calls
+    with pytest.raises(PolicyMismatchError, match="transformer calls per branch"):
+        with apply_ertacache(p.pipe, policy):
+            p()
+    p.T += 1
+    adjusted = Policy.uniform(calls, policy.nfe, like=policy, adjusted_grid=tuple(policy.grid))
+    with pytest.raises(ErtaCacheError, match="order 2"):
+        apply_ertacache(p.pipe, adjusted)
+    assert torch.equal(p(), ref)  # removed: the uncached output
+
+
+def test_an_unsupported_second_order_scheduler_is_refused_before_the_first_model_call():
+    from diffusers import KDPM2DiscreteScheduler
 
     p = Wan()
     policy = p.policy()
-    p.pipe.scheduler = FlowMatchHeunDiscreteScheduler(shift=5.0)
+    p.pipe.scheduler = KDPM2DiscreteScheduler()
     calls = []
     p.transformer.blocks[0].register_forward_pre_hook(lambda *a: calls.append(1))  # the model runs
-    with pytest.raises(ErtaCacheError, match="FlowMatchHeunDiscreteScheduler calls the transformer 2 times per step"):
+    with pytest.raises(ErtaCacheError, match="KDPM2DiscreteScheduler calls the transformer 2 times per step"):
         apply_ertacache(p.pipe, policy)
-    with pytest.raises(ErtaCacheError, match="FlowMatchHeunDiscreteScheduler calls the transformer 2 times"):
+    with pytest.raises(ErtaCacheError, match="KDPM2DiscreteScheduler calls the transformer 2 times"):
         wan_policy(p)
     assert not calls
     p.pipe.scheduler = scheduler("euler")
     with apply_ertacache(p.pipe, policy):  # swapped in after apply: refused at the call
-        p.pipe.scheduler = FlowMatchHeunDiscreteScheduler(shift=5.0)
+        p.pipe.scheduler = KDPM2DiscreteScheduler()
         with pytest.raises(ErtaCacheError, match="2 times per step"):
             p()
     assert not calls

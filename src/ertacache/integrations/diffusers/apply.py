@@ -172,8 +172,9 @@ def apply_ertacache(pipe: Any, policy: Policy | None = None, *, target_speedup: 
     Raises:
         ErtaCacheError: unknown pipeline, a transformer that already has ertacache
             applied, a reuse mode the family cannot split for, an adjusted grid on a
-            scheduler that takes none, a cached step where Wan 2.2 switches transformers, or
-            a scheduler of order 2 or more (Heun's), also one swapped in after apply (at the call).
+            scheduler that takes none (Heun's included), a cached step where Wan 2.2 switches transformers, or
+            a solver of order 2 other than FlowMatchHeunDiscreteScheduler, also one swapped in after apply (at the
+            call). With Heun's solver a policy's T counts transformer calls per branch (2 T - 1 for T steps).
         PolicyMismatchError: another model (fingerprint); at call time, another step
             count, guidance setting, guidance branches, or (``strict``) sample size.
     """

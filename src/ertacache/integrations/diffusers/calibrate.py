@@ -34,7 +34,7 @@ from .call import call_settings
 from .families import family_for, guidance_that_counts, pipeline_fingerprint, transformers_of
 from .hooks import register_hooks, remove_hooks
 from .run import PipelineRun
-from .scheduler import grid_unsupported, restore_scheduler, scheduler_refusal, set_scheduler_grid
+from .scheduler import grid_unsupported, model_steps, restore_scheduler, scheduler_refusal, set_scheduler_grid
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,9 @@ class PipelineDriver:
         self.local_rows = bool(local_rows) and self.world_size > 1  # global row i is rank i % W's row i // W
         self.rows_here = self.size // self.world_size if self.local_rows else self.size
         self.unconditional_rows = 0  # a fresh-noise twin's rows of the unconditional prompt (its last ones)
-        self.num_inference_steps = steps_that_run(num_inference_steps, self.kwargs.get("strength"))
+        # a policy's T: the transformer calls per branch (Heun's 2T - 1), on the steps that run (strength)
+        self.num_inference_steps = model_steps(pipe.scheduler, steps_that_run(num_inference_steps,
+                                                                              self.kwargs.get("strength")))
         self.reuse = get_reuse(reuse)
         self.transformers = transformers_of(pipe, self.family)
         if not self.transformers:
@@ -281,8 +283,10 @@ class PipelineDriver:
         config = dict(getattr(self.pipe.scheduler, "config", {}))
         scheduler = {"class": type(self.pipe.scheduler).__name__,
                      **{k: config[k] for k in GRID_SETTINGS if isinstance(config.get(k), (int, float, bool, str))}}
-        return {"seeds": list(self.seeds), "pipeline": type(self.pipe).__name__, "scheduler": scheduler,
-                **({} if strength is None else {"strength": float(strength), "pipeline_steps": self.call_steps})}
+        differ = strength is not None or self.num_inference_steps != self.call_steps  # strength, Heun
+        steps = {"pipeline_steps": self.call_steps} if differ else {}
+        return {"seeds": list(self.seeds), "pipeline": type(self.pipe).__name__, "scheduler": scheduler, **steps,
+                **({} if strength is None else {"strength": float(strength)})}
 
 
 GRID_SETTINGS = ("shift", "flow_shift", "use_dynamic_shifting", "base_shift", "max_shift", "time_shift_type",

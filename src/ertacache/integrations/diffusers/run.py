@@ -22,7 +22,7 @@ from ...core.reuse import Reuse
 from ...errors import ErtaCacheError, PolicyMismatchError
 from .adapters import hidden_states_of, latent_of, output_like, sample_of, timestep_of
 from .families import Family
-from .scheduler import begin_index, inverted, scheduler_refusal, write_grid
+from .scheduler import begin_index, inverted, order_of, scheduler_refusal, write_grid
 
 if TYPE_CHECKING:
     from .hooks import StepHook
@@ -223,9 +223,12 @@ class PipelineRun:
         n = len(scheduler.timesteps) - begin
         if n != T:
             runs = f"{n} (the steps that run: strength skips the first {begin} of {n + begin})" if begin else f"{n}"
+            order = order_of(scheduler)
+            calls = "" if order == 1 else (f" (transformer calls per branch: {type(scheduler).__name__} makes "
+                                           f"{order} (T - 1) + 1 for T steps)")
             raise PolicyMismatchError(
-                f"num_inference_steps: policy {T}, got {runs}; call the pipeline with the policy's "
-                f"num_inference_steps (and strength), or recalibrate for {n} steps")
+                f"num_inference_steps: policy {T}, got {runs}{calls}; call the pipeline with the policy's "
+                f"num_inference_steps (and strength and scheduler), or recalibrate for these steps")
         index = self._index(scheduler)
         if not 0 <= index < T:
             raise PolicyMismatchError(f"the scheduler is at step {index}, outside the policy's 0..{T - 1}")

@@ -12,15 +12,44 @@ from ...errors import ErtaCacheError, PolicyMismatchError
 
 
 def scheduler_refusal(scheduler: Any) -> str | None:
-    """Why ertacache cannot cache steps of ``scheduler``, or None: a solver of order 2 or more (Heun's) calls the
-    transformer several times per step at points in between, where a step's cache has nothing to reuse."""
-    order = getattr(scheduler, "order", 1)
-    if isinstance(order, int) and order > 1:
+    """Why ertacache cannot cache steps of ``scheduler``, or None.
+
+    A solver of order 2 is supported where it lists its inner calls in its ``timesteps``, so that the pipeline's
+    loop calls the transformer once per entry and ``step_index`` counts calls (FlowMatchHeunDiscreteScheduler:
+    ``2T - 1`` calls for ``T`` steps, each a step of the policy: :func:`model_steps`); other solvers of order 2
+    or more are refused."""
+    if order_of(scheduler) > 1 and not repeats_timesteps(scheduler):
+        order = order_of(scheduler)
         return (f"{type(scheduler).__name__} calls the transformer {order} times per step (a solver of order "
-                f"{order}); ertacache caches steps of one call: use FlowMatchEulerDiscreteScheduler, "
+                f"{order}), and ertacache supports one such solver, FlowMatchHeunDiscreteScheduler (each of its "
+                "2T - 1 calls a step of the policy): use it, FlowMatchEulerDiscreteScheduler, "
                 "UniPCMultistepScheduler or DPMSolverMultistepScheduler (use_flow_sigmas=True), or run this "
                 "scheduler uncached")
     return None
+
+
+def order_of(scheduler: Any) -> int:
+    """The solver's order: how many transformer calls one of its steps makes (1 for Euler and multistep solvers)."""
+    order = getattr(scheduler, "order", 1)
+    return order if isinstance(order, int) and order > 1 else 1
+
+
+SUPPORTED_HIGHER_ORDER = ("FlowMatchHeunDiscreteScheduler",)
+"""Solvers of order 2 whose inner calls the pipeline's loop makes one per ``timesteps`` entry (tested)."""
+
+
+def repeats_timesteps(scheduler: Any) -> bool:
+    """Whether the scheduler lists each inner call of a step in its ``timesteps`` (Heun's ``repeat_interleave``),
+    so that the pipeline's loop calls the transformer once per entry and ``step_index`` counts calls."""
+    return type(scheduler).__name__ in SUPPORTED_HIGHER_ORDER
+
+
+def model_steps(scheduler: Any, steps: int) -> int:
+    """The transformer calls per branch of a call that runs ``steps`` of ``scheduler``'s steps: ``steps`` for a
+    first-order or multistep solver, ``order * (steps - 1) + 1`` for Heun's (the last step is an Euler step to
+    t = 0). This is a policy's ``num_inference_steps`` T: its steps are the sampler's model evaluations."""
+    order = order_of(scheduler)
+    return steps if order == 1 else order * (steps - 1) + 1
 
 
 def begin_index(scheduler: Any) -> int:
@@ -53,6 +82,9 @@ def grid_unsupported(scheduler: Any) -> str | None:
             or "FlowMatch" not in type(scheduler).__name__:
         return (f"timestep adjustment needs a flow-matching scheduler; {type(scheduler).__name__} is not one "
                 "(docs/method.md section 5): use a policy without an adjusted grid")
+    if order_of(scheduler) > 1:
+        return (f"timestep adjustment moves the times of first-order steps; {type(scheduler).__name__} is a solver "
+                f"of order {order_of(scheduler)} whose inner calls share a time: use a policy without an adjusted grid")
     return None
 
 
