@@ -9,7 +9,7 @@ PIP     := $(BIN)/python -m pip install -q --disable-pip-version-check --no-comp
 OUT     ?= out/demo
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: demo test lint typecheck bench-step bench bench-quick clean
+.PHONY: demo test lint typecheck docs bench-step bench bench-quick clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,7 +36,11 @@ lint: $(VENV)/.dev
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
 
-test: lint typecheck
+# the API reference from the docstrings (docs/api); any warning fails the build
+docs: $(VENV)/.dev
+	$(BIN)/python -m sphinx -W --keep-going -q -E -b html docs/api out/api
+
+test: lint typecheck docs
 	# two workers, one file each at a time (a file's module fixtures are made once); torch runs one thread per test
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
 
