@@ -251,35 +251,29 @@ def test_family(build, tmp_path):
     assert torch.equal(run(), ref)
 
 
-TESTED = {  # every registered pipeline class -> the test that runs it on a tiny pipeline
-    "FluxPipeline": "test_diffusers_flux.py", "FluxImg2ImgPipeline": "test_workflows.py::test_image_to_image_*",
-    "FluxKontextPipeline": "test_workflows.py::test_flux_kontext_*",
-    "WanPipeline": "test_diffusers_wan.py",
-    "WanImageToVideoPipeline": "test_diffusers_wan.py::test_wan_image_to_video_*",
-    "WanVACEPipeline": "test_diffusers_wan.py::test_wan_vace_*",
-    "StableDiffusion3Pipeline": "test_diffusers_sd3.py",
-    **{name: f"test_family[{b.__name__}]" for b, name in [
-        (cogvideox, "CogVideoXPipeline"), (ltx, "LTXPipeline"), (hunyuan_video, "HunyuanVideoPipeline"),
-        (qwenimage, "QwenImagePipeline"), (chroma, "ChromaPipeline"), (flux2, "Flux2Pipeline"),
-        (cogview4, "CogView4Pipeline"), (sana, "SanaPipeline"), (lumina2, "Lumina2Pipeline"),
-        (mochi, "MochiPipeline")]},
-}
-
-
-def test_every_registered_pipeline_is_tested_and_in_the_docs_table():
+def test_the_pipelines_table_is_the_registry_and_every_row_is_tested():
+    """docs/diffusers.md's supported-pipelines table is what scripts/pipelines_table.py makes from the registry
+    (every registered class a row, no other row), and the test each row names exists: a FAMILY_BUILDS entry or
+    a test function (or file) of tests/."""
+    import sys
     from pathlib import Path
 
-    from ertacache.integrations.diffusers.families import FAMILIES
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    from pipelines_table import BEGIN, END, PAGE, ROWS, table
 
-    text = (Path(__file__).resolve().parents[1] / "docs" / "diffusers.md").read_text()
-    table = text[text.index("| family | pipelines |"):]
-    table = table[:table.index("\n\n")]
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
-    for family in FAMILIES.values():
-        assert family.name in rows, f"family {family.name} has no row in docs/diffusers.md's table"
-        for pipeline in family.pipelines:
-            assert pipeline in rows[family.name], f"{pipeline} missing from its family's row"
-            assert pipeline in TESTED, f"{pipeline} is registered but no test runs it"
+    text = PAGE.read_text()
+    assert text[text.index(BEGIN) + len(BEGIN) + 1:text.index(END) - 1] == table(), \
+        "docs/diffusers.md's pipelines table is stale: run python scripts/pipelines_table.py"
+    builds = {b.__name__ for b in FAMILY_BUILDS}
+    for name, row in ROWS.items():
+        file, _, test = row.test.partition("::")
+        source = (root / "tests" / file).read_text()
+        if test.startswith("test_family["):
+            assert test[len("test_family["):-1] in builds, f"{name}: {test} is not a FAMILY_BUILDS entry"
+        elif test:
+            assert f"def {test}(" in source, f"{name}: tests/{row.test} does not exist"
+        assert name in source, f"{name}: tests/{file} never builds it"
 
 
 def test_lumina2_truncated_guidance_is_refused_in_one_line():
