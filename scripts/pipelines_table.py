@@ -52,7 +52,8 @@ ROWS = {
     "CogView4Pipeline": Row("cond, uncond", "THUDM/CogView4-6B",
                             "--num-inference-steps 50 --height 1024 --width 1024 --guidance-scale 5",
                             "test_diffusers_families.py::test_family[cogview4]"),
-    "SanaPipeline": Row("cond_uncond (CFG batched in one call)", "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
+    "SanaPipeline": Row("cond_uncond (CFG batched in one call)",
+                        "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
                         "--num-inference-steps 20 --height 1024 --width 1024 --guidance-scale 4.5",
                         "test_diffusers_families.py::test_family[sana]"),
     "Lumina2Pipeline": Row("cond, uncond (by order; `cfg_trunc_ratio` < 1 refused)", "Alpha-VLLM/Lumina-Image-2.0",
@@ -126,7 +127,8 @@ def main() -> None:
     new = page_with_table(text)
     if args.check:
         if new != text:
-            sys.exit("docs/diffusers.md's pipelines table differs from the registry: run python scripts/pipelines_table.py")
+            sys.exit("docs/diffusers.md's pipelines table differs from the registry: "
+                     "run python scripts/pipelines_table.py")
         return
     PAGE.write_text(new)
 
