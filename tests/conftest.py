@@ -133,10 +133,13 @@ def oracle_run(pipe, run, cached_steps, mode, n_branches):
         step, branch = divmod(calls[0], n_branches)
         calls[0] += 1
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        t = float(kwargs["timestep"].flatten()[0])
+        rows = isinstance(x, list)  # Z-Image: a list of one tensor per row in, a list out
+        x = torch.stack(x) if rows else x
+        t = float((kwargs["timestep"] if "timestep" in kwargs else args[1]).flatten()[0])
         if step not in cached_steps:
             out = forward(*args, **kwargs)
             v = out[0] if isinstance(out, tuple) else out.sample
+            v = torch.stack(v) if rows else v
             history.setdefault(branch, []).append((t, x.clone(), v.clone()))
             kind[:] = [type(out)]
             return out
@@ -150,6 +153,7 @@ def oracle_run(pipe, run, cached_steps, mode, n_branches):
         else:
             t_h, _, v_h = past[-1]
             v = v_i + (v_i - v_h) * ((t - t_i) / (t_i - t_h))
+        v = list(v.unbind(0)) if rows else v
         return kind[0](sample=v) if kind[0] is not tuple else (v,)
 
     with mock.patch.object(transformer, "forward", replaced):

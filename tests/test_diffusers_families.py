@@ -121,6 +121,62 @@ def flux2():
     return Flux2Pipeline, pipe, none, kwargs, ("cond",)  # guidance-distilled: one call a step
 
 
+def flux2_klein():
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+
+    tf = Flux2Transformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                 attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                                 timestep_guidance_channels=16, axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False)
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                             latent_channels=4, norm_num_groups=2, use_quant_conv=False, use_post_quant_conv=False)
+    none = dict(tokenizer=None, text_encoder=None)
+    pipe = Flux2KleinPipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(),
+                              is_distilled=False, **none)
+    emb = _emb(12, N, 8, 16)
+    kwargs = dict(prompt_embeds=emb, negative_prompt_embeds=emb * 0, guidance_scale=4.0, height=16, width=16)
+    return Flux2KleinPipeline, pipe, none, kwargs, ("cond", "uncond")  # klein base: CFG in two calls
+
+
+def skyreels_v2():
+    from diffusers import SkyReelsV2Pipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+
+    from test_diffusers_wan import tiny_vae
+
+    tf = SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                      in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                      num_layers=2, rope_max_seq_len=32)
+    none = dict(tokenizer=None, text_encoder=None)
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=8.0)
+    pipe = SkyReelsV2Pipeline(transformer=tf, vae=tiny_vae(), scheduler=scheduler, **none)
+    emb = _emb(11, N, 8, 16)
+    kwargs = dict(prompt_embeds=emb, negative_prompt_embeds=emb * 0, guidance_scale=6.0, height=16, width=16,
+                  num_frames=5)
+    return SkyReelsV2Pipeline, pipe, none, kwargs, ("cond", "uncond")  # Wan's blocks, UniPC with flow sigmas
+
+
+def zimage():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+
+    tf = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1,
+                                  n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6],
+                                  axes_lens=[64, 32, 32])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=2, scaling_factor=1.0)
+    none = dict(tokenizer=None, text_encoder=None)
+    pipe = ZImagePipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
+    embs = [_emb(13 + i, 8, 16) for i in range(N)]  # a list of one (tokens, dim) tensor per row
+    kwargs = dict(prompt_embeds=embs, negative_prompt_embeds=[e * 0 for e in embs], guidance_scale=4.0, height=32,
+                  width=32)
+    return ZImagePipeline, pipe, none, kwargs, ("cond_uncond",)  # rows as lists, CFG batched; time 1 - t
+
+
 def cogview4():
     from diffusers import AutoencoderKL, CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
 
@@ -195,7 +251,7 @@ def hunyuan_video():
 
 
 def rows(kwargs, n):
-    return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
+    return {k: (v[:n] if isinstance(v, (torch.Tensor, list)) else v) for k, v in kwargs.items()}
 
 
 def mochi():
@@ -215,7 +271,8 @@ def mochi():
     return MochiPipeline, pipe, none, kwargs, ("cond_uncond",)  # inverted sigmas; CFG batched in one call
 
 
-FAMILY_BUILDS = [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2, cogview4, sana, lumina2, mochi]
+FAMILY_BUILDS = [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2, flux2_klein, cogview4, sana, lumina2, mochi,
+                 skyreels_v2, zimage]
 
 
 @pytest.mark.parametrize("build", FAMILY_BUILDS, ids=lambda f: f.__name__)
@@ -274,6 +331,34 @@ def test_the_pipelines_table_is_the_registry_and_every_row_is_tested():
         elif test:
             assert f"def {test}(" in source, f"{name}: tests/{row.test} does not exist"
         assert name in source, f"{name}: tests/{file} never builds it"
+
+
+@pytest.mark.parametrize("name, why", [("SkyReelsV2DiffusionForcingPipeline", "diffusion forcing gives each latent"),
+                                       ("CosmosTextToWorldPipeline", "its sampler is EDM's")])
+def test_samplers_the_method_does_not_apply_to_are_refused_with_why(name, why):
+    """Diffusion forcing (a timestep per frame) and Cosmos' EDM sampler: refused before any model exists or runs,
+    at apply and at calibration, with the reason."""
+    import diffusers
+
+    from ertacache.errors import ErtaCacheError
+
+    pipe = object.__new__(getattr(diffusers, name))  # the class is what is refused: nothing of it needs building
+    policy = Policy.uniform(T, T // 2)
+    with pytest.raises(ErtaCacheError, match=f"{name} is not supported: {why}"):
+        apply_ertacache(pipe, policy)
+    with pytest.raises(ErtaCacheError, match=f"{name} is not supported: {why}"):
+        calibrate_pipeline(pipe, ["a prompt"], num_inference_steps=T, target_speedup=2.0, seeds=[0])
+
+
+def test_zimage_truncated_guidance_is_refused_in_one_line():
+    """cfg_truncation < 1 drops the negative half of Z-Image's batched call part-way: one line, not a shape error."""
+    from ertacache.errors import ErtaCacheError
+
+    _, pipe, _, kwargs, _ = zimage()
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ErtaCacheError, match=r"batch changed from 8 to 4 rows within a call .* cfg_truncation"):
+        calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(N),
+                           cfg_truncation=0.5, **kwargs)
 
 
 def test_lumina2_truncated_guidance_is_refused_in_one_line():

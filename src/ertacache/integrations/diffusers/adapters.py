@@ -50,7 +50,8 @@ def register_block(class_name: str, output: BlockOutput) -> None:
 
 
 register_block("JointTransformerBlock", BlockOutput(hidden=1, encoder=0))  # SD3; not in diffusers' registry
-for _name in ("WanTransformerBlock", "LTXVideoTransformerBlock", "SanaTransformerBlock"):  # one tensor out
+for _name in ("WanTransformerBlock", "SkyReelsV2TransformerBlock", "LTXVideoTransformerBlock",
+              "SanaTransformerBlock"):  # one tensor out
     register_block(_name, BlockOutput())
 
 
@@ -95,9 +96,24 @@ def timestep_of(kwargs: dict[str, Any], family: Family) -> float:
     return float(torch.as_tensor(ts).detach().flatten().max()) / family.timestep_scale
 
 
+def _tensors(x: Any) -> bool:
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(e, Tensor) for e in x)
+
+
 def hidden_states_of(args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor:
-    """The ``hidden_states`` argument (keyword or first positional)."""
-    x = kwargs.get("hidden_states", args[0] if args else None)
+    """The ``hidden_states`` argument (keyword or first positional); a list of one tensor per row (Z-Image's
+    ``x``) is stacked into a batch.
+
+    Raises:
+        ErtaCacheError: no such argument, or rows of different shapes.
+    """
+    x: Any = kwargs.get("hidden_states", args[0] if args else None)
+    if _tensors(x):
+        shapes = sorted({tuple(e.shape) for e in x})
+        if len(shapes) > 1:
+            raise ErtaCacheError(f"the transformer was called with rows of different shapes ({shapes}); ertacache "
+                                 "caches a batch of one shape")
+        return torch.stack(list(x))
     if not isinstance(x, Tensor):
         raise ErtaCacheError("the transformer was called without `hidden_states`")
     return x
@@ -110,21 +126,22 @@ def encoder_states_of(args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor | N
 
 
 def sample_of(output: Any) -> Tensor:
-    """The predicted tensor of a transformer output (a tensor, a tuple, or an output dataclass)."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, tuple):
-        return output[0]
-    return output.sample
+    """The predicted tensor of a transformer output (a tensor, a tuple, or an output dataclass); a list of one
+    tensor per row (Z-Image) stacked into a batch."""
+    if not isinstance(output, Tensor):
+        output = output[0] if isinstance(output, tuple) else output.sample
+    return torch.stack(list(output)) if _tensors(output) else output
 
 
-def output_like(kwargs: dict[str, Any], sample: Tensor) -> Any:
-    """An output of the form the caller asked for (``return_dict``) holding ``sample``."""
+def output_like(args: Sequence[Any], kwargs: dict[str, Any], sample: Tensor) -> Any:
+    """An output of the form the caller asked for (``return_dict``) holding ``sample``: a list of rows where the
+    call's ``hidden_states`` was one."""
+    rows: Any = list(sample.unbind(0)) if _tensors(kwargs.get("hidden_states", args[0] if args else None)) else sample
     if kwargs.get("return_dict", True):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
-        return Transformer2DModelOutput(sample=sample)
-    return (sample,)
+        return Transformer2DModelOutput(sample=rows)
+    return (rows,)
 
 
 def latent_of(hidden_states: Tensor, shape: Sequence[int]) -> Tensor:

@@ -364,15 +364,19 @@ def check_pipeline_config(pipe: Any, config: CalibrationConfig) -> None:
 
 
 def set_size(prompts: Sequence[str] | None, pipe_kwargs: dict[str, Any]) -> int:
-    """The calibration set's size: the prompts, or the rows of ``prompt_embeds``.
+    """The calibration set's size: the prompts, or the rows of ``prompt_embeds`` (a tensor's first dimension, or
+    a list of one tensor per row, as Z-Image takes them).
 
     Raises:
         ErtaCacheError: neither is given.
     """
     if prompts is not None:
         return len(prompts)
-    if isinstance(pipe_kwargs.get("prompt_embeds"), Tensor):
-        return int(pipe_kwargs["prompt_embeds"].shape[0])
+    embeds = pipe_kwargs.get("prompt_embeds")
+    if isinstance(embeds, Tensor):
+        return int(embeds.shape[0])
+    if isinstance(embeds, list) and embeds and all(isinstance(e, Tensor) for e in embeds):
+        return len(embeds)
     raise ErtaCacheError("give the calibration prompts, or prompt_embeds with one row per sample")
 
 

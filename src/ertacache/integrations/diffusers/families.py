@@ -83,9 +83,12 @@ register_family(Family("chroma", ("ChromaPipeline",), timestep_scale=1.0,
                        channels=ChannelLayout(dim=-1, group=4),  # FLUX's packing
                        cfg_scales=("guidance_scale",),
                        context_free_branches=("cond", "uncond")))  # no cache_context: cond, then uncond
-register_family(Family("flux2", ("Flux2Pipeline",), timestep_scale=1.0, block_stacks=(),
-                       channels=ChannelLayout(dim=-1), cfg_scales=(), embedded_guidance="guidance_scale",
-                       context_free_branches=("cond",)))  # guidance-distilled: one call a step, no cache_context
+register_family(Family("flux2", ("Flux2Pipeline", "Flux2KleinPipeline"), timestep_scale=1.0, block_stacks=(),
+                       channels=ChannelLayout(dim=-1), cfg_scales=("guidance_scale",),  # klein base: CFG
+                       embedded_guidance="guidance_scale",  # FLUX.2 dev: embedded (guidance-distilled, one call)
+                       context_free_branches=("cond",)))  # dev sets no cache_context; klein sets cond / uncond
+register_family(Family("zimage", ("ZImagePipeline",), timestep_scale=0.0,  # passes 1 - t: read from the scheduler
+                       block_stacks=(), cfg_scales=("guidance_scale",)))  # rows as lists; CFG batched in one call
 register_family(Family("cogview4", ("CogView4Pipeline",)))  # cond / uncond contexts, timestep = 1000 t
 register_family(Family("sana", ("SanaPipeline",)))  # batched CFG in one call; timestep = 1000 t (timestep_scale 1)
 register_family(Family("lumina2", ("Lumina2Pipeline",), timestep_scale=0.0, block_stacks=(),
@@ -104,8 +107,25 @@ register_family(Family("cogvideox", ("CogVideoXPipeline",), channels=ChannelLayo
 register_family(Family("hunyuan_video", ("HunyuanVideoPipeline",),
                        block_stacks=("transformer_blocks", "single_transformer_blocks"), video=True,
                        cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale"))
+register_family(Family("skyreels_v2", ("SkyReelsV2Pipeline",), block_stacks=("blocks",), video=True))  # Wan's blocks
 register_family(Family("sd3", ("StableDiffusion3Pipeline",)))
 register_family(Family("ltx", ("LTXPipeline",), channels=ChannelLayout(dim=-1), video=True))  # packed (B, L, C)
+
+
+_DIFFUSION_FORCING = ("diffusion forcing gives each latent frame its own noise level (a timestep per frame, the frames "
+                      "stepping asynchronously), so a step of its loop is no single time t on one grid and a step's "
+                      "cached output has no place to be reused: run it uncached, or use SkyReelsV2Pipeline")
+_EDM = ("its sampler is EDM's (EDMEulerScheduler: Karras sigmas up to 80 and preconditioned model inputs), not flow "
+        "matching with t in [0, 1], for which ertacache's grid, timestep adjustment and error model are defined: run "
+        "it uncached")
+REFUSED: dict[str, str] = {
+    "SkyReelsV2DiffusionForcingPipeline": _DIFFUSION_FORCING,
+    "SkyReelsV2DiffusionForcingImageToVideoPipeline": _DIFFUSION_FORCING,
+    "SkyReelsV2DiffusionForcingVideoToVideoPipeline": _DIFFUSION_FORCING,
+    "CosmosTextToWorldPipeline": _EDM,
+    "CosmosVideoToWorldPipeline": _EDM,
+}
+"""Pipeline classes refused before the first model call, with why: the method does not apply to their sampler."""
 
 
 def transformers_of(pipe: Any, family: Family) -> list[Any]:
@@ -185,9 +205,13 @@ def family_for(pipe: Any) -> Family:
     (:func:`detect_family`, with one :class:`DetectedFamilyWarning` per pipeline class).
 
     Raises:
-        ErtaCacheError: an unknown pipeline that detection cannot decide, listing the supported ones and how to
-            register one.
+        ErtaCacheError: a pipeline whose sampler the method does not apply to (:data:`REFUSED`: diffusion forcing,
+            EDM), saying why; an unknown pipeline that detection cannot decide, listing the supported ones and how
+            to register one.
     """
+    refused = next((REFUSED[c.__name__] for c in type(pipe).__mro__ if c.__name__ in REFUSED), None)
+    if refused is not None:
+        raise ErtaCacheError(f"{type(pipe).__name__} is not supported: {refused}")
     family = family_for_class(type(pipe))
     if family is not None:
         return family

@@ -286,6 +286,12 @@ class PipelineRun:
         if step == 0 and self.on_start is not None:
             self.on_start(hidden, name)
         engine = self.engine
+        kept = engine.state(unit).kept
+        if kept is not None and kept.shape[0] != hidden.shape[0]:
+            raise ErtaCacheError(
+                f"{self.family.name}: the transformer's batch changed from {kept.shape[0]} to {hidden.shape[0]} rows "
+                f"within a call (branch {name}, step {step}): a guidance branch dropped part-way, as Z-Image's "
+                "cfg_truncation < 1 does; ertacache needs the same calls at every step: run without it")
         out_obj = v = r = v_cached = None
         if engine.needs_model(step, unit):
             out_obj, h_res = hook.forward_full(args, kwargs)
@@ -311,7 +317,7 @@ class PipelineRun:
                     "guidance setting differs from the one calibrated; recalibrate for it")
             out = engine.observe(call)
             self._maybe_decide(step, chunk)
-        return out_obj if out_obj is not None and out is v else output_like(kwargs, out)
+        return out_obj if out_obj is not None and out is v else output_like(args, kwargs, out)
 
     def _maybe_decide(self, step: int, chunk: int) -> None:
         """Decide ``step`` once every unit has called; a micro-batch that made all its calls waits for that."""
