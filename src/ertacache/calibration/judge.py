@@ -274,8 +274,11 @@ class Judge:
         except NoRoom:
             return m, {"kept": False, "k_fold": f"not run: over max_passes={self.runner.max_passes}"}
         checked = self.margin(self.policy_of(old, variants), self.policy_of(new, variants), shifts[0], shifts[1])
-        return checked, {"in_sample_gain_db": round(m.gain_db, 3), "k_fold": {
+        record = {"in_sample_gain_db": round(m.gain_db, 3), "k_fold": {
             "folds": len(self.folds), "refit_differs": sum(len(self.refitted(c)) for c in fitted)}}
+        if checked.significant and new[0].refit is not None and self.fresh is not None:  # folds of one sample
+            record.update(self.fresh_check(old, new, variants))
+        return checked, record
 
     def fresh_check(self, old: Option, new: Option, variants: dict[int, dict[str, Policy]]) -> dict[str, Any]:
         """A fitted set's win judged on the samples it was fitted to, checked on fresh noise (:mod:`.fresh`): kept

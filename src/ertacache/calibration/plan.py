@@ -113,11 +113,16 @@ def target_passes(config: CalibrationConfig, T: int, max_nfe: int, first: bool) 
     return passes
 
 
+FRESH_BELOW = 3
+"""Fitted sets are checked on fresh rows where a process has fewer samples than this: with one there is no fold
+to leave out, with two each fold's set is judged on a single other sample (docs/method.md section 2.8)."""
+
+
 def fresh_checked(config: CalibrationConfig, samples: int | None) -> bool:
-    """Whether fitted sets are checked on fresh noise (:mod:`.fresh`): the config asks for it, a set is fitted,
-    every sample judges, and there is no fold to leave out (fewer than 2 ``samples`` per process, or ``folds=1``)."""
+    """Whether fitted sets are checked on fresh rows (:mod:`.fresh`): the config asks for it, a set is fitted,
+    every sample judges, and a process has fewer than :data:`FRESH_BELOW` ``samples`` (or ``folds=1``)."""
     return (config.fresh_check and "search" in config.candidates and config.holdout_fraction == 0
-            and samples is not None and (samples < 2 or config.folds < 2))
+            and samples is not None and (samples < FRESH_BELOW or config.folds < 2))
 
 
 def plan(config: CalibrationConfig, num_inference_steps: int, target_speedups: Sequence[float], rows: int,

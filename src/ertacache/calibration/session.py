@@ -36,7 +36,7 @@ from .drive import Driver
 from .evidence import ErrorModelPrior, Margin
 from .fresh import FreshCheck, twin_of
 from .judge import Judge, Option, evaluation_key, option_label
-from .plan import plan, variant_passes
+from .plan import fresh_checked, plan, variant_passes
 from .proposals import Proposer
 from .runner import PassCallback, PassRunner
 from .sets import Candidate, check_goal
@@ -116,7 +116,7 @@ class CalibrationSession:
         if self.config.error_model_prior:
             self.judge.evidence = ErrorModelPrior(lambda: self.proposer.extrapolation_costs() or truth.search_costs,
                                                   self.judge.errors)
-        if self.config.fresh_check and not folds and not n_hold:  # a fitted set's win: checked on fresh noise
+        if fresh_checked(self.config, n // world) and not n_hold:  # a fitted set's win: checked on fresh rows
             twin, self.judge.fresh_off = twin_of(driver)
             self.judge.fresh = None if twin is None else FreshCheck(self.runner, twin)
         self.components = Components(self.runner, self.judge, driver, self.config, truth, n_fit)

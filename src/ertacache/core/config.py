@@ -103,8 +103,9 @@ class CalibrationConfig:
             Off by default: the regression behind it is fitted on the same samples it would
             add evidence to, and at one or two samples it made worse choices (docs/calibration.md,
             "Error rates over many draws"). Not in the paper.
-        fresh_check: where no fold can be left out (one sample per process), a set the schedule
-            search fitted to the samples wins only where its mean gain is positive on fresh rows:
+        fresh_check: with one or two samples per process (no fold to leave out, or folds of a
+            single sample), a set the schedule search fitted to the samples wins only where its
+            mean gain is positive on fresh rows (with two, after its k-fold check):
             the same conditions under fresh noise seeds and, with a null condition, as many rows
             of the unconditional prompt (:mod:`~ertacache.calibration.fresh`): one uncached pass
             of those rows (up to twice the set), shared by every target, and one evaluation of
