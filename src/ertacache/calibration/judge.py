@@ -276,7 +276,7 @@ class Judge:
         checked = self.margin(self.policy_of(old, variants), self.policy_of(new, variants), shifts[0], shifts[1])
         record = {"in_sample_gain_db": round(m.gain_db, 3), "k_fold": {
             "folds": len(self.folds), "refit_differs": sum(len(self.refitted(c)) for c in fitted)}}
-        if checked.significant and new[0].refit is not None and self.fresh is not None:  # folds of one or two
+        if checked.significant and new[0].refit is not None and self.fresh is not None:  # folds of one sample
             record.update(self.fresh_check(old, new, variants))
         return checked, record
 

@@ -103,9 +103,9 @@ class CalibrationConfig:
             Off by default: the regression behind it is fitted on the same samples it would
             add evidence to, and at one or two samples it made worse choices (docs/calibration.md,
             "Error rates over many draws"). Not in the paper.
-        fresh_check: with one to four samples per process (no fold to leave out, or folds of
-            one or two samples), a set the schedule search fitted to the samples wins only where
-            its mean gain is positive on fresh rows (from two, after its k-fold check):
+        fresh_check: with one or two samples per process (no fold to leave out, or folds of a
+            single sample), a set the schedule search fitted to the samples wins only where its
+            mean gain is positive on fresh rows (with two, after its k-fold check):
             the same conditions under fresh noise seeds and, with a null condition, as many rows
             of the unconditional prompt (:mod:`~ertacache.calibration.fresh`): one uncached pass
             of those rows (up to twice the set), shared by every target, and one evaluation of
