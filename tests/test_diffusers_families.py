@@ -359,6 +359,12 @@ def test_zimage_truncated_guidance_is_refused_in_one_line():
     with pytest.raises(ErtaCacheError, match=r"batch changed from 8 to 4 rows within a call .* cfg_truncation"):
         calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(N),
                            cfg_truncation=0.5, **kwargs)
+    calls = []
+    pipe.transformer.noise_refiner[0].register_forward_pre_hook(lambda *a: calls.append(1))  # the model runs
+    with apply_ertacache(pipe, Policy.uniform(T, T // 2)):  # a policy applied: refused before the model runs
+        with pytest.raises(ErtaCacheError, match="cfg_truncation=0.5 drops the negative branch"):
+            pipe(num_inference_steps=T, output_type="latent", cfg_truncation=0.5, **rows(kwargs, 2))
+    assert not calls
 
 
 def test_lumina2_truncated_guidance_is_refused_in_one_line():

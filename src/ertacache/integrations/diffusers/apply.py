@@ -15,7 +15,14 @@ from ...core.reuse import get_reuse
 from ...errors import ErtaCacheError, PolicyMismatchError
 from ...policy import Policy
 from .call import call_settings, check_guidance
-from .families import Family, expert_switch_step, family_for, guidance_that_counts, transformers_of
+from .families import (
+    Family,
+    check_truncation,
+    expert_switch_step,
+    family_for,
+    guidance_that_counts,
+    transformers_of,
+)
 from .hooks import register_hooks, remove_hooks
 from .identity import AdapterWatch, check_identity
 from .run import PipelineRun
@@ -74,6 +81,7 @@ def _checker(pipe: Any, family: Family, policy: Policy, strict: bool, adapters: 
 
     def on_start(hidden: Tensor, branch: str) -> None:
         adapters()
+        check_truncation(pipe, family)
         _check_scheduler(pipe.scheduler, policy, strict, warned)
         if branch not in policy.branches and not policy.any_guidance:
             raise PolicyMismatchError(

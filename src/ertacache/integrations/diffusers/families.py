@@ -44,6 +44,9 @@ class Family:
         one_generator: pipeline classes of the family that take one ``generator``, not a list of them
             (WanVACEPipeline): calibration calls them one row at a time (micro-batches of one row, which meet at
             every step as any micro-batches do).
+        truncation: the pipeline attribute holding the call's guidance truncation ratio (Z-Image's
+            ``_cfg_truncation``): below 1 a guidance branch is dropped part-way, and such a call is refused at its
+            first transformer call, before the model runs.
     """
 
     name: str
@@ -58,6 +61,7 @@ class Family:
     embedded_guidance: str | None = None
     context_free_branches: tuple[str, ...] = ()
     one_generator: tuple[str, ...] = ()
+    truncation: str | None = None
 
     def __post_init__(self) -> None:
         if not self.context_free_branches:
@@ -88,7 +92,8 @@ register_family(Family("flux2", ("Flux2Pipeline", "Flux2KleinPipeline"), timeste
                        embedded_guidance="guidance_scale",  # FLUX.2 dev: embedded (guidance-distilled, one call)
                        context_free_branches=("cond",)))  # dev sets no cache_context; klein sets cond / uncond
 register_family(Family("zimage", ("ZImagePipeline",), timestep_scale=0.0,  # passes 1 - t: read from the scheduler
-                       block_stacks=(), cfg_scales=("guidance_scale",)))  # rows as lists; CFG batched in one call
+                       block_stacks=(), cfg_scales=("guidance_scale",),  # rows as lists; CFG batched in one call
+                       truncation="_cfg_truncation"))
 register_family(Family("cogview4", ("CogView4Pipeline",)))  # cond / uncond contexts, timestep = 1000 t
 register_family(Family("sana", ("SanaPipeline",)))  # batched CFG in one call; timestep = 1000 t (timestep_scale 1)
 register_family(Family("lumina2", ("Lumina2Pipeline",), timestep_scale=0.0, block_stacks=(),
@@ -126,6 +131,19 @@ REFUSED: dict[str, str] = {
     "CosmosVideoToWorldPipeline": _EDM,
 }
 """Pipeline classes refused before the first model call, with why: the method does not apply to their sampler."""
+
+
+def check_truncation(pipe: Any, family: Family) -> None:
+    """Refuse a call whose guidance truncation drops a branch part-way (:attr:`Family.truncation` below 1).
+
+    Raises:
+        ErtaCacheError: the ratio is below 1.
+    """
+    ratio = getattr(pipe, family.truncation, None) if family.truncation else None
+    if isinstance(ratio, (int, float)) and ratio < 1:
+        raise ErtaCacheError(f"{type(pipe).__name__}: cfg_truncation={ratio} drops the negative branch part-way "
+                             "through the call; ertacache needs the same calls at every step: call with "
+                             "cfg_truncation=1.0 (no truncation), or run uncached")
 
 
 def transformers_of(pipe: Any, family: Family) -> list[Any]:
