@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
@@ -96,7 +96,13 @@ def timestep_of(kwargs: dict[str, Any], family: Family) -> float:
     return float(torch.as_tensor(ts).detach().flatten().max()) / family.timestep_scale
 
 
-def _tensors(x: Any) -> bool:
+def hidden_argument(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """The transformer call's ``hidden_states`` as passed (keyword or first positional), or None."""
+    return kwargs.get("hidden_states", args[0] if args else None)
+
+
+def is_rows(x: Any) -> TypeGuard[Sequence[Tensor]]:
+    """Whether ``x`` is a list (or tuple) of one tensor per row, as Z-Image passes its latents and embeddings."""
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(e, Tensor) for e in x)
 
 
@@ -107,8 +113,8 @@ def hidden_states_of(args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor:
     Raises:
         ErtaCacheError: no such argument, or rows of different shapes.
     """
-    x: Any = kwargs.get("hidden_states", args[0] if args else None)
-    if _tensors(x):
+    x = hidden_argument(args, kwargs)
+    if is_rows(x):
         shapes = sorted({tuple(e.shape) for e in x})
         if len(shapes) > 1:
             raise ErtaCacheError(f"the transformer was called with rows of different shapes ({shapes}); ertacache "
@@ -130,13 +136,13 @@ def sample_of(output: Any) -> Tensor:
     tensor per row (Z-Image) stacked into a batch."""
     if not isinstance(output, Tensor):
         output = output[0] if isinstance(output, tuple) else output.sample
-    return torch.stack(list(output)) if _tensors(output) else output
+    return torch.stack(list(output)) if is_rows(output) else output
 
 
 def output_like(args: Sequence[Any], kwargs: dict[str, Any], sample: Tensor) -> Any:
     """An output of the form the caller asked for (``return_dict``) holding ``sample``: a list of rows where the
     call's ``hidden_states`` was one."""
-    rows: Any = list(sample.unbind(0)) if _tensors(kwargs.get("hidden_states", args[0] if args else None)) else sample
+    rows: Any = list(sample.unbind(0)) if is_rows(hidden_argument(args, kwargs)) else sample
     if kwargs.get("return_dict", True):
         from diffusers.models.modeling_outputs import Transformer2DModelOutput
 

@@ -29,7 +29,7 @@ from ...core.engine import Engine, Pass
 from ...core.reuse import get_reuse
 from ...errors import ErtaCacheError
 from ...policy import Policy
-from .adapters import block_stack
+from .adapters import block_stack, is_rows
 from .call import call_settings
 from .families import family_for, guidance_that_counts, pipeline_fingerprint, transformers_of
 from .hooks import register_hooks, remove_hooks
@@ -375,7 +375,7 @@ def set_size(prompts: Sequence[str] | None, pipe_kwargs: dict[str, Any]) -> int:
     embeds = pipe_kwargs.get("prompt_embeds")
     if isinstance(embeds, Tensor):
         return int(embeds.shape[0])
-    if isinstance(embeds, list) and embeds and all(isinstance(e, Tensor) for e in embeds):
+    if is_rows(embeds):
         return len(embeds)
     raise ErtaCacheError("give the calibration prompts, or prompt_embeds with one row per sample")
 

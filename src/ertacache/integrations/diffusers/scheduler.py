@@ -18,8 +18,8 @@ def scheduler_refusal(scheduler: Any) -> str | None:
     loop calls the transformer once per entry and ``step_index`` counts calls (FlowMatchHeunDiscreteScheduler:
     ``2T - 1`` calls for ``T`` steps, each a step of the policy: :func:`model_steps`); other solvers of order 2
     or more are refused."""
-    if order_of(scheduler) > 1 and not repeats_timesteps(scheduler):
-        order = order_of(scheduler)
+    order = order_of(scheduler)
+    if order > 1 and not repeats_timesteps(scheduler):
         return (f"{type(scheduler).__name__} calls the transformer {order} times per step (a solver of order "
                 f"{order}), and ertacache supports one such solver, FlowMatchHeunDiscreteScheduler (each of its "
                 "2T - 1 calls a step of the policy): use it, FlowMatchEulerDiscreteScheduler, "
