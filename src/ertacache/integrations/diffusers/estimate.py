@@ -14,8 +14,10 @@ from ...calibration import check_goal
 from ...calibration.plan import plan
 from ...core.config import CalibrationConfig
 from ...errors import ErtaCacheError
+from .adapters import hidden_argument, is_rows
 from .calibrate import set_size
 from .families import family_for, transformers_of
+from .scheduler import model_steps
 
 
 def estimate_pipeline(pipe: Any, prompts: Sequence[str] | None, *, num_inference_steps: int,
@@ -54,14 +56,16 @@ def estimate_pipeline(pipe: Any, prompts: Sequence[str] | None, *, num_inference
 
     def after(module: Any, args: Any, kwargs: Any, output: Any) -> None:
         sync()
-        x = kwargs.get("hidden_states", args[0] if args else None)
-        timings.append((time.perf_counter() - started.pop(), int(x.shape[0]) if isinstance(x, Tensor) else 1))
+        x = hidden_argument(args, kwargs)
+        rows = len(x) if is_rows(x) else int(x.shape[0]) if isinstance(x, Tensor) else 1
+        timings.append((time.perf_counter() - started.pop(), rows))
 
     handles = []
     for tf in transformers_of(pipe, family):
         handles.append(tf.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(tf.register_forward_hook(after, with_kwargs=True))
-    one = {k: (v[:1] if isinstance(v, Tensor) and v.shape[0] == n else v) for k, v in pipe_kwargs.items()}
+    one = {k: (v[:1] if (isinstance(v, Tensor) and v.shape[0] == n) or (is_rows(v) and len(v) == n) else v)
+           for k, v in pipe_kwargs.items()}
     try:
         with torch.no_grad():
             pipe(**({"prompt": [prompts[0]]} if prompts is not None else {}), num_inference_steps=2,
@@ -71,7 +75,9 @@ def estimate_pipeline(pipe: Any, prompts: Sequence[str] | None, *, num_inference
             h.remove()
     if not timings:
         raise ErtaCacheError(f"{type(pipe).__name__} ran no transformer forward in a 2-step call")
-    rows_per_sample = max(1, round(sum(r for _, r in timings) / 2))
+    calls = model_steps(pipe.scheduler, 2)  # transformer calls per branch of the 2-step call (Heun's: 3)
+    rows_per_sample = max(1, round(sum(r for _, r in timings) / calls))
     later = timings[len(timings) // 2:] or timings  # the second step's forwards: past first-call set-up
     per_row = min(s / r for s, r in later)
-    return replace(plan(config, num_inference_steps, target_speedups, n * rows_per_sample, n), seconds_per_call=per_row)
+    T = model_steps(pipe.scheduler, num_inference_steps)  # a policy's steps: the calls per branch
+    return replace(plan(config, T, target_speedups, n * rows_per_sample, n), seconds_per_call=per_row)
