@@ -350,29 +350,30 @@ def test_samplers_the_method_does_not_apply_to_are_refused_with_why(name, why):
         calibrate_pipeline(pipe, ["a prompt"], num_inference_steps=T, target_speedup=2.0, seeds=[0])
 
 
-def test_zimage_truncated_guidance_is_refused_in_one_line():
-    """cfg_truncation < 1 drops the negative half of Z-Image's batched call part-way: one line, not a shape error."""
+@pytest.mark.parametrize("build, truncation, message", [
+    (zimage, {"cfg_truncation": 0.5}, r"batch changed from 8 to 4 rows within a call .* cfg_truncation"),
+    (lumina2, {"cfg_trunc_ratio": 0.5}, r"calls change from step to step \(\[1, 2\] calls a step"),
+], ids=["zimage", "lumina2"])
+def test_truncated_guidance_is_refused_in_one_line_at_calibration(build, truncation, message):
+    """A guidance branch dropped part-way (Z-Image's batched call shrinks, Lumina 2's negative call stops): one
+    line, not a shape error."""
+    from ertacache.errors import ErtaCacheError
+
+    _, pipe, _, kwargs, _ = build()
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.raises(ErtaCacheError, match=message):
+        calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(N), **truncation,
+                           **kwargs)
+
+
+def test_zimage_truncated_guidance_is_refused_under_a_policy_before_the_model_runs():
     from ertacache.errors import ErtaCacheError
 
     _, pipe, _, kwargs, _ = zimage()
     pipe.set_progress_bar_config(disable=True)
-    with pytest.raises(ErtaCacheError, match=r"batch changed from 8 to 4 rows within a call .* cfg_truncation"):
-        calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(N),
-                           cfg_truncation=0.5, **kwargs)
     calls = []
     pipe.transformer.noise_refiner[0].register_forward_pre_hook(lambda *a: calls.append(1))  # the model runs
-    with apply_ertacache(pipe, Policy.uniform(T, T // 2)):  # a policy applied: refused before the model runs
+    with apply_ertacache(pipe, Policy.uniform(T, T // 2)):
         with pytest.raises(ErtaCacheError, match="cfg_truncation=0.5 drops the negative branch"):
             pipe(num_inference_steps=T, output_type="latent", cfg_truncation=0.5, **rows(kwargs, 2))
     assert not calls
-
-
-def test_lumina2_truncated_guidance_is_refused_in_one_line():
-    """cfg_trunc_ratio < 1 stops the negative call part-way: the calls change from step to step."""
-    from ertacache.errors import ErtaCacheError
-
-    _, pipe, _, kwargs, _ = lumina2()
-    pipe.set_progress_bar_config(disable=True)
-    with pytest.raises(ErtaCacheError, match=r"calls change from step to step \(\[1, 2\] calls a step"):
-        calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(N),
-                           cfg_trunc_ratio=0.5, **kwargs)
