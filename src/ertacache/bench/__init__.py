@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._version import source
 from ..core.euler import seeded_noise
 from ..fingerprint import model_fingerprint
 from ..io import atomic_write_text
@@ -174,6 +175,7 @@ def run_bench(docs_dir: str | Path, settings: m.BenchSettings, json_path: str | 
     elapsed = time.perf_counter() - start
     header = {
         "command": command,
+        "source": f"ertacache {source()}, {time.strftime('%Y-%m-%d')}",
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads, {'CUDA' if torch.cuda.is_available() else 'CPU'}",
         "model": f"bundled {settings.model} ({type(model.transformer).__name__}, ertacache.models.bundled)",

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._version import source
 from ..errors import ErtaCacheError
 from ..integrations.diffusers.load import PipelineSettings
 from ..policy import Policy
@@ -151,6 +152,7 @@ def run_pipeline_bench(settings: PipelineBenchSettings, command: str) -> list[di
     rows = measure(methods, torch.zeros(1), torch.zeros(1), repeats, log)
     header = {
         "command": command,
+        "source": f"ertacache {source()}, {time.strftime('%Y-%m-%d')}",
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'}",
         "model": f"{ps.pipeline} ({type(pipe).__name__})",
