@@ -44,6 +44,18 @@ def draw_set(model: str, shift: float, n: int, draw: int, classes: int) -> tuple
     return torch.tensor([rng.randrange(classes) for _ in range(n)]), [rng.randrange(10_000) for _ in range(n)]
 
 
+def other_classes(model: str, shift: float, n: int, draw: int, classes: int, labels: torch.Tensor,
+                  k: int) -> torch.Tensor | None:
+    """``k`` classes not among the draw's ``labels`` (as many as there are, cycled), drawn reproducibly per draw;
+    None for ``k = 0``."""
+    if k == 0:
+        return None
+    rng = random.Random(f"{model}/{shift:g}/{n}/{draw}/check")
+    others = [c for c in range(classes) if c not in set(labels.tolist())] or list(range(classes))
+    rng.shuffle(others)
+    return torch.tensor([others[i % len(others)] for i in range(k)])
+
+
 def per_sample_mse(held: Reference, x: torch.Tensor) -> torch.Tensor:
     return (x - held.ref).double().square().flatten(1).mean(1).clamp_min(1e-30)
 
@@ -55,7 +67,8 @@ def stated(policy: Policy) -> dict[str, Any] | None:
         checks = [r["fresh_check"] for r in policy.provenance.get("decisions", []) if isinstance(r.get("fresh_check"),
                                                                                                 dict)]
         return {"gain_db": d["gain_db"], "interval_db": d["interval_db"], "kept": d["kept"], "option": d["option"],
-                **({"fresh_checks": [{k: c[k] for k in ("gain_db", "unconditional") if k in c} for c in checks]}
+                **({"fresh_checks": [{k: c[k] for k in ("gain_db", "unconditional", "other", "other_prompts")
+                                      if k in c} for c in checks]}
                    if checks else {})}
     for row in policy.provenance.get("decisions", []):  # a rule that states a margin: the gain +- its error
         if "uniform set" in row["decision"].split(" over ")[-1] and row.get("kept"):
@@ -155,6 +168,9 @@ def main() -> None:
     p.add_argument("--default-draws", type=int, default=3, help="draws at the model's default calibration size")
     p.add_argument("--thorough", action="store_true", help="also --thorough at the default calibration size")
     p.add_argument("--heldout-per-class", type=int, default=4)
+    p.add_argument("--check-classes", type=int, default=0,
+                   help="give calibration this many other classes (not among the draw's, drawn with it) as "
+                        "check_cond: a fitted set must also gain on them")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--minutes", type=float, default=None, help="stop after this many minutes (resume later)")
     p.add_argument("--out", required=True)
@@ -184,13 +200,16 @@ def main() -> None:
             break
         labels, seeds = draw_set(args.model, args.shift, n, draw, held.bundled.num_classes)
         config_ = CalibrationConfig.thorough() if config == "thorough" else CalibrationConfig()
+        check = other_classes(args.model, args.shift, n, draw, held.bundled.num_classes, labels, args.check_classes)
         tic = time.perf_counter()
         policies = calibrate_many(held.model, labels, seeds, target_speedups=targets,
-                                  latent_shape=held.bundled.latent_shape, config=config_, **held.sampler(labels))
+                                  latent_shape=held.bundled.latent_shape, config=config_, check_cond=check,
+                                  **held.sampler(labels))
         seconds = time.perf_counter() - tic
         for row in score_draw(held, policies, targets):
             doc["rows"].append({"model": args.model, "shift": args.shift, "N": n, "draw": draw, "config": config,
-                                "labels": labels.tolist(), "seeds": seeds, **row,
+                                "labels": labels.tolist(), "seeds": seeds,
+                                **({} if check is None else {"check_classes": check.tolist()}), **row,
                                 "calibrate_many_seconds": round(seconds, 1)})
             print(json.dumps({k: v for k, v in doc["rows"][-1].items() if k != "candidates"}), flush=True)
         doc["meta"] = {"command": "python scripts/calibration_draws.py " + " ".join(

@@ -41,12 +41,13 @@ def core_session(model: Any, cond: Tensor | None, seeds: Sequence[int], *, laten
                  model_fingerprint: str | None = None, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu", progress: bool = False,
                  batch_size: int | None = None, checkpoint_dir: str | Path | None = None,
-                 callback: PassCallback | None = None, targets: Sequence[float] | None = None) -> CalibrationSession:
+                 callback: PassCallback | None = None, targets: Sequence[float] | None = None,
+                 check_cond: Tensor | None = None) -> CalibrationSession:
     """A :class:`CalibrationSession` of a velocity model under the core Euler loop (arguments of :func:`calibrate`;
     ``targets``: the target speedups that will be asked for, to size the progress bar)."""
     config = config or CalibrationConfig()
     driver = CoreDriver(model, cond, seeds, latent_shape, num_inference_steps, shift, guidance_scale, null_cond,
-                        config.reuse, model_fingerprint, dtype, device, batch_size)
+                        config.reuse, model_fingerprint, dtype, device, batch_size, check_cond)
     return CalibrationSession(driver, config, progress=progress, checkpoint_dir=checkpoint_dir, callback=callback,
                               targets=targets)
 
@@ -104,7 +105,11 @@ def calibrate(model: Any, cond: Tensor | None, seeds: Sequence[int], *, target_s
             arguments, calibration resumes and ends with the identical policy),
             ``callback`` (called with each finished pass' name), ``batch_size``
             (rows per model call: peak activation memory is bounded by it; the policy
-            does not depend on it). Inside an initialised ``torch.distributed`` process
+            does not depend on it), ``check_cond`` (``(M, ...)``, conditions unlike the
+            calibration set's, e.g. other prompts' embeddings: a set the schedule search
+            fitted to the set is kept only where it also gains on them, each under its
+            own fresh noise seed, at any calibration size; docs/method.md section 2.8).
+            Inside an initialised ``torch.distributed`` process
             group each rank walks its shard of the set and the statistics are summed
             over ranks: every rank returns the same policy.
 

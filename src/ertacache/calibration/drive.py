@@ -26,6 +26,13 @@ def fresh_seeds(seeds: Sequence[int]) -> list[int]:
     return [(int(s) + FRESH_SEED_OFFSET) % 2 ** 63 for s in seeds]
 
 
+def other_seeds(seeds: Sequence[int], m: int) -> list[int]:
+    """The noise seeds of the fresh check's ``m`` rows of other conditions (:mod:`.fresh`): three moves of
+    :data:`FRESH_SEED_OFFSET` from the calibration seeds (cycled), plus the row's index."""
+    base = fresh_seeds(fresh_seeds(fresh_seeds(seeds)))
+    return [(base[k % len(base)] + k) % 2 ** 63 for k in range(m)]
+
+
 class Driver(Protocol):
     """What a calibration session needs from a driver (the core loop, or a pipeline).
 
@@ -113,14 +120,23 @@ class CoreDriver:
 
     adjustment_off: str | None = None
     last_model_calls = 0
-    unconditional_rows = 0  # a fresh-noise twin's rows of the null condition (its last ones)
+    unconditional_rows = 0  # a fresh-noise twin's rows of the null condition (after the set's own)
+    other_rows = 0  # a fresh-noise twin's rows of other conditions (its last ones)
 
     def __init__(self, model: Any, cond: Tensor | None, seeds: Sequence[int], latent_shape: Sequence[int],
                  num_inference_steps: int, shift: float, guidance_scale: float, null_cond: Tensor | None,
                  reuse: str, model_fingerprint: str | None, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu", batch_size: int | None = None) -> None:
+                 device: str | torch.device = "cpu", batch_size: int | None = None,
+                 check_cond: Tensor | None = None) -> None:
         self.seeds = [int(s) for s in seeds]
         check_calibration_inputs(cond, self.seeds, null_cond)
+        if check_cond is not None and (cond is None or check_cond.shape[1:] != cond.shape[1:]
+                                       or check_cond.shape[0] == 0):
+            want = "cond is None: there are no conditions to vary" if cond is None else \
+                f"rows shaped like cond's, (M, {', '.join(map(str, cond.shape[1:]))}) with M >= 1"
+            raise ErtaCacheError(f"check_cond must be other conditions, {want}; got {tuple(check_cond.shape)}")
+        self.check_cond = None if check_cond is None else check_cond.to(device)
+        self.check_rows = 0 if check_cond is None else int(check_cond.shape[0])
         self.model, self.reuse = model, get_reuse(reuse)
         self.names = branches_for(guidance_scale, null_cond)
         self.noise = seeded_noise(self.seeds, latent_shape, dtype, device)
@@ -173,23 +189,30 @@ class CoreDriver:
             fingerprint = model_fingerprint(self.model)
         return {"driver": "core", "model_fingerprint": fingerprint, "seeds": self.seeds,
                 "conditions": digest(*(c for c in (self.cond, self.null_cond) if c is not None)),
+                **({} if self.check_cond is None else {"check_conditions": digest(self.check_cond)}),
                 "latent_shape": list(self.latent_shape), "num_inference_steps": self.num_inference_steps,
                 "shift": self.shift, "guidance_scale": self.guidance_scale, "dtype": str(self.noise.dtype)}
 
     def twin(self) -> CoreDriver:
         """The set for the fresh-noise check (:mod:`.fresh`): its conditions under fresh noise seeds, then, with a
         null condition (CFG), as many rows of the null condition (the unconditional prompt) under other fresh
-        seeds: ``2N`` rows, or ``N`` without one."""
+        seeds (``2N`` rows, or ``N`` without one), then the ``M`` rows of ``check_cond`` (other conditions, the
+        set was not fitted to) under their own seeds (:func:`other_seeds`)."""
         twin = copy.copy(self)
         unconditional = self.cond is not None and self.null_cond is not None
-        twin.seeds = fresh_seeds(self.seeds) + (fresh_seeds(fresh_seeds(self.seeds)) if unconditional else [])
+        m = 0 if self.check_cond is None else int(self.check_cond.shape[0])
+        twin.seeds = fresh_seeds(self.seeds) + (fresh_seeds(fresh_seeds(self.seeds)) if unconditional else []) \
+            + other_seeds(self.seeds, m)
         twin.noise = seeded_noise(twin.seeds, self.latent_shape, self.noise.dtype, self.noise.device)
-        if unconditional:
-            assert self.cond is not None and self.null_cond is not None
-            twin.cond = torch.cat([self.cond, self.null_cond])
-            twin.null_cond = torch.cat([self.null_cond, self.null_cond])
+        if self.cond is not None:
+            twin.cond = torch.cat([self.cond, *([self.null_cond] if unconditional else []),
+                                   *([self.check_cond] if m else [])])  # type: ignore[list-item]
+        if self.null_cond is not None:
+            null_rows = self.null_cond[:1].expand(m, *self.null_cond.shape[1:])
+            twin.null_cond = torch.cat([self.null_cond, *([self.null_cond] if unconditional else []), null_rows])
         twin.size = len(twin.seeds)
         twin.unconditional_rows = self.size if unconditional else 0
+        twin.other_rows = m
         twin.last_model_calls = 0
         return twin
 

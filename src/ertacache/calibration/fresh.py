@@ -99,16 +99,33 @@ class FreshCheck:
 
     def gain(self, old: tuple[str, Policy], new: tuple[str, Policy]) -> dict[str, Any]:
         """``new``'s gain over ``old`` (each ``(evaluation key, policy)``) on the fresh samples: the mean over
-        samples of ``10 log10(MSE_old / MSE_new)`` (dB, every process' rows), the samples counted, and the mean
-        over the rows of the unconditional prompt alone (where the twin has them)."""
+        samples of ``10 log10(MSE_old / MSE_new)`` (dB, every process' rows), the samples counted; where the twin
+        has them, the mean over the rows of the unconditional prompt alone (``unconditional``) and over the rows of
+        other conditions (``other``), and then ``other_prompts``: the mean gain per prompt the set was not fitted
+        to (the unconditional prompt counted once, each other condition once)."""
         d = (self.score(*old) - self.score(*new)) * DB
         size = self.twin.size
-        null = torch.tensor([i >= size - getattr(self.twin, "unconditional_rows", 0)
-                             for i in self.twin.local(slice(0, size))], dtype=torch.bool)
+        n_other = getattr(self.twin, "other_rows", 0)
+        n_null = getattr(self.twin, "unconditional_rows", 0)
+        rows = self.twin.local(slice(0, size))
+        null = torch.tensor([size - n_other - n_null <= i < size - n_other for i in rows], dtype=torch.bool)
+        other = torch.tensor([i >= size - n_other for i in rows], dtype=torch.bool)
         sums = self.twin.reduce(torch.stack([d.sum(), d.new_tensor(float(d.numel())), d[null].sum(),
-                                             d.new_tensor(float(int(null.sum())))]))
-        n, n_null = int(sums[1]), int(sums[3])
-        out = {"gain_db": round(float(sums[0]) / max(n, 1), 3), "samples": n, "seeds": self.seeds}
+                                             d.new_tensor(float(int(null.sum()))), d[other].sum(),
+                                             d.new_tensor(float(int(other.sum())))]))
+        n, n_null, n_other = int(sums[1]), int(sums[3]), int(sums[5])
+        out: dict[str, Any] = {"gain_db": round(float(sums[0]) / max(n, 1), 3), "samples": n, "seeds": self.seeds}
         if n_null:
             out["unconditional"] = {"gain_db": round(float(sums[2]) / n_null, 3), "samples": n_null}
+        if n_other:
+            out["other"] = {"gain_db": round(float(sums[4]) / n_other, 3), "samples": n_other}
+            prompts = n_other + (1 if n_null else 0)
+            total = float(sums[4]) + (float(sums[2]) / n_null if n_null else 0.0)
+            out["other_prompts"] = {"gain_db": round(total / prompts, 3), "prompts": prompts}
         return out
+
+    @staticmethod
+    def holds(got: dict[str, Any]) -> bool:
+        """The check's rule (docs/method.md section 2.8): the mean gain over every fresh row is positive, and, where
+        there are rows of other conditions, so is the mean gain per prompt the set was not fitted to."""
+        return got["gain_db"] > 0.0 and ("other_prompts" not in got or got["other_prompts"]["gain_db"] > 0.0)

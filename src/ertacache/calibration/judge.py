@@ -289,7 +289,7 @@ class Judge:
             return {} if self.fresh_off is None else {"fresh_check": f"not run: {self.fresh_off}"}
         a, b = self.policy_of(old, variants), self.policy_of(new, variants)
         got = self.fresh.gain((evaluation_key(a), a), (evaluation_key(b), b))
-        return {"fresh_check": got, "kept": got["gain_db"] > 0.0}
+        return {"fresh_check": got, "kept": self.fresh.holds(got)}
 
     def known_fresh_gain(self, old: Policy, new: Policy) -> dict[str, Any] | None:
         """``new``'s gain over ``old`` on fresh noise where both were scored there already, else None (nothing

@@ -119,15 +119,16 @@ to leave out, with two each fold's set is judged on one other sample (docs/metho
 samples the check was measured not to help (a set fitted to four prompts passes it and loses on other prompts)."""
 
 
-def fresh_checked(config: CalibrationConfig, samples: int | None) -> bool:
+def fresh_checked(config: CalibrationConfig, samples: int | None, other: int = 0) -> bool:
     """Whether fitted sets are checked on fresh rows (:mod:`.fresh`): the config asks for it, a set is fitted,
-    every sample judges, and a process has fewer than :data:`FRESH_BELOW` ``samples`` (or ``folds=1``)."""
+    every sample judges, and a process has fewer than :data:`FRESH_BELOW` ``samples`` (or ``folds=1``), or the
+    calibration was given ``other`` conditions to check on (any number of samples)."""
     return (config.fresh_check and "search" in config.candidates and config.holdout_fraction == 0
-            and samples is not None and (samples < FRESH_BELOW or config.folds < 2))
+            and samples is not None and (samples < FRESH_BELOW or config.folds < 2 or other > 0))
 
 
 def plan(config: CalibrationConfig, num_inference_steps: int, target_speedups: Sequence[float], rows: int,
-         samples: int | None = None) -> Plan:
+         samples: int | None = None, other: int = 0) -> Plan:
     """The cost of calibrating ``target_speedups`` in one session (ground truth shared).
 
     Args:
@@ -138,9 +139,11 @@ def plan(config: CalibrationConfig, num_inference_steps: int, target_speedups: S
         samples: the calibration samples per process, where known: with one, the fresh-noise check's uncached
             passes (its rows: the set's and as many of the unconditional prompt) and its two evaluations of them
             per target are counted (:func:`fresh_checked`).
+        other: the rows of other conditions the check runs too (``check_cond``, ``check_prompts``).
     """
     T = num_inference_steps
-    fresh = 2 * fresh_checked(config, samples)  # the set's rows and as many of the unconditional prompt, at most
+    # the set's rows, as many of the unconditional prompt (at most), and the other conditions' rows, in sets
+    fresh = (2 + other / max(samples or 1, 1)) * fresh_checked(config, samples, other)
     total = 1.0 + fresh
     per: list[tuple[float, float, int]] = []
     budgets = sorted(((math.floor(T / s + 1e-9), s) for s in target_speedups), key=lambda b: b[0])
