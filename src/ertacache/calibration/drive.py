@@ -27,10 +27,10 @@ def fresh_seeds(seeds: Sequence[int]) -> list[int]:
 
 
 def other_seeds(seeds: Sequence[int], m: int) -> list[int]:
-    """The noise seeds of the fresh check's ``m`` rows of other conditions (:mod:`.fresh`): three moves of
-    :data:`FRESH_SEED_OFFSET` from the calibration seeds (cycled), plus the row's index."""
-    base = fresh_seeds(fresh_seeds(fresh_seeds(seeds)))
-    return [(base[k % len(base)] + k) % 2 ** 63 for k in range(m)]
+    """The noise seeds of the fresh check's ``m`` rows of other conditions (:mod:`.fresh`): the calibration seeds
+    moved by three :data:`FRESH_SEED_OFFSET` (then four, five, ... as the rows cycle through them)."""
+    n = len(seeds)
+    return [(int(seeds[k % n]) + (3 + k // n) * FRESH_SEED_OFFSET) % 2 ** 63 for k in range(m)]
 
 
 class Driver(Protocol):

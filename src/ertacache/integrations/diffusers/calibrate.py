@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ...calibration import CalibrationSession, check_goal
 from ...calibration.distributed import all_reduce_sum, rank_and_size, rows_over_processes, shard
-from ...calibration.drive import check_batch_size, fresh_seeds
+from ...calibration.drive import check_batch_size
 from ...calibration.passes import GroundTruth
 from ...core.config import CalibrationConfig
 from ...core.engine import Engine, Pass
@@ -35,6 +35,7 @@ from .families import family_for, guidance_that_counts, pipeline_fingerprint, tr
 from .hooks import register_hooks, remove_hooks
 from .run import PipelineRun
 from .scheduler import grid_unsupported, model_steps, restore_scheduler, scheduler_refusal, set_scheduler_grid
+from .twin import check_prompts_valid, fresh_twin
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,13 @@ class PipelineDriver:
         batch_size: rows per pipeline call. Several micro-batches run as concurrent
             calls (threads, each with its own copy of the scheduler) whose hooks meet at
             every step, so each decision sums over the whole set, as one batch would.
+        local_rows: the rows passed are this process' own (:func:`calibrate_pipeline`).
+        check_prompts: other prompts for the fresh check (:mod:`.twin`).
     """
 
     def __init__(self, pipe: Any, prompts: Sequence[str] | None, seeds: Sequence[int], num_inference_steps: int,
                  reuse: str, pipe_kwargs: dict[str, Any], batch_size: int | None = None,
-                 local_rows: bool = False) -> None:
+                 local_rows: bool = False, check_prompts: Sequence[str] | None = None) -> None:
         self.pipe, self.family = pipe, family_for(pipe)
         self.prompts = None if prompts is None else list(prompts)
         self.kwargs = dict(pipe_kwargs)
@@ -67,7 +70,10 @@ class PipelineDriver:
         self.rank, self.world_size = rank_and_size()
         self.local_rows = bool(local_rows) and self.world_size > 1  # global row i is rank i % W's row i // W
         self.rows_here = self.size // self.world_size if self.local_rows else self.size
-        self.unconditional_rows = 0  # a fresh-noise twin's rows of the unconditional prompt (its last ones)
+        self.unconditional_rows = 0  # a fresh-noise twin's rows of the unconditional prompt (after the set's own)
+        self.other_rows = 0  # a fresh-noise twin's rows of other prompts (its last ones)
+        self.check_prompts = check_prompts_valid(check_prompts, self.prompts, self.local_rows)
+        self.check_rows = len(self.check_prompts or [])
         # a policy's T: the transformer calls per branch (Heun's 2T - 1), on the steps that run (strength)
         self.num_inference_steps = model_steps(pipe.scheduler, steps_that_run(num_inference_steps,
                                                                               self.kwargs.get("strength")))
@@ -212,43 +218,9 @@ class PipelineDriver:
         return "the calibration call passes its own latents" if self.kwargs.get("latents") is not None else None
 
     def twin(self) -> PipelineDriver | None:
-        """The set for the fresh-noise check (:mod:`~ertacache.calibration.fresh`): its rows under fresh noise
-        seeds, then as many rows of the unconditional prompt (the negative prompt, or ``""``; with embeddings, each
-        ``negative_*`` tensor in place of its row) under other fresh seeds where the call has one; None where the
-        call passes its own ``latents`` (:attr:`twin_off`)."""
-        if self.twin_off is not None:
-            return None
-        null = self._null_rows()
-        seeds = fresh_seeds(self.seeds)
-        # with local_rows too: each process' rows are its own then its unconditional ones, so that global row i
-        # (process i % W's local row i // W) is the set's row i, then row i - N's unconditional one
-        prompts, kwargs = (self.prompts, self.kwargs) if null is None else null
-        twin = PipelineDriver(self.pipe, prompts, seeds + ([] if null is None else fresh_seeds(seeds)),
-                              self.call_steps, self.reuse.name, kwargs, self.batch_size, self.local_rows)
-        twin.unconditional_rows = 0 if null is None else self.size
-        return twin
-
-    def _null_rows(self) -> tuple[list[str] | None, dict[str, Any]] | None:
-        """``(prompts, kwargs)`` of this process' rows followed by as many rows of the unconditional prompt, or
-        None where the call has none (embeddings without ``negative_prompt_embeds``)."""
-        n = self.rows_here
-        if self.prompts is None and not self._per_row(self.kwargs.get("negative_prompt_embeds")):
-            return None
-        kwargs: dict[str, Any] = {}
-        for key, value in self.kwargs.items():
-            if not self._per_row(value):
-                kwargs[key] = value
-                continue
-            other = self.kwargs.get(f"negative_{key}")
-            null: Any = other if self._per_row(other) and type(other) is type(value) else value
-            kwargs[key] = torch.cat([value, null.to(value)]) if isinstance(value, Tensor) else value + null
-        prompts = None
-        if self.prompts is not None:
-            negative = self.kwargs.get("negative_prompt")
-            null_prompts = negative if isinstance(negative, list) and len(negative) == n else \
-                [negative if isinstance(negative, str) else ""] * n
-            prompts = self.prompts + null_prompts
-        return prompts, kwargs
+        """The set for the fresh check (:mod:`.twin`): its rows under fresh noise seeds, the unconditional
+        prompt's, the ``check_prompts``; None where the call passes its own ``latents`` (:attr:`twin_off`)."""
+        return None if self.twin_off is not None else fresh_twin(self)
 
     def recorded(self) -> dict[str, Any]:
         return {"grid": self.own_grid, "branches": list(self.branches), "latent_shape": list(self.latent_shape or ()),
@@ -268,7 +240,8 @@ class PipelineDriver:
         settings = {k: v for k, v in self.kwargs.items() if not isinstance(v, Tensor)}
         return {"driver": type(self.pipe).__name__, "model_fingerprint": pipeline_fingerprint(self.pipe, self.family),
                 "seeds": self.seeds, "prompts": digest(self.prompts), "call": digest(settings, *tensors),
-                "num_inference_steps": self.num_inference_steps, "scheduler": digest(dict(self.pipe.scheduler.config))}
+                "num_inference_steps": self.num_inference_steps, "scheduler": digest(dict(self.pipe.scheduler.config)),
+                **({"check_prompts": digest(self.check_prompts)} if self.check_prompts else {})}
 
     def policy_fields(self, grid: Sequence[float]) -> dict[str, Any]:
         kw = self.kwargs
@@ -393,6 +366,7 @@ def calibrate_pipeline(
     batch_size: int | None = None,
     checkpoint_dir: str | None = None,
     local_rows: bool = False,
+    check_prompts: Sequence[str] | None = None,
     **pipe_kwargs: Any,
 ) -> Policy:
     """Calibrate a policy for ``pipe`` by running ``pipe(...)`` itself on a calibration set.
@@ -417,6 +391,10 @@ def calibrate_pipeline(
             and every process passes as many: the calibration set is all of them (global row ``i`` is process
             ``i % world_size``'s row ``i // world_size``; ``seeds`` cover the whole set). False: every process
             passes the whole set and walks its share.
+        check_prompts: prompts unlike the calibration set's (a few, e.g. 4): a set the schedule search fitted to
+            the set is kept only where it also gains on them (each under its own seed), at any calibration size
+            (docs/method.md section 2.8); they cost about one generation each, plus one evaluation per policy
+            compared. Needs prompt strings (not ``prompt_embeds``), and not ``local_rows``.
         pipe_kwargs: everything else the pipeline call needs (height, width,
             num_frames, guidance_scale, ...), the same as for inference.
 
@@ -440,7 +418,7 @@ def calibrate_pipeline(
     if refusal is not None:
         raise ErtaCacheError(refusal)
     driver = PipelineDriver(pipe, prompts, seeds, num_inference_steps, config.reuse, pipe_kwargs, batch_size,
-                            local_rows)
+                            local_rows, check_prompts)
     if driver.adjustment_off is not None and config.timestep_adjustment and progress:
         logger.warning("timestep adjustment off: %s", driver.adjustment_off)
     session = CalibrationSession(driver, config, progress=progress, checkpoint_dir=checkpoint_dir)

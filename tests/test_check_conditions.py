@@ -1,0 +1,144 @@
+"""The fresh check on conditions the set was not fitted to (``check_cond=``, ``check_prompts=``; docs/method.md
+section 2.8): its rows, its rule, and where it is refused.
+
+A set the schedule search fitted to a few prompts can gain on them under any noise and lose on other prompts; the
+check runs such other conditions (each under its own seed) after the set's own rows and the unconditional ones, and
+keeps a fitted set only where its mean gain per prompt it was not fitted to is positive.
+"""
+
+import pytest
+import torch
+
+from ertacache import CalibrationConfig, ErtaCacheError, Policy
+from ertacache.calibration import CalibrationSession, core_session
+from ertacache.calibration.drive import CoreDriver, fresh_seeds, other_seeds
+from ertacache.calibration.fresh import FreshCheck
+from ertacache.calibration.plan import plan
+from ertacache.integrations.diffusers import PipelineDriver
+
+T = 10
+
+
+def velocity(x, t, cond):
+    return x * 0.0 + 1.0
+
+
+def core_driver(cond, null, check, seeds=(3, 4)):
+    return CoreDriver(velocity, cond, list(seeds), (1, 2, 2), T, 1.0, 3.0, null, "extrapolate", None,
+                      check_cond=check)
+
+
+def test_the_core_twin_adds_the_other_conditions_after_the_unconditional_rows():
+    cond, null, check = torch.tensor([1, 2]), torch.tensor([10, 10]), torch.tensor([5, 6, 7])
+    twin = core_driver(cond, null, check).twin()
+    own = fresh_seeds([3, 4])
+    assert twin.seeds == own + fresh_seeds(own) + other_seeds([3, 4], 3)
+    assert len(set(twin.seeds)) == 7  # every row its own noise
+    assert twin.cond.tolist() == [1, 2, 10, 10, 5, 6, 7] and twin.null_cond.tolist() == [10] * 7
+    assert twin.size == 7 and twin.unconditional_rows == 2 and twin.other_rows == 3
+    assert core_driver(cond, null, None).twin().other_rows == 0  # without: the rows of before
+    # the conditions are part of what a resumed calibration must match
+    assert core_driver(cond, null, check).identity() != core_driver(cond, null, check + 1).identity()
+
+
+@pytest.mark.parametrize("check, cond, words", [
+    (torch.zeros(2, 3), torch.tensor([1, 2]), "(M, )"),
+    (torch.zeros(0, dtype=torch.long), torch.tensor([1, 2]), "M >= 1"),
+    (torch.tensor([1]), None, "cond is None"),
+])
+def test_check_conditions_unlike_the_set_are_refused_before_any_model_call(check, cond, words):
+    with pytest.raises(ErtaCacheError, match="check_cond must be other conditions") as err:
+        core_driver(cond, None, check)
+    assert words in str(err.value) and "got (" in str(err.value)
+
+
+class Twin:
+    """A twin of 2 own rows, 2 unconditional ones and 2 of other conditions (one process)."""
+
+    size, unconditional_rows, other_rows, seeds = 6, 2, 2, [1, 2, 3, 4, 5, 6]
+
+    def local(self, rows):
+        return list(range(self.size))[rows]
+
+    def reduce(self, t):
+        return t
+
+
+def gain(per_row_db):
+    """The check's statement for per-row gains (dB) of ``new`` over ``old``."""
+    check = FreshCheck(runner=None, twin=Twin())
+    check._reference = torch.zeros(1)
+    check.scores["old"] = torch.zeros(6, dtype=torch.float64)
+    check.scores["new"] = -torch.tensor(per_row_db, dtype=torch.float64) / (10 / torch.log(torch.tensor(10.0)))
+    return check.gain(("old", None), ("new", None))
+
+
+def test_the_rule_counts_each_prompt_the_set_was_not_fitted_to_once():
+    # own rows gain, the unconditional prompt loses a little, the other prompts lose: refused although the mean of
+    # every row is positive
+    got = gain([12.0, 10.0, -1.0, -1.0, -3.0, 1.0])
+    assert got["gain_db"] == pytest.approx(3.0) and got["unconditional"]["gain_db"] == pytest.approx(-1.0)
+    assert got["other"] == {"gain_db": pytest.approx(-1.0), "samples": 2}
+    assert got["other_prompts"] == {"gain_db": pytest.approx(-1.0), "prompts": 3}  # (-1 - 3 + 1) / 3
+    assert not FreshCheck.holds(got)
+    # the unconditional prompt counts as one prompt however many rows it has: here it decides the sign
+    got = gain([12.0, 10.0, -7.0, -7.0, 3.0, 3.0])
+    assert got["other_prompts"]["gain_db"] == pytest.approx(-1 / 3, abs=1e-3) and not FreshCheck.holds(got)
+    got = gain([1.0, 1.0, 1.0, 1.0, 2.0, 0.5])
+    assert FreshCheck.holds(got)
+    assert not FreshCheck.holds({"gain_db": -0.1})  # without other rows: the mean over the fresh rows alone
+    assert FreshCheck.holds({"gain_db": 0.1, "unconditional": {"gain_db": -5.0, "samples": 1}})
+
+
+def test_the_plan_counts_the_other_rows_and_the_check_runs_at_any_size():
+    assert plan(CalibrationConfig(), T, [2.0], rows=6, samples=3).shared == 1.0  # three samples: no check
+    assert plan(CalibrationConfig(), T, [2.0], rows=6, samples=3, other=6).shared == 1.0 + 2 + 2
+    assert plan(CalibrationConfig(), T, [2.0], rows=2, samples=1, other=4).shared == 1.0 + 2 + 4
+    s = core_session(velocity, torch.tensor([1, 2, 3]), [1, 2, 3], latent_shape=(1, 2, 2), num_inference_steps=T,
+                     guidance_scale=3.0, null_cond=torch.full((3,), 10), check_cond=torch.tensor([5, 6]))
+    assert isinstance(s.judge.fresh, FreshCheck) and s.judge.fresh.twin.other_rows == 2
+
+
+def test_a_pipeline_twin_adds_the_check_prompts_last():
+    from docs_blocks import tiny_flux_text_pipeline
+
+    pipe = tiny_flux_text_pipeline()
+    own = fresh_seeds([7, 8])
+    driver = PipelineDriver(pipe, ["a red fox", "a cat"], [7, 8], T, "extrapolate",
+                            {"guidance_scale": 3.5, "negative_prompt": ["blurry", "dark"]},
+                            check_prompts=["a city street", "a bowl of ramen", "a lighthouse"])
+    twin = driver.twin()
+    assert twin.prompts == ["a red fox", "a cat", "blurry", "dark", "a city street", "a bowl of ramen",
+                            "a lighthouse"]
+    assert twin.seeds == own + fresh_seeds(own) + other_seeds([7, 8], 3)
+    assert twin.kwargs["negative_prompt"] == ["blurry", "dark", "blurry", "dark", "blurry", "blurry", "blurry"]
+    assert twin.unconditional_rows == 2 and twin.other_rows == 3 and driver.check_rows == 3
+    assert driver.identity() != PipelineDriver(pipe, ["a red fox", "a cat"], [7, 8], T, "extrapolate",
+                                               {"guidance_scale": 3.5}).identity()
+
+
+@pytest.mark.parametrize("prompts, check, kw, words", [
+    (None, ["a cat"], {"prompt_embeds": torch.ones(1, 4, 16)}, "passes prompt_embeds"),
+    (["a red fox"], "a cat", {}, "non-empty list of prompt strings"),
+    (["a red fox"], [], {}, "non-empty list of prompt strings"),
+])
+def test_check_prompts_the_call_cannot_take_are_refused_before_any_model_call(prompts, check, kw, words):
+    from docs_blocks import tiny_flux_text_pipeline
+
+    pipe = tiny_flux_text_pipeline()
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ErtaCacheError, match=words):
+            PipelineDriver(pipe, prompts, [7], T, "extrapolate", kw, check_prompts=check)
+    finally:
+        hook.remove()
+    assert calls == []
+
+
+def test_a_session_without_check_conditions_is_the_one_of_before():
+    """No other rows: the twin, the plan and the rule are those of the check on the set's own conditions."""
+    s = core_session(velocity, torch.tensor([1]), [1], latent_shape=(1, 2, 2), num_inference_steps=T,
+                     guidance_scale=3.0, null_cond=torch.full((1,), 10))
+    assert s.judge.fresh.twin.other_rows == 0 and s.judge.fresh.twin.size == 2
+    assert isinstance(s, CalibrationSession) and Policy.uniform(T, 5, like=s.policy(target_speedup=2.0)).nfe == 5
