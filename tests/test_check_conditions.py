@@ -142,3 +142,45 @@ def test_a_session_without_check_conditions_is_the_one_of_before():
                      guidance_scale=3.0, null_cond=torch.full((1,), 10))
     assert s.judge.fresh.twin.other_rows == 0 and s.judge.fresh.twin.size == 2
     assert isinstance(s, CalibrationSession) and Policy.uniform(T, 5, like=s.policy(target_speedup=2.0)).nfe == 5
+
+
+def test_the_one_line_mode_calibrates_with_its_check_prompts_and_keys_by_them(tmp_path, monkeypatch):
+    from test_one_line import call
+    from test_workflows import Flux
+
+    from ertacache import apply_ertacache
+    from ertacache.integrations.diffusers import calibrate
+    from ertacache.integrations.diffusers.auto import setting_key
+    from ertacache.integrations.diffusers.families import family_for
+
+    p = Flux()
+    seen = []
+
+    def calibrating(*a, **k):
+        seen.append(k.get("check_prompts"))
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(calibrate, "calibrate_pipeline", calibrating)
+        with apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path, check_prompts=("a cat", "a dog")):
+            with pytest.raises(KeyboardInterrupt):
+                call(p)
+    assert seen == [["a cat", "a dog"]]
+    family = family_for(p.pipe)
+    kwargs = {"num_inference_steps": T}
+    assert setting_key(p.pipe, family, kwargs, 2.0)[0] != setting_key(p.pipe, family, kwargs, 2.0, ["a cat"])[0]
+    assert setting_key(p.pipe, family, kwargs, 2.0)[0] == setting_key(p.pipe, family, kwargs, 2.0, None)[0]
+    # this pipeline's calls pass embeddings: the check prompts are refused at the first call, before a model call
+    calls = []
+    hook = p.pipe.transformer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path, check_prompts=["a cat"]):
+            with pytest.raises(ErtaCacheError, match="passes prompt_embeds"):
+                call(p)
+    finally:
+        hook.remove()
+    assert calls == [] and not list(tmp_path.glob("*.safetensors"))
+    with pytest.raises(ErtaCacheError, match="non-empty list of prompt strings"):
+        apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path, check_prompts="a cat")
+    with pytest.raises(ErtaCacheError, match="not both"):
+        apply_ertacache(p.pipe, Policy.uniform(T, 5), check_prompts=["a cat"])

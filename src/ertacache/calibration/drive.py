@@ -205,8 +205,9 @@ class CoreDriver:
             + other_seeds(self.seeds, m)
         twin.noise = seeded_noise(twin.seeds, self.latent_shape, self.noise.dtype, self.noise.device)
         if self.cond is not None:
-            twin.cond = torch.cat([self.cond, *([self.null_cond] if unconditional else []),
-                                   *([self.check_cond] if m else [])])  # type: ignore[list-item]
+            parts = [self.cond] + [c for c in (self.null_cond if unconditional else None, self.check_cond)
+                                   if c is not None]
+            twin.cond = torch.cat(parts)
         if self.null_cond is not None:
             null_rows = self.null_cond[:1].expand(m, *self.null_cond.shape[1:])
             twin.null_cond = torch.cat([self.null_cond, *([self.null_cond] if unconditional else []), null_rows])

@@ -27,6 +27,7 @@ from .hooks import register_hooks, remove_hooks
 from .identity import AdapterWatch, check_identity
 from .run import PipelineRun
 from .scheduler import grid_unsupported, restore_scheduler, scheduler_grid, scheduler_refusal, set_scheduler_grid
+from .twin import check_prompts_valid
 
 
 @dataclass
@@ -146,7 +147,7 @@ def _size_text(size: dict[str, int], latent_shape: Any) -> str:
 def apply_ertacache(pipe: Any, policy: Policy | None = None, *, target_speedup: float | None = None,
                     cache_dir: str | Path | None = None, recalibrate: bool = False,
                     calibration_prompts: Sequence[str] | None = None, check_fingerprint: bool = True,
-                    strict: bool = False) -> Any:
+                    strict: bool = False, check_prompts: Sequence[str] | None = None) -> Any:
     """Cache a diffusers pipeline's transformer(s) by ``policy`` (Algorithm 1, inference), or, given a
     ``target_speedup`` instead, by the policy of each call's settings, calibrated on the first such call
     and kept on disk (:mod:`~.auto`).
@@ -160,6 +161,8 @@ def apply_ertacache(pipe: Any, policy: Policy | None = None, *, target_speedup: 
         cache_dir: where those policies are kept (default ``$ERTACACHE_CACHE`` or ``~/.cache/ertacache``).
         recalibrate: calibrate again for each setting met, replacing the kept policy.
         calibration_prompts: calibrate on these prompts instead of the first call's rows.
+        check_prompts: prompts unlike the calibration's, on which a fitted set must also gain
+            (:func:`~.calibrate.calibrate_pipeline`); part of each setting's key.
         check_fingerprint: refuse another checkpoint than the policy's (its fingerprint, which
             ignores precision, offloading, compilation and unfused LoRA adapters; adapters give one
             :class:`~.identity.AdapterWarning`). False applies the policy to any weights.
@@ -194,10 +197,12 @@ def apply_ertacache(pipe: Any, policy: Policy | None = None, *, target_speedup: 
 
         family_for(pipe)
         calibration = None if calibration_prompts is None else list(calibration_prompts)
+        check = check_prompts_valid(check_prompts, [""], False)
         return AutoHandle(AutoCache(pipe, target_speedup, cache_dir, recalibrate, calibration,
-                                    lambda p: apply_policy(pipe, p, check_fingerprint, strict)))
-    if target_speedup is not None:
-        raise ErtaCacheError("give apply_ertacache a policy or a target_speedup, not both")
+                                    lambda p: apply_policy(pipe, p, check_fingerprint, strict), check))
+    if target_speedup is not None or check_prompts is not None:
+        raise ErtaCacheError("give apply_ertacache a policy or a target_speedup (with calibration_prompts or "
+                             "check_prompts), not both")
     return apply_policy(pipe, policy, check_fingerprint, strict)
 
 

@@ -56,8 +56,10 @@ NOT_FOR_CALIBRATION = ("generator", "latents", "output_type", "return_dict", "ca
                        "callback_on_step_end_tensor_inputs", "num_images_per_prompt")
 
 
-def setting_key(pipe: Any, family: Family, kwargs: dict[str, Any], target_speedup: float) -> tuple[str, dict]:
-    """``(file stem, the setting)`` of a call: a hash of everything a policy is checked against."""
+def setting_key(pipe: Any, family: Family, kwargs: dict[str, Any], target_speedup: float,
+                check_prompts: list[str] | None = None) -> tuple[str, dict]:
+    """``(file stem, the setting)`` of a call: a hash of everything a policy is checked against, and the
+    ``check_prompts`` its calibration was checked on where there are any."""
     transformers = transformers_of(pipe, family)
     adapters = {}
     for tf in transformers:
@@ -77,6 +79,7 @@ def setting_key(pipe: Any, family: Family, kwargs: dict[str, Any], target_speedu
                              if isinstance(v, (int, float, bool, str, type(None)))},
         "call": {k: kwargs[k] for k in SETTING_ARGUMENTS if isinstance(kwargs.get(k), (int, float, bool))},
         "target_speedup": float(target_speedup), "schema": SCHEMA_VERSION, "logic": LOGIC_VERSION,
+        **({"check_prompts": list(check_prompts)} if check_prompts else {}),
     }
     digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return digest, setting
@@ -87,7 +90,8 @@ class AutoCache:
     whose ``__call__`` finds or calibrates the policy of the call's setting, applies it, and runs the call."""
 
     def __init__(self, pipe: Any, target_speedup: float, cache_dir: str | Path | None, recalibrate: bool,
-                 calibration_prompts: list[str] | None, apply: Callable[[Policy], Any]) -> None:
+                 calibration_prompts: list[str] | None, apply: Callable[[Policy], Any],
+                 check_prompts: list[str] | None = None) -> None:
         from ...calibration.sets import check_target_speedup
 
         self.pipe, self.family = pipe, family_for(pipe)
@@ -95,6 +99,7 @@ class AutoCache:
         self.target_speedup = float(target_speedup)
         self.cache = PolicyCache(Path(cache_dir) if cache_dir is not None else cache_home())
         self.recalibrate, self.calibration_prompts = recalibrate, calibration_prompts
+        self.check_prompts = check_prompts
         self.apply = apply
         self.redone: set[str] = set()
         self.calibrating = False
@@ -119,7 +124,7 @@ class AutoCache:
         pipe.__class__ = Cached
 
     def policy_for(self, kwargs: dict[str, Any]) -> tuple[str, Policy]:
-        key, setting = setting_key(self.pipe, self.family, kwargs, self.target_speedup)
+        key, setting = setting_key(self.pipe, self.family, kwargs, self.target_speedup, self.check_prompts)
         if rank_and_size()[1] > 1:
             return key, self.agreed_policy(key, setting, kwargs)
         redo = self.recalibrate and key not in self.redone
@@ -177,7 +182,8 @@ class AutoCache:
         self.calibrating = True
         try:
             policy = calibrate_pipeline(self.pipe, prompts, num_inference_steps=steps,
-                                        target_speedup=self.target_speedup, local_rows=local_rows, **pipe_kwargs)
+                                        target_speedup=self.target_speedup, local_rows=local_rows,
+                                        check_prompts=self.check_prompts, **pipe_kwargs)
         finally:
             self.calibrating = False
         self.calibrations += 1

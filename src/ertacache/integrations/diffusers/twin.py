@@ -67,7 +67,7 @@ def null_rows(driver: Any) -> tuple[list[str] | None, dict[str, Any]] | None:
 def with_other_rows(prompts: list[str], kwargs: dict[str, Any], size: int,
                     others: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
     """``prompts`` (``size`` rows) followed by ``others``; each per-row argument extended by its first row."""
-    m, out = len(others), {}
+    m, out = len(others), {}  # type: int, dict[str, Any]
     for key, value in kwargs.items():
         if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == size:
             out[key] = torch.cat([value, value[:1].expand(m, *value.shape[1:])])
@@ -88,7 +88,7 @@ def fresh_twin(driver: Any) -> Any:
     prompts, kwargs = (driver.prompts, driver.kwargs) if null is None else null
     seeds = seeds + ([] if null is None else fresh_seeds(seeds))
     others = driver.check_prompts or []
-    if others:
+    if others and prompts is not None:  # check prompts come with prompt strings (check_prompts_valid)
         prompts, kwargs = with_other_rows(prompts, kwargs, len(seeds), others)
         seeds = seeds + other_seeds(driver.seeds, len(others))
     twin = type(driver)(driver.pipe, prompts, seeds, driver.call_steps, driver.reuse.name, kwargs,
