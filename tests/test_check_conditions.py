@@ -145,13 +145,12 @@ def test_a_session_without_check_conditions_is_the_one_of_before():
 
 
 def test_the_one_line_mode_calibrates_with_its_check_prompts_and_keys_by_them(tmp_path, monkeypatch):
-    from test_one_line import call
-    from test_workflows import Flux
-
     from ertacache import apply_ertacache
     from ertacache.integrations.diffusers import calibrate
     from ertacache.integrations.diffusers.auto import setting_key
     from ertacache.integrations.diffusers.families import family_for
+    from test_one_line import call
+    from test_workflows import Flux
 
     p = Flux()
     seen = []

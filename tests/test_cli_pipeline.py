@@ -206,3 +206,26 @@ def test_generate_with_a_target_calibrates_once_and_keeps_the_policy(folder, tmp
     assert main(["cache", "clear", "--cache-dir", str(cache)]) == 0 and not list(cache.glob("*.safetensors"))
     assert main([*gen, "--policy", "x.safetensors", "--out", str(tmp_path / "c")]) == 2
     assert "use it with --pipeline and without --policy" in capsys.readouterr().err
+
+
+def test_check_prompts_reach_the_calibration(folder, tmp_path, capsys, monkeypatch):
+    from ertacache.app import pipeline_cli
+    from ertacache.integrations.diffusers import calibrate
+
+    prompts, check = tmp_path / "prompts.txt", tmp_path / "check.txt"
+    prompts.write_text("a red cube\n")
+    check.write_text("a cat\n\na green cone\n")
+    seen = {}
+
+    def calibrating(pipe, rows, **kw):
+        seen.update(kw, rows=rows)
+        return Policy.uniform(8, 4)
+
+    monkeypatch.setattr(calibrate, "calibrate_pipeline", calibrating)
+    monkeypatch.setattr(pipeline_cli, "write_policy", lambda policy, out: 0)
+    assert main(["calibrate", "--pipeline", str(folder), *COMMON, "--prompts", str(prompts), "--check-prompts",
+                 str(check), "--target-speedup", "2", "--out", str(tmp_path / "p.safetensors")]) == 0
+    assert seen["rows"] == ["a red cube"] and seen["check_prompts"] == ("a cat", "a green cone")
+    assert main(["calibrate", "--model", "digits", "--check-prompts", str(check), "--target-speedup", "2",
+                 "--out", str(tmp_path / "p.safetensors")]) == 2
+    assert "--check-prompts FILE comes with them" in capsys.readouterr().err

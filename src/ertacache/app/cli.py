@@ -69,6 +69,8 @@ def _add_calibrate_parser(sub: Any) -> None:
     goal.add_argument("--threshold", type=float, help="lambda of Algorithm 2, e.g. 0.2")
     p.add_argument("--out", required=True, help="policy path, e.g. policy.safetensors")
     p.add_argument("--prompts", default=None, help="with --pipeline: a text file, one calibration prompt per line")
+    p.add_argument("--check-prompts", default=None, help="with --pipeline: a text file of prompts unlike the "
+                   "calibration's, one per line: a fitted set must also gain on them (docs/method.md 2.8)")
     p.add_argument("--calibration-per-class", type=int, default=None,
                    help="calibration samples per class (default: the model's; image models 1, so 10 or 16 samples; "
                         "video models 20 samples or more; docs/calibration.md, 'How many prompts')")
@@ -185,8 +187,9 @@ def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
     from ..core.config import CalibrationConfig
 
     pipeline = _pipeline_settings(args)
-    if pipeline is not None and not args.prompts:
-        raise ErtaCacheError("--pipeline needs --prompts FILE (one calibration prompt per line)")
+    if pipeline is not None and not args.prompts or pipeline is None and args.check_prompts:
+        raise ErtaCacheError("--pipeline needs --prompts FILE (one calibration prompt per line); --check-prompts "
+                             "FILE comes with them")
     options: dict[str, object] = dict(reuse=args.reuse, rectification=args.rectification,
                                       granularity=args.granularity, component_check=not args.keep_all_components)
     if args.timestep_adjustment is not None:
@@ -205,6 +208,7 @@ def calibrate_settings(args: argparse.Namespace) -> CalibrateSettings:
         else args.calibration_per_class,
         pipeline=pipeline,
         prompts=read_prompts(args.prompts) if pipeline is not None else (), batch_size=args.batch_size,
+        check_prompts=read_prompts(args.check_prompts) if args.check_prompts else None,
         checkpoint_dir=args.checkpoint_dir, dry_run=args.dry_run)
 
 

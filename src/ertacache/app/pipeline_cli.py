@@ -101,7 +101,8 @@ def calibrate(settings: CalibrateSettings) -> int:
                                 target_speedup=settings.target_speedup, threshold=settings.threshold,
                                 seeds=range(settings.seed, settings.seed + len(settings.prompts)),
                                 config=settings.config, progress=True, batch_size=settings.batch_size,
-                                checkpoint_dir=settings.checkpoint_dir, **settings.pipeline.call_kwargs())
+                                checkpoint_dir=settings.checkpoint_dir, check_prompts=settings.check_prompts,
+                                **settings.pipeline.call_kwargs())
 
     return write_policy(policy, settings.out)
 

@@ -63,6 +63,7 @@ class CalibrateSettings(CommandSettings):
     batch_size: int | None = None
     checkpoint_dir: str | None = None
     dry_run: bool = False
+    check_prompts: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         from ..calibration.drive import check_batch_size
