@@ -96,4 +96,7 @@ def tiny_flux_text_pipeline(torch_dtype: Any = None) -> Any:
                         layers_per_block=1, norm_num_groups=1, scaling_factor=1.0, shift_factor=0.0)
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=clip,
                         tokenizer=tokenizer(8), text_encoder_2=t5, tokenizer_2=tokenizer(16), transformer=transformer)
+    # FLUX.1-dev's default size is 1024 x 1024 (default_sample_size 128 at its VAE's factor 8); at this VAE's 32 the
+    # pipeline's default would be 4096 x 4096
+    pipe.default_sample_size = 1024 // pipe.vae_scale_factor
     return pipe if torch_dtype is None else pipe.to(torch_dtype)

@@ -131,7 +131,7 @@ def test_python_blocks_run_as_written(path, tmp_path):
     program = tmp_path / "blocks.py"
     program.write_text("\n".join(parts))
     env = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "tests"), "PATH": "/usr/bin:/bin",
-           "OMP_NUM_THREADS": "2", "HOME": str(tmp_path)}
+           "OMP_NUM_THREADS": "1", "HOME": str(tmp_path)}
     done = subprocess.run([sys.executable, str(program)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, textwrap.shorten(done.stderr[-4000:], 4000)
