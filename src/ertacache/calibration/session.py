@@ -275,13 +275,18 @@ class CalibrationSession:
     def _choose_set(self, candidates: list[Candidate], base: Candidate,
                     decisions: list[dict[str, Any]]) -> Candidate:
         """The evenly spaced set (or the first candidate), unless another wins the paired comparison against it."""
+        refuted = False
         for cand in sorted(candidates, key=lambda c: c.errors["plain"]):
             if cand is base or cand.errors["plain"] >= base.errors["plain"]:
                 break
+            if refuted and cand.refit is not None:
+                decisions.append(_not_tried(cand.label(self.T), base.label(self.T)))
+                continue
             m, note = self.judge.compare((base, "plain"), (cand, "plain"), {})
             decisions.append({"decision": f"{cand.label(self.T)} over {base.label(self.T)}", **m.as_dict(), **note})
             if m.significant and note.get("kept", True):
                 return cand
+            refuted = refuted or "fresh_check" in note and not note.get("kept", True)
         return base
 
     def _choose(self, candidates: list[Candidate], start: Option, variants: dict[int, dict[str, Policy]],
@@ -300,6 +305,7 @@ class CalibrationSession:
                                                        if n != "plain"]
         current = start
         visited = [start]  # never back to a policy left behind (a posterior need not order the options in a line)
+        refuted = False  # a fitted set was refused on fresh rows: no other set fitted to these samples is tried
         while True:  # the options ranked by their estimated gain over the current one (no check run yet)
             gains = [(self.judge.margin(policy_of(current), policy_of(o)).gain_db, k) for k, o in enumerate(options)
                      if not any(o[0] is v[0] and o[1] == v[1] for v in visited)]
@@ -312,9 +318,14 @@ class CalibrationSession:
                     current = option
                     visited.append(option)
                     break
+                if refuted and option[0].refit is not None:
+                    decisions.append(_not_tried(label(option), label(current)))
+                    visited.append(option)
+                    continue
                 m, note = self.judge.compare(current, option, variants)
                 decisions.append({"decision": f"{label(option)} over {label(current)}", **m.as_dict(), **note})
                 if not note.get("kept", True):
+                    refuted = refuted or "fresh_check" in note
                     continue
                 if m.significant and option[1] != "plain" and option[0] is not current[0]:
                     own = (option[0], "plain")  # a component is kept only where it wins on its own set too
@@ -378,3 +389,10 @@ class CalibrationSession:
         if k and self.components.adjustable:
             check += f", timestep adjustment checked {k}-fold where it helps"
         return f"every sample (rectification leave-one-out{check})"
+
+
+def _not_tried(option: str, current: str) -> dict[str, Any]:
+    """The decision of a fitted set not tried: another set fitted to the same samples failed its fresh check
+    (docs/method.md section 2.8; trying fitted sets until one passes would keep the luckiest)."""
+    return {"decision": f"{option} over {current}", "kept": False,
+            "fresh_check": "not run: a set fitted to these samples failed it"}

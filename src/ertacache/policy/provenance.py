@@ -88,10 +88,15 @@ def provenance_lines(provenance: dict[str, Any]) -> list[str]:
             fresh = d.get("fresh_check")
             if isinstance(fresh, dict) and _number(fresh, "gain_db") is not None:
                 fold += f"; on fresh noise {fresh['gain_db']:+.2f} dB ({_samples(fresh.get('samples'))})"
+                other = fresh.get("other_prompts")
+                if isinstance(other, dict) and _number(other, "gain_db") is not None:
+                    fold += f", {other['gain_db']:+.2f} dB per prompt not fitted to ({other.get('prompts')})"
             elif isinstance(fresh, str):
                 fold += f"; fresh-noise check {fresh}"
             lines.append(f"  {d['decision']}: {d['gain_db']:+.2f} dB +- {d['se_db']:.2f} ({_evidence(d)}{fold}): "
                          f"{'kept' if d['kept'] else 'not kept'}")
+        elif isinstance(d, dict) and isinstance(d.get("decision"), str) and isinstance(d.get("fresh_check"), str):
+            lines.append(f"  {d['decision']}: not tried (fresh check {d['fresh_check']})")
     lines += _decision_lines(provenance.get("decision"))
     cost = provenance.get("cost")
     if isinstance(cost, dict) and "model_calls" in cost:
