@@ -214,7 +214,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in doc["rows"][-1].items() if k != "candidates"}), flush=True)
         doc["meta"] = {"command": "python scripts/calibration_draws.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
-            if k not in ("threads", "minutes") and v not in (None, False)).replace(" True", ""),
+            if k not in ("threads", "minutes") and v is not None and v is not False).replace(" True", ""),
             "commit": commit(), "T": held.T, "guidance_scale": held.guidance_scale,
             "held_out": len(held.seeds), "default_size": default_n, "date": time.strftime("%Y-%m-%d")}
         atomic_write_text(out, json.dumps(doc, indent=1) + "\n")
