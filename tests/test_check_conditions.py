@@ -222,3 +222,16 @@ def test_on_the_digits_model_the_check_runs_the_other_classes_and_states_them():
     assert got["other"]["gain_db"] == pytest.approx(float(per_row[2:].mean()), abs=2e-3)
     assert got["other_prompts"]["gain_db"] == pytest.approx(float((per_row[1] + per_row[2:].sum()) / 4), abs=2e-3)
     assert s.cost["fresh ground truth"]["model_calls"] == 5 * s.cost["ground truth"]["model_calls"]
+
+
+def test_the_pipeline_estimate_prices_the_check_prompts():
+    from docs_blocks import tiny_flux_text_pipeline
+    from ertacache import estimate_pipeline
+
+    pipe = tiny_flux_text_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=T, target_speedups=[2.0], height=256, width=256, guidance_scale=3.5)
+    alone = estimate_pipeline(pipe, ["a red fox"], **kw)
+    checked = estimate_pipeline(pipe, ["a red fox"], check_prompts=["a cat", "a city street"], **kw)
+    assert alone.shared == 3.0 and checked.shared == 5.0  # the fresh rows: 1 + 1 unconditional, then 2 more
+    assert checked.model_calls > alone.model_calls

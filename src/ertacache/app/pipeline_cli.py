@@ -93,7 +93,7 @@ def calibrate(settings: CalibrateSettings) -> int:
         steps = settings.pipeline.num_inference_steps
         plan = estimate_pipeline(pipe, list(settings.prompts), num_inference_steps=steps,
                                  target_speedups=settings.targets, config=settings.config,
-                                 **settings.pipeline.call_kwargs())
+                                 check_prompts=settings.check_prompts, **settings.pipeline.call_kwargs())
         print(f"{len(settings.prompts)} calibration prompts, T = {settings.pipeline.num_inference_steps}")
         print(plan.describe())
         return 0

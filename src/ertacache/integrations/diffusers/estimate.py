@@ -22,12 +22,14 @@ from .scheduler import model_steps
 
 def estimate_pipeline(pipe: Any, prompts: Sequence[str] | None, *, num_inference_steps: int,
                       target_speedups: Sequence[float], config: CalibrationConfig | None = None,
-                      seeds: Sequence[int] | None = None, **pipe_kwargs: Any) -> Any:
+                      seeds: Sequence[int] | None = None, check_prompts: Sequence[str] | None = None,
+                      **pipe_kwargs: Any) -> Any:
     """What :func:`calibrate_pipeline` would cost, without running it (a dry run).
 
     Runs the pipeline once on the first prompt for 2 steps, timing each transformer forward
     and counting its rows (guidance branches per sample), then counts the passes and
-    model calls of ``config`` (:func:`ertacache.calibration.plan`, an upper bound).
+    model calls of ``config`` (:func:`ertacache.calibration.plan`, an upper bound), the rows of
+    ``check_prompts`` included.
 
     Returns:
         A :class:`~ertacache.calibration.Plan` with ``seconds_per_call`` (one row of one forward).
@@ -80,4 +82,5 @@ def estimate_pipeline(pipe: Any, prompts: Sequence[str] | None, *, num_inference
     later = timings[len(timings) // 2:] or timings  # the second step's forwards: past first-call set-up
     per_row = min(s / r for s, r in later)
     T = model_steps(pipe.scheduler, num_inference_steps)  # a policy's steps: the calls per branch
-    return replace(plan(config, T, target_speedups, n * rows_per_sample, n), seconds_per_call=per_row)
+    return replace(plan(config, T, target_speedups, n * rows_per_sample, n, len(check_prompts or ())),
+                   seconds_per_call=per_row)
