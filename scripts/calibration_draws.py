@@ -99,9 +99,11 @@ def restate(args: argparse.Namespace, doc: dict[str, Any], out: Path) -> None:
         groups.setdefault((r["N"], r["draw"], r["config"]), []).append(r)
     for (n, draw, config), rows in groups.items():
         labels = torch.tensor(rows[0]["labels"])
-        config_ = CalibrationConfig.thorough() if config == "thorough" else CalibrationConfig()
+        config_ = CalibrationConfig.thorough() if config.startswith("thorough") else CalibrationConfig()
+        check = torch.tensor(rows[0]["check_classes"]) if "check_classes" in rows[0] else None
         policies = calibrate_many(held.model, labels, rows[0]["seeds"], target_speedups=[r["target"] for r in rows],
-                                  latent_shape=held.bundled.latent_shape, config=config_, **held.sampler(labels))
+                                  latent_shape=held.bundled.latent_shape, config=config_, check_cond=check,
+                                  **held.sampler(labels))
         for r, pol in zip(rows, policies):
             claim = stated(pol)
             same = (pol.nfe, pol.provenance.get("selected"), pol.provenance.get("variant")) == (
@@ -185,7 +187,7 @@ def main() -> None:
     if args.restate:
         restate(args, doc, out)
         return
-    done = {(r["N"], r["draw"], r["config"]) for r in doc["rows"]}
+    done = {(r["N"], r["draw"], r["config"].split(",")[0]) for r in doc["rows"]}  # "default, 4 check classes"
     held = Reference(args.model, shift=args.shift, per_class=args.heldout_per_class, threads=args.threads)
     targets = [float(s) for s in args.targets.split(",")]
     default_n = held.bundled.calibration_size
@@ -207,7 +209,8 @@ def main() -> None:
                                   **held.sampler(labels))
         seconds = time.perf_counter() - tic
         for row in score_draw(held, policies, targets):
-            doc["rows"].append({"model": args.model, "shift": args.shift, "N": n, "draw": draw, "config": config,
+            label = config + (f", {args.check_classes} check classes" if args.check_classes else "")
+            doc["rows"].append({"model": args.model, "shift": args.shift, "N": n, "draw": draw, "config": label,
                                 "labels": labels.tolist(), "seeds": seeds,
                                 **({} if check is None else {"check_classes": check.tolist()}), **row,
                                 "calibrate_many_seconds": round(seconds, 1)})
