@@ -7,7 +7,6 @@ failure this property was written for); targets 1.5x-4x; a small calibration set
 table's (one more row here costs 30 s of `make test`).
 """
 
-import pytest
 import torch
 
 from ertacache import Policy, calibrate_many, sample, seeded_noise
@@ -19,8 +18,11 @@ TOLERANCE_DB = 0.25
 TARGETS = [1.5, 2.0, 3.0, 4.0]
 
 
-@pytest.mark.parametrize("name, n, held_out, shift", [("digits", 4, 10, 1.0), ("moving-digits", 2, 4, 1.0)])
-def test_more_compute_is_never_worse_on_held_out_seeds(name, n, held_out, shift):
+def test_more_compute_is_never_worse_on_held_out_seeds():
+    check_more_compute("digits", 4, 10, 1.0)  # the video model's: test_monotone_video.py (another worker)
+
+
+def check_more_compute(name, n, held_out, shift):
     bundled = bundled_model(name)
     model = bundled.load(None)
     T, cfg = bundled.num_inference_steps, bundled.guidance_scale
