@@ -41,8 +41,9 @@ docs: $(VENV)/.dev
 	$(BIN)/python -m sphinx -W --keep-going -q -E -b html docs/api out/api
 
 test: lint typecheck docs
-	# two workers, one file each at a time (a file's module fixtures are made once); torch runs one thread per test
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile
+	# two workers, one file each at a time (a file's module fixtures are made once); torch runs one thread per test;
+	# the 20 slowest tests are listed at the end (the suite's budget: 15 minutes on 2 cores)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --dist loadfile --durations=20
 
 bench-step: $(VENV)/.demo
 	HF_HUB_OFFLINE=1 $(BIN)/ertacache step-cost
