@@ -143,6 +143,10 @@ def test_bench_on_a_pipeline(folder, tmp_path):
     for name in ("results.md", "results.json", "psnr_vs_speedup.png", "grid_2x.png"):
         assert (docs / name).is_file()
     assert "TeaCache: not on pipelines" in (docs / "results.md").read_text()
+    from ertacache import __version__
+
+    header = json.loads((docs / "results.json").read_text())["header"]  # what made the figures: version, commit
+    assert header["source"].startswith(f"ertacache {__version__}") and "(commit " in header["source"]
 
 
 @pytest.mark.parametrize("error", ["OutOfMemoryError", "MemoryError", "cpu"])
