@@ -113,6 +113,7 @@ def test_a_pipeline_twin_adds_the_check_prompts_last():
     assert twin.seeds == own + fresh_seeds(own) + other_seeds([7, 8], 3)
     assert twin.kwargs["negative_prompt"] == ["blurry", "dark", "blurry", "dark", "blurry", "blurry", "blurry"]
     assert twin.unconditional_rows == 2 and twin.other_rows == 3 and driver.check_rows == 3
+    assert driver.provenance()["check_prompts"] == ["a city street", "a bowl of ramen", "a lighthouse"]
     assert driver.identity() != PipelineDriver(pipe, ["a red fox", "a cat"], [7, 8], T, "extrapolate",
                                                {"guidance_scale": 3.5}).identity()
 
@@ -206,6 +207,7 @@ def test_on_the_digits_model_the_check_runs_the_other_classes_and_states_them():
     assert got["samples"] == 5 and got["other"]["samples"] == 3 and got["other_prompts"]["prompts"] == 4
     assert got["seeds"] == fresh_seeds([0]) + fresh_seeds(fresh_seeds([0])) + other_seeds([0], 3)
     assert checked[0]["kept"] and FreshCheck.holds(got) and p.provenance["selected"] == "search"
+    assert p.provenance["check_conditions"] == 3 and "check_conditions: 3" in p.summary()  # the evidence used
     # the statement is the rows' own: class 0, the null class, then the other classes, each policy sampled on them
     labels = torch.cat([torch.tensor([0, NULL_CLASS]), others])
     noise = seeded_noise(got["seeds"], LATENT_SHAPE)

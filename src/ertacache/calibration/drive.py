@@ -177,7 +177,7 @@ class CoreDriver:
                     latent_shape=self.latent_shape, model_fingerprint=self.model_fingerprint)
 
     def provenance(self) -> dict[str, Any]:
-        return {"seeds": list(self.seeds)}
+        return {"seeds": list(self.seeds), **({"check_conditions": self.check_rows} if self.check_rows else {})}
 
     def identity(self) -> dict[str, Any]:
         from .checkpoint import digest

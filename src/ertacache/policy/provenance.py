@@ -69,8 +69,8 @@ def provenance_lines(provenance: dict[str, Any]) -> list[str]:
     """Lines of :meth:`~ertacache.policy.Policy.summary` from a policy's provenance (a file's, any JSON: keys that
     are missing or of another type are left out)."""
     lines: list[str] = []
-    for key in ("selected", "variant", "threshold", "calibration_size", "seeds", "mapped_from", "library_version",
-                "date"):
+    for key in ("selected", "variant", "threshold", "calibration_size", "seeds", "check_prompts", "check_conditions",
+                "mapped_from", "library_version", "date"):
         if key in provenance:
             lines.append(f"  {key}: {provenance[key]}")
     if "judged_on" in provenance:

@@ -259,7 +259,8 @@ class PipelineDriver:
         differ = strength is not None or self.num_inference_steps != self.call_steps  # strength, Heun
         steps = {"pipeline_steps": self.call_steps} if differ else {}
         return {"seeds": list(self.seeds), "pipeline": type(self.pipe).__name__, "scheduler": scheduler, **steps,
-                **({} if strength is None else {"strength": float(strength)})}
+                **({} if strength is None else {"strength": float(strength)}),
+                **({"check_prompts": list(self.check_prompts)} if self.check_prompts else {})}
 
 
 GRID_SETTINGS = ("shift", "flow_shift", "use_dynamic_shifting", "base_shift", "max_shift", "time_shift_type",
