@@ -4,23 +4,17 @@ and its rows (JSON beside it), atomically, and the commit itself."""
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+from ertacache._version import commit as _commit
 from ertacache.io import atomic_write_text
 
 
 def commit() -> str:
-    """The repository's commit (``-dirty`` with uncommitted changes), or ``unknown``."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
-        return head + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The repository's commit (``-dirty`` with uncommitted changes under the package), or ``unknown``."""
+    return _commit() or "unknown"
 
 
 def write_results(out: str | Path, lines: list[str], rows: list[Any], command: str) -> str:

@@ -3,9 +3,10 @@
 __version__ = "0.1.0"
 
 
-def source() -> str:
-    """The version, with the git commit of the source tree where it is a checkout (``-dirty`` with uncommitted
-    changes under it): what a results file records so that its figures can be traced to the code that made them."""
+
+def commit() -> str | None:
+    """The git commit of the source tree where it is a checkout (``-dirty`` with uncommitted changes under it), or
+    None (an installed copy, no git)."""
     import subprocess
     from pathlib import Path
 
@@ -16,5 +17,12 @@ def source() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "."], cwd=here, capture_output=True, text=True,
                                timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return __version__
-    return f"{__version__} (commit {head}{'-dirty' if dirty else ''})"
+        return None
+    return head + ("-dirty" if dirty else "")
+
+
+def source() -> str:
+    """The version, with :func:`commit` where there is one: what a results file records so that its figures can be
+    traced to the code that made them."""
+    head = commit()
+    return __version__ if head is None else f"{__version__} (commit {head})"

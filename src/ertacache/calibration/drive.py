@@ -86,7 +86,8 @@ class Driver(Protocol):
         ...
 
     # Optional: ``twin() -> Driver | None``, the same set under fresh noise seeds (:mod:`.fresh`), None where the
-    # driver cannot draw other noise (then ``twin_off`` says why).
+    # driver cannot draw other noise (then ``twin_off`` says why); ``check_rows``, the rows of other conditions its
+    # twin adds (``unconditional_rows`` and ``other_rows`` on the twin say where each kind of row sits).
 
 
 def check_batch_size(batch_size: object) -> int | None:
@@ -200,7 +201,7 @@ class CoreDriver:
         set was not fitted to) under their own seeds (:func:`other_seeds`)."""
         twin = copy.copy(self)
         unconditional = self.cond is not None and self.null_cond is not None
-        m = 0 if self.check_cond is None else int(self.check_cond.shape[0])
+        m = self.check_rows
         twin.seeds = fresh_seeds(self.seeds) + (fresh_seeds(fresh_seeds(self.seeds)) if unconditional else []) \
             + other_seeds(self.seeds, m)
         twin.noise = seeded_noise(twin.seeds, self.latent_shape, self.noise.dtype, self.noise.device)

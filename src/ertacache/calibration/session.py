@@ -99,10 +99,10 @@ class CalibrationSession:
         self.runner = PassRunner(driver, n_fit, checkpoint, callback, self.config.max_passes)
         self.targets = list(targets or [2.0])
         self.targets_left = max(1, len(targets or ()))
+        other = int(getattr(driver, "check_rows", 0))  # rows of other conditions for the fresh check
         if progress:
             branches = len(getattr(driver, "names", ("cond", "uncond")))  # a pipeline's are known after ground truth
-            self.runner.open_bar(plan(self.config, self.T, self.targets, n * branches, n // world,
-                                      int(getattr(driver, "check_rows", 0))).model_calls)
+            self.runner.open_bar(plan(self.config, self.T, self.targets, n * branches, n // world, other).model_calls)
         logger.info("ground truth on %d samples%s", n, f" ({n_hold} of them held out)" if n_hold else "")
         truth = record_truth(self.runner, driver, self.config, folds)
         if len(truth.fold_costs) != len(folds):  # a driver that does not say which sample a row is
@@ -110,14 +110,13 @@ class CalibrationSession:
         self.truth, self.grid = truth, truth.grid
         self.base: dict[str, Any] = dict(driver.policy_fields(self.grid), config=self.config)
         self.runner.resize_bar(plan(self.config, self.T, self.targets, n * len(self.base["branches"]),
-                                    n // world, int(getattr(driver, "check_rows", 0))).model_calls)
+                                    n // world, other).model_calls)
         self.gt_cost = self.runner.snapshot()
         self.proposer = Proposer(self.runner, self.config, truth, n_fit)
         self.judge = Judge(self.runner, driver, truth.final, n_hold, folds, self.base)
         if self.config.error_model_prior:
             self.judge.evidence = ErrorModelPrior(lambda: self.proposer.extrapolation_costs() or truth.search_costs,
                                                   self.judge.errors)
-        other = int(getattr(driver, "check_rows", 0))
         if fresh_checked(self.config, n // world, other) and not n_hold:  # a fitted set's win: checked on fresh rows
             twin, self.judge.fresh_off = twin_of(driver)
             self.judge.fresh = None if twin is None else FreshCheck(self.runner, twin)
