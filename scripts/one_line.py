@@ -91,7 +91,7 @@ def peer_rows(bench: Bench, held_labels: torch.Tensor, held_seeds: list[int], re
 
     rows = []
     for name, setting in peer_settings(False, ratios, where="pipeline"):
-        tf.enable_cache(peer_config(name, setting, timestep, steps, packed_tokens=False))
+        tf.enable_cache(peer_config(name, setting, timestep, steps, packed_tokens=not bench.bundled.video))
         counter["n"] = 0
         try:
             out = bench.generate(held_labels, held_seeds)
