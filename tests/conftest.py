@@ -127,7 +127,12 @@ def oracle_run(pipe, run, cached_steps, mode, n_branches):
     transformer = pipe.transformer
     forward = transformer.forward
     history = {}  # branch -> [(t, x, v)] of computed steps
-    calls, kind = [0], []  # kind: the output class of a computed call (return_dict=True)
+    calls, kind, shape = [0], [], []  # kind: the output class of a computed call (return_dict=True)
+
+    def latent(x):  # conditioning channels joined after the latent's (FLUX.1 Fill: packed tokens' last dimension)
+        if not shape or x.shape == shape[0]:
+            return x
+        return x[..., :shape[0][-1]] if x.shape[:-1] == shape[0][:-1] else x[:, :shape[0][1]]
 
     def replaced(*args, **kwargs):
         step, branch = divmod(calls[0], n_branches)
@@ -140,9 +145,11 @@ def oracle_run(pipe, run, cached_steps, mode, n_branches):
             out = forward(*args, **kwargs)
             v = out[0] if isinstance(out, tuple) else out.sample
             v = torch.stack(v) if rows else v
-            history.setdefault(branch, []).append((t, x.clone(), v.clone()))
+            shape[:] = [v.shape]
+            history.setdefault(branch, []).append((t, latent(x).clone(), v.clone()))
             kind[:] = [type(out)]
             return out
+        x = latent(x)
         (t_i, x_i, v_i), past = history[branch][-1], history[branch][:-1]
         if mode == "velocity":
             v = v_i

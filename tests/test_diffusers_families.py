@@ -7,16 +7,20 @@ all-compute policy reproduces the uncached output exactly, a caching policy runs
 transformer forwards per branch, and ``remove()`` restores the uncached output.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from conftest import assert_every_reuse_mode_on_pipeline, assert_not_below_uniform
-from ertacache import Policy, apply_ertacache
+from ertacache import Policy, PolicyMismatchError, apply_ertacache
 from ertacache.core.config import CalibrationConfig
+from ertacache.fingerprint import model_fingerprint
 from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 
 T = 8
 N = 4
+OTHER_MODEL = model_fingerprint(torch.nn.Linear(2, 2))  # the fingerprint of a model no family here builds
 
 
 def _emb(seed, *shape):
@@ -168,7 +172,7 @@ def zimage():
                                   axes_lens=[64, 32, 32])
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=2, scaling_factor=1.0)
+                        latent_channels=4, norm_num_groups=2, scaling_factor=1.0, shift_factor=0.0)
     none = dict(tokenizer=None, text_encoder=None)
     pipe = ZImagePipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
     embs = [_emb(13 + i, 8, 16) for i in range(N)]  # a list of one (tokens, dim) tensor per row
@@ -277,41 +281,58 @@ FAMILY_BUILDS = [cogvideox, ltx, hunyuan_video, qwenimage, chroma, flux2, flux2_
 
 @pytest.mark.parametrize("build", FAMILY_BUILDS, ids=lambda f: f.__name__)
 def test_family(build, tmp_path):
+    check_build(build, tmp_path)
+
+
+def check_build(build, tmp_path):
+    """One tiny pipeline of a family (``build()``: class, pipeline, components left out, call arguments for N rows,
+    branches), saved and loaded back: calibrated at 2x on its N rows, an all-compute policy is bit-exact under every
+    reuse mode, the calibrated policy runs NFE forwards per branch and is not below evenly spaced caching, and the
+    handle's removal restores the uncached output. ``build.call_rows``: rows a call takes (default 2)."""
     torch.manual_seed(0)
     cls, pipe, none, kwargs, branches = build()
     pipe.save_pretrained(tmp_path)
     pipe = cls.from_pretrained(tmp_path, **none)
     pipe.set_progress_bar_config(disable=True)
+    n = getattr(build, "call_rows", 2)
 
     def run(**extra):
-        out = pipe(num_inference_steps=T, output_type="latent", generator=[torch.Generator().manual_seed(9 + i)
-                   for i in range(2)], **rows(kwargs, 2), **extra)
+        out = pipe(output_type="latent", generator=[torch.Generator().manual_seed(9 + i) for i in range(n)],
+                   **rows(kwargs, n), **{"num_inference_steps": T, **extra})
         return out.frames if hasattr(out, "frames") else out.images
 
     policy = calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(N),
                                 config=CalibrationConfig(thresholds=(0.1, 0.3)), **kwargs)
-    assert policy.branches == branches and policy.nfe <= T // 2
-    assert list(policy.grid) == sorted(policy.grid, reverse=True) and policy.grid[0] > 0.5  # t from 1 (noise) down
-    if build is cogvideox:  # DDIM: no custom grid, so adjustment is off and the policy says why
+    runs = policy.num_inference_steps  # the steps that run (img2img's strength skips the first ones)
+    assert policy.branches == branches and policy.nfe <= runs // 2
+    assert runs == (T - int(T - T * kwargs["strength"]) if "strength" in kwargs else T)
+    assert list(policy.grid) == sorted(policy.grid, reverse=True) and policy.grid[0] > 0.5 * runs / T  # t from noise
+    if build.__name__ == "cogvideox":  # DDIM: no custom grid, so adjustment is off and the policy says why
         assert policy.provenance["timestep_adjustment"].startswith("off: timestep adjustment needs a flow-matching")
     ref = run()
-    every = Policy(T, (), policy.grid, branches=branches, guidance_scale=policy.guidance_scale,
+    every = Policy(runs, (), policy.grid, branches=branches, guidance_scale=policy.guidance_scale,
                    latent_shape=policy.latent_shape, model_fingerprint=policy.model_fingerprint)
     with apply_ertacache(pipe, every) as handle:
         assert torch.equal(run(), ref)
-        assert handle.forwards() == {b: T for b in branches}
+        assert handle.forwards() == {b: runs for b in branches}
     assert_every_reuse_mode_on_pipeline(pipe, run, every, ref)
     with apply_ertacache(pipe, policy) as handle:
         out = run()
         assert handle.forwards() == {b: policy.nfe for b in branches}
+        with pytest.raises(PolicyMismatchError, match="num_inference_steps") as refused:
+            run(num_inference_steps=T + 2)  # another step count: one line
+        assert "\n" not in str(refused.value)
     assert_not_below_uniform(pipe, run, policy, out, ref)
+    with pytest.raises(PolicyMismatchError, match="fingerprint") as refused:  # a policy of another model
+        apply_ertacache(pipe, replace(policy, model_fingerprint=OTHER_MODEL))
+    assert "\n" not in str(refused.value)
     assert torch.equal(run(), ref)
 
 
 def test_the_pipelines_table_is_the_registry_and_every_row_is_tested():
     """docs/diffusers.md's supported-pipelines table is what scripts/pipelines_table.py makes from the registry
-    (every registered class a row, no other row), and the test each row names exists: a FAMILY_BUILDS entry or
-    a test function (or file) of tests/."""
+    (every registered class a row, no other row), and the test each row names exists: a build its parametrized
+    test runs (FAMILY_BUILDS, BUILDS) or a test function (or file) of tests/."""
     import sys
     from pathlib import Path
 
@@ -322,12 +343,16 @@ def test_the_pipelines_table_is_the_registry_and_every_row_is_tested():
     text = PAGE.read_text()
     assert text[text.index(BEGIN) + len(BEGIN) + 1:text.index(END) - 1] == table(), \
         "docs/diffusers.md's pipelines table is stale: run python scripts/pipelines_table.py"
-    builds = {b.__name__ for b in FAMILY_BUILDS}
+    import importlib
+
     for name, row in ROWS.items():
         file, _, test = row.test.partition("::")
         source = (root / "tests" / file).read_text()
-        if test.startswith("test_family["):
-            assert test[len("test_family["):-1] in builds, f"{name}: {test} is not a FAMILY_BUILDS entry"
+        if test.endswith("]"):  # a parametrized build: an entry of the module's FAMILY_BUILDS or BUILDS
+            module = importlib.import_module(file.removesuffix(".py"))
+            builds = {b.__name__ for b in getattr(module, "FAMILY_BUILDS", getattr(module, "BUILDS", []))}
+            function, _, build = test[:-1].partition("[")
+            assert f"def {function}(" in source and build in builds, f"{name}: {test} is not a build of tests/{file}"
         elif test:
             assert f"def {test}(" in source, f"{name}: tests/{row.test} does not exist"
         assert name in source, f"{name}: tests/{file} never builds it"

@@ -154,7 +154,8 @@ def latent_of(hidden_states: Tensor, shape: Sequence[int]) -> Tensor:
     """The sampler's latent inside ``hidden_states`` (output shape ``shape``).
 
     It is ``hidden_states`` itself, or its first channels where a pipeline
-    concatenates conditioning channels (Wan image-to-video).
+    concatenates conditioning channels: after the latent's on dimension 1 (Wan image-to-video), or on the last
+    dimension of packed tokens ``(B, L, C)`` (FLUX.1 Fill's masked image and mask).
 
     Raises:
         ErtaCacheError: no such part.
@@ -164,6 +165,9 @@ def latent_of(hidden_states: Tensor, shape: Sequence[int]) -> Tensor:
     if hidden_states.ndim == len(shape) and hidden_states.shape[1] > shape[1] and \
             tuple(hidden_states.shape[2:]) == tuple(shape[2:]):
         return hidden_states[:, : shape[1]]
+    if hidden_states.ndim == len(shape) == 3 and hidden_states.shape[-1] > shape[-1] and \
+            tuple(hidden_states.shape[:-1]) == tuple(shape[:-1]):
+        return hidden_states[..., : shape[-1]]
     raise ErtaCacheError(f"latent_residual reuse needs the latent in hidden_states {tuple(hidden_states.shape)} "
                          f"to match the output {tuple(shape)}; use reuse='velocity'")
 

@@ -77,12 +77,13 @@ def register_family(family: Family) -> Family:
     return family
 
 
-register_family(Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline", "FluxKontextPipeline"), timestep_scale=1.0,
+register_family(Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline",
+                                "FluxKontextPipeline"), timestep_scale=1.0,
                        block_stacks=("transformer_blocks", "single_transformer_blocks"),
                        channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major
                        cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale",
                        context_free_branches=("cond", "uncond")))
-register_family(Family("chroma", ("ChromaPipeline",), timestep_scale=1.0,
+register_family(Family("chroma", ("ChromaPipeline", "ChromaImg2ImgPipeline"), timestep_scale=1.0,
                        block_stacks=(),  # its single-stream blocks take text and image tokens joined: no one residual
                        channels=ChannelLayout(dim=-1, group=4),  # FLUX's packing
                        cfg_scales=("guidance_scale",),
@@ -91,7 +92,8 @@ register_family(Family("flux2", ("Flux2Pipeline", "Flux2KleinPipeline"), timeste
                        channels=ChannelLayout(dim=-1), cfg_scales=("guidance_scale",),  # klein base: CFG
                        embedded_guidance="guidance_scale",  # FLUX.2 dev: embedded (guidance-distilled, one call)
                        context_free_branches=("cond",)))  # dev sets no cache_context; klein sets cond / uncond
-register_family(Family("zimage", ("ZImagePipeline",), timestep_scale=0.0,  # passes 1 - t: read from the scheduler
+register_family(Family("zimage", ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline"),
+                       timestep_scale=0.0,  # passes 1 - t: read from the scheduler
                        block_stacks=(), cfg_scales=("guidance_scale",),  # rows as lists; CFG batched in one call
                        truncation="_cfg_truncation"))
 register_family(Family("cogview4", ("CogView4Pipeline",)))  # cond / uncond contexts, timestep = 1000 t
@@ -99,11 +101,16 @@ register_family(Family("sana", ("SanaPipeline",)))  # batched CFG in one call; t
 register_family(Family("lumina2", ("Lumina2Pipeline",), timestep_scale=0.0, block_stacks=(),
                        cfg_scales=("guidance_scale",),  # cond, then uncond, with no cache_context
                        context_free_branches=("cond", "uncond")))  # cfg_trunc_ratio < 1 drops uncond late: refused
-register_family(Family("qwenimage", ("QwenImagePipeline",), timestep_scale=1.0,
+register_family(Family("qwenimage", ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline",
+                                     "QwenImageEditPipeline", "QwenImageEditInpaintPipeline",
+                                     "QwenImageEditPlusPipeline"), timestep_scale=1.0,
                        channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major (as FLUX)
-                       cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale"))
-register_family(Family("wan", ("WanPipeline", "WanImageToVideoPipeline", "WanVACEPipeline"),
+                       cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale",
+                       one_generator=("QwenImageEditPlusPipeline",)))  # Edit Plus refuses batches: one row a call
+register_family(Family("wan", ("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline",
+                              "WanVACEPipeline"),
                        ("transformer", "transformer_2"), block_stacks=("blocks",), video=True,
+                       context_free_branches=("cond", "uncond"),  # video-to-video sets no cache_context
                        one_generator=("WanVACEPipeline",)))  # VACE's control input joins the blocks as hints
 register_family(Family("mochi", ("MochiPipeline",), timestep_scale=0.0,  # inverted sigmas: t = 1 - sigma
                        video=True))  # batched CFG in one call; time read from the scheduler

@@ -22,7 +22,15 @@ from ...core.reuse import Reuse
 from ...errors import ErtaCacheError, PolicyMismatchError
 from .adapters import hidden_states_of, latent_of, output_like, sample_of, timestep_of
 from .families import Family
-from .scheduler import begin_index, inverted, order_of, scheduler_refusal, write_grid
+from .scheduler import (
+    begin_index,
+    inverted,
+    note_call_start,
+    order_of,
+    scheduler_refusal,
+    start_pending,
+    write_grid,
+)
 
 if TYPE_CHECKING:
     from .hooks import StepHook
@@ -221,7 +229,7 @@ class PipelineRun:
         T = len(grid) - 1
         begin = begin_index(scheduler)
         n = len(scheduler.timesteps) - begin
-        if n != T:
+        if n != T and not (start_pending(scheduler) and n > T):  # a sliced start is known after the first step
             runs = f"{n} (the steps that run: strength skips the first {begin} of {n + begin})" if begin else f"{n}"
             order = order_of(scheduler)
             calls = "" if order == 1 else (f" (transformer calls per branch: {type(scheduler).__name__} makes "
@@ -262,6 +270,8 @@ class PipelineRun:
         refusal = scheduler_refusal(self.pipe.scheduler if self.pipe is not None else scheduler)
         if refusal is not None:
             raise ErtaCacheError(refusal)
+        if scheduler is not None:
+            note_call_start(scheduler)
         with self.lock:
             name = self.branch_of(hook, scheduler, kwargs)
         if name not in self.branches:

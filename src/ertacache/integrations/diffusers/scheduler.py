@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,9 +53,34 @@ def model_steps(scheduler: Any, steps: int) -> int:
     return steps if order == 1 else order * (steps - 1) + 1
 
 
+_SLICED_START: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+"""Per scheduler: the grid index of the running call's first step, where the pipeline slices the scheduler's
+``timesteps`` without ``set_begin_index`` (WanVideoToVideoPipeline's strength); -1 until its first step is taken."""
+
+
 def begin_index(scheduler: Any) -> int:
-    """The scheduler's first step (image-to-image at strength < 1 starts part-way down the grid)."""
-    return int(getattr(scheduler, "begin_index", None) or 0)
+    """The scheduler's first step (image-to-image at strength < 1 starts part-way down the grid): its
+    ``begin_index``, else where the running call's first step left ``step_index`` (:func:`note_call_start`)."""
+    begin = getattr(scheduler, "begin_index", None)
+    if begin is not None:
+        return int(begin)
+    start = _SLICED_START.get(scheduler, 0)
+    if start < 0 and getattr(scheduler, "step_index", None) is not None:  # one step taken: it counted from there
+        start = _SLICED_START[scheduler] = int(scheduler.step_index) - 1
+    return max(start, 0)
+
+
+def start_pending(scheduler: Any) -> bool:
+    """Whether the running call's first step is not known yet (:func:`note_call_start`, no step taken)."""
+    return _SLICED_START.get(scheduler, 0) < 0 and getattr(scheduler, "step_index", None) is None
+
+
+def note_call_start(scheduler: Any) -> None:
+    """At a transformer call: before a call's first scheduler step (``step_index`` None) of a scheduler without
+    ``begin_index``, its first step is not known yet (the scheduler finds it from the first timestep it is given);
+    :func:`begin_index` reads it once that step is taken. Reads no tensor (no host-device sync)."""
+    if getattr(scheduler, "step_index", 0) is None and getattr(scheduler, "begin_index", None) is None:
+        _SLICED_START[scheduler] = -1
 
 
 def inverted(scheduler: Any) -> bool:
