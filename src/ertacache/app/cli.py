@@ -26,7 +26,7 @@ def _add_sampler_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-inference-steps", type=int, default=None,
                    help="T (default: the bundled model's, 30 or 50; a pipeline: 30)")
     p.add_argument("--guidance-scale", type=float, default=None,
-                   help="classifier-free guidance scale (default: the bundled model's; a pipeline: 3)")
+                   help="classifier-free guidance scale (default: the bundled model's; a pipeline's own default)")
     p.add_argument("--shift", type=float, default=None,
                    help="time shift of the grid, bundled model (default: its family's, 3 or 5; a pipeline uses its "
                         "scheduler's)")
@@ -142,7 +142,7 @@ def _add_other_parsers(sub: Any) -> None:
     p.add_argument("--pipeline", default=None, help="a diffusers pipeline: hub id or local folder")
     p.add_argument("--prompts", default=None, help="with --pipeline: one prompt per line; the first half calibrates")
     p.add_argument("--num-inference-steps", type=int, default=30)
-    p.add_argument("--guidance-scale", type=float, default=3.0)
+    p.add_argument("--guidance-scale", type=float, default=None, help="(default: the pipeline's own)")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-frames", type=int, default=None)
@@ -158,9 +158,8 @@ def _pipeline_settings(args: argparse.Namespace) -> PipelineSettings | None:
     if args.pipeline is None:
         return None
     steps = 30 if args.num_inference_steps is None else args.num_inference_steps
-    guidance = 3.0 if args.guidance_scale is None else args.guidance_scale
-    return PipelineSettings(args.pipeline, steps, guidance, args.height, args.width, args.num_frames, args.dtype,
-                            args.device,
+    return PipelineSettings(args.pipeline, steps, args.guidance_scale, args.height, args.width, args.num_frames,
+                            args.dtype, args.device,
                             negative_prompt=getattr(args, "negative_prompt", None),
                             true_cfg_scale=getattr(args, "true_cfg_scale", None),
                             max_sequence_length=getattr(args, "max_sequence_length", None))
@@ -176,7 +175,8 @@ def _bundled(model: str | None) -> tuple[Any, str | None]:
 
 
 def _sampler(args: argparse.Namespace, pipeline: PipelineSettings | None) -> dict[str, Any]:
-    """T, shift and guidance scale: the flags given, else the bundled model's family settings (a pipeline: 30, 3)."""
+    """T, shift and guidance scale: the flags given, else the bundled model's family settings (a pipeline: 30; its
+    guidance is ``pipeline.guidance_scale``)."""
     base = dict(num_inference_steps=30, guidance_scale=3.0, shift=1.0) if pipeline is not None \
         else _bundled(args.model)[0].sampler
     return {k: base[k] if getattr(args, k) is None else getattr(args, k) for k in base}

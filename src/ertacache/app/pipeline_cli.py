@@ -74,7 +74,7 @@ def check_policy_settings(policy: Any, settings: PipelineSettings) -> None:
         raise PolicyMismatchError(f"num_inference_steps: policy {policy.num_inference_steps}, got "
                                   f"{settings.num_inference_steps}; pass --num-inference-steps "
                                   f"{policy.num_inference_steps}, or recalibrate")
-    given = {"guidance_scale": settings.guidance_scale}
+    given = {} if settings.guidance_scale is None else {"guidance_scale": settings.guidance_scale}
     if settings.true_cfg_scale is not None:
         given["true_cfg_scale"] = settings.true_cfg_scale
     check_guidance(policy.guidance, given)

@@ -50,8 +50,9 @@ def register_block(class_name: str, output: BlockOutput) -> None:
 
 
 register_block("JointTransformerBlock", BlockOutput(hidden=1, encoder=0))  # SD3; not in diffusers' registry
+register_block("HunyuanVideo15TransformerBlock", BlockOutput(hidden=0, encoder=1))
 for _name in ("WanTransformerBlock", "SkyReelsV2TransformerBlock", "LTXVideoTransformerBlock",
-              "SanaTransformerBlock"):  # one tensor out
+              "SanaTransformerBlock", "SanaVideoTransformerBlock"):  # one tensor out
     register_block(_name, BlockOutput())
 
 

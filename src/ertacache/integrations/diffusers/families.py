@@ -120,6 +120,12 @@ register_family(Family("hunyuan_video", ("HunyuanVideoPipeline",),
                        block_stacks=("transformer_blocks", "single_transformer_blocks"), video=True,
                        cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale"))
 register_family(Family("skyreels_v2", ("SkyReelsV2Pipeline",), block_stacks=("blocks",), video=True))  # Wan's blocks
+register_family(Family("hunyuan_video15", ("HunyuanVideo15Pipeline",), video=True,  # CFG through its guider
+                       cfg_scales=()))  # the guider's scale is the guider's config, not a call argument
+register_family(Family("hunyuan_image", ("HunyuanImagePipeline",),  # CFG / APG through its guider
+                       block_stacks=("transformer_blocks", "single_transformer_blocks"), cfg_scales=(),
+                       embedded_guidance="distilled_guidance_scale"))
+register_family(Family("sana_video", ("SanaVideoPipeline",), video=True))  # batched CFG in one call
 register_family(Family("sd3", ("StableDiffusion3Pipeline",)))
 register_family(Family("ltx", ("LTXPipeline",), channels=ChannelLayout(dim=-1), video=True))  # packed (B, L, C)
 

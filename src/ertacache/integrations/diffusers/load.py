@@ -24,7 +24,8 @@ class PipelineSettings:
     Attributes:
         pipeline: hub id or local folder (``DiffusionPipeline.from_pretrained``).
         num_inference_steps: T.
-        guidance_scale: the pipeline's ``guidance_scale``.
+        guidance_scale: the pipeline's ``guidance_scale`` (None: not passed, the pipeline's default; a pipeline
+            whose guidance is its guider's, as HunyuanVideo 1.5's, takes none).
         height, width, num_frames: output size (None: the pipeline's default).
         negative_prompt: the negative prompt (CFG pipelines; None: the pipeline's default).
         true_cfg_scale: FLUX's true classifier-free guidance scale (None: not passed).
@@ -35,7 +36,7 @@ class PipelineSettings:
 
     pipeline: str
     num_inference_steps: int = 30
-    guidance_scale: float = 3.0
+    guidance_scale: float | None = None
     height: int | None = None
     width: int | None = None
     num_frames: int | None = None
@@ -57,8 +58,9 @@ class PipelineSettings:
 
     def call_kwargs(self) -> dict[str, Any]:
         """The pipeline-call keywords the user set (the same at calibration and at generation)."""
-        kwargs: dict[str, Any] = {"guidance_scale": self.guidance_scale}
-        for name in ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale", "max_sequence_length"):
+        kwargs: dict[str, Any] = {}
+        for name in ("guidance_scale", "height", "width", "num_frames", "negative_prompt", "true_cfg_scale",
+                     "max_sequence_length"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         return kwargs

@@ -1,0 +1,88 @@
+"""ERTACache on tiny pipelines of the families whose guidance runs through diffusers' guiders (HunyuanVideo 1.5,
+HunyuanImage 2.1: a guider object decides the branches and names their cache contexts) and on Sana-Video.
+
+Each is built from a small config with random weights, saved with ``save_pretrained`` and loaded with
+``from_pretrained``, and checked as every family is (:func:`test_diffusers_families.check_build`).
+"""
+
+import pytest
+import torch
+
+from test_diffusers_families import N, _emb, check_build
+
+
+def hunyuan_video15():
+    from diffusers import (
+        AutoencoderKLHunyuanVideo15,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanVideo15Pipeline,
+        HunyuanVideo15Transformer3DModel,
+    )
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    tf = HunyuanVideo15Transformer3DModel(in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                          num_layers=1, num_refiner_layers=1, text_embed_dim=16, text_embed_2_dim=8,
+                                          image_embed_dim=8, rope_axes_dim=(2, 2, 4), task_type="t2v")
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(32, 32, 32), layers_per_block=1,
+                                      spatial_compression_ratio=4, temporal_compression_ratio=4)
+    none = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    pipe = HunyuanVideo15Pipeline(transformer=tf, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                  guider=ClassifierFreeGuidance(guidance_scale=6.0), **none)
+    emb, mask, emb2, mask2 = _emb(30, N, 8, 16), torch.ones(N, 8), _emb(31, N, 6, 8), torch.ones(N, 6)
+    kwargs = dict(prompt_embeds=emb, prompt_embeds_mask=mask, negative_prompt_embeds=emb * 0,
+                  negative_prompt_embeds_mask=mask, prompt_embeds_2=emb2, prompt_embeds_mask_2=mask2,
+                  negative_prompt_embeds_2=emb2 * 0, negative_prompt_embeds_mask_2=mask2, height=16, width=16,
+                  num_frames=5)
+    return HunyuanVideo15Pipeline, pipe, none, kwargs, ("pred_cond", "pred_uncond")  # the guider's contexts
+
+
+def hunyuan_image():
+    from diffusers import (
+        AutoencoderKLHunyuanImage,
+        FlowMatchEulerDiscreteScheduler,
+        HunyuanImagePipeline,
+        HunyuanImageTransformer2DModel,
+    )
+    from diffusers.guiders import AdaptiveProjectedMixGuidance
+
+    tf = HunyuanImageTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                        num_layers=1, num_single_layers=1, num_refiner_layers=1, text_embed_dim=16,
+                                        text_embed_2_dim=8, rope_axes_dim=(4, 4))
+    vae = AutoencoderKLHunyuanImage(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+                                    layers_per_block=1, spatial_compression_ratio=2, sample_size=32,
+                                    scaling_factor=1.0)
+    none = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    guider = AdaptiveProjectedMixGuidance(guidance_scale=3.5, adaptive_projected_guidance_start_step=3)  # CFG, then APG
+    pipe = HunyuanImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=tf, guider=guider,
+                                ocr_guider=None, **none)
+    emb, mask, emb2, mask2 = _emb(32, N, 8, 16), torch.ones(N, 8), _emb(33, N, 6, 8), torch.ones(N, 6)
+    kwargs = dict(prompt_embeds=emb, prompt_embeds_mask=mask, negative_prompt_embeds=emb * 0,
+                  negative_prompt_embeds_mask=mask, prompt_embeds_2=emb2, prompt_embeds_mask_2=mask2,
+                  negative_prompt_embeds_2=emb2 * 0, negative_prompt_embeds_mask_2=mask2, height=32, width=32)
+    return HunyuanImagePipeline, pipe, none, kwargs, ("pred_cond", "pred_uncond")
+
+
+def sana_video():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SanaVideoPipeline, SanaVideoTransformer3DModel
+
+    from test_diffusers_wan import tiny_vae
+
+    tf = SanaVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                     num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                     cross_attention_dim=16, caption_channels=16, sample_size=8, patch_size=(1, 2, 2),
+                                     rope_max_seq_len=32)
+    none = dict(tokenizer=None, text_encoder=None)
+    pipe = SanaVideoPipeline(vae=tiny_vae(), transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
+    emb, mask = _emb(34, N, 8, 16), torch.ones(N, 8)
+    kwargs = dict(prompt_embeds=emb, prompt_attention_mask=mask, negative_prompt=None, negative_prompt_embeds=emb * 0,
+                  negative_prompt_attention_mask=mask, guidance_scale=4.0, height=32, width=32, frames=5,
+                  use_resolution_binning=False)
+    return SanaVideoPipeline, pipe, none, kwargs, ("cond_uncond",)  # both CFG halves in one batched call
+
+
+BUILDS = [hunyuan_video15, hunyuan_image, sana_video]
+
+
+@pytest.mark.parametrize("build", BUILDS, ids=lambda f: f.__name__)
+def test_family(build, tmp_path):
+    check_build(build, tmp_path)
