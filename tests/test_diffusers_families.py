@@ -16,6 +16,7 @@ from conftest import assert_every_reuse_mode_on_pipeline, assert_not_below_unifo
 from ertacache import Policy, PolicyMismatchError, apply_ertacache
 from ertacache.core.config import CalibrationConfig
 from ertacache.fingerprint import model_fingerprint
+from ertacache.integrations.diffusers.adapters import pipeline_output
 from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 
 T = 8
@@ -288,18 +289,20 @@ def check_build(build, tmp_path):
     """One tiny pipeline of a family (``build()``: class, pipeline, components left out, call arguments for N rows,
     branches), saved and loaded back: calibrated at 2x on its N rows, an all-compute policy is bit-exact under every
     reuse mode, the calibrated policy runs NFE forwards per branch and is not below evenly spaced caching, and the
-    handle's removal restores the uncached output. ``build.call_rows``: rows a call takes (default 2)."""
+    handle's removal restores the uncached output. ``build.call_rows``: rows a call takes (default 2);
+    ``build.loaded(pipe)``: set on the loaded pipeline."""
     torch.manual_seed(0)
     cls, pipe, none, kwargs, branches = build()
     pipe.save_pretrained(tmp_path)
     pipe = cls.from_pretrained(tmp_path, **none)
     pipe.set_progress_bar_config(disable=True)
+    getattr(build, "loaded", lambda _: None)(pipe)  # what the build sets on the loaded pipeline
     n = getattr(build, "call_rows", 2)
 
     def run(**extra):
         out = pipe(output_type="latent", generator=[torch.Generator().manual_seed(9 + i) for i in range(n)],
                    **rows(kwargs, n), **{"num_inference_steps": T, **extra})
-        return out.frames if hasattr(out, "frames") else out.images
+        return pipeline_output(out)
 
     policy = calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(N),
                                 config=CalibrationConfig(thresholds=(0.1, 0.3)), **kwargs)

@@ -1,5 +1,6 @@
 """ERTACache on tiny pipelines of the families whose guidance runs through diffusers' guiders (HunyuanVideo 1.5,
-HunyuanImage 2.1: a guider object decides the branches and names their cache contexts) and on Sana-Video.
+HunyuanImage 2.1: a guider object decides the branches and names their cache contexts), Sana-Video and Kandinsky 5
+(latents with their channels last, two calls a step with no cache context).
 
 Each is built from a small config with random weights, saved with ``save_pretrained`` and loaded with
 ``from_pretrained``, and checked as every family is (:func:`test_diffusers_families.check_build`).
@@ -80,7 +81,57 @@ def sana_video():
     return SanaVideoPipeline, pipe, none, kwargs, ("cond_uncond",)  # both CFG halves in one batched call
 
 
-BUILDS = [hunyuan_video15, hunyuan_image, sana_video]
+def _kandinsky5(cls_name, vae):
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5Transformer3DModel
+
+    tf = Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4,
+                                      patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1,
+                                      num_visual_blocks=1, axes_dims=(4, 6, 6))
+    with torch.no_grad():  # its modulations start at zero (each block the identity): random weights instead
+        for param in tf.parameters():
+            if not param.any():
+                param.normal_(std=0.1)
+    none = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    cls = getattr(diffusers, cls_name)
+    pipe = cls(transformer=tf, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0), **none)
+    qwen, clip = _emb(35, N, 8, 16), _emb(36, N, 8)
+    cu_seqlens = torch.arange(0, 8 * (N + 1), 8, dtype=torch.int32)  # every prompt 8 tokens
+    kwargs = dict(prompt_embeds_qwen=qwen, prompt_embeds_clip=clip, prompt_cu_seqlens=cu_seqlens,
+                  negative_prompt_embeds_qwen=qwen * 0, negative_prompt_embeds_clip=clip * 0,
+                  negative_prompt_cu_seqlens=cu_seqlens, guidance_scale=5.0, height=32, width=32)
+    return cls, pipe, none, kwargs, ("cond", "uncond")  # no cache_context: cond, then uncond
+
+
+def kandinsky5_t2v():
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                    down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                    up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                    layers_per_block=1, act_fn="silu", norm_num_groups=4, scaling_factor=0.476986,
+                                    spatial_compression_ratio=8, temporal_compression_ratio=4,
+                                    mid_block_add_attention=True)
+    cls, pipe, none, kwargs, branches = _kandinsky5("Kandinsky5T2VPipeline", vae)
+    return cls, pipe, none, {**kwargs, "num_frames": 5}, branches
+
+
+def kandinsky5_t2i():
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=2, scaling_factor=1.0, shift_factor=0.0)
+    return _kandinsky5("Kandinsky5T2IPipeline", vae)
+
+
+def _small_resolutions(pipe):  # the pipeline resizes to one of its 1024-pixel resolutions: a 32 x 32 one here
+    pipe.resolutions = [(32, 32)]
+
+
+kandinsky5_t2i.loaded = _small_resolutions
+
+BUILDS = [hunyuan_video15, hunyuan_image, sana_video, kandinsky5_t2v, kandinsky5_t2i]
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=lambda f: f.__name__)

@@ -151,7 +151,9 @@ def generate(settings: GenerateSettings) -> int:
         else:
             export_to_video(out.frames[0], str(path), fps=settings.fps)
     else:
-        out.images[0].save(path)
+        from ..integrations.diffusers.adapters import pipeline_output
+
+        pipeline_output(out)[0].save(path)
     if stats is not None:
         print(f"computed steps {stats}")
     print(f"wrote {path}")

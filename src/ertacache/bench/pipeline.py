@@ -50,8 +50,9 @@ class PipelineBenchSettings:
 
 def _decoded(out: Any) -> Tensor:
     """Pipeline output as ``(B, C, H, W)`` or ``(B, C, F, H, W)`` in [-1, 1]."""
-    x = out.frames if hasattr(out, "frames") else out.images
-    x = torch.as_tensor(x).float()
+    from ..integrations.diffusers.adapters import pipeline_output
+
+    x = torch.as_tensor(pipeline_output(out)).float()
     if x.ndim == 5:  # (B, F, C, H, W) -> (B, C, F, H, W)
         x = x.permute(0, 2, 1, 3, 4)
     return x * 2 - 1

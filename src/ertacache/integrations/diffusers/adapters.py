@@ -52,7 +52,7 @@ def register_block(class_name: str, output: BlockOutput) -> None:
 register_block("JointTransformerBlock", BlockOutput(hidden=1, encoder=0))  # SD3; not in diffusers' registry
 register_block("HunyuanVideo15TransformerBlock", BlockOutput(hidden=0, encoder=1))
 for _name in ("WanTransformerBlock", "SkyReelsV2TransformerBlock", "LTXVideoTransformerBlock",
-              "SanaTransformerBlock", "SanaVideoTransformerBlock"):  # one tensor out
+              "SanaTransformerBlock", "SanaVideoTransformerBlock", "Kandinsky5TransformerDecoderBlock"):  # one tensor
     register_block(_name, BlockOutput())
 
 
@@ -105,6 +105,31 @@ def hidden_argument(args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
 def is_rows(x: Any) -> TypeGuard[Sequence[Tensor]]:
     """Whether ``x`` is a list (or tuple) of one tensor per row, as Z-Image passes its latents and embeddings."""
     return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(e, Tensor) for e in x)
+
+
+def pipeline_output(out: Any) -> Any:
+    """What a pipeline call returned: its ``frames`` (video), ``images``, or ``image`` (Kandinsky 5's images)."""
+    for name in ("frames", "images", "image"):
+        if hasattr(out, name):
+            return getattr(out, name)
+    raise ErtaCacheError(f"{type(out).__name__} has none of frames, images or image; report the pipeline class")
+
+
+PROMPT_EMBEDS = ("prompt_embeds", "prompt_embeds_qwen", "prompt_embeds_t5")
+"""The call arguments whose rows are the calls' prompts when no prompt strings are given (Kandinsky 5's Qwen and
+HiDream's T5 embeddings beside the others' ``prompt_embeds``), in this order."""
+
+
+def embeds_rows(kwargs: dict[str, Any]) -> int | None:
+    """The rows of a call given prompt embeddings (:data:`PROMPT_EMBEDS`: a tensor's first dimension, or a list of
+    one tensor per row), or None where it has none."""
+    for name in PROMPT_EMBEDS:
+        embeds = kwargs.get(name)
+        if isinstance(embeds, Tensor) and embeds.ndim > 0:
+            return int(embeds.shape[0])
+        if is_rows(embeds):
+            return len(embeds)
+    return None
 
 
 def hidden_states_of(args: Sequence[Any], kwargs: dict[str, Any]) -> Tensor:

@@ -41,6 +41,7 @@ from ...errors import ErtaCacheError
 from ...fingerprint import adapters_of, fingerprint_id, model_fingerprint
 from ...policy import SCHEMA_VERSION, Policy
 from ...policy.cache import LOGIC_VERSION, PolicyCache, cache_home
+from .adapters import embeds_rows
 from .families import Family, family_for, transformers_of
 
 logger = logging.getLogger(__name__)
@@ -262,8 +263,8 @@ def _as_int(text: str) -> int:
 
 
 def _rows(kwargs: dict[str, Any]) -> int:
-    embeds = kwargs.get("prompt_embeds")
-    if embeds is None:
+    rows = embeds_rows(kwargs)
+    if rows is None:
         raise ErtaCacheError("the call has neither a prompt nor prompt_embeds to calibrate on; pass "
                              "calibration_prompts= to apply_ertacache")
-    return int(embeds.shape[0])
+    return rows

@@ -29,7 +29,7 @@ from ...core.engine import Engine, Pass
 from ...core.reuse import get_reuse
 from ...errors import ErtaCacheError
 from ...policy import Policy
-from .adapters import block_stack, is_rows
+from .adapters import block_stack, embeds_rows, pipeline_output
 from .call import call_settings
 from .families import family_for, guidance_that_counts, pipeline_fingerprint, transformers_of
 from .hooks import register_hooks, remove_hooks
@@ -153,7 +153,7 @@ class PipelineDriver:
                 gens = [torch.Generator().manual_seed(self.seeds[i]) for i in rows]
                 out = pipes[c](generator=gens if len(gens) > 1 else gens[0], num_inference_steps=self.call_steps,
                                output_type="latent", **self._rows(rows))
-                outs[c] = torch.as_tensor(out.frames if hasattr(out, "frames") else out.images)
+                outs[c] = torch.as_tensor(pipeline_output(out))
             except BaseException as exc:
                 run.fail(exc)
                 raise
@@ -339,19 +339,17 @@ def check_pipeline_config(pipe: Any, config: CalibrationConfig) -> None:
 
 def set_size(prompts: Sequence[str] | None, pipe_kwargs: dict[str, Any]) -> int:
     """The calibration set's size: the prompts, or the rows of ``prompt_embeds`` (a tensor's first dimension, or
-    a list of one tensor per row, as Z-Image takes them).
+    a list of one tensor per row, as Z-Image takes them; :func:`~.adapters.embeds_rows`).
 
     Raises:
         ErtaCacheError: neither is given.
     """
     if prompts is not None:
         return len(prompts)
-    embeds = pipe_kwargs.get("prompt_embeds")
-    if isinstance(embeds, Tensor):
-        return int(embeds.shape[0])
-    if is_rows(embeds):
-        return len(embeds)
-    raise ErtaCacheError("give the calibration prompts, or prompt_embeds with one row per sample")
+    rows = embeds_rows(pipe_kwargs)
+    if rows is None:
+        raise ErtaCacheError("give the calibration prompts, or prompt_embeds with one row per sample")
+    return rows
 
 
 def calibrate_pipeline(

@@ -126,6 +126,12 @@ register_family(Family("hunyuan_image", ("HunyuanImagePipeline",),  # CFG / APG 
                        block_stacks=("transformer_blocks", "single_transformer_blocks"), cfg_scales=(),
                        embedded_guidance="distilled_guidance_scale"))
 register_family(Family("sana_video", ("SanaVideoPipeline",), video=True))  # batched CFG in one call
+for _name, _pipelines, _video in (("kandinsky5", ("Kandinsky5T2VPipeline",), True),
+                                  ("kandinsky5_image", ("Kandinsky5T2IPipeline",), False)):
+    register_family(Family(_name, _pipelines, block_stacks=("visual_transformer_blocks",),
+                           channels=ChannelLayout(dim=-1), video=_video,  # latents (B, F, H, W, C)
+                           cfg_scales=("guidance_scale",),
+                           context_free_branches=("cond", "uncond")))  # no cache_context: cond, then uncond
 register_family(Family("sd3", ("StableDiffusion3Pipeline",)))
 register_family(Family("ltx", ("LTXPipeline",), channels=ChannelLayout(dim=-1), video=True))  # packed (B, L, C)
 
