@@ -30,8 +30,9 @@ class Row:
 
     branches: str
     hub: str
-    flags: str | None  # the CLI's flags after --pipeline HUB; None: the pipeline needs an input image or video
+    flags: str | None  # the CLI's flags after --pipeline HUB; None: the CLI cannot run it (``why``)
     test: str  # tests/<file>::<test> that runs the class on a tiny pipeline
+    why: str = "the call takes an input image or video, which the CLI does not"
 
 
 def _variant(build: str) -> str:
@@ -135,6 +136,12 @@ ROWS = {
                                  "kandinskylab/Kandinsky-5.0-T2I-Lite-sft-Diffusers",
                                  "--num-inference-steps 50 --height 1024 --width 1024 --guidance-scale 3.5",
                                  "test_diffusers_families_extra.py::test_family[kandinsky5_t2i]"),
+    "HiDreamImagePipeline": Row("cond_uncond (CFG batched in one call; Llama embeddings' rows on dimension 1)",
+                                "HiDream-ai/HiDream-I1-Full", None,
+                                "test_diffusers_families_extra.py::test_family[hidream]",
+                                "its Llama 3.1 tokenizer and text encoder are loaded apart and passed to "
+                                "`from_pretrained`, which the CLI does not (then 50 steps, 1024 x 1024, "
+                                "`guidance_scale=5`)"),
     "StableDiffusion3Pipeline": Row("cond_uncond (CFG batched)", "stabilityai/stable-diffusion-3-medium-diffusers",
                                     "--num-inference-steps 28 --height 1024 --width 1024 --guidance-scale 7",
                                     "test_diffusers_sd3.py"),
@@ -161,7 +168,7 @@ def table() -> str:
         row = ROWS[name]
         command = (f"`ertacache calibrate --pipeline {row.hub} --prompts prompts.txt {row.flags} --target-speedup 2 "
                    f"--out policy.safetensors`" if row.flags is not None else
-                   f"Python API (`{row.hub}`): the call takes an input image or video, which the CLI does not")
+                   f"Python API (`{row.hub}`): {row.why}")
         lines.append(f"| {name} | {family.name} | {row.branches} | {command} | `tests/{row.test}` |")
     return "\n".join(lines)
 

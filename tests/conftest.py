@@ -140,7 +140,8 @@ def oracle_run(pipe, run, cached_steps, mode, n_branches):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         rows = isinstance(x, list)  # Z-Image: a list of one tensor per row in, a list out
         x = torch.stack(x) if rows else x
-        t = float((kwargs["timestep"] if "timestep" in kwargs else args[1]).flatten()[0])
+        time = next((kwargs[k] for k in ("timestep", "timesteps") if k in kwargs), None)  # HiDream: timesteps
+        t = float((args[1] if time is None else time).flatten()[0])
         if step not in cached_steps:
             out = forward(*args, **kwargs)
             v = out[0] if isinstance(out, tuple) else out.sample

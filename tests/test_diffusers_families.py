@@ -18,6 +18,7 @@ from ertacache.core.config import CalibrationConfig
 from ertacache.fingerprint import model_fingerprint
 from ertacache.integrations.diffusers.adapters import pipeline_output
 from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
+from ertacache.integrations.diffusers.families import family_for
 
 T = 8
 N = 4
@@ -255,8 +256,11 @@ def hunyuan_video():
     return HunyuanVideoPipeline, pipe, none, kwargs, ("cond",)  # guidance-distilled: one branch
 
 
-def rows(kwargs, n):
-    return {k: (v[:n] if isinstance(v, (torch.Tensor, list)) else v) for k, v in kwargs.items()}
+def rows(kwargs, n, dims=None):
+    """The first ``n`` rows of each per-row argument (its first dimension, or ``dims[name]``)."""
+    dims = dims or {}
+    return {k: (v.narrow(dims.get(k, 0), 0, n) if isinstance(v, torch.Tensor) and v.ndim else
+                v[:n] if isinstance(v, list) else v) for k, v in kwargs.items()}
 
 
 def mochi():
@@ -298,10 +302,11 @@ def check_build(build, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     getattr(build, "loaded", lambda _: None)(pipe)  # what the build sets on the loaded pipeline
     n = getattr(build, "call_rows", 2)
+    dims = dict(family_for(pipe).row_dims)
 
     def run(**extra):
         out = pipe(output_type="latent", generator=[torch.Generator().manual_seed(9 + i) for i in range(n)],
-                   **rows(kwargs, n), **{"num_inference_steps": T, **extra})
+                   **rows(kwargs, n, dims), **{"num_inference_steps": T, **extra})
         return pipeline_output(out)
 
     policy = calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(N),

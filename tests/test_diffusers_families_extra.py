@@ -1,6 +1,7 @@
 """ERTACache on tiny pipelines of the families whose guidance runs through diffusers' guiders (HunyuanVideo 1.5,
 HunyuanImage 2.1: a guider object decides the branches and names their cache contexts), Sana-Video and Kandinsky 5
-(latents with their channels last, two calls a step with no cache context).
+(latents with their channels last, two calls a step with no cache context) and HiDream (its Llama embeddings' rows
+on their second dimension).
 
 Each is built from a small config with random weights, saved with ``save_pretrained`` and loaded with
 ``from_pretrained``, and checked as every family is (:func:`test_diffusers_families.check_build`).
@@ -131,7 +132,33 @@ def _small_resolutions(pipe):  # the pipeline resizes to one of its 1024-pixel r
 
 kandinsky5_t2i.loaded = _small_resolutions
 
-BUILDS = [hunyuan_video15, hunyuan_image, sana_video, kandinsky5_t2v, kandinsky5_t2i]
+def hidream():
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
+    from diffusers import HiDreamImageTransformer2DModel as Transformer
+
+    tf = Transformer(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
+                     attention_head_dim=8, num_attention_heads=2, caption_channels=[16, 8], text_emb_dim=16,
+                     num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32),
+                     llama_layers=[0, 1])
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=2, scaling_factor=1.0, shift_factor=0.0)
+    none = {f"{name}{i}": None for name in ("text_encoder", "tokenizer") for i in ("", "_2", "_3", "_4")}
+    pipe = HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=tf, **none)
+    t5, llama, pooled = _emb(37, N, 8, 16), _emb(38, 2, N, 8, 8), _emb(39, N, 16)  # llama: (layers, rows, ...)
+    kwargs = dict(prompt_embeds_t5=t5, prompt_embeds_llama3=llama, pooled_prompt_embeds=pooled,
+                  negative_prompt_embeds_t5=t5 * 0, negative_prompt_embeds_llama3=llama * 0,
+                  negative_pooled_prompt_embeds=pooled * 0, guidance_scale=5.0, height=32, width=32)
+    return HiDreamImagePipeline, pipe, none, kwargs, ("cond_uncond",)  # CFG batched in one call
+
+
+def _small_default_area(pipe):  # it rescales every call to its default area (1024 x 1024): 32 x 32 here
+    pipe.default_sample_size = 16
+
+
+hidream.loaded = _small_default_area
+
+BUILDS = [hunyuan_video15, hunyuan_image, sana_video, kandinsky5_t2v, kandinsky5_t2i, hidream]
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=lambda f: f.__name__)

@@ -99,9 +99,15 @@ class PipelineDriver:
     def reduce(self, t: Tensor) -> Tensor:
         return all_reduce_sum(t)
 
-    def _per_row(self, value: Any) -> bool:
-        """Whether a call argument has one entry per row this process holds (a tensor's first dimension, a list)."""
-        return (isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == self.rows_here) or (
+    def row_dim(self, key: str | None) -> int:
+        """The dimension of call argument ``key`` that holds its rows (the first, unless the family says)."""
+        return dict(self.family.row_dims).get(key or "", 0)
+
+    def _per_row(self, value: Any, key: str | None = None) -> bool:
+        """Whether a call argument has one entry per row this process holds (a tensor's first dimension, or the
+        family's :attr:`~.families.Family.row_dims` one; a list)."""
+        dim = self.row_dim(key)
+        return (isinstance(value, Tensor) and value.ndim > dim and value.shape[dim] == self.rows_here) or (
             isinstance(value, list) and len(value) == self.rows_here)
 
     def _rows(self, idx: list[int]) -> dict[str, Any]:
@@ -109,10 +115,11 @@ class PipelineDriver:
         at = [i // self.world_size for i in idx] if self.local_rows else idx
         out: dict[str, Any] = {}
         for key, value in self.kwargs.items():
-            if not self._per_row(value):
+            if not self._per_row(value, key):
                 out[key] = value
             elif isinstance(value, Tensor):
-                out[key] = value[torch.tensor(at, dtype=torch.long, device=value.device)]
+                out[key] = value.index_select(self.row_dim(key), torch.tensor(at, dtype=torch.long,
+                                                                              device=value.device))
             else:
                 out[key] = [value[i] for i in at]
         if self.prompts is not None:

@@ -47,6 +47,8 @@ class Family:
         truncation: the pipeline attribute holding the call's guidance truncation ratio (Z-Image's
             ``_cfg_truncation``): below 1 a guidance branch is dropped part-way, and such a call is refused at its
             first transformer call, before the model runs.
+        row_dims: call arguments whose rows are another dimension than their first, with that dimension
+            (HiDream's ``prompt_embeds_llama3``: ``(layers, rows, tokens, dim)``).
     """
 
     name: str
@@ -62,6 +64,7 @@ class Family:
     context_free_branches: tuple[str, ...] = ()
     one_generator: tuple[str, ...] = ()
     truncation: str | None = None
+    row_dims: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.context_free_branches:
@@ -132,6 +135,9 @@ for _name, _pipelines, _video in (("kandinsky5", ("Kandinsky5T2VPipeline",), Tru
                            channels=ChannelLayout(dim=-1), video=_video,  # latents (B, F, H, W, C)
                            cfg_scales=("guidance_scale",),
                            context_free_branches=("cond", "uncond")))  # no cache_context: cond, then uncond
+register_family(Family("hidream", ("HiDreamImagePipeline",), block_stacks=(),  # batched CFG in one call
+                       timestep_scale=0.0,  # its transformer takes `timesteps`: the time is read from the scheduler
+                       row_dims=(("prompt_embeds_llama3", 1), ("negative_prompt_embeds_llama3", 1))))
 register_family(Family("sd3", ("StableDiffusion3Pipeline",)))
 register_family(Family("ltx", ("LTXPipeline",), channels=ChannelLayout(dim=-1), video=True))  # packed (B, L, C)
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ...calibration.drive import fresh_seeds, other_seeds
 from ...errors import ErtaCacheError
+from .adapters import PROMPT_EMBEDS
 
 
 def check_prompts_valid(check_prompts: Sequence[str] | None, prompts: Sequence[str] | None,
@@ -45,16 +46,18 @@ def null_rows(driver: Any) -> tuple[list[str] | None, dict[str, Any]] | None:
     """``(prompts, kwargs)`` of the driver's rows (this process') followed by as many rows of the unconditional
     prompt, or None where the call has none (embeddings without ``negative_prompt_embeds``)."""
     n = driver.rows_here
-    if driver.prompts is None and not driver._per_row(driver.kwargs.get("negative_prompt_embeds")):
+    if driver.prompts is None and not any(driver._per_row(driver.kwargs.get(f"negative_{name}"), f"negative_{name}")
+                                          for name in PROMPT_EMBEDS):
         return None
     kwargs: dict[str, Any] = {}
     for key, value in driver.kwargs.items():
-        if not driver._per_row(value):
+        if not driver._per_row(value, key):
             kwargs[key] = value
             continue
         other = driver.kwargs.get(f"negative_{key}")
-        null: Any = other if driver._per_row(other) and type(other) is type(value) else value
-        kwargs[key] = torch.cat([value, null.to(value)]) if isinstance(value, Tensor) else value + null
+        null: Any = other if driver._per_row(other, f"negative_{key}") and type(other) is type(value) else value
+        kwargs[key] = torch.cat([value, null.to(value)], dim=driver.row_dim(key)) if isinstance(value, Tensor) \
+            else value + null
     prompts = None
     if driver.prompts is not None:
         negative = driver.kwargs.get("negative_prompt")
