@@ -132,6 +132,9 @@ ROWS = {
                                  "--num-inference-steps 50 --height 512 --width 768 --num-frames 121 "
                                  "--guidance-scale 5",
                                  "test_diffusers_families_extra.py::test_family[kandinsky5_t2v]"),
+    "Kandinsky5I2VPipeline": Row("cond, uncond (two calls by order; first frame and mask as channels)",
+                                 "kandinskylab/Kandinsky-5.0-I2V-Pro-sft-5s-Diffusers", None,
+                                 "test_diffusers_families_extra.py::test_family[kandinsky5_i2v]"),
     "Kandinsky5T2IPipeline": Row("cond, uncond (two calls, named by order)",
                                  "kandinskylab/Kandinsky-5.0-T2I-Lite-sft-Diffusers",
                                  "--num-inference-steps 50 --height 1024 --width 1024 --guidance-scale 3.5",

@@ -82,13 +82,13 @@ def sana_video():
     return SanaVideoPipeline, pipe, none, kwargs, ("cond_uncond",)  # both CFG halves in one batched call
 
 
-def _kandinsky5(cls_name, vae):
+def _kandinsky5(cls_name, vae, visual_cond=False):
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5Transformer3DModel
 
     tf = Kandinsky5Transformer3DModel(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4,
                                       patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1,
-                                      num_visual_blocks=1, axes_dims=(4, 6, 6))
+                                      num_visual_blocks=1, axes_dims=(4, 6, 6), visual_cond=visual_cond)
     with torch.no_grad():  # its modulations start at zero (each block the identity): random weights instead
         for param in tf.parameters():
             if not param.any():
@@ -104,7 +104,7 @@ def _kandinsky5(cls_name, vae):
     return cls, pipe, none, kwargs, ("cond", "uncond")  # no cache_context: cond, then uncond
 
 
-def kandinsky5_t2v():
+def kandinsky5_t2v(cls_name="Kandinsky5T2VPipeline", visual_cond=False):
     from diffusers import AutoencoderKLHunyuanVideo
 
     vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
@@ -113,8 +113,17 @@ def kandinsky5_t2v():
                                     layers_per_block=1, act_fn="silu", norm_num_groups=4, scaling_factor=0.476986,
                                     spatial_compression_ratio=8, temporal_compression_ratio=4,
                                     mid_block_add_attention=True)
-    cls, pipe, none, kwargs, branches = _kandinsky5("Kandinsky5T2VPipeline", vae)
+    cls, pipe, none, kwargs, branches = _kandinsky5(cls_name, vae, visual_cond)
     return cls, pipe, none, {**kwargs, "num_frames": 5}, branches
+
+
+def kandinsky5_i2v():  # the first frame's latents and a mask join the latents as channels (4 + 4 + 1)
+    from PIL import Image
+
+    cls, pipe, none, kwargs, branches = kandinsky5_t2v("Kandinsky5I2VPipeline", visual_cond=True)
+    images = [Image.new("RGB", (32, 32), (40 * i, 80, 120)) for i in range(N)]
+    # 17 frames (5 latent ones): it renormalises the first 4 latent frames by those after them
+    return cls, pipe, none, {**kwargs, "image": images, "num_frames": 17}, branches
 
 
 def kandinsky5_t2i():
@@ -158,9 +167,23 @@ def _small_default_area(pipe):  # it rescales every call to its default area (10
 
 hidream.loaded = _small_default_area
 
-BUILDS = [hunyuan_video15, hunyuan_image, sana_video, kandinsky5_t2v, kandinsky5_t2i, hidream]
+BUILDS = [hunyuan_video15, hunyuan_image, sana_video, kandinsky5_t2v, kandinsky5_i2v, kandinsky5_t2i, hidream]
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=lambda f: f.__name__)
 def test_family(build, tmp_path):
     check_build(build, tmp_path)
+
+
+def test_a_ground_truth_that_is_not_finite_stops_calibration_in_one_line():
+    """Kandinsky 5's image-to-video with 2 latent frames renormalises by the standard deviation of none (NaN): the
+    uncached pass itself is not finite, and calibration says so before judging anything."""
+    from ertacache.core.config import CalibrationConfig
+    from ertacache.errors import ErtaCacheError
+    from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
+
+    _, pipe, _, kwargs, _ = kandinsky5_i2v()
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.warns(UserWarning), pytest.raises(ErtaCacheError, match="ground-truth pass returned NaN or inf"):
+        calibrate_pipeline(pipe, None, num_inference_steps=4, target_speedup=2.0, seeds=range(N),
+                           config=CalibrationConfig(thresholds=(0.1,)), **{**kwargs, "num_frames": 5})

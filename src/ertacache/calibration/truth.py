@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from ..core.config import CalibrationConfig
@@ -67,6 +68,10 @@ def record_truth(runner: PassRunner, driver: Driver, config: CalibrationConfig, 
     final = runner.run(KEY, gt, slice(0, driver.size), None)
     if len(gt.times) != T:
         raise ErtaCacheError(f"the sampler ran {len(gt.times)} steps, not num_inference_steps={T}")
+    if not bool(torch.isfinite(final).all()):
+        raise ErtaCacheError("the uncached ground-truth pass returned NaN or inf (the model or pipeline itself, with "
+                             "no cache on): check the calibration inputs and dtype, and that the model samples them "
+                             "uncached")
     truth = Truth(final, gt.grid(), gt.norms(), gt.velocity_changes(), gt.switch_steps(), {})
     branches = driver.policy_fields(truth.grid)["branches"]
     if gt.sketch is not None:

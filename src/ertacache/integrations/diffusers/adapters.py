@@ -181,7 +181,7 @@ def latent_of(hidden_states: Tensor, shape: Sequence[int]) -> Tensor:
 
     It is ``hidden_states`` itself, or its first channels where a pipeline
     concatenates conditioning channels: after the latent's on dimension 1 (Wan image-to-video), or on the last
-    dimension of packed tokens ``(B, L, C)`` (FLUX.1 Fill's masked image and mask).
+    dimension where channels are last (FLUX.1 Fill's packed tokens ``(B, L, C)``, Kandinsky 5's ``(B, F, H, W, C)``).
 
     Raises:
         ErtaCacheError: no such part.
@@ -191,7 +191,7 @@ def latent_of(hidden_states: Tensor, shape: Sequence[int]) -> Tensor:
     if hidden_states.ndim == len(shape) and hidden_states.shape[1] > shape[1] and \
             tuple(hidden_states.shape[2:]) == tuple(shape[2:]):
         return hidden_states[:, : shape[1]]
-    if hidden_states.ndim == len(shape) == 3 and hidden_states.shape[-1] > shape[-1] and \
+    if hidden_states.ndim == len(shape) and hidden_states.shape[-1] > shape[-1] and \
             tuple(hidden_states.shape[:-1]) == tuple(shape[:-1]):
         return hidden_states[..., : shape[-1]]
     raise ErtaCacheError(f"latent_residual reuse needs the latent in hidden_states {tuple(hidden_states.shape)} "

@@ -129,7 +129,7 @@ register_family(Family("hunyuan_image", ("HunyuanImagePipeline",),  # CFG / APG 
                        block_stacks=("transformer_blocks", "single_transformer_blocks"), cfg_scales=(),
                        embedded_guidance="distilled_guidance_scale"))
 register_family(Family("sana_video", ("SanaVideoPipeline",), video=True))  # batched CFG in one call
-for _name, _pipelines, _video in (("kandinsky5", ("Kandinsky5T2VPipeline",), True),
+for _name, _pipelines, _video in (("kandinsky5", ("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline"), True),
                                   ("kandinsky5_image", ("Kandinsky5T2IPipeline",), False)):
     register_family(Family(_name, _pipelines, block_stacks=("visual_transformer_blocks",),
                            channels=ChannelLayout(dim=-1), video=_video,  # latents (B, F, H, W, C)
@@ -148,12 +148,17 @@ _DIFFUSION_FORCING = ("diffusion forcing gives each latent frame its own noise l
 _EDM = ("its sampler is EDM's (EDMEulerScheduler: Karras sigmas up to 80 and preconditioned model inputs), not flow "
         "matching with t in [0, 1], for which ertacache's grid, timestep adjustment and error model are defined: run "
         "it uncached")
+_EDM2 = ("its scheduler keeps EDM's noise levels (Karras sigmas up to 80; the transformer is given sigma / (1 + sigma) "
+         "and preconditioned inputs), not flow-matching times in [0, 1], for which ertacache's grid and timestep "
+         "adjustment are defined: run it uncached")
 REFUSED: dict[str, str] = {
     "SkyReelsV2DiffusionForcingPipeline": _DIFFUSION_FORCING,
     "SkyReelsV2DiffusionForcingImageToVideoPipeline": _DIFFUSION_FORCING,
     "SkyReelsV2DiffusionForcingVideoToVideoPipeline": _DIFFUSION_FORCING,
     "CosmosTextToWorldPipeline": _EDM,
     "CosmosVideoToWorldPipeline": _EDM,
+    "Cosmos2TextToImagePipeline": _EDM2,
+    "Cosmos2VideoToWorldPipeline": _EDM2,
 }
 """Pipeline classes refused before the first model call, with why: the method does not apply to their sampler."""
 
