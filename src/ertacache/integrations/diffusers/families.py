@@ -151,6 +151,8 @@ _EDM = ("its sampler is EDM's (EDMEulerScheduler: Karras sigmas up to 80 and pre
 _EDM2 = ("its scheduler keeps EDM's noise levels (Karras sigmas up to 80; the transformer is given sigma / (1 + sigma) "
          "and preconditioned inputs), not flow-matching times in [0, 1], for which ertacache's grid and timestep "
          "adjustment are defined: run it uncached")
+_AUDIO_VIDEO = ("its transformer denoises the video and the audio latents in one call and returns both "
+                "(AudioVisualModelOutput), where ertacache caches one output a call: run it uncached")
 REFUSED: dict[str, str] = {
     "SkyReelsV2DiffusionForcingPipeline": _DIFFUSION_FORCING,
     "SkyReelsV2DiffusionForcingImageToVideoPipeline": _DIFFUSION_FORCING,
@@ -159,6 +161,8 @@ REFUSED: dict[str, str] = {
     "CosmosVideoToWorldPipeline": _EDM,
     "Cosmos2TextToImagePipeline": _EDM2,
     "Cosmos2VideoToWorldPipeline": _EDM2,
+    **dict.fromkeys(("LTX2Pipeline", "LTX2ImageToVideoPipeline", "LTX2ConditionPipeline", "LTX2InContextPipeline",
+                     "LTX2HDRPipeline", "LTX2DFRPipeline", "LTX2DFRTemporalRefinePipeline"), _AUDIO_VIDEO),
 }
 """Pipeline classes refused before the first model call, with why: the method does not apply to their sampler."""
 
