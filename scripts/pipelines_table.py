@@ -49,9 +49,13 @@ ROWS = {
                                _variant("flux_inpaint")),
     "FluxFillPipeline": Row("cond (guidance-distilled; masked image and mask as channels)",
                             "black-forest-labs/FLUX.1-Fill-dev", None, _variant("flux_fill")),
+    "FluxControlPipeline": Row("cond (guidance-distilled; control image as channels)",
+                               "black-forest-labs/FLUX.1-Depth-dev", None, _variant("flux_control")),
     "FluxKontextPipeline": Row("cond (reference-image tokens in every call) / cond, uncond",
                                "black-forest-labs/FLUX.1-Kontext-dev", None,
                                "test_workflows.py::test_flux_kontext_caches_with_its_reference_image_tokens"),
+    "FluxKontextInpaintPipeline": Row("cond, uncond (by call order; reference-image tokens)",
+                                      "black-forest-labs/FLUX.1-Kontext-dev", None, _variant("flux_kontext_inpaint")),
     "ChromaPipeline": Row("cond, uncond (two calls, named by order)", "lodestones/Chroma1-HD",
                           "--num-inference-steps 35 --height 1024 --width 1024 --guidance-scale 5",
                           "test_diffusers_families.py::test_family[chroma]"),
@@ -64,6 +68,8 @@ ROWS = {
                               "black-forest-labs/FLUX.2-klein-base-9B",
                               "--num-inference-steps 50 --height 1024 --width 1024 --guidance-scale 4",
                               "test_diffusers_families.py::test_family[flux2_klein]"),
+    "Flux2KleinInpaintPipeline": Row("cond, uncond (klein base: CFG) / cond (distilled)",
+                                     "black-forest-labs/FLUX.2-klein-base-9B", None, _variant("flux2_klein_inpaint")),
     "ZImagePipeline": Row("cond_uncond (CFG batched in one call; rows as lists; `cfg_truncation` < 1 refused)",
                           "Z-a-o/Z-Image-Turbo",
                           "--num-inference-steps 8 --height 1024 --width 1024 --guidance-scale 0",
@@ -75,6 +81,10 @@ ROWS = {
     "CogView4Pipeline": Row("cond, uncond", "THUDM/CogView4-6B",
                             "--num-inference-steps 50 --height 1024 --width 1024 --guidance-scale 5",
                             "test_diffusers_families.py::test_family[cogview4]"),
+    "CogView4ControlPipeline": Row("cond, uncond (by call order; control image as channels)",
+                                   "THUDM/CogView4-6B-Control", None, _variant("cogview4_control"),
+                                   "the call takes a control image, which the CLI does not (its control latents are "
+                                   "an unseeded VAE sample: seed torch for reproducible calls)"),
     "SanaPipeline": Row("cond_uncond (CFG batched in one call)",
                         "Efficient-Large-Model/Sana_1600M_1024px_BF16_diffusers",
                         "--num-inference-steps 20 --height 1024 --width 1024 --guidance-scale 4.5",
@@ -127,6 +137,9 @@ ROWS = {
                              "Efficient-Large-Model/SANA-Video_2B_480p_diffusers",
                              "--num-inference-steps 50 --height 480 --width 832 --guidance-scale 6",
                              "test_diffusers_families_extra.py::test_family[sana_video]"),
+    "SanaImageToVideoPipeline": Row("cond_uncond (CFG batched in one call)",
+                                    "Efficient-Large-Model/SANA-Video_2B_480p_diffusers", None,
+                                    _variant("sana_image_to_video")),
     "Kandinsky5T2VPipeline": Row("cond, uncond (two calls, named by order; latents channels-last)",
                                  "kandinskylab/Kandinsky-5.0-T2V-Lite-sft-5s-Diffusers",
                                  "--num-inference-steps 50 --height 512 --width 768 --num-frames 121 "
@@ -151,6 +164,8 @@ ROWS = {
     "LTXPipeline": Row("cond_uncond (CFG batched)", "Lightricks/LTX-Video",
                        "--num-inference-steps 50 --height 480 --width 704 --num-frames 161 --guidance-scale 3",
                        "test_diffusers_families.py::test_family[ltx]"),
+    "LTXImageToVideoPipeline": Row("cond_uncond (CFG batched; the first frame's tokens at time 0)",
+                                   "Lightricks/LTX-Video", None, _variant("ltx_image_to_video")),
 }
 
 

@@ -141,7 +141,7 @@ def oracle_run(pipe, run, cached_steps, mode, n_branches):
         rows = isinstance(x, list)  # Z-Image: a list of one tensor per row in, a list out
         x = torch.stack(x) if rows else x
         time = next((kwargs[k] for k in ("timestep", "timesteps") if k in kwargs), None)  # HiDream: timesteps
-        t = float((args[1] if time is None else time).flatten()[0])
+        t = float((args[1] if time is None else time).flatten().max())  # per-token times: the noise tokens
         if step not in cached_steps:
             out = forward(*args, **kwargs)
             v = out[0] if isinstance(out, tuple) else out.sample

@@ -294,7 +294,8 @@ def check_build(build, tmp_path):
     branches), saved and loaded back: calibrated at 2x on its N rows, an all-compute policy is bit-exact under every
     reuse mode, the calibrated policy runs NFE forwards per branch and is not below evenly spaced caching, and the
     handle's removal restores the uncached output. ``build.call_rows``: rows a call takes (default 2);
-    ``build.loaded(pipe)``: set on the loaded pipeline."""
+    ``build.loaded(pipe)``: set on the loaded pipeline; ``build.global_rng``: the pipeline draws from torch's global
+    generator, seeded before each call here."""
     torch.manual_seed(0)
     cls, pipe, none, kwargs, branches = build()
     pipe.save_pretrained(tmp_path)
@@ -305,6 +306,8 @@ def check_build(build, tmp_path):
     dims = dict(family_for(pipe).row_dims)
 
     def run(**extra):
+        if getattr(build, "global_rng", False):  # the pipeline draws from torch's global generator too
+            torch.manual_seed(0)
         out = pipe(output_type="latent", generator=[torch.Generator().manual_seed(9 + i) for i in range(n)],
                    **rows(kwargs, n, dims), **{"num_inference_steps": T, **extra})
         return pipeline_output(out)

@@ -135,8 +135,55 @@ def wan_video_to_video():
     return WanVideoToVideoPipeline, pipe, dict(tokenizer=None, text_encoder=None), kwargs, ("cond", "uncond")
 
 
+def flux_control():  # FLUX.1 Depth / Canny: guidance-distilled; the control image's latents join as channels
+    cls, pipe, none, kwargs = _flux("FluxControlPipeline", in_channels=32, cfg=False)
+    return cls, pipe, none, {**kwargs, "control_image": _image(N, 32), "guidance_scale": 10.0}, ("cond",)
+
+
+def flux_kontext_inpaint():  # the reference image's tokens join the latents' (64 + 64)
+    cls, pipe, none, kwargs = _flux("FluxKontextInpaintPipeline")
+    return cls, pipe, none, {**kwargs, "image": _image(N, 32), "mask_image": _mask(N, 32), "strength": STRENGTH,
+                             "max_area": 32 * 32, "_auto_resize": False}, ("cond", "uncond")
+
+
+def flux2_klein_inpaint():
+    from test_diffusers_families import flux2_klein
+
+    return _variant(flux2_klein, "Flux2KleinInpaintPipeline", image=_image(N, 16), mask_image=_mask(N, 16),
+                    strength=STRENGTH)
+
+
+def cogview4_control():  # the control image's latents join as channels (4 + 4)
+    from diffusers import CogView4ControlPipeline, CogView4Transformer2DModel
+
+    from test_diffusers_families import cogview4
+
+    _, pipe, none, kwargs, branches = cogview4()
+    tf = CogView4Transformer2DModel(patch_size=2, in_channels=8, out_channels=4, num_layers=1, attention_head_dim=8,
+                                    num_attention_heads=2, text_embed_dim=16, time_embed_dim=8, condition_dim=4,
+                                    pos_embed_max_size=16, sample_size=8, rope_axes_dim=(4, 4))
+    control = CogView4ControlPipeline(vae=pipe.vae, transformer=tf, scheduler=pipe.scheduler, **none)
+    return CogView4ControlPipeline, control, none, {**kwargs, "control_image": _image(N, 16)}, branches
+
+
+cogview4_control.global_rng = True  # it encodes the control image with an unseeded VAE sample
+
+
+def ltx_image_to_video():  # the first frame's tokens at time 0, the others' at the step's time
+    from test_diffusers_families import ltx
+
+    return _variant(ltx, "LTXImageToVideoPipeline", image=_pil(N, 32))
+
+
+def sana_image_to_video():  # one input image for every row
+    from test_diffusers_families_extra import sana_video
+
+    return _variant(sana_video, "SanaImageToVideoPipeline", image=_pil(1, 32)[0])
+
+
 BUILDS = [chroma_img2img, zimage_img2img, zimage_inpaint, qwenimage_img2img, qwenimage_inpaint, qwenimage_edit,
-          qwenimage_edit_inpaint, qwenimage_edit_plus, flux_inpaint, flux_fill, wan_video_to_video]
+          qwenimage_edit_inpaint, qwenimage_edit_plus, flux_inpaint, flux_fill, flux_control, flux_kontext_inpaint,
+          flux2_klein_inpaint, cogview4_control, ltx_image_to_video, sana_image_to_video, wan_video_to_video]
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=lambda f: f.__name__)

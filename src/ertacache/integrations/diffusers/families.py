@@ -81,7 +81,8 @@ def register_family(family: Family) -> Family:
 
 
 register_family(Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline",
-                                "FluxKontextPipeline"), timestep_scale=1.0,
+                                "FluxControlPipeline", "FluxKontextPipeline", "FluxKontextInpaintPipeline"),
+                       timestep_scale=1.0,
                        block_stacks=("transformer_blocks", "single_transformer_blocks"),
                        channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major
                        cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale",
@@ -91,7 +92,8 @@ register_family(Family("chroma", ("ChromaPipeline", "ChromaImg2ImgPipeline"), ti
                        channels=ChannelLayout(dim=-1, group=4),  # FLUX's packing
                        cfg_scales=("guidance_scale",),
                        context_free_branches=("cond", "uncond")))  # no cache_context: cond, then uncond
-register_family(Family("flux2", ("Flux2Pipeline", "Flux2KleinPipeline"), timestep_scale=1.0, block_stacks=(),
+register_family(Family("flux2", ("Flux2Pipeline", "Flux2KleinPipeline", "Flux2KleinInpaintPipeline"),
+                       timestep_scale=1.0, block_stacks=(),
                        channels=ChannelLayout(dim=-1), cfg_scales=("guidance_scale",),  # klein base: CFG
                        embedded_guidance="guidance_scale",  # FLUX.2 dev: embedded (guidance-distilled, one call)
                        context_free_branches=("cond",)))  # dev sets no cache_context; klein sets cond / uncond
@@ -99,7 +101,8 @@ register_family(Family("zimage", ("ZImagePipeline", "ZImageImg2ImgPipeline", "ZI
                        timestep_scale=0.0,  # passes 1 - t: read from the scheduler
                        block_stacks=(), cfg_scales=("guidance_scale",),  # rows as lists; CFG batched in one call
                        truncation="_cfg_truncation"))
-register_family(Family("cogview4", ("CogView4Pipeline",)))  # cond / uncond contexts, timestep = 1000 t
+register_family(Family("cogview4", ("CogView4Pipeline", "CogView4ControlPipeline"),  # timestep = 1000 t
+                       context_free_branches=("cond", "uncond")))  # contexts cond / uncond; Control sets none
 register_family(Family("sana", ("SanaPipeline",)))  # batched CFG in one call; timestep = 1000 t (timestep_scale 1)
 register_family(Family("lumina2", ("Lumina2Pipeline",), timestep_scale=0.0, block_stacks=(),
                        cfg_scales=("guidance_scale",),  # cond, then uncond, with no cache_context
@@ -128,7 +131,8 @@ register_family(Family("hunyuan_video15", ("HunyuanVideo15Pipeline",), video=Tru
 register_family(Family("hunyuan_image", ("HunyuanImagePipeline",),  # CFG / APG through its guider
                        block_stacks=("transformer_blocks", "single_transformer_blocks"), cfg_scales=(),
                        embedded_guidance="distilled_guidance_scale"))
-register_family(Family("sana_video", ("SanaVideoPipeline",), video=True))  # batched CFG in one call
+register_family(Family("sana_video", ("SanaVideoPipeline", "SanaImageToVideoPipeline"),
+                       video=True))  # batched CFG in one call
 for _name, _pipelines, _video in (("kandinsky5", ("Kandinsky5T2VPipeline", "Kandinsky5I2VPipeline"), True),
                                   ("kandinsky5_image", ("Kandinsky5T2IPipeline",), False)):
     register_family(Family(_name, _pipelines, block_stacks=("visual_transformer_blocks",),
@@ -139,7 +143,8 @@ register_family(Family("hidream", ("HiDreamImagePipeline",), block_stacks=(),  #
                        timestep_scale=0.0,  # its transformer takes `timesteps`: the time is read from the scheduler
                        row_dims=(("prompt_embeds_llama3", 1), ("negative_prompt_embeds_llama3", 1))))
 register_family(Family("sd3", ("StableDiffusion3Pipeline",)))
-register_family(Family("ltx", ("LTXPipeline",), channels=ChannelLayout(dim=-1), video=True))  # packed (B, L, C)
+register_family(Family("ltx", ("LTXPipeline", "LTXImageToVideoPipeline"),
+                       channels=ChannelLayout(dim=-1), video=True))  # packed (B, L, C)
 
 
 _DIFFUSION_FORCING = ("diffusion forcing gives each latent frame its own noise level (a timestep per frame, the frames "
