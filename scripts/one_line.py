@@ -12,7 +12,10 @@ branch is at most the one-row policy's. PSNR (dB) against the uncached pipeline 
 call of the same rows.
 
     python scripts/one_line.py [--models digits,photos,moving-digits,moving-photos] [--targets 1.5,2,3]
-        [--out docs/one_line.md]
+        [--out docs/one_line.md] [--seeds K]
+
+``--seeds K``: only the one-row first call, calibrated on its row with K seeds (``calibration_rows=K``), with its
+first-call cost and evenly spaced caching at its NFE (``docs/one_line_seeds.md``).
 """
 
 from __future__ import annotations
@@ -103,25 +106,26 @@ def peer_rows(bench: Bench, held_labels: torch.Tensor, held_seeds: list[int], re
     return rows
 
 
-def measure(bench: Bench, targets: list[float]) -> list[dict]:
+def measure(bench: Bench, targets: list[float], seeds_of_one_row: int | None = None) -> list[dict]:
     held_labels = torch.arange(bench.held) % bench.num_classes
     held_seeds = list(range(1000, 1000 + bench.held))
     ref = bench.generate(held_labels, held_seeds)
-    peers = peer_rows(bench, held_labels, held_seeds, ref)
+    peers = [] if seeds_of_one_row else peer_rows(bench, held_labels, held_seeds, ref)
 
     def score(policy: Policy) -> float:
         with warnings.catch_warnings(), apply_ertacache(bench.pipe, policy):
             warnings.simplefilter("ignore")
             return round(psnr(bench.generate(held_labels, held_seeds), ref), 2)
 
-    def first_call(rows: int, target: float) -> tuple[Policy, float]:
+    def first_call(rows: int, target: float, calibration_rows: int | None = None) -> tuple[Policy, float]:
         labels = torch.arange(rows)
         tic = time.perf_counter()
         bench.generate(labels, list(range(rows)))
         uncached = time.perf_counter() - tic
         with tempfile.TemporaryDirectory() as cache, warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            handle = apply_ertacache(bench.pipe, target_speedup=target, cache_dir=cache)
+            handle = apply_ertacache(bench.pipe, target_speedup=target, cache_dir=cache,
+                                     calibration_rows=calibration_rows)
             tic = time.perf_counter()
             bench.generate(labels, list(range(rows)))
             first = time.perf_counter() - tic
@@ -131,6 +135,13 @@ def measure(bench: Bench, targets: list[float]) -> list[dict]:
 
     rows = []
     for target in targets:
+        if seeds_of_one_row:  # only the one-row call calibrated on that row with more seeds
+            more, x = first_call(1, target, seeds_of_one_row)
+            rows.append({"model": bench.name, "T": bench.steps, "target": target, "seeds": seeds_of_one_row,
+                         "one_row_more_seeds": (score(more), more.nfe), "first_call_x": x,
+                         "uniform_same_nfe": score(Policy.uniform(bench.steps, more.nfe, like=more))})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         one, x1 = first_call(1, target)
         four, x4 = first_call(4, target)
         labels = torch.arange(bench.default_n) % bench.num_classes
@@ -156,12 +167,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="digits,photos,moving-digits,moving-photos")
     p.add_argument("--targets", default="1.5,2,3")
-    p.add_argument("--out", default="docs/one_line.md")
+    p.add_argument("--out", default=None, help="default docs/one_line.md (docs/one_line_seeds.md with --seeds)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="only the one-row call, calibrated on its row with this many seeds (calibration_rows)")
     args = p.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
     rows = []
     for name in args.models.split(","):
-        rows += measure(Bench(name), targets)
+        rows += measure(Bench(name), targets, args.seeds)
+    if args.seeds:
+        lines = [f"| model | target | one row on {args.seeds} seeds: PSNR (NFE) | first call / uncached | "
+                 "evenly spaced at its NFE |", "|---|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['target']:g}x | {r['one_row_more_seeds'][0]} ({r['one_row_more_seeds'][1]}) | "
+                  f"{r['first_call_x']} | {r['uniform_same_nfe']} |" for r in rows]
+        print(write_results(args.out or "docs/one_line_seeds.md", lines, rows,
+                            f"python scripts/one_line.py --models {args.models} --targets {args.targets} "
+                            f"--seeds {args.seeds}"))
+        return
     lines = ["| model | target | one row: PSNR (NFE) | first call / uncached | four rows: PSNR (NFE) | first call / "
              "uncached | offline default: PSNR (NFE, rows) | evenly spaced at the one-row NFE | best peer at that NFE "
              "or lower |", "|---|---|---|---|---|---|---|---|---|"]
@@ -171,7 +193,7 @@ def main() -> None:
                      f"{r['first_call_x_one_row']} | {r['four_rows'][0]} ({r['four_rows'][1]}) | "
                      f"{r['first_call_x_four_rows']} | {o[0]} ({o[1]}, {o[2]}) | {r['uniform_same_nfe']} | "
                      f"{peer_cell(r['best_peer'])} |")
-    print(write_results(args.out, lines, rows,
+    print(write_results(args.out or "docs/one_line.md", lines, rows,
                         f"python scripts/one_line.py --models {args.models} --targets {args.targets}"))
 
 

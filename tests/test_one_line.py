@@ -206,3 +206,25 @@ def test_the_core_sampler_has_the_one_line_too(tmp_path, caplog):
     with pytest.raises(ErtaCacheError, match="a policy or a target_speedup"):
         ertacache.sample(field, torch.randn(1, 1, 4, 4), None, num_inference_steps=T, target_speedup=2.0,
                          policy=policy)
+
+
+def test_a_one_row_call_calibrates_on_more_seeds_of_its_row_when_asked(tmp_path):
+    """calibration_rows=4: a first call of one row calibrates on that row with seeds 0..3 (what offline calibration
+    of the row repeated gives), under its own key; a call of more rows calibrates on its own rows."""
+    p = Flux()
+    handle = apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path, calibration_rows=4)
+    call(p)
+    assert handle.calibrations == 1 and handle.policy.provenance["seeds"] == [0, 1, 2, 3]
+    policy = handle.policy
+    handle.remove()
+    kw = p.kwargs((3, 3, 3, 3))
+    kw.pop("latents")
+    offline = calibrate_pipeline(p.pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(4), **kw)
+    assert offline.cached_steps == policy.cached_steps and offline.grid == policy.grid
+    plain = apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path)  # without: another setting's key
+    call(p)
+    assert plain.calibrations == 1 and plain.policy.provenance["seeds"] == [0]
+    plain.remove()
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    with pytest.raises(ErtaCacheError, match="calibration_rows must be a whole number >= 1, got 0"):
+        apply_ertacache(p.pipe, target_speedup=2.0, cache_dir=tmp_path, calibration_rows=0)

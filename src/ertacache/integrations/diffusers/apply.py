@@ -147,7 +147,8 @@ def _size_text(size: dict[str, int], latent_shape: Any) -> str:
 def apply_ertacache(pipe: Any, policy: Policy | None = None, *, target_speedup: float | None = None,
                     cache_dir: str | Path | None = None, recalibrate: bool = False,
                     calibration_prompts: Sequence[str] | None = None, check_fingerprint: bool = True,
-                    strict: bool = False, check_prompts: Sequence[str] | None = None) -> Any:
+                    strict: bool = False, check_prompts: Sequence[str] | None = None,
+                    calibration_rows: int | None = None) -> Any:
     """Cache a diffusers pipeline's transformer(s) by ``policy`` (Algorithm 1, inference), or, given a
     ``target_speedup`` instead, by the policy of each call's settings, calibrated on the first such call
     and kept on disk (:mod:`~.auto`).
@@ -163,6 +164,8 @@ def apply_ertacache(pipe: Any, policy: Policy | None = None, *, target_speedup: 
         calibration_prompts: calibrate on these prompts instead of the first call's rows.
         check_prompts: prompts unlike the calibration's, on which a fitted set must also gain
             (:func:`~.calibrate.calibrate_pipeline`); part of each setting's key.
+        calibration_rows: calibrate on at least this many rows: a first call with fewer has its rows repeated
+            with further seeds (the same prompt, other noise); part of each setting's key. None: the call's rows.
         check_fingerprint: refuse another checkpoint than the policy's (its fingerprint, which
             ignores precision, offloading, compilation and unfused LoRA adapters; adapters give one
             :class:`~.identity.AdapterWarning`). False applies the policy to any weights.
@@ -198,11 +201,15 @@ def apply_ertacache(pipe: Any, policy: Policy | None = None, *, target_speedup: 
         family_for(pipe)
         calibration = None if calibration_prompts is None else list(calibration_prompts)
         check = check_prompts_valid(check_prompts, [""], False)
+        whole = isinstance(calibration_rows, int) and not isinstance(calibration_rows, bool)
+        if calibration_rows is not None and not (whole and calibration_rows >= 1):
+            raise ErtaCacheError(f"calibration_rows must be a whole number >= 1, got {calibration_rows!r}")
         return AutoHandle(AutoCache(pipe, target_speedup, cache_dir, recalibrate, calibration,
-                                    lambda p: apply_policy(pipe, p, check_fingerprint, strict), check))
-    if target_speedup is not None or check_prompts is not None:
-        raise ErtaCacheError("give apply_ertacache a policy or a target_speedup (with calibration_prompts or "
-                             "check_prompts), not both")
+                                    lambda p: apply_policy(pipe, p, check_fingerprint, strict), check,
+                                    calibration_rows))
+    if target_speedup is not None or check_prompts is not None or calibration_rows is not None:
+        raise ErtaCacheError("give apply_ertacache a policy or a target_speedup (with calibration_prompts, "
+                             "calibration_rows or check_prompts), not both")
     return apply_policy(pipe, policy, check_fingerprint, strict)
 
 

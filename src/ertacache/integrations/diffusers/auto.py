@@ -35,6 +35,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from ...calibration.distributed import rank_and_size, same_on_every_rank
 from ...calibration.judge import evaluation_key
 from ...errors import ErtaCacheError
@@ -58,9 +61,9 @@ NOT_FOR_CALIBRATION = ("generator", "latents", "output_type", "return_dict", "ca
 
 
 def setting_key(pipe: Any, family: Family, kwargs: dict[str, Any], target_speedup: float,
-                check_prompts: list[str] | None = None) -> tuple[str, dict]:
-    """``(file stem, the setting)`` of a call: a hash of everything a policy is checked against, and the
-    ``check_prompts`` its calibration was checked on where there are any."""
+                check_prompts: list[str] | None = None, calibration_rows: int | None = None) -> tuple[str, dict]:
+    """``(file stem, the setting)`` of a call: a hash of everything a policy is checked against, the
+    ``check_prompts`` its calibration was checked on and the ``calibration_rows`` it asked for, where given."""
     transformers = transformers_of(pipe, family)
     adapters = {}
     for tf in transformers:
@@ -81,6 +84,7 @@ def setting_key(pipe: Any, family: Family, kwargs: dict[str, Any], target_speedu
         "call": {k: kwargs[k] for k in SETTING_ARGUMENTS if isinstance(kwargs.get(k), (int, float, bool))},
         "target_speedup": float(target_speedup), "schema": SCHEMA_VERSION, "logic": LOGIC_VERSION,
         **({"check_prompts": list(check_prompts)} if check_prompts else {}),
+        **({"calibration_rows": int(calibration_rows)} if calibration_rows else {}),
     }
     digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:20]
     return digest, setting
@@ -92,7 +96,7 @@ class AutoCache:
 
     def __init__(self, pipe: Any, target_speedup: float, cache_dir: str | Path | None, recalibrate: bool,
                  calibration_prompts: list[str] | None, apply: Callable[[Policy], Any],
-                 check_prompts: list[str] | None = None) -> None:
+                 check_prompts: list[str] | None = None, calibration_rows: int | None = None) -> None:
         from ...calibration.sets import check_target_speedup
 
         self.pipe, self.family = pipe, family_for(pipe)
@@ -100,7 +104,7 @@ class AutoCache:
         self.target_speedup = float(target_speedup)
         self.cache = PolicyCache(Path(cache_dir) if cache_dir is not None else cache_home())
         self.recalibrate, self.calibration_prompts = recalibrate, calibration_prompts
-        self.check_prompts = check_prompts
+        self.check_prompts, self.calibration_rows = check_prompts, calibration_rows
         self.apply = apply
         self.redone: set[str] = set()
         self.calibrating = False
@@ -125,7 +129,8 @@ class AutoCache:
         pipe.__class__ = Cached
 
     def policy_for(self, kwargs: dict[str, Any]) -> tuple[str, Policy]:
-        key, setting = setting_key(self.pipe, self.family, kwargs, self.target_speedup, self.check_prompts)
+        key, setting = setting_key(self.pipe, self.family, kwargs, self.target_speedup, self.check_prompts,
+                                   self.calibration_rows)
         if rank_and_size()[1] > 1:
             return key, self.agreed_policy(key, setting, kwargs)
         redo = self.recalibrate and key not in self.redone
@@ -175,6 +180,10 @@ class AutoCache:
                 if k.startswith("prompt") or k == "prompt":
                     pipe_kwargs.pop(k, None)
         rows = len(prompts) if prompts is not None else _rows(pipe_kwargs)
+        if self.calibration_rows and rows < self.calibration_rows:
+            prompts, pipe_kwargs = repeated_rows(prompts, pipe_kwargs, rows, self.calibration_rows,
+                                                 dict(self.family.row_dims))
+            rows = self.calibration_rows
         logger.warning("ertacache: one-time calibration for these settings (%s; %d calibration row%s, about %s "
                        "uncached generations of them at %gx); later calls with these settings reuse it",
                        ", ".join(f"{k}={v}" for k, v in setting["call"].items()) or "the pipeline's defaults",
@@ -255,6 +264,23 @@ def _default_steps(pipe: Any) -> int:
     if default is None or not isinstance(default.default, int):
         raise ErtaCacheError(f"{type(pipe).__name__}: pass num_inference_steps to the call")
     return int(default.default)
+
+
+def repeated_rows(prompts: list[str] | None, kwargs: dict[str, Any], rows: int, wanted: int,
+                  row_dims: dict[str, int]) -> tuple[list[str] | None, dict[str, Any]]:
+    """The call's ``rows`` rows repeated in turn to ``wanted`` rows (prompts, and each argument with one entry per
+    row: a tensor's first dimension, or ``row_dims[name]``, or a list); calibration draws each row's own noise."""
+    order = [i % rows for i in range(wanted)]
+    out: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        dim = row_dims.get(key, 0)
+        if isinstance(value, Tensor) and value.ndim > dim and value.shape[dim] == rows:
+            out[key] = value.index_select(dim, torch.tensor(order, device=value.device))
+        elif isinstance(value, list) and len(value) == rows:
+            out[key] = [value[i] for i in order]
+        else:
+            out[key] = value
+    return (None if prompts is None else [prompts[i] for i in order]), out
 
 
 def _as_int(text: str) -> int:
