@@ -181,9 +181,31 @@ def sana_image_to_video():  # one input image for every row
     return _variant(sana_video, "SanaImageToVideoPipeline", image=_pil(1, 32)[0])
 
 
+def skyreels_v2_image_to_video():  # a tiny CLIP vision encoder's image embeddings; image latents and mask as channels
+    from diffusers import SkyReelsV2ImageToVideoPipeline, SkyReelsV2Transformer3DModel, UniPCMultistepScheduler
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from test_diffusers_wan import EMB, NEG, tiny_vae
+
+    tf = SkyReelsV2Transformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
+                                      in_channels=12, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                      num_layers=2, rope_max_seq_len=32, image_dim=16, added_kv_proj_dim=24)
+    encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, image_size=32, patch_size=16, projection_dim=16))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
+    none = dict(tokenizer=None, text_encoder=None)
+    pipe = SkyReelsV2ImageToVideoPipeline(image_encoder=encoder, image_processor=processor, transformer=tf,
+                                          vae=tiny_vae(), scheduler=scheduler, **none)
+    kwargs = dict(prompt_embeds=EMB, negative_prompt_embeds=NEG, image=_pil(1, 16)[0], guidance_scale=5.0,
+                  height=16, width=16, num_frames=5)
+    return SkyReelsV2ImageToVideoPipeline, pipe, none, kwargs, ("cond", "uncond")
+
+
 BUILDS = [chroma_img2img, zimage_img2img, zimage_inpaint, qwenimage_img2img, qwenimage_inpaint, qwenimage_edit,
           qwenimage_edit_inpaint, qwenimage_edit_plus, flux_inpaint, flux_fill, flux_control, flux_kontext_inpaint,
-          flux2_klein_inpaint, cogview4_control, ltx_image_to_video, sana_image_to_video, wan_video_to_video]
+          flux2_klein_inpaint, cogview4_control, ltx_image_to_video, sana_image_to_video, wan_video_to_video,
+          skyreels_v2_image_to_video]
 
 
 @pytest.mark.parametrize("build", BUILDS, ids=lambda f: f.__name__)

@@ -125,7 +125,8 @@ register_family(Family("cogvideox", ("CogVideoXPipeline",), channels=ChannelLayo
 register_family(Family("hunyuan_video", ("HunyuanVideoPipeline",),
                        block_stacks=("transformer_blocks", "single_transformer_blocks"), video=True,
                        cfg_scales=("true_cfg_scale",), embedded_guidance="guidance_scale"))
-register_family(Family("skyreels_v2", ("SkyReelsV2Pipeline",), block_stacks=("blocks",), video=True))  # Wan's blocks
+register_family(Family("skyreels_v2", ("SkyReelsV2Pipeline", "SkyReelsV2ImageToVideoPipeline"),
+                       block_stacks=("blocks",), video=True))  # Wan's blocks
 register_family(Family("hunyuan_video15", ("HunyuanVideo15Pipeline",), video=True,  # CFG through its guider
                        cfg_scales=()))  # the guider's scale is the guider's config, not a call argument
 register_family(Family("hunyuan_image", ("HunyuanImagePipeline",),  # CFG / APG through its guider
