@@ -372,10 +372,11 @@ def test_the_pipelines_table_is_the_registry_and_every_row_is_tested():
 @pytest.mark.parametrize("name, why", [("SkyReelsV2DiffusionForcingPipeline", "diffusion forcing gives each latent"),
                                        ("CosmosTextToWorldPipeline", "its sampler is EDM's"),
                                        ("Cosmos2TextToImagePipeline", "its scheduler keeps EDM's noise levels"),
-                                       ("LTX2Pipeline", "its transformer denoises the video and the audio")])
+                                       ("LTX2Pipeline", "its transformer denoises the video and the audio"),
+                                       ("WanAnimatePipeline", "one call denoises its video in segments")])
 def test_samplers_the_method_does_not_apply_to_are_refused_with_why(name, why):
-    """Diffusion forcing (a timestep per frame), Cosmos' EDM samplers and LTX-2's audio-video transformer: refused
-    before any model exists or runs, at apply and at calibration, with the reason."""
+    """Diffusion forcing (a timestep per frame), Cosmos' EDM samplers, LTX-2's audio-video transformer and Wan
+    Animate's segments: refused before any model exists or runs, at apply and at calibration, with the reason."""
     import diffusers
 
     from ertacache.errors import ErtaCacheError

@@ -159,6 +159,9 @@ _EDM2 = ("its scheduler keeps EDM's noise levels (Karras sigmas up to 80; the tr
          "adjustment are defined: run it uncached")
 _AUDIO_VIDEO = ("its transformer denoises the video and the audio latents in one call and returns both "
                 "(AudioVisualModelOutput), where ertacache caches one output a call: run it uncached")
+_SEGMENTS = ("one call denoises its video in segments (`segment_frame_length` frames each, a whole denoising loop per "
+             "segment conditioned on the last one's frames), where ertacache calibrates and follows one loop a call: "
+             "run it uncached")
 REFUSED: dict[str, str] = {
     "SkyReelsV2DiffusionForcingPipeline": _DIFFUSION_FORCING,
     "SkyReelsV2DiffusionForcingImageToVideoPipeline": _DIFFUSION_FORCING,
@@ -167,6 +170,7 @@ REFUSED: dict[str, str] = {
     "CosmosVideoToWorldPipeline": _EDM,
     "Cosmos2TextToImagePipeline": _EDM2,
     "Cosmos2VideoToWorldPipeline": _EDM2,
+    "WanAnimatePipeline": _SEGMENTS,
     **dict.fromkeys(("LTX2Pipeline", "LTX2ImageToVideoPipeline", "LTX2ConditionPipeline", "LTX2InContextPipeline",
                      "LTX2HDRPipeline", "LTX2DFRPipeline", "LTX2DFRTemporalRefinePipeline"), _AUDIO_VIDEO),
 }
