@@ -7,6 +7,7 @@ all-compute policy reproduces the uncached output exactly, a caching policy runs
 transformer forwards per branch, and ``remove()`` restores the uncached output.
 """
 
+import warnings
 from dataclasses import replace
 
 import pytest
@@ -17,6 +18,7 @@ from ertacache import Policy, PolicyMismatchError, apply_ertacache
 from ertacache.core.config import CalibrationConfig
 from ertacache.fingerprint import model_fingerprint
 from ertacache.integrations.diffusers.adapters import pipeline_output
+from ertacache.integrations.diffusers.apply import PolicyTravelWarning, SchedulerWarning
 from ertacache.integrations.diffusers.calibrate import calibrate_pipeline
 from ertacache.integrations.diffusers.families import family_for
 
@@ -328,7 +330,10 @@ def check_build(build, tmp_path):
         assert handle.forwards() == {b: runs for b in branches}
     assert_every_reuse_mode_on_pipeline(pipe, run, every, ref)
     with apply_ertacache(pipe, policy) as handle:
-        out = run()
+        with warnings.catch_warnings():  # its own setting: the scheduler's grid and the size are the policy's
+            warnings.simplefilter("error", SchedulerWarning)
+            warnings.simplefilter("error", PolicyTravelWarning)
+            out = run()
         assert handle.forwards() == {b: policy.nfe for b in branches}
         with pytest.raises(PolicyMismatchError, match="num_inference_steps") as refused:
             run(num_inference_steps=T + 2)  # another step count: one line

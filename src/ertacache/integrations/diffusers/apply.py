@@ -26,7 +26,7 @@ from .families import (
 from .hooks import register_hooks, remove_hooks
 from .identity import AdapterWatch, check_identity
 from .run import PipelineRun
-from .scheduler import grid_unsupported, restore_scheduler, scheduler_grid, scheduler_refusal, set_scheduler_grid
+from .scheduler import grid_unsupported, possible_grids, restore_scheduler, scheduler_refusal, set_scheduler_grid
 from .twin import check_prompts_valid
 
 
@@ -113,9 +113,11 @@ def _check_scheduler(scheduler: Any, policy: Policy, strict: bool, warned: set[A
     """The scheduler's grid against the policy's (another scheduler, shift or dynamic shifting moves it): one
     :class:`SchedulerWarning` per grid, or (``strict``) a refusal."""
     T = policy.num_inference_steps
-    grid = scheduler_grid(scheduler, T)
-    if grid is None or all(abs(a - b) <= 1e-3 for a, b in zip(grid, policy.sampling_grid[:T])):
+    grids = possible_grids(scheduler, T)  # before a sliced call's first step: every start it may have
+    if any(g is None or all(abs(a - b) <= 1e-3 for a, b in zip(g, policy.sampling_grid[:T])) for g in grids):
         return
+    grid = grids[0]
+    assert grid is not None
     calibrated = policy.provenance.get("scheduler", {}).get("class", "the calibrated scheduler")
     ours = [round(t, 3) for t in policy.sampling_grid[:4]]
     text = (f"the scheduler's grid differs from the policy's ({type(scheduler).__name__}: t = "

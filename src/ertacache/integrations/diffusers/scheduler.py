@@ -88,18 +88,28 @@ def inverted(scheduler: Any) -> bool:
     return bool(getattr(getattr(scheduler, "config", None), "invert_sigmas", False))
 
 
-def scheduler_grid(scheduler: Any, steps: int) -> list[float] | None:
+def scheduler_grid(scheduler: Any, steps: int, begin: int | None = None) -> list[float] | None:
     """The times ``t`` in [0, 1] the scheduler's running call takes at its ``steps`` steps (from its first step:
-    strength may skip some), or None where it keeps no flow-matching ``sigmas`` on the host (reading them from a
-    device would wait for it)."""
+    strength may skip some; ``begin``: from that grid entry instead), or None where it keeps no flow-matching
+    ``sigmas`` on the host (reading them from a device would wait for it)."""
     sigmas = getattr(scheduler, "sigmas", None)
-    begin = begin_index(scheduler)
+    begin = begin_index(scheduler) if begin is None else begin
     if not isinstance(sigmas, torch.Tensor) or sigmas.device.type != "cpu" or sigmas.numel() < begin + steps:
         return None
     values = [float(v) for v in sigmas[begin:begin + steps].tolist()]
     if inverted(scheduler):
         values = [1.0 - v for v in values]
     return values if all(-1e-6 <= v <= 1 + 1e-6 for v in values) else None
+
+
+def possible_grids(scheduler: Any, steps: int) -> list[list[float] | None]:
+    """:func:`scheduler_grid` of the running call; before its first step, where the start is not known yet
+    (:func:`start_pending`), that of every start the grid allows."""
+    if not start_pending(scheduler):
+        return [scheduler_grid(scheduler, steps)]
+    sigmas = getattr(scheduler, "sigmas", None)
+    last = int(sigmas.numel()) - steps if isinstance(sigmas, torch.Tensor) else 0
+    return [scheduler_grid(scheduler, steps, begin) for begin in range(max(last, 0) + 1)]
 
 
 def grid_unsupported(scheduler: Any) -> str | None:
