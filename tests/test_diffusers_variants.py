@@ -140,6 +140,18 @@ def flux_control():  # FLUX.1 Depth / Canny: guidance-distilled; the control ima
     return cls, pipe, none, {**kwargs, "control_image": _image(N, 32), "guidance_scale": 10.0}, ("cond",)
 
 
+def flux_control_img2img():
+    cls, pipe, none, kwargs = _flux("FluxControlImg2ImgPipeline", in_channels=32, cfg=False)
+    return cls, pipe, none, {**kwargs, "image": _image(N, 32), "control_image": _image(N, 32, seed=1),
+                             "strength": STRENGTH, "guidance_scale": 10.0}, ("cond",)
+
+
+def flux_control_inpaint():
+    cls, pipe, none, kwargs = _flux("FluxControlInpaintPipeline", in_channels=32, cfg=False)
+    return cls, pipe, none, {**kwargs, "image": _image(N, 32), "control_image": _image(N, 32, seed=1),
+                             "mask_image": _mask(N, 32), "strength": STRENGTH, "guidance_scale": 10.0}, ("cond",)
+
+
 def flux_kontext_inpaint():  # the reference image's tokens join the latents' (64 + 64)
     cls, pipe, none, kwargs = _flux("FluxKontextInpaintPipeline")
     return cls, pipe, none, {**kwargs, "image": _image(N, 32), "mask_image": _mask(N, 32), "strength": STRENGTH,
@@ -203,7 +215,8 @@ def skyreels_v2_image_to_video():  # a tiny CLIP vision encoder's image embeddin
 
 
 BUILDS = [chroma_img2img, zimage_img2img, zimage_inpaint, qwenimage_img2img, qwenimage_inpaint, qwenimage_edit,
-          qwenimage_edit_inpaint, qwenimage_edit_plus, flux_inpaint, flux_fill, flux_control, flux_kontext_inpaint,
+          qwenimage_edit_inpaint, qwenimage_edit_plus, flux_inpaint, flux_fill, flux_control, flux_control_img2img,
+          flux_control_inpaint, flux_kontext_inpaint,
           flux2_klein_inpaint, cogview4_control, ltx_image_to_video, sana_image_to_video, wan_video_to_video,
           skyreels_v2_image_to_video]
 

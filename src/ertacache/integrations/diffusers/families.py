@@ -81,7 +81,8 @@ def register_family(family: Family) -> Family:
 
 
 register_family(Family("flux", ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline", "FluxFillPipeline",
-                                "FluxControlPipeline", "FluxKontextPipeline", "FluxKontextInpaintPipeline"),
+                                "FluxControlPipeline", "FluxControlImg2ImgPipeline", "FluxControlInpaintPipeline",
+                                "FluxKontextPipeline", "FluxKontextInpaintPipeline"),
                        timestep_scale=1.0,
                        block_stacks=("transformer_blocks", "single_transformer_blocks"),
                        channels=ChannelLayout(dim=-1, group=4),  # packed 2x2 patches, channel-major
