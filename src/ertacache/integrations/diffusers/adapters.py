@@ -115,6 +115,20 @@ def pipeline_output(out: Any) -> Any:
     raise ErtaCacheError(f"{type(out).__name__} has none of frames, images or image; report the pipeline class")
 
 
+def per_row(value: Any, rows: int, dim: int = 0) -> bool:
+    """Whether a call argument has one entry per row of a call of ``rows`` rows: a tensor whose dimension ``dim``
+    has that size, or a list of that length."""
+    return (isinstance(value, Tensor) and value.ndim > dim and value.shape[dim] == rows) or (
+        isinstance(value, list) and len(value) == rows)
+
+
+def take_rows(value: Tensor | list[Any], order: Sequence[int], dim: int = 0) -> Any:
+    """Rows ``order`` of a per-row argument (:func:`per_row`), in that order (a row may repeat)."""
+    if isinstance(value, Tensor):
+        return value.index_select(dim, torch.tensor(list(order), dtype=torch.long, device=value.device))
+    return [value[i] for i in order]
+
+
 PROMPT_EMBEDS = ("prompt_embeds", "prompt_embeds_qwen", "prompt_embeds_t5")
 """The call arguments whose rows are the calls' prompts when no prompt strings are given (Kandinsky 5's Qwen and
 HiDream's T5 embeddings beside the others' ``prompt_embeds``), in this order."""

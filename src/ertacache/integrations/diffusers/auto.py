@@ -35,16 +35,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from ...calibration.distributed import rank_and_size, same_on_every_rank
 from ...calibration.judge import evaluation_key
 from ...errors import ErtaCacheError
 from ...fingerprint import adapters_of, fingerprint_id, model_fingerprint
 from ...policy import SCHEMA_VERSION, Policy
 from ...policy.cache import LOGIC_VERSION, PolicyCache, cache_home
-from .adapters import embeds_rows
+from .adapters import embeds_rows, per_row, take_rows
 from .families import Family, family_for, transformers_of
 
 logger = logging.getLogger(__name__)
@@ -181,8 +178,7 @@ class AutoCache:
                     pipe_kwargs.pop(k, None)
         rows = len(prompts) if prompts is not None else _rows(pipe_kwargs)
         if self.calibration_rows and rows < self.calibration_rows:
-            prompts, pipe_kwargs = repeated_rows(prompts, pipe_kwargs, rows, self.calibration_rows,
-                                                 dict(self.family.row_dims))
+            prompts, pipe_kwargs = repeated_rows(prompts, pipe_kwargs, rows, self.calibration_rows, self.family)
             rows = self.calibration_rows
         logger.warning("ertacache: one-time calibration for these settings (%s; %d calibration row%s, about %s "
                        "uncached generations of them at %gx); later calls with these settings reuse it",
@@ -267,19 +263,12 @@ def _default_steps(pipe: Any) -> int:
 
 
 def repeated_rows(prompts: list[str] | None, kwargs: dict[str, Any], rows: int, wanted: int,
-                  row_dims: dict[str, int]) -> tuple[list[str] | None, dict[str, Any]]:
+                  family: Family) -> tuple[list[str] | None, dict[str, Any]]:
     """The call's ``rows`` rows repeated in turn to ``wanted`` rows (prompts, and each argument with one entry per
-    row: a tensor's first dimension, or ``row_dims[name]``, or a list); calibration draws each row's own noise."""
+    row, :func:`~.adapters.per_row` on the family's row dimension); calibration draws each row's own noise."""
     order = [i % rows for i in range(wanted)]
-    out: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        dim = row_dims.get(key, 0)
-        if isinstance(value, Tensor) and value.ndim > dim and value.shape[dim] == rows:
-            out[key] = value.index_select(dim, torch.tensor(order, device=value.device))
-        elif isinstance(value, list) and len(value) == rows:
-            out[key] = [value[i] for i in order]
-        else:
-            out[key] = value
+    out = {key: take_rows(value, order, family.row_dim(key)) if per_row(value, rows, family.row_dim(key)) else value
+           for key, value in kwargs.items()}
     return (None if prompts is None else [prompts[i] for i in order]), out
 
 

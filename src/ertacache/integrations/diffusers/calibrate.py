@@ -29,7 +29,7 @@ from ...core.engine import Engine, Pass
 from ...core.reuse import get_reuse
 from ...errors import ErtaCacheError
 from ...policy import Policy
-from .adapters import block_stack, embeds_rows, pipeline_output
+from .adapters import block_stack, embeds_rows, per_row, pipeline_output, take_rows
 from .call import call_settings
 from .families import family_for, guidance_that_counts, pipeline_fingerprint, transformers_of
 from .hooks import register_hooks, remove_hooks
@@ -99,29 +99,17 @@ class PipelineDriver:
     def reduce(self, t: Tensor) -> Tensor:
         return all_reduce_sum(t)
 
-    def row_dim(self, key: str | None) -> int:
-        """The dimension of call argument ``key`` that holds its rows (the first, unless the family says)."""
-        return dict(self.family.row_dims).get(key or "", 0)
-
     def _per_row(self, value: Any, key: str | None = None) -> bool:
-        """Whether a call argument has one entry per row this process holds (a tensor's first dimension, or the
-        family's :attr:`~.families.Family.row_dims` one; a list)."""
-        dim = self.row_dim(key)
-        return (isinstance(value, Tensor) and value.ndim > dim and value.shape[dim] == self.rows_here) or (
-            isinstance(value, list) and len(value) == self.rows_here)
+        """Whether call argument ``key`` has one entry per row this process holds (:func:`~.adapters.per_row`, on
+        the family's :meth:`~.families.Family.row_dim`)."""
+        return per_row(value, self.rows_here, self.family.row_dim(key))
 
     def _rows(self, idx: list[int]) -> dict[str, Any]:
         """The call arguments of global rows ``idx`` (this process' own, with ``local_rows``)."""
         at = [i // self.world_size for i in idx] if self.local_rows else idx
         out: dict[str, Any] = {}
         for key, value in self.kwargs.items():
-            if not self._per_row(value, key):
-                out[key] = value
-            elif isinstance(value, Tensor):
-                out[key] = value.index_select(self.row_dim(key), torch.tensor(at, dtype=torch.long,
-                                                                              device=value.device))
-            else:
-                out[key] = [value[i] for i in at]
+            out[key] = take_rows(value, at, self.family.row_dim(key)) if self._per_row(value, key) else value
         if self.prompts is not None:
             out["prompt"] = [self.prompts[i] for i in at]
         return out

@@ -70,6 +70,10 @@ class Family:
         if not self.context_free_branches:
             object.__setattr__(self, "context_free_branches", (self.default_context,))
 
+    def row_dim(self, name: str | None) -> int:
+        """The dimension of call argument ``name`` that holds its rows: the first, unless :attr:`row_dims` says."""
+        return dict(self.row_dims).get(name or "", 0)
+
 
 FAMILIES: dict[str, Family] = {}
 

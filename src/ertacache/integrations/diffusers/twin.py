@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ...calibration.drive import fresh_seeds, other_seeds
 from ...errors import ErtaCacheError
-from .adapters import PROMPT_EMBEDS
+from .adapters import PROMPT_EMBEDS, per_row, take_rows
 
 
 def check_prompts_valid(check_prompts: Sequence[str] | None, prompts: Sequence[str] | None,
@@ -56,8 +56,8 @@ def null_rows(driver: Any) -> tuple[list[str] | None, dict[str, Any]] | None:
             continue
         other = driver.kwargs.get(f"negative_{key}")
         null: Any = other if driver._per_row(other, f"negative_{key}") and type(other) is type(value) else value
-        kwargs[key] = torch.cat([value, null.to(value)], dim=driver.row_dim(key)) if isinstance(value, Tensor) \
-            else value + null
+        kwargs[key] = torch.cat([value, null.to(value)], dim=driver.family.row_dim(key)) \
+            if isinstance(value, Tensor) else value + null
     prompts = None
     if driver.prompts is not None:
         negative = driver.kwargs.get("negative_prompt")
@@ -70,14 +70,8 @@ def null_rows(driver: Any) -> tuple[list[str] | None, dict[str, Any]] | None:
 def with_other_rows(prompts: list[str], kwargs: dict[str, Any], size: int,
                     others: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
     """``prompts`` (``size`` rows) followed by ``others``; each per-row argument extended by its first row."""
-    m, out = len(others), {}  # type: int, dict[str, Any]
-    for key, value in kwargs.items():
-        if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == size:
-            out[key] = torch.cat([value, value[:1].expand(m, *value.shape[1:])])
-        elif isinstance(value, list) and len(value) == size:
-            out[key] = value + [value[0]] * m
-        else:
-            out[key] = value
+    order = list(range(size)) + [0] * len(others)
+    out = {key: take_rows(value, order) if per_row(value, size) else value for key, value in kwargs.items()}
     return prompts + list(others), out
 
 
