@@ -31,6 +31,29 @@ def _emb(seed, *shape):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
+def tiny_autoencoder_kl(**over):
+    """A tiny AutoencoderKL (4 latent channels, 2x downsampling), its config changed by ``over``."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**{**dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
+                                   layers_per_block=1, latent_channels=4, norm_num_groups=2, scaling_factor=1.0),
+                            **over})
+
+
+def tiny_hunyuan_video_vae():
+    """A tiny AutoencoderKLHunyuanVideo (4 latent channels; 8x space, 4x time), as HunyuanVideo and Kandinsky 5
+    text-to-video take it."""
+    from diffusers import AutoencoderKLHunyuanVideo
+
+    return AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
+                                     down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+                                     up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                     layers_per_block=1, act_fn="silu", norm_num_groups=4, scaling_factor=0.476986,
+                                     spatial_compression_ratio=8, temporal_compression_ratio=4,
+                                     mid_block_add_attention=True)
+
+
 def cogvideox():
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
@@ -96,16 +119,13 @@ def qwenimage():
 
 
 def chroma():
-    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     tf = ChromaTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
                                   axes_dims_rope=(4, 6, 6), approximator_num_channels=8, approximator_hidden_dim=32,
                                   approximator_layers=1)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=2, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0, scaling_factor=1.0)
+    vae = tiny_autoencoder_kl(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0)
     none = dict(tokenizer=None, text_encoder=None)
     pipe = ChromaPipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
     emb, mask = _emb(4, N, 8, 16), torch.ones(N, 8, dtype=torch.bool)
@@ -169,14 +189,12 @@ def skyreels_v2():
 
 
 def zimage():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
 
     tf = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=1,
                                   n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6],
                                   axes_lens=[64, 32, 32])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=2, scaling_factor=1.0, shift_factor=0.0)
+    vae = tiny_autoencoder_kl(shift_factor=0.0)
     none = dict(tokenizer=None, text_encoder=None)
     pipe = ZImagePipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
     embs = [_emb(13 + i, 8, 16) for i in range(N)]  # a list of one (tokens, dim) tensor per row
@@ -186,14 +204,12 @@ def zimage():
 
 
 def cogview4():
-    from diffusers import AutoencoderKL, CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
 
     tf = CogView4Transformer2DModel(patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
                                     num_attention_heads=2, text_embed_dim=16, time_embed_dim=8, condition_dim=4,
                                     pos_embed_max_size=16, sample_size=8, rope_axes_dim=(4, 4))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=2, scaling_factor=1.0)
+    vae = tiny_autoencoder_kl()
     none = dict(tokenizer=None, text_encoder=None)
     pipe = CogView4Pipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
     emb = _emb(6, N, 8, 16)
@@ -217,14 +233,12 @@ def sana():
 
 
 def lumina2():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
 
     tf = Lumina2Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=1,
                                    num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2, multiple_of=16,
                                    axes_dim_rope=(4, 6, 6), axes_lens=(32, 32, 32), cap_feat_dim=16)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=2, scaling_factor=1.0)
+    vae = tiny_autoencoder_kl()
     none = dict(tokenizer=None, text_encoder=None)
     pipe = Lumina2Pipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
     emb, mask = _emb(8, N, 8, 16), torch.ones(N, 8, dtype=torch.bool)
@@ -235,7 +249,6 @@ def lumina2():
 
 def hunyuan_video():
     from diffusers import (
-        AutoencoderKLHunyuanVideo,
         FlowMatchEulerDiscreteScheduler,
         HunyuanVideoPipeline,
         HunyuanVideoTransformer3DModel,
@@ -245,12 +258,7 @@ def hunyuan_video():
                                         num_layers=1, num_single_layers=1, num_refiner_layers=1, patch_size=1,
                                         patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
                                         pooled_projection_dim=8, rope_axes_dim=(2, 4, 4))
-    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
-                                    down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-                                    up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
-                                    layers_per_block=1, act_fn="silu", norm_num_groups=4, scaling_factor=0.476986,
-                                    spatial_compression_ratio=8, temporal_compression_ratio=4,
-                                    mid_block_add_attention=True)
+    vae = tiny_hunyuan_video_vae()
     none = dict(tokenizer=None, text_encoder=None, tokenizer_2=None, text_encoder_2=None)
     pipe = HunyuanVideoPipeline(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), **none)
     kwargs = dict(prompt_embeds=_emb(2, N, 8, 16), pooled_prompt_embeds=_emb(3, N, 8),
@@ -258,10 +266,10 @@ def hunyuan_video():
     return HunyuanVideoPipeline, pipe, none, kwargs, ("cond",)  # guidance-distilled: one branch
 
 
-def rows(kwargs, n, dims=None):
-    """The first ``n`` rows of each per-row argument (its first dimension, or ``dims[name]``)."""
-    dims = dims or {}
-    return {k: (v.narrow(dims.get(k, 0), 0, n) if isinstance(v, torch.Tensor) and v.ndim else
+def rows(kwargs, n, family=None):
+    """The first ``n`` rows of each per-row argument (its first dimension, or ``family``'s row dimension)."""
+    dim = family.row_dim if family is not None else (lambda _: 0)
+    return {k: (v.narrow(dim(k), 0, n) if isinstance(v, torch.Tensor) and v.ndim else
                 v[:n] if isinstance(v, list) else v) for k, v in kwargs.items()}
 
 
@@ -305,13 +313,13 @@ def check_build(build, tmp_path):
     pipe.set_progress_bar_config(disable=True)
     getattr(build, "loaded", lambda _: None)(pipe)  # what the build sets on the loaded pipeline
     n = getattr(build, "call_rows", 2)
-    dims = dict(family_for(pipe).row_dims)
+    family = family_for(pipe)
 
     def run(**extra):
         if getattr(build, "global_rng", False):  # the pipeline draws from torch's global generator too
             torch.manual_seed(0)
         out = pipe(output_type="latent", generator=[torch.Generator().manual_seed(9 + i) for i in range(n)],
-                   **rows(kwargs, n, dims), **{"num_inference_steps": T, **extra})
+                   **rows(kwargs, n, family), **{"num_inference_steps": T, **extra})
         return pipeline_output(out)
 
     policy = calibrate_pipeline(pipe, None, num_inference_steps=T, target_speedup=2.0, seeds=range(N),

@@ -10,7 +10,15 @@ Each is built from a small config with random weights, saved with ``save_pretrai
 import pytest
 import torch
 
-from test_diffusers_families import N, _emb, check_build
+from test_diffusers_families import N, _emb, check_build, tiny_autoencoder_kl, tiny_hunyuan_video_vae
+
+
+def _two_encoders(seed):
+    """The embeddings of the Hunyuan pipelines' two text encoders (8 and 6 tokens), negatives of zeros."""
+    emb, mask, emb2, mask2 = _emb(seed, N, 8, 16), torch.ones(N, 8), _emb(seed + 1, N, 6, 8), torch.ones(N, 6)
+    return dict(prompt_embeds=emb, prompt_embeds_mask=mask, negative_prompt_embeds=emb * 0,
+                negative_prompt_embeds_mask=mask, prompt_embeds_2=emb2, prompt_embeds_mask_2=mask2,
+                negative_prompt_embeds_2=emb2 * 0, negative_prompt_embeds_mask_2=mask2)
 
 
 def hunyuan_video15():
@@ -30,11 +38,7 @@ def hunyuan_video15():
     none = dict(text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
     pipe = HunyuanVideo15Pipeline(transformer=tf, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
                                   guider=ClassifierFreeGuidance(guidance_scale=6.0), **none)
-    emb, mask, emb2, mask2 = _emb(30, N, 8, 16), torch.ones(N, 8), _emb(31, N, 6, 8), torch.ones(N, 6)
-    kwargs = dict(prompt_embeds=emb, prompt_embeds_mask=mask, negative_prompt_embeds=emb * 0,
-                  negative_prompt_embeds_mask=mask, prompt_embeds_2=emb2, prompt_embeds_mask_2=mask2,
-                  negative_prompt_embeds_2=emb2 * 0, negative_prompt_embeds_mask_2=mask2, height=16, width=16,
-                  num_frames=5)
+    kwargs = dict(_two_encoders(30), height=16, width=16, num_frames=5)
     return HunyuanVideo15Pipeline, pipe, none, kwargs, ("pred_cond", "pred_uncond")  # the guider's contexts
 
 
@@ -57,10 +61,7 @@ def hunyuan_image():
     guider = AdaptiveProjectedMixGuidance(guidance_scale=3.5, adaptive_projected_guidance_start_step=3)  # CFG, then APG
     pipe = HunyuanImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=tf, guider=guider,
                                 ocr_guider=None, **none)
-    emb, mask, emb2, mask2 = _emb(32, N, 8, 16), torch.ones(N, 8), _emb(33, N, 6, 8), torch.ones(N, 6)
-    kwargs = dict(prompt_embeds=emb, prompt_embeds_mask=mask, negative_prompt_embeds=emb * 0,
-                  negative_prompt_embeds_mask=mask, prompt_embeds_2=emb2, prompt_embeds_mask_2=mask2,
-                  negative_prompt_embeds_2=emb2 * 0, negative_prompt_embeds_mask_2=mask2, height=32, width=32)
+    kwargs = dict(_two_encoders(32), height=32, width=32)
     return HunyuanImagePipeline, pipe, none, kwargs, ("pred_cond", "pred_uncond")
 
 
@@ -105,15 +106,7 @@ def _kandinsky5(cls_name, vae, visual_cond=False):
 
 
 def kandinsky5_t2v(cls_name="Kandinsky5T2VPipeline", visual_cond=False):
-    from diffusers import AutoencoderKLHunyuanVideo
-
-    vae = AutoencoderKLHunyuanVideo(in_channels=3, out_channels=3, latent_channels=4,
-                                    down_block_types=("HunyuanVideoDownBlock3D",) * 4,
-                                    up_block_types=("HunyuanVideoUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
-                                    layers_per_block=1, act_fn="silu", norm_num_groups=4, scaling_factor=0.476986,
-                                    spatial_compression_ratio=8, temporal_compression_ratio=4,
-                                    mid_block_add_attention=True)
-    cls, pipe, none, kwargs, branches = _kandinsky5(cls_name, vae, visual_cond)
+    cls, pipe, none, kwargs, branches = _kandinsky5(cls_name, tiny_hunyuan_video_vae(), visual_cond)
     return cls, pipe, none, {**kwargs, "num_frames": 5}, branches
 
 
@@ -127,11 +120,7 @@ def kandinsky5_i2v():  # the first frame's latents and a mask join the latents a
 
 
 def kandinsky5_t2i():
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=2, scaling_factor=1.0, shift_factor=0.0)
+    vae = tiny_autoencoder_kl(shift_factor=0.0)
     return _kandinsky5("Kandinsky5T2IPipeline", vae)
 
 
@@ -142,16 +131,14 @@ def _small_resolutions(pipe):  # the pipeline resizes to one of its 1024-pixel r
 kandinsky5_t2i.loaded = _small_resolutions
 
 def hidream():
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, HiDreamImagePipeline
     from diffusers import HiDreamImageTransformer2DModel as Transformer
 
     tf = Transformer(patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
                      attention_head_dim=8, num_attention_heads=2, caption_channels=[16, 8], text_emb_dim=16,
                      num_routed_experts=2, num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32),
                      llama_layers=[0, 1])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=2, scaling_factor=1.0, shift_factor=0.0)
+    vae = tiny_autoencoder_kl(shift_factor=0.0)
     none = {f"{name}{i}": None for name in ("text_encoder", "tokenizer") for i in ("", "_2", "_3", "_4")}
     pipe = HiDreamImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, transformer=tf, **none)
     t5, llama, pooled = _emb(37, N, 8, 16), _emb(38, 2, N, 8, 8), _emb(39, N, 16)  # llama: (layers, rows, ...)

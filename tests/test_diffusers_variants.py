@@ -12,7 +12,7 @@ import importlib
 import pytest
 import torch
 
-from test_diffusers_families import N, _emb, check_build, chroma, qwenimage, zimage
+from test_diffusers_families import N, _emb, check_build, chroma, qwenimage, tiny_autoencoder_kl, zimage
 
 STRENGTH = 0.75  # img2img and inpainting start a quarter of the way down: 6 of 8 steps run
 
@@ -91,15 +91,12 @@ def _small_qwen_edit_area(monkeypatch):
 
 def _flux(name, in_channels=16, cfg=True):
     import diffusers
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
     tf = FluxTransformer2DModel(patch_size=1, in_channels=in_channels, out_channels=16, num_layers=1,
                                 num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
                                 joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 6, 6))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=2, use_quant_conv=False, use_post_quant_conv=False,
-                        shift_factor=0.0, scaling_factor=1.0)
+    vae = tiny_autoencoder_kl(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0)
     none = dict(tokenizer=None, text_encoder=None, tokenizer_2=None, text_encoder_2=None)
     cls = getattr(diffusers, name)
     pipe = cls(vae=vae, transformer=tf, scheduler=FlowMatchEulerDiscreteScheduler(), **none)
