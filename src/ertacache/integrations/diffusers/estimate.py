@@ -14,7 +14,7 @@ from ...calibration import check_goal
 from ...calibration.plan import plan
 from ...core.config import CalibrationConfig
 from ...errors import ErtaCacheError
-from .adapters import hidden_argument, is_rows
+from .adapters import hidden_argument, is_rows, per_row, take_rows
 from .calibrate import set_size
 from .families import family_for, transformers_of
 from .scheduler import model_steps
@@ -66,7 +66,7 @@ def estimate_pipeline(pipe: Any, prompts: Sequence[str] | None, *, num_inference
     for tf in transformers_of(pipe, family):
         handles.append(tf.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(tf.register_forward_hook(after, with_kwargs=True))
-    one = {k: (v[:1] if (isinstance(v, Tensor) and v.shape[0] == n) or (is_rows(v) and len(v) == n) else v)
+    one = {k: take_rows(v, [0], family.row_dim(k)) if per_row(v, n, family.row_dim(k)) else v
            for k, v in pipe_kwargs.items()}
     try:
         with torch.no_grad():
@@ -80,7 +80,7 @@ def estimate_pipeline(pipe: Any, prompts: Sequence[str] | None, *, num_inference
     calls = model_steps(pipe.scheduler, 2)  # transformer calls per branch of the 2-step call (Heun's: 3)
     rows_per_sample = max(1, round(sum(r for _, r in timings) / calls))
     later = timings[len(timings) // 2:] or timings  # the second step's forwards: past first-call set-up
-    per_row = min(s / r for s, r in later)
+    seconds_per_row = min(s / r for s, r in later)
     T = model_steps(pipe.scheduler, num_inference_steps)  # a policy's steps: the calls per branch
     return replace(plan(config, T, target_speedups, n * rows_per_sample, n, len(check_prompts or ())),
-                   seconds_per_call=per_row)
+                   seconds_per_call=seconds_per_row)
